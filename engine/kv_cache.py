@@ -1,0 +1,258 @@
+"""The batched KV cache with vector shaping (design.md 3.2).
+
+Layout: one preallocated buffer for all layers,
+    keys/values  [layers, row_capacity, kv_heads, col_capacity, head_dim]
+    mask         [row_capacity, col_capacity]  (True = real token)
+The live batch is rows [0, rows) and the column window [start, end). It is **left-padded**: every row's newest
+cached token sits in column end-1, so a decode step writes one new column at `end` for all rows at once.
+A row's position id is the number of real tokens it holds, so padding never shifts RoPE.
+
+Operations touch only the rows and columns they change: inserting writes the new row (and, when the query is
+longer than the batch, zero-fills the newly exposed left columns); removing moves the last row into the freed
+slot; trimming advances `start`. Only when the window runs out of headroom is it relaid into a (possibly
+larger) buffer, so the cost of that copy is amortised over many steps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+_ALIGN = 64  # column capacity granularity
+
+
+@dataclass
+class RowKV:
+    """One request's cache outside the batch (the prefilled pool or swapped out to host).
+
+    keys/values: [layers, kv_heads, length, head_dim]; real tokens only, oldest first.
+    """
+
+    keys: torch.Tensor
+    values: torch.Tensor
+
+    @property
+    def length(self) -> int:
+        return int(self.keys.shape[2])
+
+    def to(self, device: torch.device | str) -> RowKV:
+        return RowKV(self.keys.to(device), self.values.to(device))
+
+    def nbytes(self) -> int:
+        return self.keys.nbytes + self.values.nbytes
+
+    @staticmethod
+    def empty_like(cache: BatchKVCache) -> RowKV:
+        """A row with no tokens yet (its prompt will be computed inside the batch forward)."""
+        shape = (cache.num_layers, cache.kv_heads, 0, cache.head_dim)
+        z = torch.zeros(shape, dtype=cache.dtype, device=cache.device)
+        return RowKV(z, z)
+
+
+class BatchKVCache:
+    """Left-padded batched KV cache. Rows are addressed by request id; row indices are internal."""
+
+    def __init__(self, num_layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
+                 device: torch.device, row_capacity: int, col_capacity: int = 256) -> None:
+        self.num_layers, self.kv_heads, self.head_dim = num_layers, kv_heads, head_dim
+        self.dtype, self.device = dtype, device
+        self._alloc(row_capacity, _round_up(col_capacity))
+        self.start = self.end = self.col_capacity // 4  # window [start, end) inside the buffer
+        self.ids: list[str] = []  # request id of each live row, by row index
+        self.real: list[int] = []  # real (unmasked) tokens per row == the row's next position id
+        self.first: list[int] = []  # absolute column of each row's oldest real token
+
+    # ---- sizes ---------------------------------------------------------------------------------
+    @property
+    def rows(self) -> int:
+        return len(self.ids)
+
+    @property
+    def length(self) -> int:
+        """Window length L: columns every row attends (real or padded)."""
+        return self.end - self.start
+
+    @property
+    def bytes_per_token(self) -> int:
+        """Cache bytes of one token of one row, all layers, keys and values."""
+        return 2 * self.num_layers * self.kv_heads * self.head_dim * self.keys.element_size()
+
+    def used_bytes(self) -> int:
+        """Bytes the live window occupies (padding included: it is real memory traffic)."""
+        return self.rows * self.length * self.bytes_per_token
+
+    def reserved_bytes(self) -> int:
+        return self.keys.nbytes + self.values.nbytes + self.mask.nbytes
+
+    def row_of(self, request_id: str) -> int:
+        return self.ids.index(request_id)
+
+    # ---- views used by the forward pass --------------------------------------------------------
+    def layer_view(self, layer: int, extra: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of `layer` for the live rows over [start, end + extra): [rows, H, L+extra, D]."""
+        n, s, e = self.rows, self.start, self.end + extra
+        return self.keys[layer, :n, :, s:e], self.values[layer, :n, :, s:e]
+
+    def write_layer(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Write new columns for all live rows at [end, end + T); keys/values: [rows, H, T, D]."""
+        t = keys.shape[2]
+        assert self.end + t <= self.col_capacity, "reserve() columns before the forward pass"
+        self.keys[layer, : self.rows, :, self.end : self.end + t] = keys
+        self.values[layer, : self.rows, :, self.end : self.end + t] = values
+
+    def mask_view(self, extra: int = 0) -> torch.Tensor:
+        """[rows, L + extra] bool, True where a row has a real token."""
+        return self.mask[: self.rows, self.start : self.end + extra]
+
+    def positions(self) -> list[int]:
+        return list(self.real)
+
+    # ---- growth --------------------------------------------------------------------------------
+    def reserve(self, new_cols: int, rows: int | None = None, left: int = 0) -> None:
+        """Make room for `new_cols` columns on the right, `left` on the left, and `rows` rows."""
+        rows = self.rows if rows is None else rows
+        if (self.end + new_cols <= self.col_capacity and self.start - left >= 0
+                and rows <= self.row_capacity):
+            return
+        need = self.length + new_cols + left
+        cols = max(self.col_capacity, _round_up(2 * need))
+        self._relayout(max(rows, self.row_capacity), cols, left_headroom=left + (cols - need) // 4)
+
+    def advance(self, cols: int) -> None:
+        """Commit `cols` columns written at `end` by the forward pass.
+
+        The caller has already set `mask[:, end:end+cols]` (see `set_step_mask`); positions and first-column
+        bookkeeping follow the mask.
+        """
+        m = self.mask[: self.rows, self.end : self.end + cols]
+        if cols > 1:  # padded input positions wrote finite garbage: zero it to keep padding inert
+            pad = ~m
+            if bool(pad.any()):
+                sl, keep = slice(self.end, self.end + cols), m[None, :, None, :, None]
+                self.keys[:, : self.rows, :, sl] = torch.where(keep, self.keys[:, : self.rows, :, sl], 0)
+                self.values[:, : self.rows, :, sl] = torch.where(keep, self.values[:, : self.rows, :, sl], 0)
+        counts = m.sum(dim=1).tolist()
+        for r, c in enumerate(counts):
+            if c and self.real[r] == 0:
+                self.first[r] = self.end + int(m[r].nonzero()[0])
+            self.real[r] += int(c)
+        self.end += cols
+
+    def set_step_mask(self, pattern: torch.Tensor) -> None:
+        """Set the mask of the next `pattern.shape[1]` columns for the live rows; pattern: [rows, T] bool."""
+        t = pattern.shape[1]
+        self.reserve(t)
+        self.mask[: self.rows, self.end : self.end + t] = pattern
+
+    # ---- vector shaping --------------------------------------------------------------------------
+    def insert(self, request_id: str, kv: RowKV) -> None:
+        """Embed a request's KV as a new row (design.md 3.2 "Insert")."""
+        assert request_id not in self.ids, f"{request_id} already has a row"
+        p, n = kv.length, self.rows
+        grow = max(p - self.length, 0)
+        self.reserve(0, rows=n + 1, left=grow)
+        if grow:
+            # Left-pad every running row by `grow`: newly exposed columns are padding (zeroed, masked).
+            s = self.start - grow
+            self.keys[:, :n, :, s : self.start] = 0
+            self.values[:, :n, :, s : self.start] = 0
+            self.mask[:n, s : self.start] = False
+            self.start = s
+        s, e = self.start, self.end
+        # The new row: padding on the left (zeroed so masked columns can never leak NaN), its tokens on the right.
+        self.keys[:, n, :, s : e - p] = 0
+        self.values[:, n, :, s : e - p] = 0
+        self.keys[:, n, :, e - p : e] = kv.keys.to(self.device, self.dtype)
+        self.values[:, n, :, e - p : e] = kv.values.to(self.device, self.dtype)
+        self.mask[n, s : e - p] = False
+        self.mask[n, e - p : e] = True
+        self.ids.append(request_id)
+        self.real.append(p)
+        self.first.append(e - p if p else e)
+
+    def extract(self, request_id: str) -> RowKV:
+        """Copy out one row's real tokens (oldest first), e.g. to swap it to host. The row stays."""
+        r = self.row_of(request_id)
+        s, e = self.start, self.end
+        cols = self.mask[r, s:e].nonzero().squeeze(1) + s
+        if cols.numel() == e - self.first[r]:  # contiguous (no holes): a plain slice
+            sl = slice(self.first[r], e)
+            return RowKV(self.keys[:, r, :, sl].clone(), self.values[:, r, :, sl].clone())
+        return RowKV(self.keys[:, r].index_select(2, cols), self.values[:, r].index_select(2, cols))
+
+    def remove(self, request_id: str) -> None:
+        """Remove a row (design.md 3.2 "Remove"): the last row moves into its slot, then trim."""
+        r, last = self.row_of(request_id), self.rows - 1
+        if r != last:
+            s, e = self.start, self.end
+            self.keys[:, r, :, s:e] = self.keys[:, last, :, s:e]
+            self.values[:, r, :, s:e] = self.values[:, last, :, s:e]
+            self.mask[r, s:e] = self.mask[last, s:e]
+            self.ids[r], self.real[r], self.first[r] = self.ids[last], self.real[last], self.first[last]
+        self.ids.pop()
+        self.real.pop()
+        self.first.pop()
+        self.trim()
+
+    def trim(self) -> None:
+        """Drop leading columns no remaining row uses (design.md 3.2 "trim")."""
+        if not self.ids:
+            self.start = self.end
+            return
+        self.start = max(self.start, min(self.first))
+
+    def clear(self) -> None:
+        for rid in list(self.ids):
+            self.remove(rid)
+
+    # ---- internals -------------------------------------------------------------------------------
+    def _alloc(self, rows: int, cols: int) -> None:
+        shape = (self.num_layers, rows, self.kv_heads, cols, self.head_dim)
+        self.keys = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.values = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.mask = torch.zeros((rows, cols), dtype=torch.bool, device=self.device)
+        self.row_capacity, self.col_capacity = rows, cols
+
+    def _relayout(self, rows: int, cols: int, left_headroom: int) -> None:
+        """Move the live window into a buffer of `rows` x `cols`, starting at column `left_headroom`."""
+        old_k, old_v, old_m = self.keys, self.values, self.mask
+        n, s, e = self.rows, self.start, self.end
+        if rows != self.row_capacity or cols != self.col_capacity:
+            self._alloc(rows, cols)
+        else:  # same size: copy the window out first, since source and target may overlap
+            old_k, old_v, old_m = (old_k[:, :n, :, s:e].clone(), old_v[:, :n, :, s:e].clone(),
+                                   old_m[:n, s:e].clone())
+            s, e = 0, e - s
+        ns = left_headroom
+        ne = ns + (e - s)
+        self.keys[:, :n, :, ns:ne] = old_k[:, :n, :, s:e]
+        self.values[:, :n, :, ns:ne] = old_v[:, :n, :, s:e]
+        self.mask[:n, ns:ne] = old_m[:n, s:e]
+        shift = ns - self.start
+        self.first = [f + shift for f in self.first]
+        self.start, self.end = ns, ne
+
+    def check_invariants(self) -> None:
+        """Assert the layout rules; tests call this after every operation."""
+        n, s, e = self.rows, self.start, self.end
+        assert 0 <= s <= e <= self.col_capacity, (s, e, self.col_capacity)
+        assert n <= self.row_capacity
+        assert len(self.ids) == len(set(self.ids)) == len(self.real) == len(self.first)
+        if n == 0:
+            return
+        m = self.mask[:n, s:e]
+        assert m.sum(1).tolist() == self.real, (m.sum(1).tolist(), self.real)
+        for r in range(n):
+            assert self.real[r] >= 1, f"row {r} has no real token"
+            assert bool(self.mask[r, e - 1]), f"row {r}: newest token not in the last column"
+            nz = m[r].nonzero()
+            assert int(nz[0]) + s == self.first[r], (r, int(nz[0]) + s, self.first[r])
+            pad = ~m[r]
+            # Masked columns hold zeros, so no NaN/inf can leak through a zero attention weight.
+            assert not self.keys[:, r, :, s:e][:, :, pad].any(), f"row {r}: padded keys not zero"
+        assert s == min(self.first), "leading columns no row uses must be trimmed"
+
+
+def _round_up(n: int) -> int:
+    return max(_ALIGN, -(-n // _ALIGN) * _ALIGN)

@@ -1,0 +1,148 @@
+"""Forward passes over an unmodified transformers causal LM.
+
+Two kinds of pass, as plain functions of their inputs:
+* `prefill(ids)`: one request alone, batch 1, no padding; returns its KV (for the prefilled pool) and the
+  logits of its last position.
+* `batch_forward(cache, ...)`: the decode batch. The model sees our left-padded `BatchKVCache` through a
+  `transformers.Cache` adapter, a 4-D boolean mask we build ourselves (padding + causality), and per-row
+  position ids, so every row computes exactly what it would alone.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
+
+from engine.kv_cache import BatchKVCache, RowKV
+
+
+class _ShapedLayer(CacheLayerMixin):
+    """One layer of the adapter: writes the step's new columns in place and returns views, no concatenation."""
+
+    is_sliding = False
+    is_compileable = False
+    is_croppable = False
+
+    def __init__(self, cache: BatchKVCache, layer: int) -> None:
+        super().__init__()
+        self.cache, self.layer, self.is_initialized = cache, layer, True
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        return None
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        # key_states: [rows, kv_heads, T, head_dim] for the T new columns of this step
+        self.cache.write_layer(self.layer, key_states, value_states)
+        return self.cache.layer_view(self.layer, extra=key_states.shape[2])
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.cache.length + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.cache.length
+
+    def get_max_length(self) -> int:
+        return -1
+
+
+class ShapedCacheAdapter(Cache):
+    """Presents a `BatchKVCache` to transformers as a `Cache` (the tuple format is gone in transformers 5)."""
+
+    def __init__(self, cache: BatchKVCache) -> None:
+        super().__init__(layers=[_ShapedLayer(cache, i) for i in range(cache.num_layers)])
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    num_layers: int
+    kv_heads: int
+    head_dim: int
+    vocab_size: int
+    hidden_size: int
+    max_position_embeddings: int
+
+
+def model_shape(config: Any) -> ModelShape:
+    heads = config.num_attention_heads
+    return ModelShape(
+        num_layers=config.num_hidden_layers,
+        kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+        head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
+        vocab_size=config.vocab_size,
+        hidden_size=config.hidden_size,
+        max_position_embeddings=getattr(config, "max_position_embeddings", 2048),
+    )
+
+
+def build_step_mask(cache_mask: torch.Tensor, cache_len: int) -> torch.Tensor:
+    """4-D boolean mask [rows, 1, T, L+T] (True = attend) from the 2-D mask [rows, L+T] of the step.
+
+    Query t (column L+t) sees real columns up to its own. A padded query with nothing to see (a joining row's
+    left padding) attends to itself, so it stays finite; its output and KV are discarded.
+    """
+    rows, width = cache_mask.shape
+    t = width - cache_len
+    if t == 1:
+        return cache_mask[:, None, None, :]
+    cols = torch.arange(width, device=cache_mask.device)
+    causal = cols[None, :] <= (cache_len + torch.arange(t, device=cache_mask.device))[:, None]  # [T, L+T]
+    allowed = cache_mask[:, None, :] & causal[None, :, :]  # [rows, T, L+T]
+    empty = ~allowed.any(dim=-1)  # [rows, T]
+    if bool(empty.any()):
+        diag = torch.zeros_like(allowed)
+        diag[:, torch.arange(t), cache_len + torch.arange(t)] = True
+        allowed = allowed | (diag & empty[:, :, None])
+    return allowed[:, None, :, :]
+
+
+class ModelRunner:
+    """Owns the model; times every forward pass."""
+
+    def __init__(self, model: Any, device: torch.device) -> None:
+        self.model, self.device = model, device
+        self.shape = model_shape(model.config)
+        self.forward_s = 0.0  # cumulative; the engine reads deltas
+
+    @torch.no_grad()
+    def prefill(self, token_ids: list[int]) -> tuple[RowKV, torch.Tensor]:
+        """Run one prompt alone. Returns its KV [layers, H, p, D] and the last position's logits [V]."""
+        t0 = time.perf_counter()
+        ids = torch.tensor([token_ids], dtype=torch.long, device=self.device)
+        kv = DynamicCache(config=self.model.config)
+        out = self.model(input_ids=ids, past_key_values=kv, use_cache=True, logits_to_keep=1)
+        keys = torch.stack([layer.keys[0] for layer in kv.layers])
+        values = torch.stack([layer.values[0] for layer in kv.layers])
+        logits = out.logits[0, -1].float()
+        self.forward_s += time.perf_counter() - t0
+        return RowKV(keys, values), logits
+
+    @torch.no_grad()
+    def batch_forward(self, cache: BatchKVCache, input_ids: torch.Tensor, positions: torch.Tensor,
+                      real: torch.Tensor) -> torch.Tensor:
+        """One forward of the whole batch.
+
+        input_ids, positions, real: [rows, T] (T = 1 for a pure decode step; wider when prompts join inside
+        the batch). The cache gains T columns. Returns the last position's logits [rows, V].
+        """
+        t0 = time.perf_counter()
+        t = input_ids.shape[1]
+        cache_len = cache.length
+        cache.set_step_mask(real)
+        mask = build_step_mask(cache.mask_view(extra=t), cache_len)
+        out = self.model(
+            input_ids=input_ids.to(self.device),
+            position_ids=positions.to(self.device),
+            attention_mask=mask,
+            past_key_values=ShapedCacheAdapter(cache),
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        cache.advance(t)
+        logits = out.logits[:, -1].float()
+        self.forward_s += time.perf_counter() - t0
+        return logits

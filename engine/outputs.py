@@ -1,0 +1,83 @@
+"""Turning sampled tokens into streamed outputs: stop conditions, text deltas, finish reasons, usage."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
+from engine.request import FinishReason, Request, RequestOutput, RequestState, Usage
+
+
+@dataclass
+class _Delta:
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+
+
+class OutputTracker:
+    """Per request: a detokenizer and a stop-string matcher; per step: the deltas to emit."""
+
+    def __init__(self, tokenizer: Any, eos_token_ids: set[int]) -> None:
+        self.tokenizer = tokenizer
+        self.eos_token_ids = eos_token_ids
+        self._detok: dict[str, IncrementalDetokenizer] = {}
+        self._stops: dict[str, StopStringMatcher] = {}
+        self._pending: dict[str, _Delta] = {}
+        self._finished: list[Request] = []
+
+    def track(self, req: Request) -> None:
+        self._detok[req.request_id] = IncrementalDetokenizer(self.tokenizer, req.prompt_token_ids)
+        self._stops[req.request_id] = StopStringMatcher(req.params.stop)
+
+    def on_token(self, req: Request, token: int) -> None:
+        """Record one sampled token; finish the request if it hit a stop condition."""
+        req.output_token_ids.append(token)
+        delta = self._pending.setdefault(req.request_id, _Delta())
+        delta.token_ids.append(token)
+        p = req.params
+        if token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids):
+            self.finish(req, "stop")  # the stopping token is counted but not rendered as text
+            return
+        text, hit = self._stops[req.request_id].feed(self._detok[req.request_id].push([token]))
+        delta.text += text
+        if hit:
+            self.finish(req, "stop", stop_string_hit=True)
+        elif req.remaining <= 0:
+            self.finish(req, "length")
+
+    def finish(self, req: Request, reason: FinishReason, error: str | None = None,
+               stop_string_hit: bool = False) -> None:
+        if req.state is RequestState.FINISHED:
+            return
+        delta = self._pending.setdefault(req.request_id, _Delta())
+        detok, stops = self._detok.pop(req.request_id), self._stops.pop(req.request_id)
+        if not stop_string_hit and reason in ("stop", "length"):
+            tail, hit = stops.feed(detok.flush())
+            delta.text += tail if hit else tail + stops.flush()
+        req.state = RequestState.FINISHED
+        req.finish_reason, req.error = reason, error
+        self._finished.append(req)
+
+    def drain(self) -> list[RequestOutput]:
+        """Everything that happened since the last drain, one output per request."""
+        finished = {r.request_id: r for r in self._finished}
+        outs = []
+        for rid, d in self._pending.items():
+            req = finished.get(rid)
+            outs.append(self._output(rid, d, req))
+        for rid, req in finished.items():
+            if rid not in self._pending:
+                outs.append(self._output(rid, _Delta(), req))
+        self._pending.clear()
+        self._finished.clear()
+        return outs
+
+    @staticmethod
+    def _output(rid: str, d: _Delta, req: Request | None) -> RequestOutput:
+        if req is None:
+            return RequestOutput(rid, d.token_ids, d.text)
+        return RequestOutput(
+            rid, d.token_ids, d.text, finished=True, finish_reason=req.finish_reason,
+            usage=Usage(len(req.prompt_token_ids), len(req.output_token_ids)), error=req.error,
+        )

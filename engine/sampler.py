@@ -1,0 +1,58 @@
+"""Per-request sampling: greedy, or temperature / top-k / top-p with a per-request seed.
+
+The random draw for a request's i-th output token depends only on (seed, i), so the same request gives the
+same tokens whatever shares its batch, whenever it joined, and even if it was preempted and recomputed.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from engine.request import SamplingParams
+
+_MIX = 0x9E3779B97F4A7C15  # golden-ratio constant: spreads (seed, index) pairs over the 64-bit seed space
+
+
+def draw_uniform(seed: int, index: int) -> float:
+    """A uniform number in [0, 1) that is a pure function of (seed, index)."""
+    g = torch.Generator(device="cpu")
+    g.manual_seed((seed * _MIX + index) & 0x7FFF_FFFF_FFFF_FFFF)
+    return float(torch.rand((), generator=g, dtype=torch.float64))
+
+
+def filtered_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """Probabilities [V] (float64) after temperature, top-k and top-p."""
+    x = logits.to(torch.float64) / params.temperature
+    if params.top_k and params.top_k < x.numel():
+        kth = torch.topk(x, params.top_k).values[-1]
+        x = x.masked_fill(x < kth, float("-inf"))
+    probs = torch.softmax(x, dim=-1)
+    if params.top_p < 1.0:
+        sorted_p, order = torch.sort(probs, descending=True)
+        before = torch.cumsum(sorted_p, 0) - sorted_p  # mass of strictly more likely tokens
+        drop = before >= params.top_p  # keep the smallest prefix whose mass reaches top_p
+        sorted_p = sorted_p.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
+        probs = probs / probs.sum()
+    return probs
+
+
+def sample_one(logits: torch.Tensor, params: SamplingParams, seed: int, index: int) -> int:
+    """Sample a token from `logits` [V] for a request's `index`-th output token."""
+    probs = filtered_probs(logits, params)
+    u = draw_uniform(seed, index)
+    cdf = torch.cumsum(probs, 0)
+    tok = int(torch.searchsorted(cdf, torch.tensor([u * float(cdf[-1])], dtype=cdf.dtype)).item())
+    tok = min(tok, probs.numel() - 1)
+    while probs[tok] == 0 and tok > 0:  # never land on a filtered token through rounding at the edge
+        tok -= 1
+    return tok
+
+
+def sample(logits: torch.Tensor, params: list[SamplingParams], seeds: list[int], indices: list[int]) -> list[int]:
+    """One token per row of `logits` [rows, V]. Greedy rows share one argmax over the batch."""
+    out = logits.argmax(dim=-1).tolist()
+    for r, p in enumerate(params):
+        if not p.greedy:
+            out[r] = sample_one(logits[r], p, seeds[r], indices[r])
+    return out
