@@ -31,6 +31,10 @@ from engine.stats import EngineStats, IterationStats
 
 log = logging.getLogger(__name__)
 
+ENGINE_KNOBS = frozenset({"max_batch_size", "prefill_token_budget", "prefill_pool_size"})
+CONTROLLER_KNOBS = frozenset({"high_watermark", "low_watermark", "preemption_mode", "min_priority_gap",
+                              "max_preemptions_per_request", "memory_budget_bytes", "host_swap_budget_bytes"})
+
 
 class BatonEngine:
     """Dynamic re-batching over an unmodified transformers causal LM. Not thread-safe: see AsyncBatonEngine."""
@@ -48,8 +52,7 @@ class BatonEngine:
         self.vocab_size = int(self.loaded.model.get_input_embeddings().num_embeddings)
         self.max_model_len = config.max_model_len or shape.max_position_embeddings
         self.policy = get_policy(config.policy)
-        self.cache = BatchKVCache(shape.num_layers, shape.kv_heads, shape.head_dim, self.loaded.dtype,
-                                  self.loaded.device, row_capacity=config.max_batch_size)
+        self.cache = self._new_cache()
         self.queues = RequestQueues()
         self.requests: dict[str, Request] = {}  # every unfinished request
         self.running: dict[str, Request] = {}  # requests holding a row (finished ones until retired)
@@ -107,9 +110,39 @@ class BatonEngine:
         req = self.requests.get(request_id)
         if req is not None:
             self._end(req, "abort")
+            self._update_gauges()
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
+
+    def validate_knobs(self, knobs: dict[str, Any]) -> EngineConfig:
+        """The config these live knobs would give; ValueError naming an unknown knob or a bad value."""
+        unknown = sorted(set(knobs) - ENGINE_KNOBS - CONTROLLER_KNOBS)
+        if unknown:
+            raise ValueError(f"unknown live knob(s) {unknown}; allowed: {sorted(ENGINE_KNOBS | CONTROLLER_KNOBS)}")
+        data = self.config.model_dump()
+        data.update({k: v for k, v in knobs.items() if k in ENGINE_KNOBS})
+        data["controller"].update({k: v for k, v in knobs.items() if k in CONTROLLER_KNOBS})
+        return EngineConfig.model_validate(data)
+
+    def reconfigure(self, **knobs: Any) -> None:
+        """Apply live knobs between iterations (see ENGINE_KNOBS and CONTROLLER_KNOBS)."""
+        new = self.validate_knobs(knobs)
+        self.config = new
+        update = getattr(self.controller, "reconfigure", None)
+        if update is not None:
+            update(new.controller)
+
+    def fail_all(self, message: str) -> list[RequestOutput]:
+        """After an unexpected fault: fail every request in flight and start over with an empty batch."""
+        for req in list(self.requests.values()):
+            self.outputs.finish(req, "error", message)
+        self.requests.clear()
+        self.running.clear()
+        self.queues = RequestQueues()
+        self.cache = self._new_cache()
+        self._update_gauges()
+        return self.outputs.drain()
 
     def step(self) -> list[RequestOutput]:
         """One iteration."""
@@ -238,16 +271,24 @@ class BatonEngine:
         it.cache_columns = self.cache.length
         it.forward_s = self.runner.forward_s - f0
         it.total_s = time.perf_counter() - t0
-        s = self.stats
-        s.running = sum(1 for q in self.running.values() if not q.finished)
-        s.waiting, s.prefilled, s.swapped = (len(self.queues.waiting), len(self.queues.pool),
-                                             len(self.queues.swapped))
-        s.generated_tokens += sum(len(o.new_token_ids) for o in outs)
-        s.record(it)
+        self._update_gauges()
+        self.stats.generated_tokens += sum(len(o.new_token_ids) for o in outs)
+        self.stats.record(it)
         self.iteration += 1
         return outs
 
     # ---- helpers -----------------------------------------------------------------------------------------
+    def _update_gauges(self) -> None:
+        s = self.stats
+        s.running = sum(1 for q in self.running.values() if not q.finished)
+        s.waiting, s.prefilled, s.swapped = (len(self.queues.waiting), len(self.queues.pool),
+                                             len(self.queues.swapped))
+
+    def _new_cache(self) -> BatchKVCache:
+        shape = self.runner.shape
+        return BatchKVCache(shape.num_layers, shape.kv_heads, shape.head_dim, self.loaded.dtype,
+                            self.loaded.device, row_capacity=self.config.max_batch_size)
+
     def _prompt_ids(self, prompt: str | None, prompt_token_ids: list[int] | None) -> list[int]:
         if (prompt is None) == (prompt_token_ids is None):
             raise ValueError("give exactly one of prompt or prompt_token_ids")
@@ -346,7 +387,7 @@ class BatonEngine:
         step_row = self._step_bytes_per_row + 4 * self.runner.shape.kv_heads * (self.cache.length + 1)
         memory = None
         if self.probe is not None:
-            engine_bytes = self.cache.used_bytes() + pool_bytes + step_row * self.cache.rows
+            engine_bytes = self.cache.used_bytes() + pool_bytes  # held between steps; the controller adds the step peak
             memory = self.probe.read(engine_bytes=engine_bytes, iteration=self.iteration)
         return CapacitySnapshot(
             iteration=self.iteration, max_rows=self.config.max_batch_size, rows=rows, candidates=candidates,

@@ -68,7 +68,7 @@ def queued_info(req: Request) -> QueuedInfo:
     # Once embedded, a row caches every token but the newest (which is the next decode input).
     return QueuedInfo(request_id=req.request_id, priority=req.priority, arrival=req.arrival,
                       length=len(req.all_token_ids) - (0 if state == "waiting" else 1),
-                      state=state, preemptions=req.preemptions)  # type: ignore[arg-type]
+                      state=state, preemptions=req.preemptions, remaining=req.remaining)  # type: ignore[arg-type]
 
 
 def admission_candidates(policy: Policy, requests: dict[str, Request], queues: RequestQueues,

@@ -1,0 +1,210 @@
+"""A thread-safe async front over `BatonEngine` for servers.
+
+The engine loop runs in its own daemon thread (never on the caller's event loop). Callers submit requests
+and receive an async stream of outputs; closing or cancelling the stream aborts the request, which leaves the
+batch within one iteration. Validation happens synchronously in `submit`, so a bad request raises
+`ValueError` before anything is streamed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import threading
+from typing import Any
+
+from configs import EngineConfig
+from engine.engine import BatonEngine
+from engine.request import Request, RequestOutput, SamplingParams
+
+log = logging.getLogger(__name__)
+
+MAX_CONSECUTIVE_FAILURES = 3  # after this many failed iterations in a row the loop gives up (unhealthy)
+
+
+class RequestStream:
+    """Async iterator over one request's `RequestOutput`s; the last one has `finished=True`."""
+
+    def __init__(self, front: AsyncBatonEngine, request_id: str, loop: asyncio.AbstractEventLoop) -> None:
+        self.request_id = request_id
+        self._front, self._loop = front, loop
+        self._queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        self._done = False
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self._done:
+            raise StopAsyncIteration
+        try:
+            out = await self._queue.get()
+        except asyncio.CancelledError:
+            self._abort()
+            raise
+        if out.finished:
+            self._done = True
+        return out
+
+    async def aclose(self) -> None:
+        self._abort()
+
+    def _abort(self) -> None:
+        if not self._done:
+            self._done = True
+            self._front.abort(self.request_id)
+
+    def _put(self, out: RequestOutput) -> None:
+        """Called from the engine thread."""
+        try:
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, out)
+        except RuntimeError:  # the consumer's loop is closed: nobody is listening any more
+            self._front.abort(self.request_id)
+
+    def __del__(self) -> None:
+        if not self._done:
+            self._front.abort(self.request_id)
+
+
+class AsyncBatonEngine:
+    """Runs a `BatonEngine` in a background thread and streams outputs to asyncio consumers."""
+
+    def __init__(self, engine: BatonEngine) -> None:
+        self.engine = engine
+        self._lock = threading.Lock()
+        self._inbox: collections.deque[tuple[str, Any]] = collections.deque()
+        self._streams: dict[str, RequestStream] = {}
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.last_error: BaseException | None = None
+        self._dead = False
+
+    @classmethod
+    def from_config(cls, config: EngineConfig) -> AsyncBatonEngine:
+        return cls(BatonEngine(config))
+
+    @property
+    def config(self) -> EngineConfig:
+        return self.engine.config
+
+    # ---- lifecycle -------------------------------------------------------------------------------------
+    def start(self) -> None:
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._stop.clear()
+                self._dead = False
+                self._thread = threading.Thread(target=self._run, name="baton-engine-loop", daemon=True)
+                self._thread.start()
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def is_healthy(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and not self._dead
+
+    # ---- requests ----------------------------------------------------------------------------------------
+    def submit(self, request_id: str, prompt: str | None = None, prompt_token_ids: list[int] | None = None,
+               sampling_params: SamplingParams | None = None, priority: int = 0) -> RequestStream:
+        """Validate and queue a request; returns its output stream. Must be called from a running event loop."""
+        if not self.is_healthy():
+            raise RuntimeError("the engine loop is not running" + (f": {self.last_error}" if self.last_error else ""))
+        req = self.engine.make_request(request_id, prompt, prompt_token_ids, sampling_params, priority)
+        stream = RequestStream(self, request_id, asyncio.get_running_loop())
+        with self._lock:
+            if request_id in self._streams:
+                raise ValueError(f"duplicate request id {request_id!r}: a request with that id is still running")
+            self._streams[request_id] = stream
+            self._inbox.append(("add", req))
+        self._wake.set()
+        return stream
+
+    def abort(self, request_id: str) -> None:
+        """Thread-safe; the request leaves the batch before the next iteration."""
+        with self._lock:
+            self._inbox.append(("abort", request_id))
+        self._wake.set()
+
+    def update_controller(self, **knobs: Any) -> None:
+        """Change live knobs (validated now, applied before the next iteration). ValueError on bad ones."""
+        self.engine.validate_knobs(knobs)
+        with self._lock:
+            self._inbox.append(("knobs", knobs))
+        self._wake.set()
+
+    def metrics(self) -> dict[str, float]:
+        s = self.engine.stats
+        cfg = self.engine.config
+        return {
+            "num_requests_running": float(s.running),
+            "num_requests_waiting": float(s.waiting + s.prefilled),
+            "num_requests_swapped": float(s.swapped),
+            "capacity": float(s.capacity or cfg.max_batch_size),
+            "max_batch_size": float(cfg.max_batch_size),
+            "preemptions_total": float(s.preemptions),
+            "idle_fraction": s.idle_fraction,
+            "memory_used_fraction": s.memory_used_fraction,
+            "admissions_refused_for_memory": float(s.admissions_refused_for_memory),
+            "iterations": float(s.iterations),
+            "generated_tokens_total": float(s.generated_tokens),
+            "prompt_tokens_total": float(s.prefill_tokens),
+        }
+
+    # ---- the loop thread ---------------------------------------------------------------------------------
+    def _run(self) -> None:
+        failures = 0
+        while not self._stop.is_set():
+            self._drain_inbox()
+            if not self.engine.has_unfinished_requests():
+                self._wake.wait(timeout=0.5)
+                self._wake.clear()
+                continue
+            try:
+                outs = self.engine.step()
+                failures = 0
+            except Exception as e:  # a bug or a device fault: fail what was in flight, keep serving
+                log.exception("engine iteration failed")
+                self.last_error = e
+                failures += 1
+                outs = self.engine.fail_all(f"engine iteration failed: {e}")
+                if failures >= MAX_CONSECUTIVE_FAILURES:
+                    self._dispatch(outs)
+                    self._dead = True
+                    self._fail_streams(f"engine loop stopped after repeated failures: {e}")
+                    return
+            self._dispatch(outs)
+
+    def _drain_inbox(self) -> None:
+        with self._lock:
+            items = list(self._inbox)
+            self._inbox.clear()
+        for kind, arg in items:
+            if kind == "add":
+                req: Request = arg
+                try:
+                    self.engine.enqueue(req)
+                except ValueError as e:
+                    self._dispatch([RequestOutput(req.request_id, [], "", True, "error", error=str(e))])
+            elif kind == "abort":
+                self.engine.abort_request(arg)
+                self._dispatch(self.engine.outputs.drain())
+            elif kind == "knobs":
+                self.engine.reconfigure(**arg)
+
+    def _dispatch(self, outs: list[RequestOutput]) -> None:
+        for out in outs:
+            with self._lock:
+                stream = self._streams.pop(out.request_id, None) if out.finished else self._streams.get(
+                    out.request_id)
+            if stream is not None:
+                stream._put(out)
+
+    def _fail_streams(self, message: str) -> None:
+        with self._lock:
+            streams, self._streams = self._streams, {}
+        for rid, stream in streams.items():
+            stream._put(RequestOutput(rid, [], "", True, "error", error=message))

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Run the whole test suite: set up the environment if needed, then lint, type-check and test.
+#   scripts/test.sh [pytest args...]
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+bash scripts/setup.sh
+py="${BATON_VENV:-$root/.venv}/bin"
+echo "[test] ruff"
+"$py/ruff" check engine autoscaler deployments configs tests benchmarks
+echo "[test] mypy"
+"$py/mypy" engine autoscaler deployments configs
+echo "[test] pytest"
+exec "$py/pytest" -q -p no:cacheprovider --durations=15 "$@"

@@ -1,0 +1,52 @@
+"""Shared fixtures: the default model is loaded once per test run; a tiny random Llama for fast tests."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def _has_gpu() -> bool:
+    return torch.cuda.is_available()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if _has_gpu():
+        return
+    skip = pytest.mark.skip(reason="needs an NVIDIA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def default_model():
+    """SmolLM2-135M-Instruct (float32, CPU) as a `LoadedModel`, loaded once."""
+    from engine.model_loader import load_model
+
+    return load_model("default", dtype="float32", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    """A tiny randomly initialised Llama in float64 with the default model's tokenizer (fast, exact maths)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from engine.model_loader import LoadedModel, load_model
+
+    tok = load_model("default", dtype="float32", device="cpu").tokenizer
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+        tie_word_embeddings=True,
+    )
+    model = LlamaForCausalLM(cfg).to(torch.float64).eval()
+    model.generation_config.eos_token_id = tok.eos_token_id
+    return LoadedModel(model=model, tokenizer=tok, dtype=torch.float64, device=torch.device("cpu"), name="tiny")

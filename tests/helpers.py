@@ -1,0 +1,83 @@
+"""Helpers shared by the tests."""
+
+from __future__ import annotations
+
+
+def make_engine(loaded, **overrides):
+    """A BatonEngine over an already loaded model (no reload)."""
+    from configs import EngineConfig
+    from engine import BatonEngine
+
+    return BatonEngine(EngineConfig(**overrides), loaded=loaded)
+
+
+def run_to_completion(engine, max_iterations: int = 100_000, check=None):
+    """Step until nothing is unfinished; returns {request_id: [RequestOutput, ...]}."""
+    outs: dict[str, list] = {}
+    for _ in range(max_iterations):
+        if not engine.has_unfinished_requests():
+            return outs
+        for o in engine.step():
+            outs.setdefault(o.request_id, []).append(o)
+        if check is not None:
+            check(engine)
+    raise AssertionError("engine did not finish")
+
+
+def random_workload(seed: int, n: int, vocab: int, prompt_len: tuple[int, int], max_tokens: tuple[int, int],
+                    arrival_span: int) -> list[dict]:
+    """Requests with random token prompts, lengths and arrival iterations (deterministic in `seed`)."""
+    import random
+
+    rng = random.Random(seed)
+    lo = min(100, vocab // 4)  # keep clear of special tokens at the start of the vocabulary
+    return [
+        {
+            "id": f"req{i}",
+            "prompt": [rng.randrange(lo, vocab) for _ in range(rng.randint(*prompt_len))],
+            "max_tokens": rng.randint(*max_tokens),
+            "arrival": rng.randint(0, arrival_span),
+        }
+        for i in range(n)
+    ]
+
+
+def solo_greedy(model, prompt: list[int], max_tokens: int) -> list[int]:
+    """What `model.generate(do_sample=False)` gives for this prompt alone, without stopping at EOS."""
+    import torch
+    from transformers import GenerationConfig
+
+    ids = torch.tensor([prompt])
+    cfg = GenerationConfig(do_sample=False, max_new_tokens=max_tokens, eos_token_id=None, pad_token_id=0)
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=cfg)
+    return out[0, len(prompt):].tolist()
+
+
+def run_workload(engine, workload: list[dict], check=None) -> dict[str, list[int]]:
+    """Submit each request at its arrival iteration (greedy, EOS ignored); return tokens per request."""
+    from engine import SamplingParams
+
+    pending = sorted(workload, key=lambda w: w["arrival"])
+    tokens: dict[str, list[int]] = {w["id"]: [] for w in workload}
+    finished: set[str] = set()
+    for _ in range(1_000_000):
+        while pending and pending[0]["arrival"] <= engine.iteration:
+            w = pending.pop(0)
+            engine.add_request(w["id"], prompt_token_ids=w["prompt"],
+                               sampling_params=SamplingParams(max_tokens=w["max_tokens"], ignore_eos=True))
+        if not pending and not engine.has_unfinished_requests():
+            break
+        for o in engine.step():
+            tokens[o.request_id].extend(o.new_token_ids)
+            if o.finished:
+                assert o.finish_reason == "length", (o.request_id, o.finish_reason, o.error)
+                finished.add(o.request_id)
+        if check is not None:
+            check(engine)
+    assert finished == set(tokens), f"unfinished: {set(tokens) - finished}"
+    return tokens
+
+
+def mismatches(got: dict[str, list[int]], ref: dict[str, list[int]]) -> list[str]:
+    return [rid for rid in ref if got.get(rid) != ref[rid]]
