@@ -37,7 +37,7 @@ class EngineConfig(BaseModel):
         description="baton-pd: prompt tokens prefilled per iteration ahead of need (one prompt always fits).",
     )
     prefill_pool_size: int | None = Field(
-        None, ge=0, description="baton-pd: most prefilled requests waiting in the pool (default: max_batch_size)."
+        None, ge=1, description="baton-pd: most prefilled requests waiting in the pool (default: max_batch_size)."
     )
     num_threads: int | None = Field(None, ge=1, description="torch intra-op threads on CPU (default: torch's).")
     seed: int = Field(0, description="Seed for requests that do not give one.")

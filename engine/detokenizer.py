@@ -56,10 +56,11 @@ class StopStringMatcher:
         if not self.stops:
             return delta, False
         text = self.held + delta
-        hits = [i for i in (text.find(s) for s in self.stops) if i >= 0]
+        # The stop string that completes first wins (a stream cut anywhere must give the same answer).
+        hits = [(i + len(s), i) for s in self.stops if (i := text.find(s)) >= 0]
         if hits:
             self.held = ""
-            return text[: min(hits)], True
+            return text[: min(hits)[1]], True
         keep = self._partial_suffix(text)
         self.held = text[len(text) - keep :] if keep else ""
         return text[: len(text) - keep], False

@@ -173,9 +173,6 @@ class BatonEngine:
         decision = self.controller.decide(snapshot)
         it.controller_s = time.perf_counter() - t0
         it.capacity = decision.capacity
-        if snapshot.memory is not None:
-            used = max(snapshot.memory.used_bytes, snapshot.memory.engine_bytes)
-            it.memory_fraction = used / snapshot.memory.total_bytes
         self.stats.admissions_refused_for_memory += decision.refused_for_memory
         return decision
 
@@ -258,7 +255,7 @@ class BatonEngine:
         live = [(r, self.running[rid]) for r, rid in enumerate(self.cache.ids) if not self.running[rid].finished]
         if not live:
             return
-        rows = torch.tensor([r for r, _ in live])
+        rows = torch.tensor([r for r, _ in live], device=logits.device)
         reqs = [q for _, q in live]
         tokens = sample(logits.index_select(0, rows), [q.params for q in reqs], [q.seed for q in reqs],
                         [len(q.output_token_ids) for q in reqs])
@@ -269,12 +266,18 @@ class BatonEngine:
     def _emit(self, it: IterationStats, t0: float, f0: float) -> list[RequestOutput]:
         outs = self.outputs.drain()
         it.cache_columns = self.cache.length
+        it.accounted_bytes = self._held_bytes() + it.rows * self._step_row_bytes()
+        if self.probe is not None:  # the step's peak as the probe sees it (engine accounting + everyone else)
+            reading = self.probe.read(engine_bytes=it.accounted_bytes, iteration=self.iteration)
+            it.memory_fraction = max(reading.used_bytes, reading.engine_bytes) / reading.total_bytes
         it.forward_s = self.runner.forward_s - f0
         it.total_s = time.perf_counter() - t0
         self._update_gauges()
         self.stats.generated_tokens += sum(len(o.new_token_ids) for o in outs)
         self.stats.record(it)
         self.iteration += 1
+        if not self.requests:  # nothing left to serve: free the last rows now, not at the next step
+            self._retire_finished_rows()
         return outs
 
     # ---- helpers -----------------------------------------------------------------------------------------
@@ -283,6 +286,14 @@ class BatonEngine:
         s.running = sum(1 for q in self.running.values() if not q.finished)
         s.waiting, s.prefilled, s.swapped = (len(self.queues.waiting), len(self.queues.pool),
                                              len(self.queues.swapped))
+
+    def _held_bytes(self) -> int:
+        """Device bytes the engine holds between steps: the batch cache window and the prefilled pool."""
+        return self.cache.used_bytes() + self.queues.held_bytes()[0]
+
+    def _step_row_bytes(self) -> int:
+        """Transient bytes one row adds during a decode step (activations, logits, attention scores)."""
+        return self._step_bytes_per_row + 4 * self.runner.shape.kv_heads * (self.cache.length + 1)
 
     def _new_cache(self) -> BatchKVCache:
         shape = self.runner.shape
@@ -383,12 +394,11 @@ class BatonEngine:
             for r, (rid, q) in enumerate((rid, self.running[rid]) for rid in self.cache.ids)
         )
         candidates = admission_candidates(self.policy, self.requests, self.queues, self.cache.rows)
-        pool_bytes, swapped_bytes = self.queues.held_bytes()
-        step_row = self._step_bytes_per_row + 4 * self.runner.shape.kv_heads * (self.cache.length + 1)
+        swapped_bytes = self.queues.held_bytes()[1]
+        step_row = self._step_row_bytes()
         memory = None
-        if self.probe is not None:
-            engine_bytes = self.cache.used_bytes() + pool_bytes  # held between steps; the controller adds the step peak
-            memory = self.probe.read(engine_bytes=engine_bytes, iteration=self.iteration)
+        if self.probe is not None:  # what the engine holds between steps; the controller adds the step peak
+            memory = self.probe.read(engine_bytes=self._held_bytes(), iteration=self.iteration)
         return CapacitySnapshot(
             iteration=self.iteration, max_rows=self.config.max_batch_size, rows=rows, candidates=candidates,
             waiting=len(self.queues.waiting), batch_length=self.cache.length,

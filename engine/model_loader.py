@@ -130,9 +130,14 @@ def load_model(model: str, dtype: str = "float32", device: str = "auto", gguf_fi
 
 
 def _is_causal(config: Any) -> bool:
+    """A config family with a causal-LM head whose saved architecture (if named) is that head."""
     from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
 
-    return type(config) in MODEL_FOR_CAUSAL_LM_MAPPING
+    if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+        return False
+    archs = set(getattr(config, "architectures", None) or [])
+    causal_names = {cls.__name__ for cls in MODEL_FOR_CAUSAL_LM_MAPPING.values()}
+    return not archs or bool(archs & causal_names)
 
 
 def _save_converted(lm: Any, tok: Any, target: Path) -> None:

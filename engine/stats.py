@@ -26,6 +26,7 @@ class IterationStats:
     total_s: float = 0.0  # wall time of the whole step
     capacity: int = 0
     cache_columns: int = 0  # window length L after the step
+    accounted_bytes: int = 0  # engine device bytes at the step's peak: cache + pool + step transients
     memory_fraction: float | None = None  # measured-or-accounted use over the budget
 
 

@@ -1,0 +1,261 @@
+"""AsyncBatonEngine: concurrent submitters (tasks and threads), aborts by closing or cancelling, live knobs,
+and fault handling in the loop thread."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import threading
+import time
+from collections.abc import Callable
+
+import pytest
+
+from engine import AsyncBatonEngine
+from engine.async_engine import MAX_CONSECUTIVE_FAILURES
+from engine.request import RequestOutput, SamplingParams
+from tests.helpers import make_engine, run_to_completion
+
+LONG = SamplingParams(max_tokens=900, ignore_eos=True)  # runs for seconds: only an abort ends it early
+
+
+@pytest.fixture
+def front(tiny_model):
+    f = AsyncBatonEngine(make_engine(tiny_model, max_batch_size=8))
+    f.start()
+    try:
+        yield f
+    finally:
+        f.shutdown()
+
+
+def wait_until(cond: Callable[[], bool], timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.01)
+    return cond()
+
+
+async def consume(stream) -> list[RequestOutput]:
+    return [out async for out in stream]
+
+
+def tokens_of(outs: list[RequestOutput]) -> list[int]:
+    return [t for o in outs for t in o.new_token_ids]
+
+
+def workload(n_groups: int = 4, per_group: int = 6) -> list[list[tuple[str, list[int], SamplingParams]]]:
+    rng = random.Random(7)
+    groups = []
+    for g in range(n_groups):
+        group = []
+        for i in range(per_group):
+            ids = [rng.randrange(3, 49152) for _ in range(rng.randint(1, 8))]
+            params = SamplingParams(max_tokens=rng.randint(2, 8), temperature=rng.choice([0.0, 0.8]),
+                                    top_k=20, seed=rng.randrange(10_000), ignore_eos=True)
+            group.append((f"g{g}-{i}", ids, params))
+        groups.append(group)
+    return groups
+
+
+def test_concurrent_submitters_match_a_synchronous_run(tiny_model, front) -> None:
+    groups = workload()
+    sync = make_engine(tiny_model, max_batch_size=8)
+    for group in groups:
+        for rid, ids, params in group:
+            sync.add_request(rid, prompt_token_ids=ids, sampling_params=params)
+    expected = {rid: tokens_of(outs) for rid, outs in run_to_completion(sync).items()}
+
+    async def submitter(group, delay: float) -> dict[str, list[RequestOutput]]:
+        tasks = {}
+        for rid, ids, params in group:
+            stream = front.submit(rid, prompt_token_ids=ids, sampling_params=params)
+            tasks[rid] = asyncio.create_task(consume(stream))
+            await asyncio.sleep(delay)  # arrivals spread over iterations
+        return {rid: await t for rid, t in tasks.items()}
+
+    thread_result: dict[str, list[RequestOutput]] = {}
+    thread_errors: list[BaseException] = []
+
+    def in_thread() -> None:  # a submitter with its own event loop
+        try:
+            thread_result.update(asyncio.run(submitter(groups[3], 0.003)))
+        except BaseException as e:  # surfaced by the assertion below
+            thread_errors.append(e)
+
+    async def main() -> list[dict[str, list[RequestOutput]]]:
+        return await asyncio.gather(*(submitter(groups[g], 0.001 * (g + 1)) for g in range(3)))
+
+    t = threading.Thread(target=in_thread)
+    t.start()
+    results = asyncio.run(main())
+    t.join(30)
+    assert not t.is_alive() and not thread_errors, thread_errors
+    got = {rid: outs for r in [*results, thread_result] for rid, outs in r.items()}
+    assert set(got) == set(expected)
+    for rid, outs in got.items():
+        assert tokens_of(outs) == expected[rid], rid
+        assert outs[-1].finished and outs[-1].finish_reason == "length"
+        assert not any(o.finished for o in outs[:-1])
+    assert wait_until(lambda: front.engine.stats.running == 0)
+
+
+def test_closing_a_stream_aborts_the_request(front) -> None:
+    async def main() -> int:
+        stream = front.submit("closed", prompt_token_ids=[5, 6, 7], sampling_params=LONG)
+        n = 0
+        async for out in stream:
+            n += len(out.new_token_ids)
+            if n >= 3:
+                break
+        await stream.aclose()
+        return n
+
+    n = asyncio.run(main())
+    assert n >= 3
+    assert wait_until(lambda: front.engine.stats.aborted_requests == 1, timeout=2.0)
+    assert wait_until(lambda: front.engine.stats.running == 0, timeout=1.0)
+    assert front.engine.stats.generated_tokens < LONG.max_tokens
+
+
+def test_cancelling_the_consumer_aborts_the_request(front) -> None:
+    async def main() -> None:
+        stream = front.submit("cancelled", prompt_token_ids=[9, 10], sampling_params=LONG)
+        first = asyncio.Event()
+
+        async def consumer() -> None:
+            async for _ in stream:
+                first.set()
+
+        task = asyncio.create_task(consumer())
+        await asyncio.wait_for(first.wait(), 10)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(main())
+    assert wait_until(lambda: front.engine.stats.aborted_requests == 1, timeout=2.0)
+    assert wait_until(lambda: front.engine.stats.running == 0, timeout=1.0)
+    assert front.engine.stats.generated_tokens < LONG.max_tokens
+
+
+def test_submit_validates_synchronously(front) -> None:
+    async def main() -> None:
+        with pytest.raises(ValueError, match="prompt must be a non-empty string"):
+            front.submit("bad", prompt="")
+        with pytest.raises(ValueError, match="outside the vocabulary"):
+            front.submit("bad", prompt_token_ids=[10**9])
+        stream = front.submit("dup", prompt_token_ids=[5], sampling_params=LONG)
+        with pytest.raises(ValueError, match="duplicate request id 'dup'"):
+            front.submit("dup", prompt_token_ids=[6])
+        await stream.aclose()
+        assert wait_until(lambda: front.engine.stats.aborted_requests == 1)
+        again = front.submit("dup", prompt_token_ids=[6], sampling_params=SamplingParams(max_tokens=2))
+        outs = await consume(again)
+        assert outs[-1].finish_reason in ("length", "stop")
+
+    asyncio.run(main())
+
+
+def test_update_controller_applies_live_knobs(front) -> None:
+    with pytest.raises(ValueError, match="unknown live knob"):
+        front.update_controller(max_batch_sise=3)
+    with pytest.raises(ValueError):
+        front.update_controller(max_batch_size=0)
+    assert front.config.max_batch_size == 8
+    front.update_controller(max_batch_size=3)
+    assert wait_until(lambda: front.config.max_batch_size == 3)
+    assert front.metrics()["max_batch_size"] == 3.0
+    start = front.engine.stats.iterations
+
+    async def main() -> None:
+        streams = [front.submit(f"k{i}", prompt_token_ids=[5 + i], sampling_params=SamplingParams(
+            max_tokens=6, ignore_eos=True)) for i in range(7)]
+        for outs in await asyncio.gather(*(consume(s) for s in streams)):
+            assert outs[-1].finish_reason == "length"
+
+    asyncio.run(main())
+    rows = [it.rows for it in front.engine.stats.history[start:]]
+    assert max(rows) == 3  # the batch filled up to the new limit, never past it
+
+
+def test_a_failed_batch_fails_its_requests_and_the_engine_keeps_serving(tiny_model, front,
+                                                                       monkeypatch) -> None:
+    runner = front.engine.runner
+    real_forward = runner.batch_forward
+    calls = {"n": 0}
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("injected device fault")
+        return real_forward(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "batch_forward", flaky)
+    params = SamplingParams(max_tokens=5, temperature=0.8, seed=3, ignore_eos=True)
+
+    async def main() -> tuple[list[RequestOutput], list[RequestOutput]]:
+        failed = await consume(front.submit("victim", prompt_token_ids=[5, 6], sampling_params=params))
+        ok = await consume(front.submit("later", prompt_token_ids=[5, 6], sampling_params=params))
+        return failed, ok
+
+    failed, ok = asyncio.run(main())
+    assert failed[-1].finished and failed[-1].finish_reason == "error"
+    assert "injected device fault" in (failed[-1].error or "")
+    sync = make_engine(tiny_model)
+    sync.add_request("later", prompt_token_ids=[5, 6], sampling_params=params)
+    assert ok[-1].finish_reason == "length"
+    assert tokens_of(ok) == tokens_of(run_to_completion(sync)["later"])
+    assert front.is_healthy()
+
+
+def test_a_failed_iteration_fails_what_was_in_flight_and_keeps_serving(front, monkeypatch) -> None:
+    real_step = front.engine.step
+    calls = {"n": 0}
+
+    def flaky_step():
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("injected loop fault")
+        return real_step()
+
+    monkeypatch.setattr(front.engine, "step", flaky_step)
+    params = SamplingParams(max_tokens=4, ignore_eos=True)
+
+    async def main() -> tuple[list[RequestOutput], list[RequestOutput]]:
+        failed = await consume(front.submit("x", prompt_token_ids=[5], sampling_params=params))
+        ok = await consume(front.submit("y", prompt_token_ids=[5], sampling_params=params))
+        return failed, ok
+
+    failed, ok = asyncio.run(main())
+    assert failed[-1].finish_reason == "error" and "injected loop fault" in (failed[-1].error or "")
+    assert ok[-1].finish_reason == "length" and len(tokens_of(ok)) == 4
+    assert front.is_healthy()
+    assert front.engine.stats.running == 0 and not front.engine.has_unfinished_requests()
+
+
+def test_repeated_failures_make_the_front_unhealthy(front, monkeypatch) -> None:
+    def broken_step():
+        raise RuntimeError("always broken")
+
+    monkeypatch.setattr(front.engine, "step", broken_step)
+
+    async def main() -> list[RequestOutput]:
+        finals = []
+        for i in range(MAX_CONSECUTIVE_FAILURES):
+            outs = await consume(front.submit(f"f{i}", prompt_token_ids=[5]))
+            finals.append(outs[-1])
+        return finals
+
+    finals = asyncio.run(main())
+    assert all(o.finished and o.finish_reason == "error" for o in finals)
+    assert wait_until(lambda: not front.is_healthy())
+    assert isinstance(front.last_error, RuntimeError)
+
+    async def submit_again() -> None:
+        with pytest.raises(RuntimeError, match="not running"):
+            front.submit("late", prompt_token_ids=[5])
+
+    asyncio.run(submit_again())

@@ -1,0 +1,102 @@
+"""Bad requests raise ValueError naming the field (and the bad value), and leave the engine untouched."""
+
+from __future__ import annotations
+
+import pytest
+
+from engine.request import SamplingParams
+from tests.helpers import make_engine, run_to_completion
+
+MAX_LEN = 64
+
+
+@pytest.fixture
+def engine(tiny_model):
+    return make_engine(tiny_model, max_model_len=MAX_LEN)
+
+
+def rejects(engine, match: str, **kwargs) -> None:
+    kwargs.setdefault("request_id", "r")
+    with pytest.raises(ValueError, match=match):
+        engine.add_request(**kwargs)
+    assert not engine.has_unfinished_requests(), "a rejected request must not be queued"
+
+
+def test_prompt_fields(engine) -> None:
+    rejects(engine, r"prompt must be a non-empty string, got ''", prompt="")
+    rejects(engine, r"prompt must be a non-empty string, got 123", prompt=123)
+    rejects(engine, r"prompt_token_ids must not be empty", prompt_token_ids=[])
+    rejects(engine, r"exactly one of prompt or prompt_token_ids", prompt="hi", prompt_token_ids=[1, 2])
+    rejects(engine, r"exactly one of prompt or prompt_token_ids")
+
+
+def test_context_length(engine) -> None:
+    rejects(engine, r"max_tokens \(60\).*context length \(64\)", prompt_token_ids=[5] * 5,
+            sampling_params=SamplingParams(max_tokens=60))
+    rejects(engine, r"prompt \(65 tokens\).*64", prompt_token_ids=[5] * 65,
+            sampling_params=SamplingParams(max_tokens=1))
+    engine.add_request("fits", prompt_token_ids=[5] * 4, sampling_params=SamplingParams(max_tokens=60))
+    assert engine.has_unfinished_requests()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"max_tokens": 0}, r"max_tokens.*got 0"),
+        ({"max_tokens": -3}, r"max_tokens.*got -3"),
+        ({"max_tokens": 2.5}, r"max_tokens.*got 2\.5"),
+        ({"temperature": -0.5}, r"temperature.*got -0\.5"),
+        ({"top_p": 0.0}, r"top_p.*got 0\.0"),
+        ({"top_p": 1.5}, r"top_p.*got 1\.5"),
+        ({"top_k": -1}, r"top_k.*got -1"),
+        ({"seed": "abc"}, r"seed.*'abc'"),
+        ({"stop": ["ok", ""]}, r"stop strings.*''"),
+        ({"stop_token_ids": [-1]}, r"stop_token_ids.*got -1"),
+    ],
+)
+def test_sampling_params(kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        SamplingParams(**kwargs)
+
+
+def test_token_ids_outside_the_vocabulary(engine) -> None:
+    v = engine.vocab_size
+    rejects(engine, r"prompt_token_ids \[-1\] outside the vocabulary", prompt_token_ids=[3, -1, 4])
+    rejects(engine, rf"prompt_token_ids \[{v}\] outside the vocabulary \[0, {v}\)", prompt_token_ids=[3, v])
+    rejects(engine, r"prompt_token_ids \[1\.5\]", prompt_token_ids=[3, 1.5])
+    rejects(engine, rf"stop_token_ids \[{v + 7}\] outside the vocabulary \(size {v}\)", prompt_token_ids=[3],
+            sampling_params=SamplingParams(stop_token_ids=[2, v + 7]))
+
+
+def test_request_id_and_priority(engine) -> None:
+    rejects(engine, r"request_id must be a non-empty string", request_id="", prompt="hi")
+    rejects(engine, r"priority must be an integer, got 1\.5", prompt="hi", priority=1.5)
+    rejects(engine, r"priority must be an integer, got '2'", prompt="hi", priority="2")
+    rejects(engine, r"priority must be an integer, got True", prompt="hi", priority=True)
+    rejects(engine, r"sampling_params must be a SamplingParams", prompt="hi", sampling_params={"max_tokens": 2})
+
+
+def test_duplicate_request_id_only_while_running(engine) -> None:
+    params = SamplingParams(max_tokens=3, ignore_eos=True)
+    engine.add_request("dup", prompt_token_ids=[5, 6], sampling_params=params)
+    with pytest.raises(ValueError, match=r"duplicate request id 'dup'"):
+        engine.add_request("dup", prompt_token_ids=[7], sampling_params=params)
+    engine.step()  # running now (prefilled and in the batch)
+    with pytest.raises(ValueError, match=r"duplicate request id 'dup'"):
+        engine.add_request("dup", prompt_token_ids=[7], sampling_params=params)
+    first = run_to_completion(engine)["dup"]
+    assert first[-1].finished and sum(len(o.new_token_ids) for o in first) <= 3
+    engine.add_request("dup", prompt_token_ids=[7], sampling_params=params)  # finished: the id is free again
+    outs = run_to_completion(engine)["dup"]
+    assert outs[-1].finished and outs[-1].usage.prompt_tokens == 1
+
+
+def test_prefill_pool_size_zero_is_rejected_or_still_serves(tiny_model) -> None:
+    try:
+        engine = make_engine(tiny_model, policy="baton-pd", prefill_pool_size=0)
+    except ValueError as e:  # rejecting the config is a fine answer too
+        assert "prefill_pool_size" in str(e)
+        return
+    engine.add_request("r", prompt_token_ids=[5, 6], sampling_params=SamplingParams(max_tokens=2))
+    outs = run_to_completion(engine, max_iterations=50)["r"]
+    assert outs[-1].finished
