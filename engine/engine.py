@@ -255,9 +255,10 @@ class BatonEngine:
         live = [(r, self.running[rid]) for r, rid in enumerate(self.cache.ids) if not self.running[rid].finished]
         if not live:
             return
-        rows = torch.tensor([r for r, _ in live], device=logits.device)
         reqs = [q for _, q in live]
-        tokens = sample(logits.index_select(0, rows), [q.params for q in reqs], [q.seed for q in reqs],
+        if len(live) < logits.shape[0]:  # run-to-completion rows that are done are not sampled
+            logits = logits.index_select(0, torch.tensor([r for r, _ in live], device=logits.device))
+        tokens = sample(logits, [q.params for q in reqs], [q.seed for q in reqs],
                         [len(q.output_token_ids) for q in reqs])
         for req, tok in zip(reqs, tokens, strict=True):
             self.outputs.on_token(req, tok)

@@ -32,9 +32,7 @@ def default_model():
     return load_model("default", dtype="float32", device="cpu")
 
 
-@pytest.fixture(scope="session")
-def tiny_model():
-    """A tiny randomly initialised Llama in float64 with the default model's tokenizer (fast, exact maths)."""
+def _tiny_llama(vocab_size: int | None):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from engine.model_loader import LoadedModel, load_model
@@ -42,7 +40,7 @@ def tiny_model():
     tok = load_model("default", dtype="float32", device="cpu").tokenizer
     torch.manual_seed(0)
     cfg = LlamaConfig(
-        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        vocab_size=vocab_size or len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
         tie_word_embeddings=True,
@@ -50,3 +48,16 @@ def tiny_model():
     model = LlamaForCausalLM(cfg).to(torch.float64).eval()
     model.generation_config.eos_token_id = tok.eos_token_id
     return LoadedModel(model=model, tokenizer=tok, dtype=torch.float64, device=torch.device("cpu"), name="tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    """A tiny randomly initialised Llama in float64 with the default model's tokenizer (fast, exact maths)."""
+    return _tiny_llama(None)
+
+
+@pytest.fixture(scope="session")
+def tiny_small_vocab_model():
+    """Like `tiny_model` but with a 1024-token vocabulary (token-id prompts only): the LM head no longer
+    dominates, so workloads with hundreds of requests run in seconds."""
+    return _tiny_llama(1024)
