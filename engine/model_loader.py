@@ -118,7 +118,7 @@ def load_model(model: str, dtype: str = "float32", device: str = "auto", gguf_fi
         raise ValueError(f"model {model!r} ({type(config).__name__}) is not a causal language model")
     try:
         tok = AutoTokenizer.from_pretrained(tokenizer or location, **({} if tokenizer else kwargs))
-        lm = AutoModelForCausalLM.from_pretrained(location, dtype=dt, **kwargs)
+        lm: Any = AutoModelForCausalLM.from_pretrained(location, dtype=dt, **kwargs)
     except (OSError, ValueError) as e:
         raise ValueError(f"could not load model {model!r}: {str(e).splitlines()[0]}") from None
     if converted is not None and kwargs:
@@ -136,7 +136,9 @@ def _is_causal(config: Any) -> bool:
     if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
         return False
     archs = set(getattr(config, "architectures", None) or [])
-    causal_names = {cls.__name__ for cls in MODEL_FOR_CAUSAL_LM_MAPPING.values()}
+    causal_names: set[str] = set()
+    for entry in MODEL_FOR_CAUSAL_LM_MAPPING.values():
+        causal_names.update(c.__name__ for c in (entry if isinstance(entry, tuple) else (entry,)) if c)
     return not archs or bool(archs & causal_names)
 
 

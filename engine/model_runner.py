@@ -115,8 +115,9 @@ class ModelRunner:
         ids = torch.tensor([token_ids], dtype=torch.long, device=self.device)
         kv = DynamicCache(config=self.model.config)
         out = self.model(input_ids=ids, past_key_values=kv, use_cache=True, logits_to_keep=1)
-        keys = torch.stack([layer.keys[0] for layer in kv.layers])
-        values = torch.stack([layer.values[0] for layer in kv.layers])
+        layers: list[Any] = list(kv.layers)
+        keys = torch.stack([layer.keys[0] for layer in layers])
+        values = torch.stack([layer.values[0] for layer in layers])
         logits = out.logits[0, -1].float()
         self.forward_s += time.perf_counter() - t0
         return RowKV(keys, values), logits
