@@ -8,6 +8,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -16,6 +17,7 @@ from autoscaler.capacity import (
     CapacityController,
     CapacityDecision,
     CapacitySnapshot,
+    MemoryReading,
     Preemption,
     RowInfo,
 )
@@ -269,7 +271,8 @@ class BatonEngine:
         it.cache_columns = self.cache.length
         it.accounted_bytes = self._held_bytes() + it.rows * self._step_row_bytes()
         if self.probe is not None:  # the step's peak as the probe sees it (engine accounting + everyone else)
-            reading = self.probe.read(engine_bytes=it.accounted_bytes, iteration=self.iteration)
+            reading = self._without_cache_headroom(
+                self.probe.read(engine_bytes=it.accounted_bytes, iteration=self.iteration))
             it.memory_fraction = max(reading.used_bytes, reading.engine_bytes) / reading.total_bytes
         it.forward_s = self.runner.forward_s - f0
         it.total_s = time.perf_counter() - t0
@@ -287,6 +290,16 @@ class BatonEngine:
         s.running = sum(1 for q in self.running.values() if not q.finished)
         s.waiting, s.prefilled, s.swapped = (len(self.queues.waiting), len(self.queues.pool),
                                              len(self.queues.swapped))
+
+    def _without_cache_headroom(self, reading: MemoryReading) -> MemoryReading:
+        """A real probe (NVML, torch, host RSS) sees the whole preallocated cache buffer as used. Its unused
+        headroom is the engine's own reserve, reused as rows grow; counting it would make the controller
+        preempt rows whose removal can never lower the reading. The simulated probe counts only
+        `engine_bytes`, so it needs no correction."""
+        if reading.source == "simulated":
+            return reading
+        headroom = self.cache.reserved_bytes() - self.cache.used_bytes()
+        return replace(reading, used_bytes=max(0, reading.used_bytes - headroom))
 
     def _held_bytes(self) -> int:
         """Device bytes the engine holds between steps: the batch cache window and the prefilled pool."""
@@ -399,7 +412,8 @@ class BatonEngine:
         step_row = self._step_row_bytes()
         memory = None
         if self.probe is not None:  # what the engine holds between steps; the controller adds the step peak
-            memory = self.probe.read(engine_bytes=self._held_bytes(), iteration=self.iteration)
+            memory = self._without_cache_headroom(
+                self.probe.read(engine_bytes=self._held_bytes(), iteration=self.iteration))
         return CapacitySnapshot(
             iteration=self.iteration, max_rows=self.config.max_batch_size, rows=rows, candidates=candidates,
             waiting=len(self.queues.waiting), batch_length=self.cache.length,
