@@ -80,6 +80,9 @@ class CapacityDecision:
     preempt: tuple[Preemption, ...] = ()
     refused_for_memory: int = 0  # candidates that would have fit by rows but not by memory
     predicted_fraction: float | None = field(default=None)  # predicted peak / budget, when known
+    # Device bytes the prefill-ahead pool may add this iteration (None: no memory limit). The engine still
+    # prefills one prompt when both the batch and the pool are empty, so work always progresses.
+    prefill_bytes: int | None = None
 
 
 class CapacityController(Protocol):

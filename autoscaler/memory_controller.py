@@ -178,7 +178,7 @@ def decide_capacity(
                 break
             if may_preempt(row, config.max_preemptions_per_request):
                 plan.preempt(row, choose_mode, config.host_swap_budget_bytes)
-        return _decision(plan, max(1, plan.rows), _row_room(s, plan, len(s.candidates)))
+        return _decision(plan, max(1, plan.rows), _row_room(s, plan, len(s.candidates)), high)
 
     ordered = by_urgency(s.candidates)
     for i, candidate in enumerate(ordered):
@@ -197,8 +197,8 @@ def decide_capacity(
                 plan.preempt(row, choose_mode, config.host_swap_budget_bytes)
             plan.admit(candidate)
         else:
-            return _decision(plan, capacity, _row_room(s, plan, len(ordered) - i))
-    return _decision(plan, capacity, 0)
+            return _decision(plan, capacity, _row_room(s, plan, len(ordered) - i), high)
+    return _decision(plan, capacity, 0, high)
 
 
 def _victims_to_seat(
@@ -226,13 +226,21 @@ def _row_room(s: CapacitySnapshot, plan: _Plan, blocked: int) -> int:
     return max(0, min(blocked, s.max_rows - plan.rows))
 
 
-def _decision(plan: _Plan, capacity: int, refused_for_memory: int) -> CapacityDecision:
+def _decision(plan: _Plan, capacity: int, refused_for_memory: int, high: float) -> CapacityDecision:
+    if not plan.kept and not plan.admitted and plan.snapshot.candidates:
+        # Progress: an empty batch always takes its most urgent candidate. A prefilled or swapped candidate's
+        # KV is already resident (counted in `used`), so embedding it moves memory rather than adding it.
+        plan.admit(by_urgency(plan.snapshot.candidates)[0])
+        capacity = max(capacity, 1)
+        refused_for_memory = max(0, refused_for_memory - 1)
+    peak = plan.peak()
     return CapacityDecision(
         capacity=capacity,
         admit=tuple(q.request_id for q in plan.admitted),
         preempt=tuple(plan.preempted),
         refused_for_memory=refused_for_memory,
-        predicted_fraction=plan.peak() / plan.total,
+        predicted_fraction=peak / plan.total,
+        prefill_bytes=max(0, int(high - peak)),
     )
 
 

@@ -154,7 +154,7 @@ class BatonEngine:
         decision = self._consult_controller(it)
         self._preempt(decision.preempt)
         joining = self._admit(decision.admit, it)
-        self._prefill_ahead(it)
+        self._prefill_ahead(decision.prefill_bytes, it)
         logits = self._decode(joining, it)
         self._sample(logits)
         return self._emit(it, t0, f0)
@@ -215,8 +215,9 @@ class BatonEngine:
             req.state = RequestState.RUNNING
         return in_batch
 
-    def _prefill_ahead(self, it: IterationStats) -> None:
-        """baton-pd: prefill waiting prompts into the pool, within the iteration's token budget."""
+    def _prefill_ahead(self, allowance: int | None, it: IterationStats) -> None:
+        """baton-pd: prefill waiting prompts into the pool, within the iteration's token budget and the
+        controller's memory allowance (bytes). With an empty batch and pool one prompt always goes."""
         if not self.policy.prefill_ahead:
             return
         budget = self.config.prefill_token_budget
@@ -224,8 +225,12 @@ class BatonEngine:
         room = (self.config.max_batch_size if pool_size is None else pool_size) - len(self.queues.pool)
         for req in self.queues.waiting_by_urgency():
             n = len(req.all_token_ids)
-            if room <= 0 or (n > budget and it.prefill_tokens > 0):  # one prompt always fits
+            must = self.cache.rows == 0 and not self.queues.pool and it.prefill_tokens == 0
+            over_memory = allowance is not None and n * self.cache.bytes_per_token > allowance
+            if room <= 0 or (not must and ((n > budget and it.prefill_tokens > 0) or over_memory)):
                 break
+            if allowance is not None:
+                allowance -= n * self.cache.bytes_per_token
             del self.queues.waiting[req.request_id]
             kv = self._prefill(req, it)
             budget -= n
