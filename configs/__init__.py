@@ -2,5 +2,14 @@
 
 from configs.controller import ControllerConfig, PressureEvent
 from configs.engine import EngineConfig
+from configs.serve import BatonAppArgs, ControllerKnobs, ReplicaPolicyConfig, ServerConfig
 
-__all__ = ["ControllerConfig", "EngineConfig", "PressureEvent"]
+__all__ = [
+    "BatonAppArgs",
+    "ControllerConfig",
+    "ControllerKnobs",
+    "EngineConfig",
+    "PressureEvent",
+    "ReplicaPolicyConfig",
+    "ServerConfig",
+]

@@ -1,0 +1,231 @@
+"""Configuration of the Ray Serve layer (deployments/): the app builder's args, the live controller knobs
+(`user_config`), and the replica autoscaling policy's knobs. Every knob is documented where it is declared.
+
+The YAML edge (`serve_config.yaml`) is validated here with `extra="forbid"`: an unknown key or a bad value
+fails `serve run` / `serve deploy` with a message that names it.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SecretStr, ValidationError, model_validator
+
+from configs.controller import PreemptionMode
+from configs.engine import EngineConfig
+
+PRESETS_DIR = Path(__file__).resolve().parent / "presets"
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+
+
+def available_presets() -> list[str]:
+    """Names of the presets shipped in configs/presets/ (file names without `.yaml`)."""
+    return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+
+
+def load_preset(name_or_path: str) -> dict[str, Any]:
+    """The raw mapping of an engine preset: a name from configs/presets/ or a path to a YAML file.
+
+    A preset is an `EngineConfig` written in YAML; the caller validates it (after applying overrides).
+    """
+    path = Path(name_or_path)
+    if path.suffix not in (".yaml", ".yml"):
+        path = PRESETS_DIR / f"{name_or_path}.yaml"
+    if not path.is_file():
+        raise ValueError(
+            f"preset {name_or_path!r} not found: use one of {available_presets()} or a path to a .yaml file"
+        )
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"preset {name_or_path!r} ({path}) must be a mapping, got {type(data).__name__}")
+    return data
+
+
+def _deep_merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """`base` updated by `overrides`, recursing into nested mappings (so `controller: {probe: x}` keeps the
+    preset's other controller knobs)."""
+    out = copy.deepcopy(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+class ServerConfig(BaseModel):
+    """The HTTP / handle front of one replica (everything that is not the engine)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    served_model_name: str | None = Field(
+        default=None,
+        min_length=1,
+        description="Model id clients send and /v1/models lists. Default: 'SmolLM2-135M-Instruct' for the "
+        "default model, else the engine's `model` value. Requests may also name the engine's `model` value.",
+    )
+    api_key: SecretStr | None = Field(
+        default=None,
+        min_length=1,
+        description="When set, every /v1 request needs 'Authorization: Bearer <key>' (else 401). Off by "
+        "default. Prefer `api_key_env` so the key stays out of config files.",
+    )
+    api_key_env: str | None = Field(
+        default=None,
+        min_length=1,
+        description="Name of an environment variable (set on the replica, e.g. through runtime_env) that "
+        "holds the API key. Used when `api_key` is unset; an unset or empty variable fails the replica.",
+    )
+    default_max_tokens: int = Field(
+        default=512,
+        ge=1,
+        description="Chat requests without max_tokens generate at most this many tokens (capped by the "
+        "context left). Completions follow OpenAI's default of 16.",
+    )
+    metrics_interval_s: float = Field(
+        default=1.0,
+        gt=0.0,
+        description="How often the replica copies the engine's gauges into Prometheus metrics.",
+    )
+
+    def resolved_api_key(self) -> str | None:
+        """The API key in force, or None when authentication is off."""
+        if self.api_key is not None:
+            return self.api_key.get_secret_value()
+        if self.api_key_env is not None:
+            key = os.environ.get(self.api_key_env, "")
+            if not key:
+                raise ValueError(
+                    f"server.api_key_env={self.api_key_env!r} but that variable is unset or empty"
+                )
+            return key
+        return None
+
+    def model_name_for(self, engine_model: str) -> str:
+        if self.served_model_name is not None:
+            return self.served_model_name
+        return DEFAULT_MODEL_NAME if engine_model == "default" else engine_model
+
+
+class ControllerKnobs(BaseModel):
+    """The deployment's `user_config`: controller knobs that `reconfigure()` applies live, without a restart.
+
+    Only the knobs given are changed; the engine validates the combination (e.g. low <= high watermark).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    high_watermark: float | None = Field(
+        default=None,
+        gt=0.0,
+        le=1.0,
+        description="Predicted peak memory (fraction of budget) the next step must stay under.",
+    )
+    low_watermark: float | None = Field(
+        default=None,
+        gt=0.0,
+        le=1.0,
+        description="Capacity grows only while the predicted peak is under this fraction.",
+    )
+    preemption_mode: PreemptionMode | None = Field(default=None, description="swap, recompute or auto.")
+    max_batch_size: int | None = Field(default=None, ge=1, description="Most rows the decode batch may hold.")
+    prefill_token_budget: int | None = Field(
+        default=None, ge=1, description="baton-pd: prompt tokens prefilled per iteration ahead of need."
+    )
+
+    def updates(self) -> dict[str, Any]:
+        """The knobs that were given, as keyword arguments for `AsyncBatonEngine.update_controller`."""
+        return self.model_dump(exclude_none=True)
+
+
+class BatonAppArgs(BaseModel):
+    """The `args` of `deployments.builder:build_app` in serve_config.yaml.
+
+    The engine config is the preset with `engine` overrides merged on top (nested mappings merge), then
+    validated as an `EngineConfig`; a bad key or value fails the deploy naming it.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    preset: str = Field(
+        default="cpu-default",
+        min_length=1,
+        description="Engine preset: a name in configs/presets/ or a .yaml path.",
+    )
+    engine: dict[str, Any] = Field(
+        default_factory=dict, description="EngineConfig fields that override the preset's."
+    )
+    server: ServerConfig = Field(default_factory=ServerConfig)
+
+    _engine_config: EngineConfig = PrivateAttr()
+
+    @model_validator(mode="after")
+    def _build_engine_config(self) -> BatonAppArgs:
+        merged = _deep_merge(load_preset(self.preset), self.engine)
+        try:
+            self._engine_config = EngineConfig.model_validate(merged)
+        except ValidationError as e:
+            problems = "; ".join(
+                f"engine.{'.'.join(str(p) for p in err['loc'])}: {err['msg']} (got {err.get('input')!r})"
+                for err in e.errors()
+            )
+            raise ValueError(
+                f"invalid engine config (preset {self.preset!r} + overrides): {problems}"
+            ) from None
+        return self
+
+    @property
+    def engine_config(self) -> EngineConfig:
+        return self._engine_config
+
+
+class ReplicaPolicyConfig(BaseModel):
+    """Knobs of the BATON replica autoscaling policy (autoscaler/serve_policy.py), given as
+    `autoscaling_config.policy.policy_kwargs`. Delays, bounds and scaling factors stay Ray's own
+    (`upscale_delay_s`, `downscale_delay_s`, `min_replicas`, `max_replicas`, ...)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    target_utilisation: float = Field(
+        default=0.8,
+        gt=0.0,
+        le=1.0,
+        description="Scale up when demand (running + waiting + swapped + queued at handles) exceeds this "
+        "fraction of the replicas' rows (max_batch_size each).",
+    )
+    downscale_utilisation: float = Field(
+        default=0.5,
+        gt=0.0,
+        le=1.0,
+        description="Scale down only to a count whose rows the demand fills at most this much (hysteresis; "
+        "must not exceed target_utilisation).",
+    )
+    memory_pressure: float = Field(
+        default=0.9,
+        gt=0.0,
+        le=1.0,
+        description="A replica whose memory_used_fraction reaches this while work waits counts as saturated.",
+    )
+    preemptions_per_s: float = Field(
+        default=0.5,
+        gt=0.0,
+        description="A mean preemption rate per replica at or above this asks for one more replica.",
+    )
+    ttft_slo_s: float | None = Field(
+        default=None,
+        gt=0.0,
+        description="When set, a replica's mean time to first token above this asks for one more.",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> ReplicaPolicyConfig:
+        if self.downscale_utilisation > self.target_utilisation:
+            raise ValueError(
+                f"downscale_utilisation ({self.downscale_utilisation}) must not exceed "
+                f"target_utilisation ({self.target_utilisation})"
+            )
+        return self

@@ -1,0 +1,120 @@
+"""Errors in the OpenAI shape: `{"error": {"message", "type", "param", "code"}}` with the right status.
+
+`OpenAIError` is raised by the serving code on both paths: HTTP turns it into a JSON response; a handle
+caller gets it as an exception (Ray re-raises the replica's exception type), with the same fields.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from deployments.protocol import ErrorInfo, ErrorResponse
+
+# Request fields a ValueError's message may start with (the engine's and SamplingParams' messages name the
+# field first), used to fill `param`.
+_KNOWN_PARAMS = (
+    "max_tokens",
+    "prompt_token_ids",
+    "prompt",
+    "messages",
+    "temperature",
+    "top_p",
+    "top_k",
+    "seed",
+    "stop_token_ids",
+    "stop",
+    "priority",
+    "request_id",
+)
+
+
+class OpenAIError(Exception):
+    """A request that cannot be served, with the HTTP status and the OpenAI error fields."""
+
+    def __init__(
+        self,
+        status_code: int,
+        message: str,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        # All constructor arguments go to Exception so the error pickles across Ray processes intact.
+        super().__init__(status_code, message, type, param, code, headers)
+        self.status_code = status_code
+        self.message = message
+        self.type = type
+        self.param = param
+        self.code = code
+        self.headers = headers or {}
+
+    def __str__(self) -> str:
+        param = f" (param: {self.param})" if self.param else ""
+        return f"{self.status_code} {self.type}: {self.message}{param}"
+
+    def to_response(self) -> ErrorResponse:
+        return ErrorResponse(
+            error=ErrorInfo(message=self.message, type=self.type, param=self.param, code=self.code)
+        )
+
+
+def bad_request(message: str, param: str | None = None) -> OpenAIError:
+    return OpenAIError(400, message, "invalid_request_error", param)
+
+
+def from_value_error(e: ValueError, default_param: str | None = None) -> OpenAIError:
+    """A 400 for a ValueError from the engine or SamplingParams (their messages name the field)."""
+    message = str(e)
+    param = next((p for p in _KNOWN_PARAMS if message.startswith(p)), default_param)
+    return bad_request(message, param)
+
+
+def model_not_found(model: str, served: Sequence[str]) -> OpenAIError:
+    return OpenAIError(
+        404,
+        f"The model {model!r} does not exist; this server serves {list(served)}",
+        "invalid_request_error",
+        "model",
+        "model_not_found",
+    )
+
+
+def unauthorized(message: str) -> OpenAIError:
+    return OpenAIError(401, message, "invalid_request_error", None, "invalid_api_key")
+
+
+def engine_unavailable(message: str) -> OpenAIError:
+    return OpenAIError(503, message, "server_error", None, "engine_unavailable", {"Retry-After": "1"})
+
+
+def engine_failed(message: str) -> OpenAIError:
+    return OpenAIError(500, message, "server_error", None, "engine_error")
+
+
+def from_validation_errors(errors: Sequence[Any]) -> OpenAIError:
+    """A 400 from pydantic / FastAPI validation errors, naming the field(s).
+
+    `errors` are pydantic error dicts; FastAPI prefixes locations with "body".
+    """
+    parts: list[str] = []
+    first_param: str | None = None
+    for err in errors:
+        loc = [str(p) for p in err.get("loc", ()) if p != "body"]
+        # pydantic puts union member names in the location ("prompt.str"); they confuse more than help.
+        loc = [p for p in loc if p not in ("str", "int", "list[int]", "list[str]", "list[list[int]]")]
+        field = ".".join(loc) or None
+        msg = str(err.get("msg", "invalid value"))
+        msg = msg.removeprefix("Value error, ")
+        if err.get("type") == "extra_forbidden":
+            msg = "unknown field (not part of this API)"
+        if err.get("type") == "json_invalid":
+            field, msg = None, f"request body is not valid JSON: {msg}"
+        if not field and err.get("type") in ("model_attributes_type", "dict_type", "model_type"):
+            msg = "the request body must be a JSON object (Content-Type: application/json)"
+        first_param = first_param or field
+        parts.append(f"{field}: {msg}" if field else msg)
+    # Unions report one error per member; keep each distinct message once, in order.
+    unique = list(dict.fromkeys(parts))
+    return bad_request("; ".join(unique) or "invalid request", first_param)

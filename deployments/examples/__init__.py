@@ -1,0 +1,1 @@
+"""Example Ray Serve applications that use the BATON engine through its handle API."""

@@ -1,0 +1,73 @@
+"""The engine interface the Serve layer codes against (what `engine.AsyncBatonEngine` provides).
+
+Written as a Protocol so a deployment can be given any front by injection: the real engine (built from
+config by the app builder) or a fake in tests. Nothing here imports torch or the engine.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from typing import Any, Protocol
+
+from configs import EngineConfig
+from engine.request import RequestOutput, SamplingParams
+
+
+class RequestStream(Protocol):
+    """The deltas of one request; the last has `finished=True`. `aclose()` aborts it in the engine."""
+
+    def __aiter__(self) -> AsyncIterator[RequestOutput]: ...
+
+    async def aclose(self) -> None: ...
+
+
+class EngineCore(Protocol):
+    """What the Serve layer reads from `front.engine`."""
+
+    @property
+    def tokenizer(self) -> Any: ...  # a Hugging Face tokenizer (has a chat template)
+
+    @property
+    def max_model_len(self) -> int: ...
+
+
+class EngineFront(Protocol):
+    """`engine.AsyncBatonEngine`'s public surface."""
+
+    @property
+    def engine(self) -> EngineCore: ...
+
+    @property
+    def config(self) -> EngineConfig: ...
+
+    def start(self) -> None: ...
+
+    def submit(
+        self,
+        request_id: str,
+        prompt: str | None = None,
+        prompt_token_ids: list[int] | None = None,
+        sampling_params: SamplingParams | None = None,
+        priority: int = 0,
+    ) -> RequestStream: ...
+
+    def abort(self, request_id: str) -> None: ...
+
+    def is_healthy(self) -> bool: ...
+
+    def metrics(self) -> dict[str, float]: ...
+
+    def update_controller(self, **knobs: Any) -> None: ...
+
+    def shutdown(self) -> None: ...
+
+
+FrontFactory = Callable[[EngineConfig], EngineFront]
+
+
+def build_engine_front(config: EngineConfig) -> EngineFront:
+    """The production front: load the model and build the BATON engine (imports torch lazily)."""
+    from engine import AsyncBatonEngine
+
+    front: EngineFront = AsyncBatonEngine.from_config(config)
+    return front

@@ -1,0 +1,430 @@
+"""The OpenAI wire protocol: typed requests, responses and stream chunks, shared by HTTP and handles.
+
+Requests use `extra="forbid"`: an unknown field is a 400 naming it. Fields OpenAI defines but the engine
+does not do yet (n > 1, logprobs, tools, penalties, ...) are declared so the error can say *that* rather
+than "unknown field"; a value other than the no-op default fails validation naming the field. Extensions
+(vLLM's convention): `priority` (lower = more urgent), `top_k`, `ignore_eos`, `stop_token_ids`.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
+
+FinishReason = Literal["stop", "length"]
+
+
+def _unsupported(field: str, value: Any, hint: str) -> ValueError:
+    return ValueError(f"{field}={value!r} is not supported by this server ({hint})")
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def now() -> int:
+    return int(time.time())
+
+
+# --- requests -----------------------------------------------------------------------------------------
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    include_usage: bool = Field(default=False, description="Send a last chunk with `usage` and no choices.")
+
+
+class _SamplingFields(BaseModel):
+    """Fields common to completions and chat, with OpenAI's ranges."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = Field(
+        default=None, description="Served model id; None means the one this server serves."
+    )
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0, description="0 = greedy. OpenAI's default is 1.")
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    seed: int | None = None
+    stop: str | list[str] | None = Field(
+        default=None, description="Up to 4 strings; the text stops before them."
+    )
+    user: str | None = Field(default=None, description="Accepted for compatibility; not used.")
+    # Not supported yet (declared so the 400 says so).
+    n: int = Field(default=1, ge=1)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[str, float] | None = None
+    # Extensions.
+    priority: int = Field(
+        default=0, description="Scheduling priority: lower value = more urgent (vLLM's convention)."
+    )
+    top_k: int = Field(default=0, ge=0, description="0 = off.")
+    ignore_eos: bool = False
+    stop_token_ids: list[int] | None = None
+
+    @field_validator("n")
+    @classmethod
+    def _n(cls, v: int) -> int:
+        if v != 1:
+            raise _unsupported("n", v, "one choice per request; send several requests")
+        return v
+
+    @field_validator("presence_penalty", "frequency_penalty")
+    @classmethod
+    def _penalties(cls, v: float, info: Any) -> float:
+        if v != 0.0:
+            raise _unsupported(info.field_name, v, "penalties are not implemented")
+        return v
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _logit_bias(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        if v:
+            raise _unsupported("logit_bias", v, "logit bias is not implemented")
+        return v
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, v: str | list[str] | None) -> str | list[str] | None:
+        items = [v] if isinstance(v, str) else (v or [])
+        if len(items) > 4:
+            raise ValueError(f"stop takes at most 4 strings, got {len(items)}")
+        if any(not s for s in items):
+            raise ValueError("stop strings must not be empty")
+        return v
+
+    @field_validator("stop_token_ids")
+    @classmethod
+    def _stop_ids(cls, v: list[int] | None) -> list[int] | None:
+        if v and any(t < 0 for t in v):
+            raise ValueError(f"stop_token_ids must be non-negative, got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _stream_options_need_stream(self) -> _SamplingFields:
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options is only allowed when stream=true")
+        return self
+
+    def stop_list(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+    @property
+    def include_usage_in_stream(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+
+
+class CompletionRequest(_SamplingFields):
+    """POST /v1/completions."""
+
+    prompt: str | list[int] | list[str] | list[list[int]] = Field(
+        description="One prompt: a string or a list of token ids (a list of one of either is accepted)."
+    )
+    max_tokens: int | None = Field(default=16, ge=1, description="OpenAI's default is 16; null means 16 too.")
+    # Not supported yet.
+    echo: bool = False
+    logprobs: int | None = None
+    best_of: int | None = None
+    suffix: str | None = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _one_prompt(
+        cls, v: str | list[int] | list[str] | list[list[int]]
+    ) -> str | list[int] | list[str] | list[list[int]]:
+        if isinstance(v, list) and v and isinstance(v[0], (str, list)):
+            if len(v) != 1:
+                raise _unsupported("prompt", f"<{len(v)} prompts>", "one prompt per request")
+        if v == [] or v == "" or v == [""] or v == [[]]:
+            raise ValueError("prompt must not be empty")
+        return v
+
+    @field_validator("echo")
+    @classmethod
+    def _echo(cls, v: bool) -> bool:
+        if v:
+            raise _unsupported("echo", v, "the prompt is not echoed")
+        return v
+
+    @field_validator("logprobs")
+    @classmethod
+    def _logprobs(cls, v: int | None) -> int | None:
+        if v is not None:
+            raise _unsupported("logprobs", v, "log probabilities are not returned yet")
+        return v
+
+    @field_validator("best_of")
+    @classmethod
+    def _best_of(cls, v: int | None) -> int | None:
+        if v is not None and v != 1:
+            raise _unsupported("best_of", v, "only best_of=1")
+        return v
+
+    @field_validator("suffix")
+    @classmethod
+    def _suffix(cls, v: str | None) -> str | None:
+        if v:
+            raise _unsupported("suffix", v, "insertion is not implemented")
+        return v
+
+    def single_prompt(self) -> str | list[int]:
+        """The one prompt, unwrapped from a list of one."""
+        p = self.prompt
+        if isinstance(p, list) and p and isinstance(p[0], (str, list)):
+            return p[0]  # type: ignore[return-value]
+        return p  # type: ignore[return-value]
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    """One chat message. Only text content; fields the openai client echoes back from a response
+    (refusal, annotations, audio, tool_calls, function_call) are accepted when empty."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+    refusal: str | None = None
+    annotations: list[Any] | None = None
+    audio: Any | None = None
+    tool_calls: list[Any] | None = None
+    function_call: Any | None = None
+
+    @field_validator("tool_calls")
+    @classmethod
+    def _tool_calls(cls, v: list[Any] | None) -> list[Any] | None:
+        if v:
+            raise _unsupported("tool_calls", "<...>", "tools are not implemented")
+        return v
+
+    @field_validator("function_call", "audio")
+    @classmethod
+    def _not_set(cls, v: Any, info: Any) -> Any:
+        if v is not None:
+            raise _unsupported(info.field_name, "<...>", "not implemented")
+        return v
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    type: str
+
+
+class ChatCompletionRequest(_SamplingFields):
+    """POST /v1/chat/completions. The prompt is the tokenizer's chat template over `messages`."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(
+        default=None,
+        ge=1,
+        description="Default: the server's default_max_tokens, capped by the context left.",
+    )
+    max_completion_tokens: int | None = Field(
+        default=None, ge=1, description="OpenAI's newer name for max_tokens."
+    )
+    # Not supported yet.
+    logprobs: bool = False
+    top_logprobs: int | None = None
+    tools: list[Any] | None = None
+    tool_choice: Any | None = None
+    parallel_tool_calls: bool | None = None
+    functions: list[Any] | None = None
+    function_call: Any | None = None
+    response_format: ResponseFormat | None = None
+
+    @field_validator("logprobs")
+    @classmethod
+    def _logprobs(cls, v: bool) -> bool:
+        if v:
+            raise _unsupported("logprobs", v, "log probabilities are not returned yet")
+        return v
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_logprobs(cls, v: int | None) -> int | None:
+        if v:
+            raise _unsupported("top_logprobs", v, "log probabilities are not returned yet")
+        return v
+
+    @field_validator("tools", "functions")
+    @classmethod
+    def _tools(cls, v: list[Any] | None, info: Any) -> list[Any] | None:
+        if v:
+            raise _unsupported(info.field_name, "<...>", "tool calling is not implemented")
+        return v
+
+    @field_validator("tool_choice", "function_call")
+    @classmethod
+    def _tool_choice(cls, v: Any, info: Any) -> Any:
+        if v is not None and v != "none":
+            raise _unsupported(info.field_name, v, "tool calling is not implemented")
+        return v
+
+    @field_validator("response_format")
+    @classmethod
+    def _response_format(cls, v: ResponseFormat | None) -> ResponseFormat | None:
+        if v is not None and v.type != "text":
+            raise _unsupported("response_format", v.type, "only type 'text'")
+        return v
+
+    @model_validator(mode="after")
+    def _max_tokens_agree(self) -> ChatCompletionRequest:
+        if (
+            self.max_tokens is not None
+            and self.max_completion_tokens is not None
+            and self.max_tokens != self.max_completion_tokens
+        ):
+            raise ValueError(
+                f"max_tokens ({self.max_tokens}) and max_completion_tokens ({self.max_completion_tokens}) disagree"
+            )
+        return self
+
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+
+GenerateRequest = CompletionRequest | ChatCompletionRequest
+
+
+# --- responses ----------------------------------------------------------------------------------------
+
+
+class UsageInfo(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionChoice(BaseModel):
+    index: int = 0
+    text: str
+    logprobs: None = None
+    finish_reason: FinishReason | None
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: UsageInfo | None = None
+
+
+class CompletionStreamResponse(CompletionResponse):
+    """One SSE chunk of a streamed completion (OpenAI uses the same object name for chunks)."""
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int = 0
+    message: AssistantMessage
+    logprobs: None = None
+    finish_reason: FinishReason | None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: UsageInfo | None = None
+
+
+class DeltaMessage(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _drop_unset(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # OpenAI sends `{"content": "x"}`, not `{"role": null, "content": "x"}`; the final delta is `{}`.
+        data: dict[str, Any] = handler(self)
+        return {k: v for k, v in data.items() if v is not None}
+
+
+class ChatStreamChoice(BaseModel):
+    index: int = 0
+    delta: DeltaMessage
+    logprobs: None = None
+    finish_reason: FinishReason | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatStreamChoice]
+    usage: UsageInfo | None = None
+
+
+GenerateResponse = CompletionResponse | ChatCompletionResponse
+StreamChunk = CompletionStreamResponse | ChatCompletionChunk
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "baton"
+    max_model_len: int | None = None
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ErrorInfo(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorInfo
+
+
+class EngineStatus(BaseModel):
+    """GET /stats and the handle's `engine_status()`: the engine's live view (not part of OpenAI's API)."""
+
+    healthy: bool
+    model: str
+    replica: str = Field(description="The Serve replica that answered (its id).")
+    metrics: dict[str, float]
+    config: dict[str, Any] = Field(description="The engine config in force, live knobs included.")

@@ -1,0 +1,234 @@
+"""`BatonServer`: the Ray Serve deployment (FastAPI ingress + handle API) over one injected engine front.
+
+The engine's loop runs in its own thread (`front.start()`), never on the replica's event loop; request
+handlers only submit and await deltas. HTTP routes and handle methods share `OpenAIServing`, so both paths
+validate, generate and fail the same way.
+
+HTTP: POST /v1/completions, POST /v1/chat/completions (SSE when `stream`), GET /v1/models[/{id}],
+GET /health, GET /stats. Handles: `generate(request)`, `generate_stream(request)` (with
+`handle.options(stream=True)`), `engine_status()`.
+
+No `from __future__ import annotations` here: FastAPI must see the route parameters' real types through
+Serve's ingress wrapper (with string annotations, `request: Request` became a required query parameter).
+"""
+
+import hmac
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import ValidationError
+from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from configs import EngineConfig
+from configs.serve import ControllerKnobs, ServerConfig
+from deployments import errors
+from deployments.errors import OpenAIError
+from deployments.front import EngineFront, FrontFactory, build_engine_front
+from deployments.metrics import AutoscalingSignals, MetricsPoller, ServerMetrics
+from deployments.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    EngineStatus,
+    GenerateRequest,
+    GenerateResponse,
+    StreamChunk,
+)
+from deployments.serving import OpenAIServing, RequestTiming
+
+log = logging.getLogger("ray.serve")
+
+app = FastAPI(title="BATON on Ray Serve", description="OpenAI-compatible LLM server with BATON re-batching.")
+
+
+def _error_response(e: OpenAIError) -> JSONResponse:
+    return JSONResponse(e.to_response().model_dump(), status_code=e.status_code, headers=e.headers)
+
+
+@app.exception_handler(OpenAIError)
+async def _openai_error(request: Request, exc: OpenAIError) -> JSONResponse:
+    return _error_response(exc)
+
+
+@app.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    return _error_response(errors.from_validation_errors(exc.errors()))
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
+    return _error_response(
+        OpenAIError(exc.status_code, f"{exc.detail}: {request.method} {request.url.path}", kind)
+    )
+
+
+async def _sse(chunks: AsyncIterator[StreamChunk]) -> AsyncIterator[str]:
+    """OpenAI's server-sent events: one `data: <chunk>` per chunk, an error event if the engine fails
+    mid-stream (the status line is already sent), then `data: [DONE]`."""
+    try:
+        async for chunk in chunks:
+            yield f"data: {chunk.model_dump_json()}\n\n"
+    except OpenAIError as e:
+        yield f"data: {e.to_response().model_dump_json()}\n\n"
+    yield "data: [DONE]\n\n"
+
+
+def _parse_generate_request(request: GenerateRequest | dict[str, Any]) -> GenerateRequest:
+    """Handle callers may pass the typed request or its dict (chat if it has `messages`)."""
+    if isinstance(request, (CompletionRequest, ChatCompletionRequest)):
+        return request
+    if not isinstance(request, dict):
+        raise errors.bad_request(
+            f"expected a CompletionRequest, ChatCompletionRequest or dict, got {type(request).__name__}"
+        )
+    model = ChatCompletionRequest if "messages" in request else CompletionRequest
+    try:
+        return model.model_validate(request)
+    except ValidationError as e:
+        raise errors.from_validation_errors(e.errors()) from None
+
+
+@serve.deployment(
+    name="BatonServer",
+    max_ongoing_requests=32,
+    max_queued_requests=64,
+    backpressure_config={"status_code": 429, "retry_after_s": 1},
+    health_check_period_s=10,
+    health_check_timeout_s=30,
+    graceful_shutdown_timeout_s=30,
+)
+@serve.ingress(app)
+class BatonServer:
+    """One replica: one engine front, an OpenAI HTTP API, and typed handle methods."""
+
+    def __init__(
+        self,
+        engine_config: EngineConfig,
+        server_config: ServerConfig | None = None,
+        front_factory: FrontFactory | None = None,
+    ) -> None:
+        self._replica = serve.get_replica_context().replica_id.unique_id
+        self._server_config = server_config or ServerConfig()
+        self._api_key = self._server_config.resolved_api_key()
+        factory = front_factory or build_engine_front
+        self._front: EngineFront = factory(engine_config)
+        self._front.start()
+        self._signals = AutoscalingSignals()
+        self._serving = OpenAIServing(
+            self._front, self._server_config, self._on_finish, self._signals.observe_ttft
+        )
+        self._metrics = ServerMetrics(self._serving.model_name)
+        self._poller = MetricsPoller(
+            self._front.metrics, self._metrics, self._server_config.metrics_interval_s
+        )
+        self._poller.start()
+
+    # -- HTTP ------------------------------------------------------------------------------------------
+
+    @app.get("/health")
+    async def health(self) -> Response:
+        if not self._front.is_healthy():
+            return JSONResponse(
+                {"status": "unhealthy", "reason": "engine loop is not running"}, status_code=503
+            )
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/stats")
+    async def http_stats(self, request: Request) -> EngineStatus:
+        self._authorize(request)
+        return await self.engine_status()
+
+    @app.get("/v1/models")
+    async def http_models(self, request: Request) -> Response:
+        self._authorize(request)
+        return JSONResponse(self._serving.models().model_dump())
+
+    @app.get("/v1/models/{model_id:path}")
+    async def http_model(self, model_id: str, request: Request) -> Response:
+        self._authorize(request)
+        return JSONResponse(self._serving.model_card(model_id).model_dump())
+
+    @app.post("/v1/completions")
+    async def http_completions(self, body: CompletionRequest, request: Request) -> Response:
+        self._authorize(request)
+        return await self._respond(body)
+
+    @app.post("/v1/chat/completions")
+    async def http_chat_completions(self, body: ChatCompletionRequest, request: Request) -> Response:
+        self._authorize(request)
+        return await self._respond(body)
+
+    async def _respond(self, body: GenerateRequest) -> Response:
+        if body.stream:
+            chunks = self._serving.generate_stream(body)  # raises before the 200 is sent
+            return StreamingResponse(_sse(chunks), media_type="text/event-stream")
+        result = await self._serving.generate(body)
+        return JSONResponse(result.model_dump())
+
+    def _authorize(self, request: Request) -> None:
+        if self._api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if not header:
+            raise errors.unauthorized("Missing API key: send 'Authorization: Bearer <key>'")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            token.strip().encode(), self._api_key.encode()
+        ):
+            raise errors.unauthorized("Incorrect API key provided")
+
+    # -- handle API (other Ray apps: serve.get_app_handle(app_name)) -------------------------------------
+
+    async def generate(self, request: GenerateRequest | dict[str, Any]) -> GenerateResponse:
+        """The whole result of a completion or chat request. Raises `OpenAIError` like HTTP's 4xx/5xx."""
+        return await self._serving.generate(_parse_generate_request(request))
+
+    async def generate_stream(self, request: GenerateRequest | dict[str, Any]) -> AsyncIterator[StreamChunk]:
+        """Typed stream chunks; call with `handle.options(stream=True)`. Cancelling aborts the request."""
+        chunks = self._serving.generate_stream(_parse_generate_request(request))
+        async for chunk in chunks:
+            yield chunk
+
+    async def engine_status(self) -> EngineStatus:
+        return EngineStatus(
+            healthy=self._front.is_healthy(),
+            model=self._serving.model_name,
+            replica=self._replica,
+            metrics=self._front.metrics(),
+            config=self._front.config.model_dump(mode="json"),
+        )
+
+    # -- Serve hooks -----------------------------------------------------------------------------------
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Apply the controller knobs of `user_config` live (ControllerKnobs: unknown keys fail)."""
+        knobs = ControllerKnobs.model_validate(user_config or {})
+        updates = knobs.updates()
+        if updates:
+            self._front.update_controller(**updates)
+            log.info("BATON controller reconfigured: %s", updates)
+
+    def check_health(self) -> None:
+        if not self._front.is_healthy():
+            raise RuntimeError("the BATON engine loop has died")
+
+    async def record_autoscaling_stats(self) -> dict[str, float]:
+        """Signals for autoscaler/serve_policy.py: queue depth, rows, memory, preemption rate, TTFT."""
+        return self._signals.report(self._front.metrics())
+
+    def _on_finish(self, timing: RequestTiming) -> None:
+        self._metrics.observe_request(timing.ttft_s, timing.tpot_s, timing.e2e_s, timing.finish_reason)
+
+    def __del__(self) -> None:
+        # Serve calls this on graceful shutdown; a replica that failed in __init__ may lack the fields.
+        poller = getattr(self, "_poller", None)
+        if poller is not None:
+            poller.stop()
+        front = getattr(self, "_front", None)
+        if front is not None:
+            front.shutdown()

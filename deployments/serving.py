@@ -1,0 +1,363 @@
+"""OpenAI serving over an engine front: one code path for HTTP and Python handles.
+
+A typed request becomes an engine request (prompt, `SamplingParams`, priority); the engine's deltas become
+a typed response or typed stream chunks. Every client mistake is an `OpenAIError` (400/404) raised
+*before* anything is streamed, so a streaming request that cannot run still gets a proper status code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import weakref
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+from configs.serve import ServerConfig
+from deployments import errors
+from deployments.front import EngineFront, RequestStream
+from deployments.protocol import (
+    AssistantMessage,
+    ChatChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatStreamChoice,
+    CompletionChoice,
+    CompletionResponse,
+    CompletionStreamResponse,
+    DeltaMessage,
+    FinishReason,
+    GenerateRequest,
+    GenerateResponse,
+    ModelCard,
+    ModelList,
+    StreamChunk,
+    UsageInfo,
+    new_id,
+    now,
+)
+from engine.request import RequestOutput, SamplingParams
+
+# While waiting for a request's next delta, how often to check that the engine loop is still alive.
+LIVENESS_CHECK_S = 1.0
+
+
+@dataclass(frozen=True)
+class EngineRequest:
+    """What the engine is asked to do for one API request."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int] | None
+    params: SamplingParams
+    priority: int
+
+
+@dataclass(frozen=True)
+class RequestTiming:
+    """Latencies of one finished request, for the metrics."""
+
+    ttft_s: float | None  # submit -> first generated token
+    tpot_s: float | None  # mean time per output token after the first
+    e2e_s: float
+    finish_reason: str
+
+
+class Generation:
+    """One request running in the engine: its deltas, its timing, and the guarantee that it is aborted in
+    the engine if the consumer goes away (stops iterating, is cancelled, or never starts)."""
+
+    def __init__(
+        self,
+        front: EngineFront,
+        request: EngineRequest,
+        stream: RequestStream,
+        on_finish: Callable[[RequestTiming], None],
+        on_first_token: Callable[[float], None],
+    ) -> None:
+        self.request_id = request.request_id
+        self._front = front
+        self._stream = stream
+        self._on_finish = on_finish
+        self._on_first_token = on_first_token
+        self._t_submit = time.monotonic()
+        self._t_first: float | None = None
+        self._num_tokens = 0
+        self.finished = False
+        # A stream that is dropped without being consumed (e.g. the client left before the response
+        # started) never runs `outputs()`'s finally; this finalizer aborts it when the object goes away.
+        self._guard = weakref.finalize(self, front.abort, request.request_id)
+        self._guard.atexit = False
+
+    async def outputs(self) -> AsyncIterator[RequestOutput]:
+        """The engine's deltas; the last one is `finished`. Leaving early aborts the request."""
+        iterator = aiter(self._stream)
+        try:
+            while True:
+                out = await self._next(iterator)
+                if out is None:
+                    raise errors.engine_unavailable("the engine ended the stream without a final output")
+                self._observe(out)
+                yield out
+                if out.finished:
+                    return
+        finally:
+            if not self.finished:
+                self._guard.detach()
+                self._front.abort(self.request_id)  # synchronous and thread-safe: safe under cancellation
+                await self._stream.aclose()
+
+    async def _next(self, iterator: AsyncIterator[RequestOutput]) -> RequestOutput | None:
+        """The next delta (None at the end of the stream). Fails with a 503 instead of waiting forever
+        when the engine loop dies while this request is in it."""
+        pending = asyncio.ensure_future(anext(iterator))
+        try:
+            while True:
+                done, _ = await asyncio.wait({pending}, timeout=LIVENESS_CHECK_S)
+                if done:
+                    try:
+                        return pending.result()
+                    except StopAsyncIteration:
+                        return None
+                if not self._front.is_healthy():
+                    raise errors.engine_unavailable("the engine loop died while this request was running")
+        finally:
+            if not pending.done():
+                pending.cancel()
+
+    def _observe(self, out: RequestOutput) -> None:
+        t = time.monotonic()
+        if out.new_token_ids:
+            if self._t_first is None:
+                self._t_first = t
+                self._on_first_token(t - self._t_submit)
+            self._num_tokens += len(out.new_token_ids)
+        if out.finished:
+            self.finished = True
+            self._guard.detach()
+            ttft = None if self._t_first is None else self._t_first - self._t_submit
+            tpot = (
+                (t - self._t_first) / (self._num_tokens - 1)
+                if self._t_first and self._num_tokens > 1
+                else None
+            )
+            self._on_finish(RequestTiming(ttft, tpot, t - self._t_submit, out.finish_reason or "unknown"))
+
+
+def _finish_reason(out: RequestOutput) -> FinishReason:
+    """The OpenAI finish reason of a final output; engine-side failures become 5xx errors."""
+    if out.finish_reason == "stop":
+        return "stop"
+    if out.finish_reason == "length":
+        return "length"
+    if out.finish_reason == "error":
+        raise errors.engine_failed(f"the engine failed this request: {out.error or 'unknown error'}")
+    raise errors.engine_unavailable(
+        f"the request was aborted by the engine (finish_reason={out.finish_reason!r})"
+    )
+
+
+def _usage(out: RequestOutput) -> UsageInfo | None:
+    if out.usage is None:
+        return None
+    return UsageInfo(
+        prompt_tokens=out.usage.prompt_tokens,
+        completion_tokens=out.usage.completion_tokens,
+        total_tokens=out.usage.prompt_tokens + out.usage.completion_tokens,
+    )
+
+
+class OpenAIServing:
+    """Completions and chat completions over one engine front (no HTTP or Ray in here)."""
+
+    def __init__(
+        self,
+        front: EngineFront,
+        config: ServerConfig,
+        on_finish: Callable[[RequestTiming], None] = lambda timing: None,
+        on_first_token: Callable[[float], None] = lambda ttft_s: None,
+    ) -> None:
+        self._front = front
+        self._config = config
+        self._on_finish = on_finish
+        self._on_first_token = on_first_token
+        self._created = now()
+        engine_model = front.config.model
+        self.model_name = config.model_name_for(engine_model)
+        self._accepted_names = {self.model_name, engine_model}
+
+    # -- models ----------------------------------------------------------------------------------------
+
+    def models(self) -> ModelList:
+        return ModelList(data=[self.model_card(self.model_name)])
+
+    def model_card(self, model_id: str) -> ModelCard:
+        self.check_model(model_id)
+        return ModelCard(
+            id=self.model_name, created=self._created, max_model_len=self._front.engine.max_model_len
+        )
+
+    def check_model(self, model: str | None) -> None:
+        if model is not None and model not in self._accepted_names:
+            raise errors.model_not_found(model, [self.model_name])
+
+    # -- the two entry points --------------------------------------------------------------------------
+
+    async def generate(self, request: GenerateRequest) -> GenerateResponse:
+        """The whole result of a completion or chat request (its `stream` flag is ignored)."""
+        gen = self._submit(request)
+        text: list[str] = []
+        async for out in gen.outputs():
+            text.append(out.text)
+            if out.finished:
+                reason, usage = _finish_reason(out), _usage(out)
+                if isinstance(request, ChatCompletionRequest):
+                    return ChatCompletionResponse(
+                        id=gen.request_id,
+                        created=now(),
+                        model=self.model_name,
+                        choices=[
+                            ChatChoice(message=AssistantMessage(content="".join(text)), finish_reason=reason)
+                        ],
+                        usage=usage,
+                    )
+                return CompletionResponse(
+                    id=gen.request_id,
+                    created=now(),
+                    model=self.model_name,
+                    choices=[CompletionChoice(text="".join(text), finish_reason=reason)],
+                    usage=usage,
+                )
+        raise errors.engine_unavailable("the engine ended the stream without a final output")
+
+    def generate_stream(self, request: GenerateRequest) -> AsyncIterator[StreamChunk]:
+        """Validate and submit now (raising `OpenAIError`), then stream OpenAI chunks.
+
+        Must be called with the event loop running (the engine binds the stream to it).
+        """
+        gen = self._submit(request)
+        if isinstance(request, ChatCompletionRequest):
+            return self._chat_chunks(gen, request.include_usage_in_stream)
+        return self._completion_chunks(gen, request.include_usage_in_stream)
+
+    # -- request -> engine -----------------------------------------------------------------------------
+
+    def _submit(self, request: GenerateRequest) -> Generation:
+        self.check_model(request.model)
+        if not self._front.is_healthy():
+            raise errors.engine_unavailable("the engine is not running on this replica")
+        engine_request = self._to_engine_request(request)
+        field = "messages" if isinstance(request, ChatCompletionRequest) else "prompt"
+        try:
+            stream = self._front.submit(
+                engine_request.request_id,
+                prompt=engine_request.prompt,
+                prompt_token_ids=engine_request.prompt_token_ids,
+                sampling_params=engine_request.params,
+                priority=engine_request.priority,
+            )
+        except ValueError as e:
+            err = errors.from_value_error(e, field)
+            if field == "messages" and err.param in ("prompt", "prompt_token_ids"):
+                err.param = "messages"  # the engine only sees the templated prompt
+            raise err from None
+        except RuntimeError as e:  # the engine loop stopped between the health check and the submit
+            raise errors.engine_unavailable(f"the engine is not running on this replica: {e}") from None
+        return Generation(self._front, engine_request, stream, self._on_finish, self._on_first_token)
+
+    def _to_engine_request(self, request: GenerateRequest) -> EngineRequest:
+        prompt: str | None = None
+        prompt_ids: list[int] | None = None
+        if isinstance(request, ChatCompletionRequest):
+            request_id = new_id("chatcmpl")
+            prompt_ids = self._chat_prompt_ids(request)
+            max_tokens = request.requested_max_tokens()
+            if max_tokens is None:
+                room = self._front.engine.max_model_len - len(prompt_ids)
+                if room < 1:
+                    raise errors.bad_request(
+                        f"messages: the prompt is {len(prompt_ids)} tokens; the context limit is "
+                        f"{self._front.engine.max_model_len}",
+                        "messages",
+                    )
+                max_tokens = min(self._config.default_max_tokens, room)
+        else:
+            request_id = new_id("cmpl")
+            single = request.single_prompt()
+            if isinstance(single, str):
+                prompt = single
+            else:
+                prompt_ids = list(single)
+            max_tokens = request.max_tokens if request.max_tokens is not None else 16
+        try:
+            params = SamplingParams(
+                max_tokens=max_tokens,
+                temperature=request.temperature,
+                top_k=request.top_k,
+                top_p=request.top_p,
+                seed=request.seed,
+                stop=tuple(request.stop_list()),
+                stop_token_ids=tuple(request.stop_token_ids or ()),
+                ignore_eos=request.ignore_eos,
+            )
+        except ValueError as e:
+            raise errors.from_value_error(e) from None
+        return EngineRequest(request_id, prompt, prompt_ids, params, request.priority)
+
+    def _chat_prompt_ids(self, request: ChatCompletionRequest) -> list[int]:
+        tokenizer = self._front.engine.tokenizer
+        messages = [
+            {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+            for m in request.messages
+        ]
+        try:
+            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except Exception as e:  # noqa: BLE001 - a template raises whatever jinja raises; it is the client's input
+            raise errors.bad_request(
+                f"messages: the model's chat template rejected them: {e}", "messages"
+            ) from None
+        ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+        return ids
+
+    # -- engine -> chunks ------------------------------------------------------------------------------
+
+    async def _completion_chunks(self, gen: Generation, include_usage: bool) -> AsyncIterator[StreamChunk]:
+        created = now()
+        async for out in gen.outputs():
+            reason = _finish_reason(out) if out.finished else None
+            if out.text or out.finished:
+                yield CompletionStreamResponse(
+                    id=gen.request_id,
+                    created=created,
+                    model=self.model_name,
+                    choices=[CompletionChoice(text=out.text, finish_reason=reason)],
+                )
+            if out.finished and include_usage:
+                yield CompletionStreamResponse(
+                    id=gen.request_id, created=created, model=self.model_name, choices=[], usage=_usage(out)
+                )
+
+    async def _chat_chunks(self, gen: Generation, include_usage: bool) -> AsyncIterator[StreamChunk]:
+        created = now()
+
+        def chunk(delta: DeltaMessage, reason: FinishReason | None = None) -> ChatCompletionChunk:
+            choice = ChatStreamChoice(delta=delta, finish_reason=reason)
+            return ChatCompletionChunk(
+                id=gen.request_id, created=created, model=self.model_name, choices=[choice]
+            )
+
+        yield chunk(DeltaMessage(role="assistant", content=""))
+        async for out in gen.outputs():
+            if out.text:
+                yield chunk(DeltaMessage(content=out.text))
+            if out.finished:
+                yield chunk(DeltaMessage(), _finish_reason(out))
+                if include_usage:
+                    yield ChatCompletionChunk(
+                        id=gen.request_id,
+                        created=created,
+                        model=self.model_name,
+                        choices=[],
+                        usage=_usage(out),
+                    )

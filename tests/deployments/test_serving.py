@@ -1,0 +1,196 @@
+"""OpenAIServing and Generation without Ray: the request -> engine -> response path over the fake front,
+and the guarantees that no request outlives its consumer and no consumer outlives the engine."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import pytest
+
+from configs import EngineConfig
+from configs.serve import ServerConfig
+from deployments import serving
+from deployments.errors import OpenAIError
+from deployments.metrics import AutoscalingSignals
+from deployments.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest, CompletionResponse
+from deployments.serving import OpenAIServing, RequestTiming
+from engine.request import RequestOutput, Usage
+from tests.deployments.fake_engine import FakeAsyncEngine
+
+
+@pytest.fixture
+def front() -> Iterator[FakeAsyncEngine]:
+    f = FakeAsyncEngine(EngineConfig(model="fake", max_batch_size=2, max_model_len=512), step_delay_s=0.002)
+    f.start()
+    yield f
+    f.shutdown()
+
+
+def idle(front: FakeAsyncEngine) -> bool:
+    m = front.metrics()
+    return m["num_requests_running"] == 0 and m["num_requests_waiting"] == 0
+
+
+async def settle(front: FakeAsyncEngine, timeout_s: float = 2.0) -> None:
+    for _ in range(int(timeout_s / 0.01)):
+        if idle(front):
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"engine not idle: {front.metrics()}")
+
+
+LONG = CompletionRequest(prompt="abc", max_tokens=400, ignore_eos=True)
+
+
+def test_unary_and_stream_and_timings(front: FakeAsyncEngine) -> None:
+    timings: list[RequestTiming] = []
+    ttfts: list[float] = []
+    s = OpenAIServing(front, ServerConfig(), timings.append, ttfts.append)
+
+    async def run() -> None:
+        out = await s.generate(CompletionRequest(prompt="hello", max_tokens=3))
+        assert isinstance(out, CompletionResponse) and out.choices[0].text == "hel"
+        chunks = [c async for c in s.generate_stream(CompletionRequest(prompt="hi", max_tokens=9))]
+        assert "".join(c.choices[0].text for c in chunks) == "hi"  # type: ignore[union-attr]
+
+    asyncio.run(run())
+    assert [t.finish_reason for t in timings] == ["length", "stop"]
+    assert len(ttfts) == 2 and all(t.ttft_s is not None and t.e2e_s >= t.ttft_s for t in timings)
+    assert timings[0].tpot_s is not None and timings[0].tpot_s > 0
+
+
+def test_chat_default_max_tokens_is_capped_by_the_context(front: FakeAsyncEngine) -> None:
+    s = OpenAIServing(front, ServerConfig(default_max_tokens=10_000))
+    prompt = "x" * 400  # the template adds ~20 characters; 512 - 420 remain
+
+    async def run() -> Any:
+        return await s.generate(ChatCompletionRequest(messages=[ChatMessage(role="user", content=prompt)]))
+
+    out = asyncio.run(run())
+    assert out.usage is not None and out.usage.prompt_tokens + out.usage.completion_tokens <= 512
+
+
+def test_consumer_leaving_early_aborts(front: FakeAsyncEngine) -> None:
+    s = OpenAIServing(front, ServerConfig())
+
+    async def run() -> None:
+        stream = s.generate_stream(LONG)
+        async for _ in stream:
+            break
+        await stream.aclose()  # type: ignore[attr-defined]
+        await settle(front)
+
+    asyncio.run(run())
+
+
+def test_cancelled_consumer_aborts(front: FakeAsyncEngine) -> None:
+    s = OpenAIServing(front, ServerConfig())
+
+    async def run() -> None:
+        task = asyncio.create_task(s.generate(LONG))
+        await asyncio.sleep(0.05)
+        assert not idle(front)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await settle(front)
+
+    asyncio.run(run())
+
+
+def test_stream_dropped_before_it_starts_aborts(front: FakeAsyncEngine) -> None:
+    """A client gone before the first chunk: the stream is never iterated, only garbage-collected."""
+    s = OpenAIServing(front, ServerConfig())
+
+    async def run() -> None:
+        stream: AsyncIterator[Any] | None = s.generate_stream(LONG)
+        await asyncio.sleep(0.05)
+        assert not idle(front)
+        del stream
+        gc.collect()
+        await settle(front)
+
+    asyncio.run(run())
+
+
+def test_engine_dying_mid_request_fails_it_instead_of_hanging(
+    front: FakeAsyncEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(serving, "LIVENESS_CHECK_S", 0.05)
+    s = OpenAIServing(front, ServerConfig())
+
+    async def run() -> None:
+        task = asyncio.create_task(s.generate(LONG))
+        await asyncio.sleep(0.05)
+        front.crash()
+        with pytest.raises(OpenAIError) as e:
+            await asyncio.wait_for(task, timeout=5)
+        assert e.value.status_code == 503
+        with pytest.raises(OpenAIError) as e:  # and new requests are refused, not queued forever
+            await s.generate(CompletionRequest(prompt="x"))
+        assert e.value.status_code == 503
+
+    asyncio.run(run())
+
+
+class ScriptedStream:
+    """A stream that yields given outputs (engine failure modes the fake does not produce)."""
+
+    def __init__(self, outs: list[RequestOutput]) -> None:
+        self._outs = list(outs)
+
+    def __aiter__(self) -> ScriptedStream:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if not self._outs:
+            raise StopAsyncIteration
+        return self._outs.pop(0)
+
+    async def aclose(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize(
+    ("final", "status"),
+    [
+        (RequestOutput("r", [], "", True, "error", Usage(1, 1), "device fault"), 500),
+        (RequestOutput("r", [], "", True, "abort", Usage(1, 1)), 503),
+        (None, 503),  # the stream ended without a final output
+    ],
+)
+def test_engine_side_failures_are_5xx(
+    front: FakeAsyncEngine, monkeypatch: pytest.MonkeyPatch, final: RequestOutput | None, status: int
+) -> None:
+    outs = [RequestOutput("r", [97], "a")] + ([final] if final else [])
+    monkeypatch.setattr(front, "submit", lambda *a, **k: ScriptedStream(outs))
+    s = OpenAIServing(front, ServerConfig())
+    with pytest.raises(OpenAIError) as e:
+        asyncio.run(s.generate(CompletionRequest(prompt="x")))  # type: ignore[arg-type]
+    assert e.value.status_code == status
+    if final is not None and final.error:
+        assert "device fault" in e.value.message
+
+
+def test_autoscaling_signals() -> None:
+    now = [100.0]
+    signals = AutoscalingSignals(clock=lambda: now[0])
+    base = {
+        "num_requests_running": 3,
+        "num_requests_waiting": 5,
+        "max_batch_size": 8,
+        "preemptions_total": 10,
+    }
+    first = signals.report(base)
+    assert first["baton_running"] == 3 and first["baton_waiting"] == 5 and first["baton_max_batch_size"] == 8
+    assert first["baton_preemptions_per_s"] == 0 and first["baton_ttft_s"] == 0
+    signals.observe_ttft(0.2)
+    signals.observe_ttft(0.4)
+    now[0] += 2
+    second = signals.report({**base, "preemptions_total": 14})
+    assert second["baton_preemptions_per_s"] == pytest.approx(2.0)
+    assert second["baton_ttft_s"] == pytest.approx(0.3)
+    assert all(isinstance(v, float) for v in second.values())  # Serve rejects anything but numbers
