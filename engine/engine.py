@@ -162,10 +162,8 @@ class BatonEngine:
     # ---- the iteration, in order -----------------------------------------------------------------------
     def _retire_finished_rows(self) -> None:
         finished = [rid for rid in self.cache.ids if self.running[rid].finished]
-        if self.policy.retire_at_once:
-            for rid in finished:
-                self._drop_row(rid)
-        elif finished and len(finished) == self.cache.rows:  # run to completion: the whole batch has drained
+        # Run to completion (static) keeps finished rows computing until the whole batch has drained.
+        if self.policy.retire_at_once or len(finished) == self.cache.rows:
             for rid in finished:
                 self._drop_row(rid)
 

@@ -35,7 +35,6 @@ class EngineStats:
     """Cumulative counters; `engine.stats`. Gauges reflect the latest iteration."""
 
     iterations: int = 0
-    forward_passes: int = 0
     rows_computed: int = 0
     useful_slots: int = 0
     idle_slots: int = 0
