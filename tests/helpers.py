@@ -25,17 +25,28 @@ def run_to_completion(engine, max_iterations: int = 100_000, check=None):
 
 
 def random_workload(seed: int, n: int, vocab: int, prompt_len: tuple[int, int], max_tokens: tuple[int, int],
-                    arrival_span: int) -> list[dict]:
-    """Requests with random token prompts, lengths and arrival iterations (deterministic in `seed`)."""
+                    arrival_span: int, skew_outputs: bool = False) -> list[dict]:
+    """Requests with random token prompts, lengths and arrival iterations (deterministic in `seed`).
+
+    With `skew_outputs`, output lengths are exponential (mean a quarter of the range) clipped to the range,
+    and the last request takes the longest output, so the range is still covered end to end."""
     import random
 
     rng = random.Random(seed)
     lo = min(100, vocab // 4)  # keep clear of special tokens at the start of the vocabulary
+
+    def out_len(i: int) -> int:
+        if not skew_outputs:
+            return rng.randint(*max_tokens)
+        if i == n - 1:
+            return max_tokens[1]
+        return min(max_tokens[1], max_tokens[0] + int(rng.expovariate(4 / (max_tokens[1] - max_tokens[0]))))
+
     return [
         {
             "id": f"req{i}",
             "prompt": [rng.randrange(lo, vocab) for _ in range(rng.randint(*prompt_len))],
-            "max_tokens": rng.randint(*max_tokens),
+            "max_tokens": out_len(i),
             "arrival": rng.randint(0, arrival_span),
         }
         for i in range(n)
