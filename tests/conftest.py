@@ -32,12 +32,11 @@ def default_model():
     return load_model("default", dtype="float32", device="cpu")
 
 
-def _tiny_llama(vocab_size: int | None):
+def _tiny_llama(tok, vocab_size: int | None):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from engine.model_loader import LoadedModel, load_model
+    from engine.model_loader import LoadedModel
 
-    tok = load_model("default", dtype="float32", device="cpu").tokenizer
     torch.manual_seed(0)
     cfg = LlamaConfig(
         vocab_size=vocab_size or len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -51,13 +50,13 @@ def _tiny_llama(vocab_size: int | None):
 
 
 @pytest.fixture(scope="session")
-def tiny_model():
+def tiny_model(default_model):
     """A tiny randomly initialised Llama in float64 with the default model's tokenizer (fast, exact maths)."""
-    return _tiny_llama(None)
+    return _tiny_llama(default_model.tokenizer, None)
 
 
 @pytest.fixture(scope="session")
-def tiny_small_vocab_model():
+def tiny_small_vocab_model(default_model):
     """Like `tiny_model` but with a 1024-token vocabulary (token-id prompts only): the LM head no longer
     dominates, so workloads with hundreds of requests run in seconds."""
-    return _tiny_llama(1024)
+    return _tiny_llama(default_model.tokenizer, 1024)
