@@ -14,8 +14,8 @@ One workload (all requests at once, greedy, EOS ignored) runs twice:
 (c) A plot of memory (accounted / budget) and capacity per iteration, both runs, with the budget and the
 high watermark drawn. Results: a markdown table on stdout, squeeze.json and squeeze.png in --out.
 
-    .venv/bin/python benchmarks/squeeze.py            # default model, float32 (a few minutes on 2 cores)
-    .venv/bin/python benchmarks/squeeze.py --smoke    # tiny random Llama, seconds; temp dir unless --out
+    .venv/bin/python -m benchmarks.squeeze            # default model, float32 (a few minutes on 2 cores)
+    .venv/bin/python -m benchmarks.squeeze --smoke    # tiny random Llama, seconds; temp dir unless --out
 """
 
 from __future__ import annotations
@@ -36,10 +36,11 @@ from tqdm import tqdm
 from autoscaler.capacity import FixedCapacityController
 from autoscaler.memory_controller import MemoryController
 from autoscaler.probes import SimulatedProbe
+from benchmarks.models import tiny_llama
 from configs import EngineConfig
 from configs.controller import ControllerConfig
 from engine import BatonEngine, SamplingParams
-from engine.model_loader import LoadedModel, load_model
+from engine.model_loader import load_model
 
 RESULTS = Path(__file__).resolve().parent / "results"
 STALL_ITERATIONS = 500  # iterations without a new token before a run is declared stalled
@@ -83,23 +84,6 @@ class RunResult:
 
 
 # ---- model and workload ----------------------------------------------------------------------------------------
-def tiny_llama(seed: int = 0) -> LoadedModel:
-    """A tiny randomly initialised Llama with an in-process word-level tokenizer: no files, no downloads."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    vocab = 512
-    tk = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab)}, unk_token="t0"))
-    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="t0", eos_token="t1", bos_token="t2")
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                      bos_token_id=2, eos_token_id=1, pad_token_id=0, tie_word_embeddings=True)
-    model = LlamaForCausalLM(cfg).eval()
-    return LoadedModel(model=model, tokenizer=tok, dtype=torch.float32, device=torch.device("cpu"), name="tiny")
-
-
 def workload(s: Scenario, vocab: int) -> list[tuple[str, list[int], int]]:
     """(request id, prompt token ids, max_tokens): random prompts clear of the special tokens at the start."""
     rng = random.Random(s.seed)

@@ -11,7 +11,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def test_squeeze_smoke_completes_under_budget(tmp_path: Path) -> None:
-    proc = subprocess.run([sys.executable, "benchmarks/squeeze.py", "--smoke", "--out", str(tmp_path)],
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.squeeze", "--smoke", "--out", str(tmp_path)],
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     result = json.loads((tmp_path / "squeeze.json").read_text())

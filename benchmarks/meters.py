@@ -1,0 +1,130 @@
+"""Measurements taken from outside a system: its model forwards (hooks) and the process's peak memory."""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import threading
+import time
+from typing import Any
+
+import torch
+
+
+class ForwardMeter:
+    """Counts and times every forward of `model` (hooks on the top module, any thread).
+
+    slots: input positions computed, rows x width of `input_ids` summed over forwards ([1, tokens] for a
+    packed continuous-batching step). seconds: wall time inside the forwards. ends: perf_counter at the end of
+    each forward. threads: torch intra-op threads seen by the thread that ran the forward.
+    """
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+        self.calls = 0
+        self.slots = 0
+        self.seconds = 0.0
+        self.ends: list[float] = []
+        self.threads: set[int] = set()
+        self._local = threading.local()
+        self._handles: list[Any] = []
+
+    def __enter__(self) -> ForwardMeter:
+        self._handles = [self.model.register_forward_pre_hook(self._pre, with_kwargs=True),
+                         self.model.register_forward_hook(self._post, with_kwargs=True)]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def first_end_after(self, t: float) -> float | None:
+        return next((e for e in self.ends if e >= t), None)
+
+    def _pre(self, module: Any, args: tuple, kwargs: dict) -> None:
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is None:
+            ids = kwargs["inputs_embeds"][..., 0]
+        self.slots += int(ids.numel())
+        self.threads.add(torch.get_num_threads())
+        self._local.start = time.perf_counter()
+
+    def _post(self, module: Any, args: tuple, kwargs: dict, output: Any) -> None:
+        end = time.perf_counter()
+        self.seconds += end - self._local.start
+        self.ends.append(end)
+        self.calls += 1
+
+
+class PeakMemory:
+    """Peak memory of one run: the process's resident-set high-water mark on CPU, allocated bytes on CUDA.
+
+    On Linux the RSS high-water mark (VmHWM) is reset at the start of each run (`/proc/self/clear_refs`), after
+    garbage collection and `malloc_trim`, so each run's peak is its own (model weights included).
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.start_bytes = 0
+        self.peak_bytes = 0
+        self.resettable = device.type == "cuda" or _reset_hwm()
+        if device.type == "cuda":
+            self.kind = "peak CUDA memory allocated"
+        elif self.resettable:
+            self.kind = "peak RSS of the process during the run (VmHWM reset per run; weights included)"
+        else:
+            self.kind = "RSS high-water of the process so far (not resettable here; weights included)"
+
+    def __enter__(self) -> PeakMemory:
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.start_bytes = torch.cuda.memory_allocated(self.device)
+        else:
+            _malloc_trim()
+            _reset_hwm()
+            self.start_bytes = _status_bytes("VmRSS")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.device.type == "cuda":
+            self.peak_bytes = torch.cuda.max_memory_allocated(self.device)
+        else:
+            self.peak_bytes = _status_bytes("VmHWM")
+
+
+def _status_bytes(field: str) -> int:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return _ru_maxrss()
+
+
+def _ru_maxrss() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
+
+
+def _reset_hwm() -> bool:
+    """Reset the process's RSS high-water mark (Linux >= 4.0); False where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _malloc_trim() -> None:
+    """Hand freed heap pages back to the OS so one run's garbage does not count in the next run's peak."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
