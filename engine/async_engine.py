@@ -12,6 +12,7 @@ import asyncio
 import collections
 import logging
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from configs import EngineConfig
@@ -21,6 +22,12 @@ from engine.request import Request, RequestOutput, SamplingParams
 log = logging.getLogger(__name__)
 
 MAX_CONSECUTIVE_FAILURES = 3  # after this many failed iterations in a row the loop gives up (unhealthy)
+ACLOSE_POLL_S = 0.5  # how often a closing stream re-checks that the loop is alive while it waits
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 class RequestStream:
@@ -48,7 +55,19 @@ class RequestStream:
         return out
 
     async def aclose(self) -> None:
-        self._abort()
+        """Abort the request and wait (at most one iteration) until the engine has dropped it, so the request
+        id is free for a new submission when this returns."""
+        if self._done:
+            return
+        self._done = True
+        dropped = self._loop.create_future()
+        self._front.abort(self.request_id, on_dropped=lambda: self._loop.call_soon_threadsafe(_resolve, dropped))
+        while not dropped.done():
+            try:
+                await asyncio.wait_for(asyncio.shield(dropped), timeout=ACLOSE_POLL_S)
+            except asyncio.TimeoutError:
+                if not self._front.is_healthy():  # a dead loop never drains its inbox; nothing left to wait for
+                    return
 
     def _abort(self) -> None:
         if not self._done:
@@ -123,10 +142,11 @@ class AsyncBatonEngine:
         self._wake.set()
         return stream
 
-    def abort(self, request_id: str) -> None:
-        """Thread-safe; the request leaves the batch before the next iteration."""
+    def abort(self, request_id: str, on_dropped: Callable[[], None] | None = None) -> None:
+        """Thread-safe; the request leaves the batch before the next iteration. `on_dropped` is called from the
+        loop thread once the engine no longer holds it (the id is then free for a new submission)."""
         with self._lock:
-            self._inbox.append(("abort", request_id))
+            self._inbox.append(("abort", (request_id, on_dropped)))
         self._wake.set()
 
     def update_controller(self, **knobs: Any) -> None:
@@ -190,8 +210,11 @@ class AsyncBatonEngine:
                 except ValueError as e:
                     self._dispatch([RequestOutput(req.request_id, [], "", True, "error", error=str(e))])
             elif kind == "abort":
-                self.engine.abort_request(arg)
+                request_id, on_dropped = arg
+                self.engine.abort_request(request_id)
                 self._dispatch(self.engine.outputs.drain())
+                if on_dropped is not None:
+                    on_dropped()
             elif kind == "knobs":
                 self.engine.reconfigure(**arg)
 

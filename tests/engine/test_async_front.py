@@ -151,10 +151,13 @@ def test_submit_validates_synchronously(front) -> None:
         with pytest.raises(ValueError, match="duplicate request id 'dup'"):
             front.submit("dup", prompt_token_ids=[6])
         await stream.aclose()
-        assert wait_until(lambda: front.engine.stats.aborted_requests == 1)
+        # Closing the stream frees the id at once (a client retrying with its own id must not race the engine
+        # loop); the engine still drops the old request before it sees the new one.
         again = front.submit("dup", prompt_token_ids=[6], sampling_params=SamplingParams(max_tokens=2))
         outs = await consume(again)
         assert outs[-1].finish_reason in ("length", "stop")
+        assert outs[0].request_id == "dup" and all(o.finish_reason != "abort" for o in outs)
+        assert wait_until(lambda: front.engine.stats.aborted_requests == 1)
 
     asyncio.run(main())
 
