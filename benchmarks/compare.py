@@ -27,6 +27,7 @@ import torch
 from tqdm import tqdm
 
 from benchmarks import plots
+from benchmarks.meters import CpuMeter
 from benchmarks.models import TINY, load
 from benchmarks.systems import BASELINE, SYSTEMS, SystemRun, run_system
 from benchmarks.workloads import FULL_LENGTHS, SMOKE_LENGTHS, WORKLOADS, LengthSpec, Workload
@@ -79,6 +80,9 @@ FAIRNESS = [
     "max_requests_per_batch of the same size, a step budget of prefill_token_budget + rows tokens, and a paged "
     "cache sized for that many of the workload's longest requests.",
     "Each system first runs a 2-request warm-up (not measured).",
+    "Other agents share this 2-core machine: 'other CPU' is the CPU time every other process used during the "
+    "run, in cores (from /proc/stat). Near 0 means the numbers are clean; with 2 torch threads on 2 cores, even "
+    "0.3 slows a run badly, because each parallel region waits for its descheduled thread.",
 ]
 
 
@@ -107,7 +111,8 @@ def latency(run: SystemRun) -> dict[str, dict[str, float | None]]:
     return {"ttft_s": _dist(ttft), "tpot_s": _dist(tpot), "e2e_s": _dist(e2e)}
 
 
-def summarize(run: SystemRun, work: Workload, load_before: float, load_after: float) -> dict[str, Any]:
+def summarize(run: SystemRun, work: Workload, cpu: CpuMeter, load_before: float, load_after: float
+              ) -> dict[str, Any]:
     want = {r.request_id: r.max_tokens for r in work.requests}
     useful = sum(len(r.tokens) for r in run.records.values())
     return {
@@ -128,6 +133,8 @@ def summarize(run: SystemRun, work: Workload, load_before: float, load_after: fl
         "peak_accounted_mib": None if run.peak_accounted_bytes is None else run.peak_accounted_bytes / MiB,
         "latency": latency(run),
         "load_average_1min": [load_before, load_after],
+        "own_cpu_cores": cpu.own_cores,  # CPU-seconds of this process per wall second
+        "other_cpu_cores": cpu.others_cores,  # CPU-seconds of every other process per wall second (noise)
         "details": run.details,
         "timeline": [[p.t_s, p.rows, p.accounted_bytes] for p in run.timeline],
         "tokens": {k: r.tokens for k, r in run.records.items()},
@@ -177,14 +184,15 @@ def markdown(report: dict[str, Any]) -> str:
     for name, w in report["workloads"].items():
         lines += [f"## {name}", "", w["description"] + ".", "",
                   "| system | useful tok/s | vs generate | idle compute | outside forward | peak RSS MiB "
-                  "| accounted peak MiB | wall s | exact n | same tokens as generate |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|:---:|---:|"]
+                  "| accounted peak MiB | wall s | other CPU | exact n | same tokens as generate |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|:---:|---:|"]
         for s, r in w["systems"].items():
             ratio = r["ratio_vs_baseline"]
             lines.append(
                 f"| {s} | {r['tokens_per_s']:.1f} | {_f(ratio, '.2f')}{'x' if ratio is not None else ''} "
                 f"| {r['idle_fraction']:.1%} | {r['outside_forward_fraction']:.1%} | {r['peak_memory_mib']:.0f} "
-                f"| {_f(r['peak_accounted_mib'], '.1f')} | {r['wall_s']:.1f} | {'yes' if r['exact_lengths'] else 'NO'} "
+                f"| {_f(r['peak_accounted_mib'], '.1f')} | {r['wall_s']:.1f} | {r['other_cpu_cores']:.2f} "
+                f"| {'yes' if r['exact_lengths'] else 'NO'} "
                 f"| {r['same_tokens_as_reference']:.0%} |")
         if name == "poisson":
             lines += ["", "Latency (seconds; TPOT in ms):", "",
@@ -253,13 +261,13 @@ def run(plan: Plan, workloads: list[str], systems: list[str], out: Path, smoke: 
             run_system(sname, loaded, warm, plan.max_batch_size, lambda n: None)
             before = os.getloadavg()[0]
             with tqdm(total=work.useful_tokens, desc=f"{wname:>8} | {sname:<8}", unit="tok", file=sys.stderr,
-                      leave=False) as bar:
+                      leave=False) as bar, CpuMeter() as cpu:
                 result = run_system(sname, loaded, work, plan.max_batch_size, bar.update)
-            s = summarize(result, work, before, os.getloadavg()[0])
+            s = summarize(result, work, cpu, before, os.getloadavg()[0])
             entry["systems"][sname] = s
             tqdm.write(f"{wname:>8} | {sname:<8} {s['tokens_per_s']:7.1f} tok/s  wall {s['wall_s']:6.1f}s  "
                        f"idle {s['idle_fraction']:6.1%}  outside-forward {s['outside_forward_fraction']:5.1%}  "
-                       f"load {before:.1f}", file=sys.stderr)
+                       f"other CPU {cpu.others_cores:.2f} cores", file=sys.stderr)
         add_ratios(entry["systems"])
         report["workloads"][wname] = entry
         report["meta"]["load_average_1min"][1] = os.getloadavg()[0]

@@ -128,3 +128,51 @@ def _malloc_trim() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
+
+
+class CpuMeter:
+    """How much CPU this process and everyone else used during a run (Linux /proc/stat; zeros elsewhere).
+
+    `others_cores` = CPU-seconds used by other processes per wall second: ~0 on a quiet machine. With 2 torch
+    threads on 2 cores, anything well above 0 slows every parallel region (threads wait on a descheduled peer).
+    """
+
+    def __init__(self) -> None:
+        self.wall_s = self.own_cpu_s = self.all_busy_s = 0.0
+
+    def __enter__(self) -> CpuMeter:
+        self._t, self._own, self._busy = time.perf_counter(), _own_cpu_s(), _busy_cpu_s()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.wall_s = time.perf_counter() - self._t
+        self.own_cpu_s = _own_cpu_s() - self._own
+        self.all_busy_s = _busy_cpu_s() - self._busy
+
+    @property
+    def own_cores(self) -> float:
+        return self.own_cpu_s / self.wall_s if self.wall_s else 0.0
+
+    @property
+    def others_cores(self) -> float:
+        return max(0.0, self.all_busy_s - self.own_cpu_s) / self.wall_s if self.wall_s else 0.0
+
+
+def _own_cpu_s() -> float:
+    import os
+
+    t = os.times()
+    return t.user + t.system
+
+
+def _busy_cpu_s() -> float:
+    """CPU-seconds all processes have spent busy (user, nice, system, irq, softirq, steal) since boot."""
+    import os
+
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return 0.0
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")

@@ -142,7 +142,7 @@ class AsyncBatonEngine:
         self._wake.set()
         return stream
 
-    def abort(self, request_id: str, on_dropped: Callable[[], None] | None = None) -> None:
+    def abort(self, request_id: str, on_dropped: Callable[[], object] | None = None) -> None:
         """Thread-safe; the request leaves the batch before the next iteration. `on_dropped` is called from the
         loop thread once the engine no longer holds it (the id is then free for a new submission)."""
         with self._lock:
