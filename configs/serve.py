@@ -91,6 +91,16 @@ class ServerConfig(BaseModel):
         gt=0.0,
         description="How often the replica copies the engine's gauges into Prometheus metrics.",
     )
+    max_pending_requests: int | None = Field(
+        default=24,
+        ge=1,
+        description="Requests one replica accepts at once (running, waiting and prefilled); one more gets an "
+        "OpenAI-shaped 429 with Retry-After at once, on HTTP and handles alike. Keep it below the deployment's "
+        "max_ongoing_requests, or Ray's proxy refuses first (with its own plain-text body). null turns it off.",
+    )
+    retry_after_s: int = Field(
+        default=2, ge=1, description="The Retry-After (seconds) sent with a 429 or 503 from this replica."
+    )
 
     def resolved_api_key(self) -> str | None:
         """The API key in force, or None when authentication is off."""

@@ -89,6 +89,19 @@ def engine_unavailable(message: str) -> OpenAIError:
     return OpenAIError(503, message, "server_error", None, "engine_unavailable", {"Retry-After": "1"})
 
 
+def overloaded(limit: int, retry_after_s: int) -> OpenAIError:
+    """429: the replica already holds its `max_pending_requests`; the client should retry later."""
+    return OpenAIError(
+        429,
+        f"The server is at capacity ({limit} requests in progress on this replica); retry after "
+        f"{retry_after_s} s",
+        "rate_limit_error",
+        None,
+        "server_overloaded",
+        {"Retry-After": str(retry_after_s)},
+    )
+
+
 def engine_failed(message: str) -> OpenAIError:
     return OpenAIError(500, message, "server_error", None, "engine_error")
 

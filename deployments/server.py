@@ -199,7 +199,11 @@ class BatonServer:
             healthy=self._front.is_healthy(),
             model=self._serving.model_name,
             replica=self._replica,
-            metrics=self._front.metrics(),
+            metrics={
+                **self._front.metrics(),
+                "server_requests_in_flight": float(self._serving.admission.in_flight),
+                "server_requests_refused_total": float(self._serving.admission.refused),
+            },
             config=self._front.config.model_dump(mode="json"),
         )
 

@@ -8,9 +8,11 @@ a typed response or typed stream chunks. Every client mistake is an `OpenAIError
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 import weakref
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from contextlib import aclosing
 from dataclasses import dataclass
 
 from configs.serve import ServerConfig
@@ -54,6 +56,43 @@ class EngineRequest:
     priority: int
 
 
+class Admission:
+    """The replica's own queue limit: how many requests it holds at once (`ServerConfig.max_pending_requests`).
+
+    Enforced here, before the engine, so the client gets an OpenAI-shaped 429 with Retry-After (Ray's proxy
+    answers its own plain-text 429/503 only past `max_ongoing_requests` + `max_queued_requests`).
+    """
+
+    def __init__(self, limit: int | None, retry_after_s: int) -> None:
+        self.limit, self.retry_after_s = limit, retry_after_s
+        self.in_flight = 0
+        self.refused = 0
+        self._lock = threading.Lock()  # releases may come from a garbage-collection finalizer
+
+    def acquire(self) -> Callable[[], None]:
+        """Take a slot or raise a 429; returns the slot's release (idempotent)."""
+        with self._lock:
+            if self.limit is not None and self.in_flight >= self.limit:
+                self.refused += 1
+                raise errors.overloaded(self.limit, self.retry_after_s)
+            self.in_flight += 1
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            with self._lock:
+                if not released:
+                    released = True
+                    self.in_flight -= 1
+
+        return release
+
+
+def _abandon(front: EngineFront, request_id: str, release: Callable[[], None]) -> None:
+    front.abort(request_id)
+    release()
+
+
 @dataclass(frozen=True)
 class RequestTiming:
     """Latencies of one finished request, for the metrics."""
@@ -75,10 +114,12 @@ class Generation:
         stream: RequestStream,
         on_finish: Callable[[RequestTiming], None],
         on_first_token: Callable[[float], None],
+        release: Callable[[], None] = lambda: None,
     ) -> None:
         self.request_id = request.request_id
         self._front = front
         self._stream = stream
+        self._release = release
         self._on_finish = on_finish
         self._on_first_token = on_first_token
         self._t_submit = time.monotonic()
@@ -87,10 +128,10 @@ class Generation:
         self.finished = False
         # A stream that is dropped without being consumed (e.g. the client left before the response
         # started) never runs `outputs()`'s finally; this finalizer aborts it when the object goes away.
-        self._guard = weakref.finalize(self, front.abort, request.request_id)
+        self._guard = weakref.finalize(self, _abandon, front, request.request_id, release)
         self._guard.atexit = False
 
-    async def outputs(self) -> AsyncIterator[RequestOutput]:
+    async def outputs(self) -> AsyncGenerator[RequestOutput, None]:
         """The engine's deltas; the last one is `finished`. Leaving early aborts the request."""
         iterator = aiter(self._stream)
         try:
@@ -106,6 +147,7 @@ class Generation:
             if not self.finished:
                 self._guard.detach()
                 self._front.abort(self.request_id)  # synchronous and thread-safe: safe under cancellation
+                self._release()
                 await self._stream.aclose()
 
     async def _next(self, iterator: AsyncIterator[RequestOutput]) -> RequestOutput | None:
@@ -136,6 +178,7 @@ class Generation:
         if out.finished:
             self.finished = True
             self._guard.detach()
+            self._release()
             ttft = None if self._t_first is None else self._t_first - self._t_submit
             tpot = (
                 (t - self._t_first) / (self._num_tokens - 1)
@@ -186,6 +229,7 @@ class OpenAIServing:
         engine_model = front.config.model
         self.model_name = config.model_name_for(engine_model)
         self._accepted_names = {self.model_name, engine_model}
+        self.admission = Admission(config.max_pending_requests, config.retry_after_s)
 
     # -- models ----------------------------------------------------------------------------------------
 
@@ -208,27 +252,30 @@ class OpenAIServing:
         """The whole result of a completion or chat request (its `stream` flag is ignored)."""
         gen = self._submit(request)
         text: list[str] = []
-        async for out in gen.outputs():
-            text.append(out.text)
-            if out.finished:
-                reason, usage = _finish_reason(out), _usage(out)
-                if isinstance(request, ChatCompletionRequest):
-                    return ChatCompletionResponse(
+        async with aclosing(gen.outputs()) as outputs:
+            async for out in outputs:
+                text.append(out.text)
+                if out.finished:
+                    reason, usage = _finish_reason(out), _usage(out)
+                    if isinstance(request, ChatCompletionRequest):
+                        return ChatCompletionResponse(
+                            id=gen.request_id,
+                            created=now(),
+                            model=self.model_name,
+                            choices=[
+                                ChatChoice(
+                                    message=AssistantMessage(content="".join(text)), finish_reason=reason
+                                )
+                            ],
+                            usage=usage,
+                        )
+                    return CompletionResponse(
                         id=gen.request_id,
                         created=now(),
                         model=self.model_name,
-                        choices=[
-                            ChatChoice(message=AssistantMessage(content="".join(text)), finish_reason=reason)
-                        ],
+                        choices=[CompletionChoice(text="".join(text), finish_reason=reason)],
                         usage=usage,
                     )
-                return CompletionResponse(
-                    id=gen.request_id,
-                    created=now(),
-                    model=self.model_name,
-                    choices=[CompletionChoice(text="".join(text), finish_reason=reason)],
-                    usage=usage,
-                )
         raise errors.engine_unavailable("the engine ended the stream without a final output")
 
     def generate_stream(self, request: GenerateRequest) -> AsyncIterator[StreamChunk]:
@@ -249,6 +296,7 @@ class OpenAIServing:
             raise errors.engine_unavailable("the engine is not running on this replica")
         engine_request = self._to_engine_request(request)
         field = "messages" if isinstance(request, ChatCompletionRequest) else "prompt"
+        release = self.admission.acquire()
         try:
             stream = self._front.submit(
                 engine_request.request_id,
@@ -258,13 +306,15 @@ class OpenAIServing:
                 priority=engine_request.priority,
             )
         except ValueError as e:
+            release()
             err = errors.from_value_error(e, field)
             if field == "messages" and err.param in ("prompt", "prompt_token_ids"):
                 err.param = "messages"  # the engine only sees the templated prompt
             raise err from None
         except RuntimeError as e:  # the engine loop stopped between the health check and the submit
+            release()
             raise errors.engine_unavailable(f"the engine is not running on this replica: {e}") from None
-        return Generation(self._front, engine_request, stream, self._on_finish, self._on_first_token)
+        return Generation(self._front, engine_request, stream, self._on_finish, self._on_first_token, release)
 
     def _to_engine_request(self, request: GenerateRequest) -> EngineRequest:
         prompt: str | None = None
@@ -324,19 +374,24 @@ class OpenAIServing:
 
     async def _completion_chunks(self, gen: Generation, include_usage: bool) -> AsyncIterator[StreamChunk]:
         created = now()
-        async for out in gen.outputs():
-            reason = _finish_reason(out) if out.finished else None
-            if out.text or out.finished:
-                yield CompletionStreamResponse(
-                    id=gen.request_id,
-                    created=created,
-                    model=self.model_name,
-                    choices=[CompletionChoice(text=out.text, finish_reason=reason)],
-                )
-            if out.finished and include_usage:
-                yield CompletionStreamResponse(
-                    id=gen.request_id, created=created, model=self.model_name, choices=[], usage=_usage(out)
-                )
+        async with aclosing(gen.outputs()) as outputs:
+            async for out in outputs:
+                reason = _finish_reason(out) if out.finished else None
+                if out.text or out.finished:
+                    yield CompletionStreamResponse(
+                        id=gen.request_id,
+                        created=created,
+                        model=self.model_name,
+                        choices=[CompletionChoice(text=out.text, finish_reason=reason)],
+                    )
+                if out.finished and include_usage:
+                    yield CompletionStreamResponse(
+                        id=gen.request_id,
+                        created=created,
+                        model=self.model_name,
+                        choices=[],
+                        usage=_usage(out),
+                    )
 
     async def _chat_chunks(self, gen: Generation, include_usage: bool) -> AsyncIterator[StreamChunk]:
         created = now()
@@ -348,16 +403,17 @@ class OpenAIServing:
             )
 
         yield chunk(DeltaMessage(role="assistant", content=""))
-        async for out in gen.outputs():
-            if out.text:
-                yield chunk(DeltaMessage(content=out.text))
-            if out.finished:
-                yield chunk(DeltaMessage(), _finish_reason(out))
-                if include_usage:
-                    yield ChatCompletionChunk(
-                        id=gen.request_id,
-                        created=created,
-                        model=self.model_name,
-                        choices=[],
-                        usage=_usage(out),
-                    )
+        async with aclosing(gen.outputs()) as outputs:
+            async for out in outputs:
+                if out.text:
+                    yield chunk(DeltaMessage(content=out.text))
+                if out.finished:
+                    yield chunk(DeltaMessage(), _finish_reason(out))
+                    if include_usage:
+                        yield ChatCompletionChunk(
+                            id=gen.request_id,
+                            created=created,
+                            model=self.model_name,
+                            choices=[],
+                            usage=_usage(out),
+                        )

@@ -116,6 +116,65 @@ def test_stream_dropped_before_it_starts_aborts(front: FakeAsyncEngine) -> None:
     asyncio.run(run())
 
 
+def test_admission_limit_refuses_with_an_openai_429_and_every_exit_frees_its_slot(
+    front: FakeAsyncEngine,
+) -> None:
+    """max_pending_requests=3: the 4th request is a 429 (rate_limit_error, Retry-After) raised before the
+    engine sees it; a finished, an abandoned, a cancelled and an invalid request each give their slot back."""
+    s = OpenAIServing(front, ServerConfig(max_pending_requests=3, retry_after_s=7))
+
+    async def run() -> None:
+        held = [s.generate_stream(LONG) for _ in range(3)]
+        with pytest.raises(OpenAIError) as refused:
+            s.generate_stream(LONG)
+        err = refused.value
+        assert (err.status_code, err.type, err.code) == (429, "rate_limit_error", "server_overloaded")
+        assert err.headers == {"Retry-After": "7"} and "3 requests in progress" in err.message
+        assert s.admission.in_flight == 3 and s.admission.refused == 1
+        with pytest.raises(OpenAIError, match="429"):
+            await s.generate(CompletionRequest(prompt="x", max_tokens=1))
+
+        # 1) consumer leaves early; 2) stream garbage-collected unstarted; 3) unary call cancelled.
+        async for _ in held[0]:
+            break
+        await held[0].aclose()  # type: ignore[attr-defined]
+        assert s.admission.in_flight == 2
+        held[1] = None  # type: ignore[call-overload]
+        gc.collect()
+        assert s.admission.in_flight == 1
+        task = asyncio.create_task(s.generate(LONG))
+        await asyncio.sleep(0.02)
+        assert s.admission.in_flight == 2
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert s.admission.in_flight == 1
+        # 4) a request the engine rejects (longer than the context) does not keep a slot.
+        with pytest.raises(OpenAIError, match="400"):
+            s.generate_stream(CompletionRequest(prompt="y" * 600, max_tokens=2))
+        assert s.admission.in_flight == 1
+        # 5) a request that runs to the end.
+        out = await s.generate(CompletionRequest(prompt="hello", max_tokens=3))
+        assert isinstance(out, CompletionResponse)
+        assert s.admission.in_flight == 1  # only held[2] is left
+        await held[2].aclose()  # type: ignore[attr-defined]
+        assert s.admission.in_flight == 0
+        await settle(front)
+
+    asyncio.run(run())
+
+
+def test_admission_limit_off() -> None:
+    assert ServerConfig(max_pending_requests=None).max_pending_requests is None
+    admission = serving.Admission(None, 2)
+    releases = [admission.acquire() for _ in range(1000)]
+    assert admission.in_flight == 1000
+    for release in releases:
+        release()
+        release()  # idempotent
+    assert admission.in_flight == 0 and admission.refused == 0
+
+
 def test_engine_dying_mid_request_fails_it_instead_of_hanging(
     front: FakeAsyncEngine, monkeypatch: pytest.MonkeyPatch
 ) -> None:

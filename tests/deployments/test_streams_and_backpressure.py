@@ -2,8 +2,10 @@
 
 * 20 HTTP clients drop mid-stream: every request leaves the engine (running count back to 0) at once.
 * A handle stream cancelled by its caller: the same.
-* A burst past max_ongoing_requests + max_queued_requests: the excess gets 429 (or 503) with Retry-After,
-  the rest full answers, and nothing hangs.
+* A burst past the replica's own limit (server.max_pending_requests): the excess gets an OpenAI-shaped 429
+  with Retry-After (what serve_config.yaml's defaults give), the rest full answers, and nothing hangs.
+* A burst past Ray's max_ongoing_requests + max_queued_requests (the app limit set higher): Ray's proxy
+  refuses the excess itself, 429 or 503 with Retry-After and a plain-text body.
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ STEP_S = 0.01
 @pytest.fixture(scope="module")
 def base_url(serve_instance: str) -> Iterator[str]:
     targets = [RunTarget(make_app(ENGINE, ServerConfig(), fake_factory(step_delay_s=STEP_S)), "baton", "/")]
-    # BatonServer's own default answers 429 (serve_config.yaml too); Ray's default is 503.
+    # Ray's proxy limits (the app's own limit, 24 by default, is above them here). BatonServer's default
+    # answers 429 (serve_config.yaml too); Ray's default is 503.
     options: dict[str, Any] = {"max_ongoing_requests": 2, "max_queued_requests": 2}
     options["backpressure_config"] = {"status_code": 503, "retry_after_s": 2}
     app = make_app(ENGINE, ServerConfig(), fake_factory(step_delay_s=STEP_S), deployment_options=options)
@@ -41,6 +44,14 @@ def base_url(serve_instance: str) -> Iterator[str]:
     options["backpressure_config"] = {"status_code": 429, "retry_after_s": 2}
     app = make_app(ENGINE, ServerConfig(), fake_factory(step_delay_s=STEP_S), deployment_options=options)
     targets.append(RunTarget(app, "bp429", "/bp429"))
+    options = {"max_ongoing_requests": 16, "max_queued_requests": 16}
+    app = make_app(
+        ENGINE,
+        ServerConfig(max_pending_requests=3, retry_after_s=3),
+        fake_factory(step_delay_s=STEP_S),
+        deployment_options=options,
+    )
+    targets.append(RunTarget(app, "applimit", "/applimit"))
     serve.run_many(targets)
     yield serve_instance
 
@@ -143,6 +154,58 @@ def test_burst_beyond_the_queue_limit_is_refused_with_retry_after(base_url: str,
     # After the burst, the deployment serves normally again.
     assert (
         httpx.post(f"{base_url}/{app}/v1/completions", json={"prompt": "ok"}, timeout=10).status_code == 200
+    )
+
+
+def test_burst_beyond_the_replica_limit_gets_openai_shaped_429(base_url: str) -> None:
+    """server.max_pending_requests=3 (below Ray's limits): of 12 simultaneous requests, 9 are refused at once
+    with an OpenAI error body and Retry-After, the 3 accepted ones complete, and the server serves after."""
+    body = {"prompt": "limit", "max_tokens": 40, "ignore_eos": True}
+
+    async def run() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=base_url, timeout=30) as client:
+            return await asyncio.gather(
+                *(client.post("/applimit/v1/completions", json=body) for _ in range(12))
+            )
+
+    responses = asyncio.run(run())
+    ok = [r for r in responses if r.status_code == 200]
+    refused = [r for r in responses if r.status_code != 200]
+    assert len(ok) == 3 and len(refused) == 9, [r.status_code for r in responses]
+    for r in refused:
+        assert r.status_code == 429 and r.headers["retry-after"] == "3"
+        assert r.headers["content-type"] == "application/json"
+        err = r.json()["error"]
+        assert err["type"] == "rate_limit_error" and err["code"] == "server_overloaded"
+        assert "3 requests in progress" in err["message"]
+    for r in ok:
+        assert r.json()["choices"][0]["text"] == ("limit" * 8)[:40]
+    status = serve.get_app_handle("applimit").engine_status.remote().result().metrics
+    assert status["server_requests_in_flight"] == 0 and status["server_requests_refused_total"] == 9
+
+    # The openai client sees a RateLimitError carrying the same error fields.
+    client = openai.AsyncOpenAI(base_url=f"{base_url}/applimit/v1", api_key="x", max_retries=0, timeout=30)
+
+    async def one() -> Any:
+        try:
+            return await client.completions.create(
+                model="fake", prompt="rl", max_tokens=30, extra_body={"ignore_eos": True}
+            )
+        except openai.RateLimitError as e:
+            return e
+
+    async def burst() -> list[Any]:
+        try:
+            return await asyncio.gather(*(one() for _ in range(8)))
+        finally:
+            await client.close()
+
+    results = asyncio.run(burst())
+    limited = [r for r in results if isinstance(r, openai.RateLimitError)]
+    assert len(limited) == 5 and all(e.code == "server_overloaded" for e in limited)
+    assert (
+        httpx.post(f"{base_url}/applimit/v1/completions", json={"prompt": "ok"}, timeout=10).status_code
+        == 200
     )
 
 
