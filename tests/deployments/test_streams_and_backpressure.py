@@ -184,23 +184,7 @@ def test_burst_beyond_the_replica_limit_gets_openai_shaped_429(base_url: str) ->
     assert status["server_requests_in_flight"] == 0 and status["server_requests_refused_total"] == 9
 
     # The openai client sees a RateLimitError carrying the same error fields.
-    client = openai.AsyncOpenAI(base_url=f"{base_url}/applimit/v1", api_key="x", max_retries=0, timeout=30)
-
-    async def one() -> Any:
-        try:
-            return await client.completions.create(
-                model="fake", prompt="rl", max_tokens=30, extra_body={"ignore_eos": True}
-            )
-        except openai.RateLimitError as e:
-            return e
-
-    async def burst() -> list[Any]:
-        try:
-            return await asyncio.gather(*(one() for _ in range(8)))
-        finally:
-            await client.close()
-
-    results = asyncio.run(burst())
+    results = openai_burst(f"{base_url}/applimit/v1", 8)
     limited = [r for r in results if isinstance(r, openai.RateLimitError)]
     assert len(limited) == 5 and all(e.code == "server_overloaded" for e in limited)
     assert (
@@ -209,26 +193,31 @@ def test_burst_beyond_the_replica_limit_gets_openai_shaped_429(base_url: str) ->
     )
 
 
-def test_openai_client_sees_rate_limit_error(base_url: str) -> None:
-    client = openai.OpenAI(base_url=f"{base_url}/bp429/v1", api_key="x", max_retries=0, timeout=30)
+def openai_burst(base_url: str, n: int) -> list[Any]:
+    """n simultaneous openai-client completions (no retries): each a response or the RateLimitError."""
 
     async def run() -> list[Any]:
-        aclient = openai.AsyncOpenAI(base_url=f"{base_url}/bp429/v1", api_key="x", max_retries=0, timeout=30)
+        client = openai.AsyncOpenAI(base_url=base_url, api_key="x", max_retries=0, timeout=30)
 
         async def one() -> Any:
             try:
-                return await aclient.completions.create(
+                return await client.completions.create(
                     model="fake", prompt="rl", max_tokens=30, extra_body={"ignore_eos": True}
                 )
             except openai.RateLimitError as e:
                 return e
 
         try:
-            return await asyncio.gather(*(one() for _ in range(10)))
+            return await asyncio.gather(*(one() for _ in range(n)))
         finally:
-            await aclient.close()
+            await client.close()
 
-    results = asyncio.run(run())
+    return asyncio.run(run())
+
+
+def test_openai_client_sees_rate_limit_error(base_url: str) -> None:
+    client = openai.OpenAI(base_url=f"{base_url}/bp429/v1", api_key="x", max_retries=0, timeout=30)
+    results = openai_burst(f"{base_url}/bp429/v1", 10)
     errors = [r for r in results if isinstance(r, openai.RateLimitError)]
     assert errors and all(e.status_code == 429 for e in errors)
     assert len(results) - len(errors) >= 2
