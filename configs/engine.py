@@ -40,5 +40,10 @@ class EngineConfig(BaseModel):
         default=None, ge=1, description="baton-pd: most prefilled requests waiting in the pool (default: max_batch_size)."
     )
     num_threads: int | None = Field(default=None, ge=1, description="torch intra-op threads on CPU (default: torch's).")
+    fast_lm_head: bool = Field(
+        default=True,
+        description="CPU: apply the LM head to the decode batch in MKL's fast orientation (engine/logits_head.py), "
+        "used only where a start-up probe shows it equals the model's own forward.",
+    )
     seed: int = Field(default=0, description="Seed for requests that do not give one.")
     controller: ControllerConfig = Field(default_factory=ControllerConfig)

@@ -18,6 +18,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
 
 from engine.kv_cache import BatchKVCache, RowKV
+from engine.logits_head import FastLogitsHead
 
 
 class _ShapedLayer(CacheLayerMixin):
@@ -103,10 +104,12 @@ def build_step_mask(cache_mask: torch.Tensor, cache_len: int) -> torch.Tensor:
 class ModelRunner:
     """Owns the model; times every forward pass."""
 
-    def __init__(self, model: Any, device: torch.device) -> None:
+    def __init__(self, model: Any, device: torch.device, fast_logits: bool = True) -> None:
         self.model, self.device = model, device
         self.shape = model_shape(model.config)
         self.forward_s = 0.0  # cumulative; the engine reads deltas
+        # The decode batch's LM head in MKL's fast orientation (CPU), where it provably equals the model's.
+        self.fast_head = FastLogitsHead.probe(model, device) if fast_logits else None
 
     @torch.no_grad()
     def prefill(self, token_ids: list[int]) -> tuple[RowKV, torch.Tensor]:
@@ -135,15 +138,13 @@ class ModelRunner:
         cache_len = cache.length
         cache.set_step_mask(real)
         mask = build_step_mask(cache.mask_view(extra=t), cache_len)
-        out = self.model(
-            input_ids=input_ids.to(self.device),
-            position_ids=positions.to(self.device),
-            attention_mask=mask,
-            past_key_values=ShapedCacheAdapter(cache),
-            use_cache=True,
-            logits_to_keep=1,
-        )
+        inputs = dict(input_ids=input_ids.to(self.device), position_ids=positions.to(self.device),
+                      attention_mask=mask, past_key_values=ShapedCacheAdapter(cache), use_cache=True)
+        if self.fast_head is not None:
+            hidden = self.fast_head.decoder(**inputs).last_hidden_state[:, -1]
+            logits = self.fast_head.logits(hidden).float()
+        else:
+            logits = self.model(**inputs, logits_to_keep=1).logits[:, -1].float()
         cache.advance(t)
-        logits = out.logits[:, -1].float()
         self.forward_s += time.perf_counter() - t0
         return logits
