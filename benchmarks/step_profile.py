@@ -1,8 +1,8 @@
 """Where a decode step's time goes, by batch size: the profile behind the engine's CPU speed work.
 
 For each batch size, an engine (policy `baton`) holds that many rows at a cache width of about `--context`
-columns and runs decode steps; the median step time is measured with the CPU LM-head fast path
-(engine/logits_head.py) on and off, interleaved (on, off, on, off, ...) so machine noise lands on both.
+columns and runs decode steps; the median step time is measured with the CPU narrow-linear kernel
+(engine/narrow_linear.py) on and off, interleaved (on, off, on, off, ...) so machine noise lands on both.
 A torch-profiler pass at the largest batch splits one step into the layers' linears, the LM head,
 attention and everything else.
 
@@ -40,7 +40,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 def _engine(loaded: LoadedModel, rows: int, context: int, fast: bool, seed: int) -> BatonEngine:
     """An engine whose batch holds `rows` rows of `context` prompt tokens, every row already decoding."""
     engine = BatonEngine(EngineConfig(model=loaded.name, policy="baton", max_batch_size=rows,
-                                      fast_lm_head=fast, prefill_token_budget=rows * context), loaded=loaded)
+                                      narrow_linear=fast, prefill_token_budget=rows * context), loaded=loaded)
     rng = random.Random(seed)
     vocab = int(loaded.model.config.vocab_size)
     for i in range(rows):
@@ -87,25 +87,25 @@ def run(model: str, batch_sizes: list[int], context: int, steps: int, repeats: i
         seed: int) -> dict[str, Any]:
     torch.set_num_threads(threads)
     loaded = load(model)
-    cells: dict[int, dict[str, list[float]]] = {b: {"fast": [], "linear": []} for b in batch_sizes}
+    cells: dict[int, dict[str, list[float]]] = {b: {"narrow": [], "linear": []} for b in batch_sizes}
     bar = tqdm(total=len(batch_sizes) * repeats * 2, desc="step profile", unit="run", file=sys.stderr)
     for b in batch_sizes:
-        engines = {"fast": _engine(loaded, b, context, True, seed), "linear": _engine(loaded, b, context, False, seed)}
-        if engines["fast"].runner.fast_head is None:
-            raise SystemExit("the LM-head fast path does not apply to this model/device; nothing to compare")
+        engines = {"narrow": _engine(loaded, b, context, True, seed), "linear": _engine(loaded, b, context, False, seed)}
+        if engines["narrow"].runner.narrow is None:
+            raise SystemExit("the narrow-linear kernel does not apply on this device; nothing to compare")
         for _ in range(repeats):
             for name, engine in engines.items():
                 cells[b][name].append(_median_step_ms(engine, steps))
                 bar.update()
     bar.close()
     largest = max(batch_sizes)
-    profiled = {name: _breakdown(_engine(loaded, largest, context, name == "fast", seed), steps)
-                for name in ("linear", "fast")}
+    profiled = {name: _breakdown(_engine(loaded, largest, context, name == "narrow", seed), steps)
+                for name in ("linear", "narrow")}
     rows = []
     for b in batch_sizes:
-        fast, slow = min(cells[b]["fast"]), min(cells[b]["linear"])
-        rows.append({"rows": b, "step_ms_fast_head": fast, "step_ms_linear_head": slow, "speedup": slow / fast,
-                     "all_ms_fast_head": cells[b]["fast"], "all_ms_linear_head": cells[b]["linear"]})
+        fast, slow = min(cells[b]["narrow"]), min(cells[b]["linear"])
+        rows.append({"rows": b, "step_ms_narrow": fast, "step_ms_linear": slow, "speedup": slow / fast,
+                     "all_ms_narrow": cells[b]["narrow"], "all_ms_linear": cells[b]["linear"]})
     return {
         "meta": {"model": model, "dtype": str(loaded.dtype).removeprefix("torch."), "threads": threads,
                  "context": context, "steps_per_measure": steps, "repeats": repeats,
@@ -121,13 +121,13 @@ def markdown(r: dict[str, Any]) -> str:
     lines = [f"# Decode step profile ({m['model']}, {m['dtype']}, {m['threads']} threads, ~{m['context']} "
              f"cached columns)", "",
              f"`python -m benchmarks.step_profile` on {m['when']} (torch {m['torch']}); each cell is the best of "
-             f"{m['repeats']} medians over {m['steps_per_measure']} steps, fast and linear head interleaved.", "",
-             "| rows | step ms, model's nn.Linear head | step ms, fast head | speedup |", "|---:|---:|---:|---:|"]
+             f"{m['repeats']} medians over {m['steps_per_measure']} steps, narrow and F.linear interleaved.", "",
+             "| rows | step ms, F.linear | step ms, narrow linear | speedup |", "|---:|---:|---:|---:|"]
     for row in r["step_times"]:
-        lines.append(f"| {row['rows']} | {row['step_ms_linear_head']:.1f} | {row['step_ms_fast_head']:.1f} "
+        lines.append(f"| {row['rows']} | {row['step_ms_linear']:.1f} | {row['step_ms_narrow']:.1f} "
                      f"| {row['speedup']:.2f}x |")
     lines += ["", f"Where one step goes at {r['breakdown_at_rows']} rows (ms, torch profiler self time):", "",
-              "| head | layer linears | LM head | attention | other |", "|---|---:|---:|---:|---:|"]
+              "| kernel | layer linears | LM head | attention | other |", "|---|---:|---:|---:|---:|"]
     for name, kinds in r["breakdown_ms"].items():
         lines.append(f"| {name} | {kinds['layer linears']:.1f} | {kinds['LM head']:.1f} | {kinds['attention']:.1f} "
                      f"| {kinds['other']:.1f} |")

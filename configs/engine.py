@@ -40,10 +40,10 @@ class EngineConfig(BaseModel):
         default=None, ge=1, description="baton-pd: most prefilled requests waiting in the pool (default: max_batch_size)."
     )
     num_threads: int | None = Field(default=None, ge=1, description="torch intra-op threads on CPU (default: torch's).")
-    fast_lm_head: bool = Field(
+    narrow_linear: bool = Field(
         default=True,
-        description="CPU: apply the LM head to the decode batch in MKL's fast orientation (engine/logits_head.py), "
-        "used only where a start-up probe shows it equals the model's own forward.",
+        description="CPU: compute the decode batch's linear layers as (W @ x.T).T, MKL's fast orientation for "
+        "a few rows (engine/narrow_linear.py); the same product, only the summation order differs.",
     )
     seed: int = Field(default=0, description="Seed for requests that do not give one.")
     controller: ControllerConfig = Field(default_factory=ControllerConfig)

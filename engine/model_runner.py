@@ -10,6 +10,7 @@ Two kinds of pass, as plain functions of their inputs:
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -18,7 +19,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
 
 from engine.kv_cache import BatchKVCache, RowKV
-from engine.logits_head import FastLogitsHead
+from engine.narrow_linear import NarrowLinear
 
 
 class _ShapedLayer(CacheLayerMixin):
@@ -104,12 +105,12 @@ def build_step_mask(cache_mask: torch.Tensor, cache_len: int) -> torch.Tensor:
 class ModelRunner:
     """Owns the model; times every forward pass."""
 
-    def __init__(self, model: Any, device: torch.device, fast_logits: bool = True) -> None:
+    def __init__(self, model: Any, device: torch.device, narrow_linear: bool = True) -> None:
         self.model, self.device = model, device
         self.shape = model_shape(model.config)
         self.forward_s = 0.0  # cumulative; the engine reads deltas
-        # The decode batch's LM head in MKL's fast orientation (CPU), where it provably equals the model's.
-        self.fast_head = FastLogitsHead.probe(model, device) if fast_logits else None
+        # CPU: the decode batch's linears in MKL's fast orientation for few rows (engine/narrow_linear.py).
+        self.narrow = NarrowLinear.install(model) if narrow_linear and device.type == "cpu" else None
 
     @torch.no_grad()
     def prefill(self, token_ids: list[int]) -> tuple[RowKV, torch.Tensor]:
@@ -138,13 +139,16 @@ class ModelRunner:
         cache_len = cache.length
         cache.set_step_mask(real)
         mask = build_step_mask(cache.mask_view(extra=t), cache_len)
-        inputs = dict(input_ids=input_ids.to(self.device), position_ids=positions.to(self.device),
-                      attention_mask=mask, past_key_values=ShapedCacheAdapter(cache), use_cache=True)
-        if self.fast_head is not None:
-            hidden = self.fast_head.decoder(**inputs).last_hidden_state[:, -1]
-            logits = self.fast_head.logits(hidden).float()
-        else:
-            logits = self.model(**inputs, logits_to_keep=1).logits[:, -1].float()
+        with self.narrow.active() if self.narrow is not None else contextlib.nullcontext():
+            out = self.model(
+                input_ids=input_ids.to(self.device),
+                position_ids=positions.to(self.device),
+                attention_mask=mask,
+                past_key_values=ShapedCacheAdapter(cache),
+                use_cache=True,
+                logits_to_keep=1,
+            )
         cache.advance(t)
+        logits = out.logits[:, -1].float()
         self.forward_s += time.perf_counter() - t0
         return logits
