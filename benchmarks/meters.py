@@ -176,3 +176,66 @@ def _busy_cpu_s() -> float:
         return 0.0
     user, nice, system, _idle, _iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
     return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+class TreeCpuMeter:
+    """CPU used during a run by this process with all its descendants (for an HTTP benchmark: the client, and
+    the Ray processes and replicas it started) and by every other process (Linux /proc; zeros elsewhere).
+
+    `others_cores` = CPU-seconds of processes outside the tree per wall second: the machine's noise, ~0 when
+    quiet. A Ray instance started by another process (e.g. `ray start`) counts as outside.
+    """
+
+    def __init__(self, root: int | None = None) -> None:
+        import os
+
+        self.root = os.getpid() if root is None else root
+        self.wall_s = self.tree_cpu_s = self.all_busy_s = 0.0
+
+    def __enter__(self) -> TreeCpuMeter:
+        self._t, self._tree, self._busy = time.perf_counter(), _tree_cpu_s(self.root), _busy_cpu_s()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.wall_s = time.perf_counter() - self._t
+        # A process of the tree that exited during the run takes its CPU time with it (rare: replicas live on).
+        self.tree_cpu_s = max(0.0, _tree_cpu_s(self.root) - self._tree)
+        self.all_busy_s = _busy_cpu_s() - self._busy
+
+    @property
+    def tree_cores(self) -> float:
+        return self.tree_cpu_s / self.wall_s if self.wall_s else 0.0
+
+    @property
+    def others_cores(self) -> float:
+        return max(0.0, self.all_busy_s - self.tree_cpu_s) / self.wall_s if self.wall_s else 0.0
+
+
+def _tree_cpu_s(root: int) -> float:
+    """CPU-seconds (user + system) of `root` and its live descendants, from /proc/<pid>/stat."""
+    import os
+
+    parent: dict[int, int] = {}
+    cpu: dict[int, int] = {}
+    try:
+        pids = [int(d) for d in os.listdir("/proc") if d.isdigit()]
+    except OSError:
+        return 0.0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                stat = f.read()
+        except OSError:  # exited meanwhile
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) ": state, ppid, ..., utime, stime
+        parent[pid] = int(fields[1])
+        cpu[pid] = int(fields[11]) + int(fields[12])
+    children: dict[int, list[int]] = {}
+    for pid, ppid in parent.items():
+        children.setdefault(ppid, []).append(pid)
+    total, stack = 0, [root]
+    while stack:
+        pid = stack.pop()
+        total += cpu.get(pid, 0)
+        stack.extend(children.get(pid, []))
+    return total / os.sysconf("SC_CLK_TCK")

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from engine.model_loader import LoadedModel, load_model
+
+if TYPE_CHECKING:
+    from configs import EngineConfig
+    from engine import AsyncBatonEngine
 
 TINY = "tiny"
 
@@ -32,3 +38,11 @@ def tiny_llama(seed: int = 0) -> LoadedModel:
     model = LlamaForCausalLM(cfg).eval()
     model.requires_grad_(False)
     return LoadedModel(model=model, tokenizer=tok, dtype=torch.float32, device=torch.device("cpu"), name=TINY)
+
+
+def tiny_engine_front(config: EngineConfig) -> AsyncBatonEngine:
+    """A front factory for `deployments.builder.make_app`: the BATON engine over `tiny_llama()` (the same weights
+    the plain baseline loads for `tiny`), built on the replica."""
+    from engine import AsyncBatonEngine, BatonEngine
+
+    return AsyncBatonEngine(BatonEngine(config, loaded=tiny_llama()))

@@ -69,3 +69,44 @@ def occupancy(report: dict[str, Any], path: Path) -> None:
 def memory(report: dict[str, Any], path: Path) -> None:
     _over_time(report, path, 2, "accounted MiB", "Engine accounted memory per iteration "
                "(KV window + prefilled pool + step transients; weights excluded)", scale=1 / 2**20)
+
+
+HTTP_COLORS = {"baton": COLORS["baton-pd"], "plain": COLORS["generate"]}
+
+
+def http_load(report: dict[str, Any], path: Path) -> None:
+    """benchmarks/http_load.py: throughput bars (ratio to the plain deployment) and end-to-end latency
+    percentiles, one bar group per percentile."""
+    systems = report["systems"]
+    names = list(systems)
+    colors = [HTTP_COLORS.get(s, "#333333") for s in names]
+    fig, (ax_t, ax_l) = _panels(2, height=4.0)
+    labels = [f"{systems[s]['label']}\nother CPU {systems[s].get('other_cpu_cores', 0.0):.2f} cores" for s in names]
+    bars = ax_t.bar(labels, [systems[s]["tokens_per_s"] for s in names], color=colors)
+    for bar, s in zip(bars, names, strict=True):
+        ratio = systems[s].get("ratio_vs_plain")
+        failed = systems[s]["failed"]
+        note = (f"{ratio:.2f}x" if ratio is not None else "") + (f"\n{failed} failed" if failed else "")
+        if note:
+            ax_t.annotate(note, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center",
+                          va="bottom", fontsize=8)
+    m = report["meta"]
+    ax_t.set_title(f"throughput ({m['requests']} requests, at most {m['concurrency']} in flight)")
+    ax_t.set_ylabel("useful output tokens / s")
+    quantiles = ("p50", "p90", "p99")
+    width = 0.8 / max(1, len(names))
+    for i, (s, color) in enumerate(zip(names, colors, strict=True)):
+        e2e = systems[s]["latency"]["e2e_s"]
+        xs = [j + (i - (len(names) - 1) / 2) * width for j in range(len(quantiles))]
+        ax_l.bar(xs, [e2e[q] or 0.0 for q in quantiles], width, label=systems[s]["label"], color=color)
+    top = max((systems[s]["latency"]["e2e_s"][q] or 0.0 for s in names for q in quantiles), default=0.0)
+    if top > 0:
+        ax_l.set_ylim(0, top * 1.3)  # room for the legend above the bars
+    ax_l.set_xticks(range(len(quantiles)), list(quantiles))
+    ax_l.set_ylabel("end-to-end latency (s)")
+    ax_l.set_title("latency percentiles (non-streaming)")
+    ax_l.legend(fontsize=8, loc="upper left", ncol=2)
+    fig.suptitle(f"HTTP load over Ray Serve: {m['model']}, {m['dtype']}, {m['threads']} torch threads")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,11 +1,16 @@
-"""Shared fixtures: the default model is loaded once per test run; a tiny random Llama for fast tests."""
+"""Shared fixtures: the default model is loaded once per test run; a tiny random Llama for fast tests; the
+session's Ray + Serve instance (started only by the tests that ask for it)."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
+
+REPO = Path(__file__).resolve().parents[1]
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -60,3 +65,43 @@ def tiny_small_vocab_model(default_model):
     """Like `tiny_model` but with a 1024-token vocabulary (token-id prompts only): the LM head no longer
     dominates, so workloads with hundreds of requests run in seconds."""
     return _tiny_llama(default_model.tokenizer, 1024)
+
+
+@pytest.fixture(scope="session")
+def metrics_port() -> int:
+    """Where this session's Ray exports Prometheus metrics."""
+    from tests.deployments.serve_testing import free_port
+
+    return free_port()
+
+
+@pytest.fixture(scope="session")
+def ray_serve(metrics_port: int) -> Iterator[str]:
+    """One local Ray instance (CPU only, no dashboard) with Serve on a free loopback port, for the whole
+    session: starting Ray costs ~15 s on 2 cores, so the modules (tests/deployments, tests/benchmarks) share
+    it. Yields the HTTP base URL. Ray workers get the repository root on PYTHONPATH so classes and factories
+    from tests/ and benchmarks/ (e.g. the fake front `tests.deployments.fake_engine.FakeAsyncEngine`) can be
+    unpickled on the replicas."""
+    import ray
+    from ray import serve
+
+    from tests.deployments.serve_testing import free_port
+
+    pythonpath = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    port = free_port()
+    ray.init(
+        num_cpus=4,
+        include_dashboard=False,
+        runtime_env={"env_vars": {"PYTHONPATH": pythonpath}},
+        logging_level="WARNING",
+        log_to_driver=bool(os.environ.get("BATON_TEST_RAY_LOGS")),
+        _metrics_export_port=metrics_port,
+    )
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()

@@ -1,60 +1,21 @@
-"""Shared fixtures for the Serve tests: one local Ray instance + Serve on loopback, shared by the modules
-(each module deploys its own applications, deleted after it).
-
-Ray workers get the repository root on PYTHONPATH so an injected fake front
-(`tests.deployments.fake_engine.FakeAsyncEngine`) can be unpickled on the replicas.
+"""Shared fixtures for the Serve tests: the session's local Ray instance + Serve on loopback (`ray_serve`, in
+tests/conftest.py, also used by tests/benchmarks), shared by the modules (each module deploys its own
+applications, deleted after it).
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
-from tests.deployments.serve_testing import free_port, wait_until
-
-REPO = Path(__file__).resolve().parents[2]
+from tests.deployments.serve_testing import wait_until
 
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "ray_cluster: starts Ray/Serve CLI subprocesses (`serve run`, `ray start --head`)"
     )
-
-
-@pytest.fixture(scope="session")
-def metrics_port() -> int:
-    """Where this session's Ray exports Prometheus metrics."""
-    return free_port()
-
-
-@pytest.fixture(scope="session")
-def ray_serve(metrics_port: int) -> Iterator[str]:
-    """One local Ray instance (CPU only, no dashboard) with Serve on a free loopback port, for the whole
-    session: starting Ray costs ~15 s on 2 cores, so the modules share it. Yields the HTTP base URL."""
-    import ray
-    from ray import serve
-
-    pythonpath = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
-    port = free_port()
-    ray.init(
-        num_cpus=4,
-        include_dashboard=False,
-        runtime_env={"env_vars": {"PYTHONPATH": pythonpath}},
-        logging_level="WARNING",
-        log_to_driver=bool(os.environ.get("BATON_TEST_RAY_LOGS")),
-        _metrics_export_port=metrics_port,
-    )
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        try:
-            serve.shutdown()
-        finally:
-            ray.shutdown()
 
 
 @pytest.fixture(scope="module")
