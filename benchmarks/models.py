@@ -45,4 +45,4 @@ def tiny_engine_front(config: EngineConfig) -> AsyncBatonEngine:
     the plain baseline loads for `tiny`), built on the replica."""
     from engine import AsyncBatonEngine, BatonEngine
 
-    return AsyncBatonEngine(BatonEngine(config, loaded=tiny_llama()))
+    return AsyncBatonEngine(build=lambda: BatonEngine(config, loaded=tiny_llama()))

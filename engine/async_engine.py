@@ -89,8 +89,18 @@ class RequestStream:
 class AsyncBatonEngine:
     """Runs a `BatonEngine` in a background thread and streams outputs to asyncio consumers."""
 
-    def __init__(self, engine: BatonEngine) -> None:
-        self.engine = engine
+    def __init__(self, engine: BatonEngine | None = None, *, build: Callable[[], BatonEngine] | None = None) -> None:
+        """Give a built `engine`, or `build` to construct it on the loop thread when the front starts.
+
+        Building on the loop thread matters on CPU: libgomp keeps one OpenMP pool per thread that has run a
+        parallel region, and with a second pool alive (say the model was loaded on the caller's thread) it
+        counts more threads than cores and stops spinning between regions; every step then pays for waking
+        its worker. Measured (benchmarks/NOTES.md): the same 16 requests took 46 s on a second thread after
+        the main thread had used torch, 34 s with all torch work on one thread.
+        """
+        if (engine is None) == (build is None):
+            raise ValueError("give exactly one of engine or build")
+        self._engine, self._build = engine, build
         self._lock = threading.Lock()
         self._inbox: collections.deque[tuple[str, Any]] = collections.deque()
         self._streams: dict[str, RequestStream] = {}
@@ -102,7 +112,14 @@ class AsyncBatonEngine:
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> AsyncBatonEngine:
-        return cls(BatonEngine(config))
+        """A front whose engine (model loading included) is built on its loop thread by `start()`."""
+        return cls(build=lambda: BatonEngine(config))
+
+    @property
+    def engine(self) -> BatonEngine:
+        if self._engine is None:
+            raise RuntimeError("the engine is built on the loop thread: call start() first")
+        return self._engine
 
     @property
     def config(self) -> EngineConfig:
@@ -110,12 +127,19 @@ class AsyncBatonEngine:
 
     # ---- lifecycle -------------------------------------------------------------------------------------
     def start(self) -> None:
+        """Start the loop thread (building the engine there first, if needed) and wait until it serves.
+        Raises RuntimeError if the engine cannot be built."""
         with self._lock:
-            if self._thread is None or not self._thread.is_alive():
-                self._stop.clear()
-                self._dead = False
-                self._thread = threading.Thread(target=self._run, name="baton-engine-loop", daemon=True)
-                self._thread.start()
+            if self._thread is not None and self._thread.is_alive():
+                return
+            self._stop.clear()
+            self._dead = False
+            ready = threading.Event()
+            self._thread = threading.Thread(target=self._run, args=(ready,), name="baton-engine-loop", daemon=True)
+            self._thread.start()
+        ready.wait()
+        if self._engine is None:
+            raise RuntimeError(f"the engine could not be built: {self.last_error}") from self.last_error
 
     def shutdown(self, timeout: float = 10.0) -> None:
         self._stop.set()
@@ -175,7 +199,16 @@ class AsyncBatonEngine:
         }
 
     # ---- the loop thread ---------------------------------------------------------------------------------
-    def _run(self) -> None:
+    def _run(self, ready: threading.Event) -> None:
+        if self._engine is None and self._build is not None:
+            try:
+                self._engine = self._build()
+            except BaseException as e:  # noqa: BLE001 - reported by start() in the caller's thread
+                self.last_error = e
+                self._dead = True
+                ready.set()
+                return
+        ready.set()
         failures = 0
         while not self._stop.is_set():
             self._drain_inbox()

@@ -262,3 +262,37 @@ def test_repeated_failures_make_the_front_unhealthy(front, monkeypatch) -> None:
             front.submit("late", prompt_token_ids=[5])
 
     asyncio.run(submit_again())
+
+
+def test_engine_is_built_on_the_loop_thread_and_build_failures_surface_in_start(tiny_model) -> None:
+    """All torch work of a front built with `build=` happens on its loop thread (one OpenMP pool on CPU)."""
+    built_on: list[str] = []
+
+    def build():  # type: ignore[no-untyped-def]
+        built_on.append(threading.current_thread().name)
+        return make_engine(tiny_model, max_batch_size=2)
+
+    f = AsyncBatonEngine(build=build)
+    with pytest.raises(RuntimeError, match="call start"):
+        _ = f.engine
+    f.start()
+    try:
+        assert built_on == ["baton-engine-loop"] and f.is_healthy()
+
+        async def main() -> None:
+            outs = await consume(f.submit("b", prompt_token_ids=[5], sampling_params=SamplingParams(max_tokens=3)))
+            assert outs[-1].finished
+
+        asyncio.run(main())
+    finally:
+        f.shutdown()
+
+    def broken():  # type: ignore[no-untyped-def]
+        raise ValueError("model 'nope' not found")
+
+    bad = AsyncBatonEngine(build=broken)
+    with pytest.raises(RuntimeError, match="could not be built: model 'nope' not found"):
+        bad.start()
+    assert not bad.is_healthy()
+    with pytest.raises(ValueError, match="exactly one"):
+        AsyncBatonEngine()
