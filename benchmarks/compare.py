@@ -165,8 +165,9 @@ def check_targets(report: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 # ---- report ------------------------------------------------------------------------------------------------------
-def _f(v: float | None, fmt: str) -> str:
-    return "n/a" if v is None else format(v, fmt)
+def _f(v: float | None, fmt: str, scale: float = 1.0) -> str:
+    """`v * scale` formatted, or "n/a" for a missing value."""
+    return "n/a" if v is None else format(v * scale, fmt)
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -203,8 +204,8 @@ def markdown(report: dict[str, Any]) -> str:
                 tp50, tp99 = lat["tpot_s"]["p50"], lat["tpot_s"]["p99"]
                 lines.append(
                     f"| {s} | {_f(lat['ttft_s']['p50'], '.2f')} | {_f(lat['ttft_s']['p99'], '.2f')} "
-                    f"| {_f(None if tp50 is None else tp50 * 1e3, '.0f')} "
-                    f"| {_f(None if tp99 is None else tp99 * 1e3, '.0f')} "
+                    f"| {_f(tp50, '.0f', 1e3)} "
+                    f"| {_f(tp99, '.0f', 1e3)} "
                     f"| {_f(lat['e2e_s']['p50'], '.2f')} | {_f(lat['e2e_s']['p99'], '.2f')} |")
         lines.append("")
     if report["targets"] and "anyscale" in report["workloads"]:

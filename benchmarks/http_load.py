@@ -34,7 +34,7 @@ import httpx
 from tqdm import tqdm
 
 from benchmarks import plots
-from benchmarks.compare import _pct
+from benchmarks.compare import _f, _pct
 from benchmarks.meters import TreeCpuMeter
 from benchmarks.plain_serve import DEFAULT_BATCH_WAIT_S
 from benchmarks.workloads import FULL_LENGTHS, SMOKE_LENGTHS, BenchRequest, LengthSpec, Workload, anyscale
@@ -383,10 +383,6 @@ def run_system(system: str, plan: Plan, base_url: str, work: Workload) -> dict[s
 
 
 # ---- report ------------------------------------------------------------------------------------------------------
-def _f(v: float | None, fmt: str, scale: float = 1.0) -> str:
-    return "n/a" if v is None else format(v * scale, fmt)
-
-
 def markdown(report: dict[str, Any]) -> str:
     m = report["meta"]
     lines = [

@@ -99,7 +99,7 @@ class ServerConfig(BaseModel):
         "max_ongoing_requests, or Ray's proxy refuses first (with its own plain-text body). null turns it off.",
     )
     retry_after_s: int = Field(
-        default=2, ge=1, description="The Retry-After (seconds) sent with a 429 or 503 from this replica."
+        default=2, ge=1, description="The Retry-After (seconds) sent with this replica's own 429 (over max_pending_requests)."
     )
 
     def resolved_api_key(self) -> str | None:

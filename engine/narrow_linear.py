@@ -72,7 +72,7 @@ class NarrowLinear:
 
 
 def narrow_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
-                  max_rows: int = 16) -> torch.Tensor | None:
+                  max_rows: int = MAX_ROWS) -> torch.Tensor | None:
     """`F.linear(x, weight, bias)` as `(weight @ x.T).T` for 2..max_rows rows on CPU; None where it does not
     apply (the caller then runs `F.linear`)."""
     if x.device.type != "cpu" or weight.dim() != 2 or x.dim() < 2 or x.dtype != weight.dtype:
