@@ -1,10 +1,10 @@
 """Where a decode step's time goes, by batch size: the profile behind the engine's CPU speed work.
 
 For each batch size, an engine (policy `baton`) holds that many rows at a cache width of about `--context`
-columns and runs decode steps; the median step time is measured with the CPU narrow-linear kernel
-(engine/narrow_linear.py) on and off, interleaved (on, off, on, off, ...) so machine noise lands on both.
-A torch-profiler pass at the largest batch splits one step into the layers' linears, the LM head,
-attention and everything else.
+columns and runs decode steps; the median step time is measured with each kernel for the decode batch's
+linears (engine/narrow_linear.py): plain `F.linear`, `transposed` ((W @ x.T).T) and `compiled` (the AVX2 C++
+kernel, where it builds), interleaved so machine noise lands on all. A torch-profiler pass at the largest batch
+splits one step into the layers' linears, the LM head, attention and everything else.
 
     .venv/bin/python -m benchmarks.step_profile            # default model, float32, 2 threads (~3 min)
     .venv/bin/python -m benchmarks.step_profile --smoke    # tiny random Llama, seconds (CI)
@@ -31,16 +31,20 @@ from tqdm import tqdm
 
 from benchmarks.models import TINY, load
 from configs import EngineConfig
-from engine import BatonEngine, SamplingParams
+from engine import BatonEngine, SamplingParams, cpu_kernel
 from engine.model_loader import LoadedModel
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def _engine(loaded: LoadedModel, rows: int, context: int, fast: bool, seed: int) -> BatonEngine:
+KERNELS = ("linear", "transposed", "compiled")  # linear: the narrow-linear switch off, plain F.linear
+
+
+def _engine(loaded: LoadedModel, rows: int, context: int, kernel: str, seed: int) -> BatonEngine:
     """An engine whose batch holds `rows` rows of `context` prompt tokens, every row already decoding."""
+    narrow = dict(narrow_linear=False) if kernel == "linear" else dict(narrow_kernel=kernel)
     engine = BatonEngine(EngineConfig(model=loaded.name, policy="baton", max_batch_size=rows,
-                                      narrow_linear=fast, prefill_token_budget=rows * context), loaded=loaded)
+                                      prefill_token_budget=rows * context, **narrow), loaded=loaded)
     rng = random.Random(seed)
     vocab = int(loaded.model.config.vocab_size)
     for i in range(rows):
@@ -72,9 +76,9 @@ def _breakdown(engine: BatonEngine, steps: int) -> dict[str, float]:
     for ev in prof.key_averages(group_by_input_shape=True):
         ms = ev.self_cpu_time_total / 1e3 / steps
         shapes = str(ev.input_shapes)
-        if ev.key in ("aten::mm", "aten::addmm", "aten::bmm") and str(vocab) in shapes:
+        if ev.key in ("aten::mm", "aten::addmm", "aten::bmm", "baton::skinny_linear") and str(vocab) in shapes:
             kinds["LM head"] += ms
-        elif ev.key in ("aten::mm", "aten::addmm"):
+        elif ev.key in ("aten::mm", "aten::addmm", "baton::skinny_linear"):
             kinds["layer linears"] += ms
         elif "attention" in ev.key:
             kinds["attention"] += ms
@@ -87,29 +91,32 @@ def run(model: str, batch_sizes: list[int], context: int, steps: int, repeats: i
         seed: int) -> dict[str, Any]:
     torch.set_num_threads(threads)
     loaded = load(model)
-    cells: dict[int, dict[str, list[float]]] = {b: {"narrow": [], "linear": []} for b in batch_sizes}
-    bar = tqdm(total=len(batch_sizes) * repeats * 2, desc="step profile", unit="run", file=sys.stderr)
+    kernels = list(KERNELS) if cpu_kernel.skinny_linear() is not None else ["linear", "transposed"]
+    cells: dict[int, dict[str, list[float]]] = {b: {k: [] for k in kernels} for b in batch_sizes}
+    bar = tqdm(total=len(batch_sizes) * repeats * len(kernels), desc="step profile", unit="run", file=sys.stderr)
     for b in batch_sizes:
-        engines = {"narrow": _engine(loaded, b, context, True, seed), "linear": _engine(loaded, b, context, False, seed)}
-        if engines["narrow"].runner.narrow is None:
-            raise SystemExit("the narrow-linear kernel does not apply on this device; nothing to compare")
+        engines = {k: _engine(loaded, b, context, k, seed) for k in kernels}
+        if engines["transposed"].runner.narrow is None:
+            raise SystemExit("the narrow-linear kernels do not apply on this device; nothing to compare")
         for _ in range(repeats):
             for name, engine in engines.items():
                 cells[b][name].append(_median_step_ms(engine, steps))
                 bar.update()
     bar.close()
     largest = max(batch_sizes)
-    profiled = {name: _breakdown(_engine(loaded, largest, context, name == "narrow", seed), steps)
-                for name in ("linear", "narrow")}
+    profiled = {name: _breakdown(_engine(loaded, largest, context, name, seed), steps) for name in kernels}
     rows = []
     for b in batch_sizes:
-        fast, slow = min(cells[b]["narrow"]), min(cells[b]["linear"])
-        rows.append({"rows": b, "step_ms_narrow": fast, "step_ms_linear": slow, "speedup": slow / fast,
-                     "all_ms_narrow": cells[b]["narrow"], "all_ms_linear": cells[b]["linear"]})
+        best = {k: min(cells[b][k]) for k in kernels}
+        rows.append({"rows": b, **{f"step_ms_{k}": best[k] for k in kernels},
+                     **{f"speedup_{k}": best["linear"] / best[k] for k in kernels if k != "linear"},
+                     **{f"all_ms_{k}": cells[b][k] for k in kernels}})
     return {
         "meta": {"model": model, "dtype": str(loaded.dtype).removeprefix("torch."), "threads": threads,
                  "context": context, "steps_per_measure": steps, "repeats": repeats,
                  "torch": torch.__version__, "when": time.strftime("%Y-%m-%d %H:%M:%S")},
+        "kernels": kernels,
+        "compiled_unavailable": None if "compiled" in kernels else cpu_kernel.why_not(),
         "step_times": rows,
         "breakdown_at_rows": largest,
         "breakdown_ms": profiled,
@@ -121,11 +128,18 @@ def markdown(r: dict[str, Any]) -> str:
     lines = [f"# Decode step profile ({m['model']}, {m['dtype']}, {m['threads']} threads, ~{m['context']} "
              f"cached columns)", "",
              f"`python -m benchmarks.step_profile` on {m['when']} (torch {m['torch']}); each cell is the best of "
-             f"{m['repeats']} medians over {m['steps_per_measure']} steps, narrow and F.linear interleaved.", "",
-             "| rows | step ms, F.linear | step ms, narrow linear | speedup |", "|---:|---:|---:|---:|"]
+             f"{m['repeats']} medians over {m['steps_per_measure']} steps, the kernels interleaved. `linear`: "
+             "plain F.linear (MKL); `transposed`: (W @ x.T).T; `compiled`: engine/kernels/skinny_linear.cpp.", ""]
+    kernels = r["kernels"]
+    if r["compiled_unavailable"]:
+        lines += [f"The compiled kernel did not run here: {r['compiled_unavailable']}", ""]
+    fast = [k for k in kernels if k != "linear"]
+    lines += ["| rows | " + " | ".join(f"step ms, {k}" for k in kernels) + " | "
+              + " | ".join(f"speedup, {k}" for k in fast) + " |",
+              "|---:|" + "---:|" * (len(kernels) + len(fast))]
     for row in r["step_times"]:
-        lines.append(f"| {row['rows']} | {row['step_ms_linear']:.1f} | {row['step_ms_narrow']:.1f} "
-                     f"| {row['speedup']:.2f}x |")
+        lines.append(f"| {row['rows']} | " + " | ".join(f"{row[f'step_ms_{k}']:.1f}" for k in kernels) + " | "
+                     + " | ".join(f"{row[f'speedup_{k}']:.2f}x" for k in fast) + " |")
     lines += ["", f"Where one step goes at {r['breakdown_at_rows']} rows (ms, torch profiler self time):", "",
               "| kernel | layer linears | LM head | attention | other |", "|---|---:|---:|---:|---:|"]
     for name, kinds in r["breakdown_ms"].items():

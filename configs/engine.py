@@ -42,8 +42,14 @@ class EngineConfig(BaseModel):
     num_threads: int | None = Field(default=None, ge=1, description="torch intra-op threads on CPU (default: torch's).")
     narrow_linear: bool = Field(
         default=True,
-        description="CPU: compute the decode batch's linear layers as (W @ x.T).T, MKL's fast orientation for "
-        "a few rows (engine/narrow_linear.py); the same product, only the summation order differs.",
+        description="CPU: compute the decode batch's linear layers (1-16 rows) with a kernel fast for that shape "
+        "(engine/narrow_linear.py); the same product, only the summation order differs.",
+    )
+    narrow_kernel: Literal["auto", "compiled", "transposed"] = Field(
+        default="auto",
+        description="CPU, with narrow_linear: 'compiled' (an AVX2/FMA C++ kernel built once per environment, "
+        "engine/cpu_kernel.py), 'transposed' ((W @ x.T).T through MKL, no build), or 'auto' (compiled where it "
+        "builds and runs, else transposed).",
     )
     seed: int = Field(default=0, description="Seed for requests that do not give one.")
     controller: ControllerConfig = Field(default_factory=ControllerConfig)

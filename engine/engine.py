@@ -49,7 +49,8 @@ class BatonEngine:
         self.loaded = loaded or load_model(config.model, config.dtype, config.device, config.gguf_file,
                                            config.tokenizer)
         self.tokenizer = self.loaded.tokenizer
-        self.runner = ModelRunner(self.loaded.model, self.loaded.device, narrow_linear=config.narrow_linear)
+        self.runner = ModelRunner(self.loaded.model, self.loaded.device, narrow_linear=config.narrow_linear,
+                                  narrow_kernel=config.narrow_kernel)
         shape = self.runner.shape
         self.vocab_size = int(self.loaded.model.get_input_embeddings().num_embeddings)
         self.max_model_len = config.max_model_len or shape.max_position_embeddings

@@ -19,7 +19,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
 
 from engine.kv_cache import BatchKVCache, RowKV
-from engine.narrow_linear import NarrowLinear
+from engine.narrow_linear import KernelName, NarrowLinear, RowKernel, resolve_kernel
 
 
 class _ShapedLayer(CacheLayerMixin):
@@ -105,12 +105,17 @@ def build_step_mask(cache_mask: torch.Tensor, cache_len: int) -> torch.Tensor:
 class ModelRunner:
     """Owns the model; times every forward pass."""
 
-    def __init__(self, model: Any, device: torch.device, narrow_linear: bool = True) -> None:
+    def __init__(self, model: Any, device: torch.device, narrow_linear: bool = True,
+                 narrow_kernel: KernelName = "auto") -> None:
         self.model, self.device = model, device
         self.shape = model_shape(model.config)
         self.forward_s = 0.0  # cumulative; the engine reads deltas
-        # CPU: the decode batch's linears in MKL's fast orientation for few rows (engine/narrow_linear.py).
+        # CPU: the decode batch's linears through a kernel fast for a few rows (engine/narrow_linear.py).
         self.narrow = NarrowLinear.install(model) if narrow_linear and device.type == "cpu" else None
+        self.narrow_kernel: str = "off"  # which kernel the decode batch's linears use: off, compiled, transposed
+        self._row_kernel: RowKernel | None = None
+        if self.narrow is not None:
+            self.narrow_kernel, self._row_kernel = resolve_kernel(narrow_kernel)
 
     @torch.no_grad()
     def prefill(self, token_ids: list[int]) -> tuple[RowKV, torch.Tensor]:
@@ -139,7 +144,8 @@ class ModelRunner:
         cache_len = cache.length
         cache.set_step_mask(real)
         mask = build_step_mask(cache.mask_view(extra=t), cache_len)
-        with self.narrow.active() if self.narrow is not None else contextlib.nullcontext():
+        narrow = self.narrow.active(self._row_kernel) if self.narrow is not None and self._row_kernel else None
+        with narrow or contextlib.nullcontext():
             out = self.model(
                 input_ids=input_ids.to(self.device),
                 position_ids=positions.to(self.device),

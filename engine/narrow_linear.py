@@ -1,19 +1,23 @@
-"""Linear layers on a few rows, in the orientation MKL runs fast on CPU.
+"""Linear layers on a few rows (the decode batch) with a kernel that is fast for that shape on CPU.
 
-`F.linear(x, W)` computes `x @ W.T`. With a handful of rows (a decode batch) and weights that stream from
-DRAM, MKL's kernel for that orientation is slow on this class of CPU, while `(W @ x.T).T` — the same
-product, the same weight, no copy of it — runs at the speed of one row. Measured with 2 threads, the 30
-layers' linears of SmolLM2-135M with weights streaming from DRAM: 58 ms vs 35 ms at 2 rows, 65 vs 29 at 4,
-62 vs 43 at 16; the 49152 x 576 LM head: 22-33 ms vs 7-13 ms at 2-8 rows (benchmarks/NOTES.md,
-`python -m benchmarks.step_profile`).
+`F.linear(x, W)` on 1-16 rows streams every weight once per call, so a decode step is bound by memory
+bandwidth; MKL, which `F.linear` calls, reaches only ~11 GB/s there on the 2-core AMD EPYC this project
+measures on (one thread for one row; slower still for 2-16 rows). Two kernels do better (benchmarks/NOTES.md,
+`python -m benchmarks.step_profile`):
 
-`NarrowLinear.install(model)` gives each of the model's `nn.Linear` modules a forward that, while the
-engine's decode forward runs (`with narrow.active():`), computes `F.linear` on 2..`max_rows` rows as
-`(W @ x.T).T + b`, and otherwise is exactly `F.linear`. The model's code, modules and weights stay as they
-are; only the kernel of its linear layers changes, and only inside the engine's decode step. One row keeps
-`F.linear` (a matrix-vector product either way); wide inputs (prompts) keep it too, where MKL's usual kernel
-is faster. Results differ from `F.linear`'s only in summation order, as `F.linear`'s own do between 1 and
-16 rows; the exactness tests compare the engine against solo `generate` with it on.
+* `compiled` (engine/kernels/skinny_linear.cpp, built by engine/cpu_kernel.py): an AVX2/FMA kernel that splits
+  the weight's rows over torch's threads, 1-16 rows, float32; ~20-24 GB/s. A row's result does not depend on
+  the other rows of its batch (fixed summation order per element).
+* `transposed`: `(W @ x.T).T`, the same product in the orientation MKL runs fast for 2-16 rows; no build
+  needed, the fallback where the compiled kernel cannot run (no AVX2, no compiler).
+
+`NarrowLinear.install(model)` gives each of the model's `nn.Linear` modules a forward that, while an engine's
+decode forward runs (`with narrow.active(kernel):`), uses that engine's kernel for inputs of at most
+`max_rows` rows, and otherwise is exactly `F.linear`. The model's code, modules and weights stay as they are;
+only the kernel of its linear layers changes, and only inside the engine's decode step. Wide inputs (prompts)
+keep `F.linear`, where MKL's usual kernel is faster. Results differ from `F.linear`'s only in summation
+order, as `F.linear`'s own do between 1 and 16 rows; the exactness tests compare the engine against solo
+`generate` with each kernel.
 
 (A torch function mode would do the same without touching the modules, but it puts every torch call of the
 forward, ~3000 per step, through Python: +17 ms per step here, most of the gain.)
@@ -24,30 +28,84 @@ from __future__ import annotations
 import contextlib
 import functools
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Literal
 
 import torch
 
+from engine import cpu_kernel
+
 _LINEAR = torch.nn.functional.linear
 _ATTR = "_baton_narrow_linear"  # where a model keeps its switch, so engines sharing it share one
-MAX_ROWS = 16  # measured from 2 to 16 rows (benchmarks/step_profile.py); wider inputs keep F.linear
+MAX_ROWS = 16  # measured from 1 to 16 rows (benchmarks/step_profile.py); wider inputs keep F.linear
+
+KernelName = Literal["auto", "compiled", "transposed"]
+# (x [..., in], weight [out, in], bias [out] | None) -> x @ weight.T + bias, or None where it does not apply
+RowKernel = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], "torch.Tensor | None"]
+
+
+def _rows(x: torch.Tensor, max_rows: int, min_rows: int) -> int | None:
+    if x.device.type != "cpu" or x.dim() < 2 or x.shape[-1] == 0:
+        return None
+    rows = x.numel() // x.shape[-1]
+    return rows if min_rows <= rows <= max_rows else None
+
+
+def transposed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+                      max_rows: int = MAX_ROWS) -> torch.Tensor | None:
+    """`F.linear(x, weight, bias)` as `(weight @ x.T).T` for 2..max_rows rows on CPU; None where it does not
+    apply (the caller then runs `F.linear`)."""
+    rows = _rows(x, max_rows, 2)
+    if rows is None or weight.dim() != 2 or x.dtype != weight.dtype:
+        return None
+    out = torch.mm(weight, x.reshape(rows, x.shape[-1]).t()).t()
+    if bias is not None:
+        out = out + bias
+    return out.contiguous().view(*x.shape[:-1], weight.shape[0])
+
+
+def compiled_linear(kernel: cpu_kernel.Kernel, x: torch.Tensor, weight: torch.Tensor,
+                    bias: torch.Tensor | None = None, *, max_rows: int = MAX_ROWS) -> torch.Tensor | None:
+    """`F.linear(x, weight, bias)` through the compiled kernel for 1..max_rows float32 rows on CPU; None where
+    it does not apply."""
+    rows = _rows(x, max_rows, 1)
+    if (rows is None or weight.dim() != 2 or x.dtype != torch.float32 or weight.dtype != torch.float32
+            or not weight.is_contiguous()):
+        return None
+    out = kernel(x.reshape(rows, x.shape[-1]).contiguous(), weight)
+    if bias is not None:
+        out = out + bias
+    return out.view(*x.shape[:-1], weight.shape[0])
+
+
+def resolve_kernel(name: KernelName, max_rows: int = MAX_ROWS) -> tuple[str, RowKernel]:
+    """The kernel an engine uses, by name: `auto` is `compiled` where it runs here, else `transposed`.
+    Raises ValueError for `compiled` where it cannot run (the reason is in the message)."""
+    if name not in ("auto", "compiled", "transposed"):
+        raise ValueError(f"narrow_kernel must be auto, compiled or transposed, got {name!r}")
+    if name != "transposed":
+        compiled = cpu_kernel.skinny_linear()
+        if compiled is not None:
+            return "compiled", functools.partial(compiled_linear, compiled, max_rows=max_rows)
+        if name == "compiled":
+            raise ValueError(f"narrow_kernel='compiled' cannot run here: {cpu_kernel.why_not()}")
+    return "transposed", functools.partial(transposed_linear, max_rows=max_rows)
 
 
 class NarrowLinear:
-    """The switch shared by every engine on one model: `install` once per model, `active()` per forward."""
+    """The switch shared by every engine on one model: `install` once per model, `active(kernel)` per forward."""
 
-    def __init__(self, max_rows: int) -> None:
-        self.max_rows = max_rows
+    def __init__(self) -> None:
         self._active = threading.local()
 
     @staticmethod
-    def install(model: torch.nn.Module, max_rows: int = MAX_ROWS) -> NarrowLinear:
+    def install(model: torch.nn.Module) -> NarrowLinear:
         """The model's switch, installing the forwards on its first call. Modules whose forward is already
         replaced per instance (e.g. accelerate's offloading hooks) are left alone."""
         existing = getattr(model, _ATTR, None)
         if isinstance(existing, NarrowLinear):
             return existing
-        narrow = NarrowLinear(max_rows)
+        narrow = NarrowLinear()
         for module in model.modules():
             if type(module) is torch.nn.Linear and "forward" not in module.__dict__:
                 module.forward = functools.partial(narrow._forward, module)  # type: ignore[method-assign]
@@ -55,33 +113,18 @@ class NarrowLinear:
         return narrow
 
     @contextlib.contextmanager
-    def active(self) -> Iterator[None]:
-        """Within this block (this thread only), the model's linears use the narrow kernel."""
-        self._active.on = True
+    def active(self, kernel: RowKernel) -> Iterator[None]:
+        """Within this block (this thread only), the model's linears try `kernel` first."""
+        self._active.kernel = kernel
         try:
             yield
         finally:
-            self._active.on = False
+            self._active.kernel = None
 
     def _forward(self, module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
-        if getattr(self._active, "on", False):
-            out = narrow_linear(x, module.weight, module.bias, max_rows=self.max_rows)
+        kernel = getattr(self._active, "kernel", None)
+        if kernel is not None:
+            out = kernel(x, module.weight, module.bias)
             if out is not None:
                 return out
         return _LINEAR(x, module.weight, module.bias)
-
-
-def narrow_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
-                  max_rows: int = MAX_ROWS) -> torch.Tensor | None:
-    """`F.linear(x, weight, bias)` as `(weight @ x.T).T` for 2..max_rows rows on CPU; None where it does not
-    apply (the caller then runs `F.linear`)."""
-    if x.device.type != "cpu" or weight.dim() != 2 or x.dim() < 2 or x.dtype != weight.dtype:
-        return None
-    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    if not 2 <= rows <= max_rows:
-        return None
-    flat = x.reshape(rows, x.shape[-1])
-    out = torch.mm(weight, flat.t()).t()
-    if bias is not None:
-        out = out + bias
-    return out.contiguous().view(*x.shape[:-1], weight.shape[0])

@@ -6,6 +6,7 @@
 #                         which torch build to install (default: cuda if `nvidia-smi -L` lists a GPU, else cpu)
 #   BATON_TORCH_SPEC=...  the pip requirement for torch (default: torch==2.13.0 for cpu, torch for cuda)
 #   BATON_PYTHON=python3  the interpreter that creates the venv
+#   BATON_CPU_KERNEL=0    do not build (nor use) the compiled CPU decode kernel (engine/cpu_kernel.py)
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="${BATON_VENV:-$root/.venv}"
@@ -16,7 +17,7 @@ stamp="$venv/.baton-setup-stamp"
 log() { printf '[setup] %s\n' "$*" >&2; }
 
 # Skip the whole install when nothing relevant changed since the last successful run.
-want_stamp="$(cat "$root/pyproject.toml" "$root/scripts/setup.sh" | sha256sum | cut -c1-16)-$extras"
+want_stamp="$(cat "$root/pyproject.toml" "$root/scripts/setup.sh" "$root"/engine/kernels/*.cpp | sha256sum | cut -c1-16)-$extras"
 if [[ -x "$venv/bin/python" && -f "$stamp" && "$(cat "$stamp")" == "$want_stamp" ]]; then
   log "environment up to date: $venv"
   exit 0
@@ -77,5 +78,13 @@ ggufs = sorted(d.glob("*.gguf"))
 assert ggufs, f"no .gguf file in {d}"
 print(f"[setup] default model: {ggufs[0]}")
 PY
+# The CPU decode kernel (engine/cpu_kernel.py): built once here so no server or test waits for it. Where it
+# cannot build (no AVX2, no compiler) the engine falls back to another kernel, so this never fails the setup.
+if [[ "${BATON_CPU_KERNEL:-1}" != 0 ]]; then
+  log "building the CPU decode kernel (about a minute on 2 cores; BATON_CPU_KERNEL=0 skips it)"
+  (cd "$root" && "$venv/bin/python" -m engine.cpu_kernel) || true
+else
+  log "BATON_CPU_KERNEL=0: not building the CPU decode kernel"
+fi
 echo "$want_stamp" > "$stamp"
 log "done"

@@ -1,26 +1,104 @@
-"""The CPU narrow-linear kernel: the same product as F.linear, used only inside the engine's decode step."""
+"""The CPU kernels for a decode batch's linear layers: the same product as F.linear, used only inside the
+engine's decode step; the compiled one gives each row a result that does not depend on its batch."""
 
 from __future__ import annotations
 
+import shutil
+
+import pytest
 import torch
 
-from engine.narrow_linear import MAX_ROWS, NarrowLinear, narrow_linear
+from engine import cpu_kernel
+from engine.narrow_linear import MAX_ROWS, NarrowLinear, compiled_linear, resolve_kernel, transposed_linear
 from tests.helpers import make_engine, mismatches, random_workload, run_workload, solo_greedy
 
 
-def test_narrow_linear_is_f_linear_up_to_summation_order() -> None:
+def test_transposed_linear_is_f_linear_up_to_summation_order() -> None:
     torch.manual_seed(0)
     w, b = torch.randn(300, 64, dtype=torch.float64), torch.randn(300, dtype=torch.float64)
     for shape in [(2, 64), (5, 1, 64), (4, 4, 64), (MAX_ROWS, 64)]:
         x = torch.randn(*shape, dtype=torch.float64)
         for bias in (None, b):
-            got = narrow_linear(x, w, bias, max_rows=MAX_ROWS)
+            got = transposed_linear(x, w, bias, max_rows=MAX_ROWS)
             assert got is not None and got.is_contiguous()
             assert torch.allclose(got, torch.nn.functional.linear(x, w, bias), rtol=1e-12, atol=1e-12)
     # Where it does not apply, the caller runs F.linear: one row, too many rows, mixed dtypes.
-    assert narrow_linear(torch.randn(1, 64, dtype=torch.float64), w) is None
-    assert narrow_linear(torch.randn(MAX_ROWS + 1, 64, dtype=torch.float64), w, max_rows=MAX_ROWS) is None
-    assert narrow_linear(torch.randn(3, 64), w) is None
+    assert transposed_linear(torch.randn(1, 64, dtype=torch.float64), w) is None
+    assert transposed_linear(torch.randn(MAX_ROWS + 1, 64, dtype=torch.float64), w, max_rows=MAX_ROWS) is None
+    assert transposed_linear(torch.randn(3, 64), w) is None
+
+
+def test_the_compiled_kernel_builds_wherever_it_can_run() -> None:
+    """CI must exercise the compiled kernel, not fall back silently: with AVX2 and a C++ compiler it loads."""
+    if not cpu_kernel.cpu_supports_it() or shutil.which("c++") is None:
+        pytest.skip("no AVX2/FMA or no C++ compiler: the engine uses the transposed kernel here")
+    assert cpu_kernel.skinny_linear() is not None, cpu_kernel.why_not()
+    assert resolve_kernel("auto")[0] == "compiled"
+
+
+@pytest.fixture(scope="module")
+def kernel() -> cpu_kernel.Kernel:
+    compiled = cpu_kernel.skinny_linear()
+    if compiled is None:
+        pytest.skip(f"compiled kernel unavailable: {cpu_kernel.why_not()}")
+    return compiled
+
+
+@pytest.mark.parametrize(("out", "inp"), [(300, 64), (9, 70), (1, 8), (6, 3), (49, 576)])
+def test_compiled_kernel_is_f_linear_up_to_summation_order(kernel, out: int, inp: int) -> None:
+    """Every branch of the kernel: weight rows in blocks of 4 and the out % 4 rest, input rows in pairs and
+    an odd last one, the in % 8 tail; a bias, a 3-D input and a non-contiguous one."""
+    torch.manual_seed(out * 1000 + inp)
+    w, b = torch.randn(out, inp), torch.randn(out)
+    for rows in range(1, MAX_ROWS + 1):
+        x = torch.randn(rows, inp)
+        exact = (x.double() @ w.double().T).float()
+        got = kernel(x, w)
+        assert got.shape == (rows, out) and got.is_contiguous()
+        assert torch.allclose(got, exact, rtol=1e-5, atol=1e-5 * inp ** 0.5), (rows, (got - exact).abs().max())
+    x3 = torch.randn(3, 1, inp)
+    assert torch.allclose(compiled_linear(kernel, x3, w, b), torch.nn.functional.linear(x3, w, b), atol=1e-4)
+    strided = torch.randn(inp, 5).t()  # [5, inp], not contiguous
+    assert torch.allclose(compiled_linear(kernel, strided, w), torch.nn.functional.linear(strided, w), atol=1e-4)
+
+
+def test_compiled_kernel_gives_a_row_the_same_bits_alone_and_in_any_batch(kernel) -> None:
+    """A row's output is the same bits whatever rows share its batch: what makes the decode batch's linears
+    batch-invariant. Fails if the kernel mixed rows or its summation order depended on the row count."""
+    torch.manual_seed(1)
+    w = torch.randn(303, 77)  # out % 4 != 0 and in % 8 != 0: every branch
+    x = torch.randn(MAX_ROWS, 77)
+    alone = torch.cat([kernel(x[r:r + 1].contiguous(), w) for r in range(MAX_ROWS)])
+    for rows in range(1, MAX_ROWS + 1):
+        for start in (0, MAX_ROWS - rows):
+            got = kernel(x[start:start + rows].contiguous(), w)
+            assert torch.equal(got, alone[start:start + rows]), (rows, start)
+    old = torch.get_num_threads()
+    try:  # nor does it depend on how the weight's rows are split over threads
+        torch.set_num_threads(1)
+        assert torch.equal(kernel(x, w), alone)
+    finally:
+        torch.set_num_threads(old)
+
+
+def test_compiled_linear_declines_what_it_does_not_cover(kernel) -> None:
+    w = torch.randn(8, 16)
+    assert compiled_linear(kernel, torch.randn(MAX_ROWS + 1, 16), w) is None  # a prompt: F.linear
+    assert compiled_linear(kernel, torch.randn(2, 16, dtype=torch.float64), w.double()) is None
+    assert compiled_linear(kernel, torch.randn(2, 16), torch.randn(16, 8).t()) is None  # non-contiguous weight
+    with pytest.raises(RuntimeError, match="float32"):
+        kernel(torch.randn(2, 16, dtype=torch.float64), w.double())
+
+
+def test_resolve_kernel_by_name(monkeypatch) -> None:
+    assert resolve_kernel("transposed")[0] == "transposed"
+    with pytest.raises(ValueError, match="narrow_kernel"):
+        resolve_kernel("fastest")  # type: ignore[arg-type]
+    monkeypatch.setitem(cpu_kernel._loaded, cpu_kernel.NAME, None)
+    monkeypatch.setattr(cpu_kernel, "_why_not", ["no compiler here"])
+    assert resolve_kernel("auto")[0] == "transposed"  # auto falls back
+    with pytest.raises(ValueError, match="no compiler here"):
+        resolve_kernel("compiled")  # asked for by name: a clear error, not a silent fallback
 
 
 def test_installed_forward_is_f_linear_outside_the_engine_step(tiny_model) -> None:
@@ -31,30 +109,38 @@ def test_installed_forward_is_f_linear_outside_the_engine_step(tiny_model) -> No
     assert linears and all("forward" in m.__dict__ for m in linears)
     x = torch.randn(4, 64, dtype=torch.float64)
     q = model.model.layers[0].self_attn.q_proj
-    calls: list[int] = []
-    original = torch.mm
+    calls: list[tuple[int, ...]] = []
 
-    def counting_mm(*args, **kwargs):  # type: ignore[no-untyped-def]
-        calls.append(1)
-        return original(*args, **kwargs)
+    def recording(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor | None:
+        calls.append(tuple(x.shape))
+        return transposed_linear(x, w, b)
 
-    torch.mm = counting_mm  # type: ignore[assignment]
-    try:
-        outside = q(x)
-        assert calls == []  # not active: plain F.linear
-        with narrow.active():
-            inside = q(x)
-        assert calls == [1]  # active: the narrow kernel ran
-    finally:
-        torch.mm = original  # type: ignore[assignment]
+    outside = q(x)
+    assert calls == []  # not active: plain F.linear
+    with narrow.active(recording):
+        inside = q(x)
+    assert calls == [(4, 64)]  # active: the engine's kernel ran
+    assert q(x).shape == outside.shape and calls == [(4, 64)]  # and is off again after the block
     assert torch.allclose(inside, outside, rtol=1e-12, atol=1e-12)
 
 
-def test_engine_with_and_without_it_is_token_identical_to_solo_generate(tiny_model) -> None:
+@pytest.mark.parametrize("kernel_name", ["compiled", "transposed"])
+def test_engine_with_each_kernel_is_token_identical_to_solo_generate(default_model, kernel_name) -> None:
+    """float32 (the compiled kernel's dtype), the real model: every decode step's linears go through the kernel."""
+    if kernel_name == "compiled" and cpu_kernel.skinny_linear() is None:
+        pytest.skip(f"compiled kernel unavailable: {cpu_kernel.why_not()}")
+    work = random_workload(seed=11, n=8, vocab=default_model.model.config.vocab_size, prompt_len=(1, 60),
+                           max_tokens=(1, 24), arrival_span=8)
+    reference = {w["id"]: solo_greedy(default_model.model, w["prompt"], w["max_tokens"]) for w in work}
+    engine = make_engine(default_model, policy="baton-pd", max_batch_size=6, narrow_kernel=kernel_name)
+    assert engine.runner.narrow_kernel == kernel_name
+    assert mismatches(run_workload(engine, work), reference) == []
+
+
+def test_engine_without_it_uses_f_linear(tiny_model) -> None:
     work = random_workload(seed=3, n=12, vocab=tiny_model.model.config.vocab_size, prompt_len=(1, 40),
                            max_tokens=(1, 20), arrival_span=10)
     reference = {w["id"]: solo_greedy(tiny_model.model, w["prompt"], w["max_tokens"]) for w in work}
-    for on in (True, False):
-        engine = make_engine(tiny_model, policy="baton-pd", max_batch_size=6, narrow_linear=on)
-        assert (engine.runner.narrow is not None) == on
-        assert mismatches(run_workload(engine, work), reference) == []
+    engine = make_engine(tiny_model, policy="baton-pd", max_batch_size=6, narrow_linear=False)
+    assert engine.runner.narrow is None and engine.runner.narrow_kernel == "off"
+    assert mismatches(run_workload(engine, work), reference) == []
