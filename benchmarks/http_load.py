@@ -15,17 +15,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import gc
 import json
-import logging
 import os
 import platform
-import socket
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -37,10 +34,10 @@ from benchmarks import plots
 from benchmarks.compare import _f, _pct
 from benchmarks.meters import TreeCpuMeter
 from benchmarks.plain_serve import DEFAULT_BATCH_WAIT_S
+from benchmarks.serve_local import serve_instance
 from benchmarks.workloads import FULL_LENGTHS, SMOKE_LENGTHS, BenchRequest, LengthSpec, Workload, anyscale
 
 RESULTS = Path(__file__).resolve().parent / "results"
-REPO = Path(__file__).resolve().parents[1]
 SYSTEMS = ("baton", "plain")  # the order they run in
 LABELS = {"baton": "BATON (baton-pd)", "plain": "@serve.batch + generate"}
 APP_NAMES = {"baton": "http-load-baton", "plain": "http-load-plain"}
@@ -134,41 +131,6 @@ def build_app(system: str, plan: Plan) -> Any:
         return deployment.bind(plan.model, "float32", plan.threads, plan.max_batch_size,
                                plan.batch_wait_timeout_s)
     raise ValueError(f"unknown system {system!r}; choose from {SYSTEMS}")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@contextlib.contextmanager
-def serve_instance(base_url: str | None = None, num_cpus: int = 4) -> Iterator[str]:
-    """The HTTP base URL of a Serve instance. With `base_url` (Serve already running, e.g. a test fixture)
-    nothing is started or stopped. Otherwise: `ray.init` unless Ray is already up, Serve on 127.0.0.1 at a
-    free port, and at the end `serve.shutdown()` (+ `ray.shutdown()` if Ray was started here)."""
-    if base_url is not None:
-        yield base_url.rstrip("/")
-        return
-    import ray
-    from ray import serve
-
-    started_ray = not ray.is_initialized()
-    if started_ray:
-        pythonpath = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
-        ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False,
-                 runtime_env={"env_vars": {"PYTHONPATH": pythonpath, "TOKENIZERS_PARALLELISM": "false",
-                                           "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}})
-    port = free_port()
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        try:
-            serve.shutdown()
-        finally:
-            if started_ray:
-                ray.shutdown()
 
 
 # ---- the client --------------------------------------------------------------------------------------------------

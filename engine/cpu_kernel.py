@@ -14,6 +14,7 @@ OpenMP pool in the process would cost every parallel region its spin-wait (bench
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -79,6 +80,7 @@ def _load() -> Kernel | None:
     t0 = time.perf_counter()
     try:
         directory.mkdir(parents=True, exist_ok=True)
+        _clear_stale_lock(directory)
         built_before = any(directory.glob(f"{NAME}*.so"))
         if not built_before:
             log.warning("building the CPU decode kernel into %s (once per environment, about a minute)", directory)
@@ -91,6 +93,20 @@ def _load() -> Kernel | None:
     if not built_before:
         log.warning("CPU decode kernel ready (%.0f s)", time.perf_counter() - t0)
     return kernel
+
+
+STALE_LOCK_S = 600.0  # a build takes ~20-60 s; a lock this old belongs to a build that was killed
+
+
+def _clear_stale_lock(directory: Path) -> None:
+    """torch's build lock is a file that a killed build leaves behind, and every later load would wait on it
+    forever: remove it once it is far older than any build."""
+    lock = directory / "lock"
+    with contextlib.suppress(FileNotFoundError):
+        age = time.time() - lock.stat().st_mtime
+        if age > STALE_LOCK_S:
+            log.warning("removing a stale kernel build lock (%.0f s old): %s", age, lock)
+            lock.unlink()
 
 
 def _fail(reason: str) -> Kernel | None:

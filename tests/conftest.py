@@ -82,26 +82,8 @@ def ray_serve(metrics_port: int) -> Iterator[str]:
     it. Yields the HTTP base URL. Ray workers get the repository root on PYTHONPATH so classes and factories
     from tests/ and benchmarks/ (e.g. the fake front `tests.deployments.fake_engine.FakeAsyncEngine`) can be
     unpickled on the replicas."""
-    import ray
-    from ray import serve
+    from benchmarks.serve_local import serve_instance
 
-    from tests.deployments.serve_testing import free_port
-
-    pythonpath = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
-    port = free_port()
-    ray.init(
-        num_cpus=4,
-        include_dashboard=False,
-        runtime_env={"env_vars": {"PYTHONPATH": pythonpath}},
-        logging_level="WARNING",
-        log_to_driver=bool(os.environ.get("BATON_TEST_RAY_LOGS")),
-        _metrics_export_port=metrics_port,
-    )
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        try:
-            serve.shutdown()
-        finally:
-            ray.shutdown()
+    with serve_instance(num_cpus=4, log_to_driver=bool(os.environ.get("BATON_TEST_RAY_LOGS")),
+                        _metrics_export_port=metrics_port) as url:
+        yield url

@@ -3,20 +3,14 @@
 from __future__ import annotations
 
 import functools
-import socket
 import time
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 
+from benchmarks.serve_local import free_port  # noqa: F401  (re-exported: one loopback port helper)
 from tests.deployments.fake_engine import FakeAsyncEngine
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_until(
