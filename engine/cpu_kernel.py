@@ -39,11 +39,14 @@ _why_not: list[str] = []
 
 
 def build_dir() -> Path:
+    """Where the kernel is built: BATON_KERNEL_DIR, else inside the virtual environment where that is writable
+    (one build per environment), else the user's cache."""
     configured = os.environ.get("BATON_KERNEL_DIR")
     if configured:
         return Path(configured)
-    if sys.prefix != sys.base_prefix:  # inside a virtual environment: one build per environment
-        return Path(sys.prefix) / "baton-kernels"
+    in_venv = Path(sys.prefix) / "baton-kernels"
+    if sys.prefix != sys.base_prefix and (in_venv.is_dir() or os.access(sys.prefix, os.W_OK)):
+        return in_venv
     return Path.home() / ".cache" / "baton-kernels"
 
 

@@ -11,6 +11,7 @@ Two kinds of pass, as plain functions of their inputs:
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +21,8 @@ from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
 
 from engine.kv_cache import BatchKVCache, RowKV
 from engine.narrow_linear import KernelName, NarrowLinear, RowKernel, resolve_kernel
+
+log = logging.getLogger(__name__)
 
 
 class _ShapedLayer(CacheLayerMixin):
@@ -116,6 +119,8 @@ class ModelRunner:
         self._row_kernel: RowKernel | None = None
         if self.narrow is not None:
             self.narrow_kernel, self._row_kernel = resolve_kernel(narrow_kernel)
+        log.info("decode batch's linear layers: %s",
+                 "F.linear" if self.narrow_kernel == "off" else f"the {self.narrow_kernel} kernel")
 
     @torch.no_grad()
     def prefill(self, token_ids: list[int]) -> tuple[RowKV, torch.Tensor]:

@@ -71,3 +71,16 @@ def test_a_stale_build_lock_is_removed_and_a_fresh_one_kept(tmp_path: Path) -> N
     cpu_kernel._clear_stale_lock(tmp_path)
     assert not lock.exists()
     cpu_kernel._clear_stale_lock(tmp_path)  # and no lock at all is fine
+
+
+def test_build_dir_is_configurable_and_never_an_unwritable_environment(monkeypatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("BATON_KERNEL_DIR", str(tmp_path / "k"))
+    assert cpu_kernel.build_dir() == tmp_path / "k"
+    monkeypatch.delenv("BATON_KERNEL_DIR")
+    read_only_env = tmp_path / "env"
+    read_only_env.mkdir()
+    monkeypatch.setattr(cpu_kernel.sys, "prefix", str(read_only_env))
+    monkeypatch.setattr(cpu_kernel.sys, "base_prefix", "/usr")
+    assert cpu_kernel.build_dir() == read_only_env / "baton-kernels"  # a writable environment: inside it
+    monkeypatch.setattr(cpu_kernel.os, "access", lambda path, mode: False)
+    assert cpu_kernel.build_dir() == Path.home() / ".cache" / "baton-kernels"  # read-only: the user's cache
