@@ -67,15 +67,18 @@ def transposed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
 def compiled_linear(kernel: cpu_kernel.Kernel, x: torch.Tensor, weight: torch.Tensor,
                     bias: torch.Tensor | None = None, *, max_rows: int = MAX_ROWS) -> torch.Tensor | None:
     """`F.linear(x, weight, bias)` through the compiled kernel for 1..max_rows float32 rows on CPU; None where
-    it does not apply."""
-    rows = _rows(x, max_rows, 1)
-    if (rows is None or weight.dim() != 2 or x.dtype != torch.float32 or weight.dtype != torch.float32
-            or not weight.is_contiguous()):
+    it does not apply. (Runs ~200 times per decode step: the checks are ordered cheapest first.)"""
+    if x.dtype is not torch.float32 or weight.dtype is not torch.float32 or x.device.type != "cpu":
         return None
-    out = kernel(x.reshape(rows, x.shape[-1]).contiguous(), weight)
+    shape = x.shape
+    width = shape[-1] if shape else 0
+    rows = x.numel() // width if width else 0
+    if not 1 <= rows <= max_rows or weight.dim() != 2 or not weight.is_contiguous():
+        return None
+    out = kernel(x.reshape(rows, width).contiguous(), weight)
     if bias is not None:
         out = out + bias
-    return out.view(*x.shape[:-1], weight.shape[0])
+    return out.view(*shape[:-1], weight.shape[0])
 
 
 def resolve_kernel(name: KernelName, max_rows: int = MAX_ROWS) -> tuple[str, RowKernel]:
@@ -92,11 +95,15 @@ def resolve_kernel(name: KernelName, max_rows: int = MAX_ROWS) -> tuple[str, Row
     return "transposed", functools.partial(transposed_linear, max_rows=max_rows)
 
 
+class _Active(threading.local):
+    kernel: RowKernel | None = None  # per thread: the kernel of the decode forward running on it, if any
+
+
 class NarrowLinear:
     """The switch shared by every engine on one model: `install` once per model, `active(kernel)` per forward."""
 
     def __init__(self) -> None:
-        self._active = threading.local()
+        self._active = _Active()
 
     @staticmethod
     def install(model: torch.nn.Module) -> NarrowLinear:
@@ -122,7 +129,7 @@ class NarrowLinear:
             self._active.kernel = None
 
     def _forward(self, module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
-        kernel = getattr(self._active, "kernel", None)
+        kernel = self._active.kernel
         if kernel is not None:
             out = kernel(x, module.weight, module.bias)
             if out is not None:
