@@ -170,14 +170,19 @@ def _f(v: float | None, fmt: str, scale: float = 1.0) -> str:
     return "n/a" if v is None else format(v * scale, fmt)
 
 
+def provenance(m: dict[str, Any], *versions: str) -> str:
+    """How a report was made, from its meta: "`command` on start (machine; torch X, transformers Y[, ...])"."""
+    return (f"`{m['command']}` on {m['started']} ({m['machine']}; "
+            + ", ".join([f"torch {m['torch']}", f"transformers {m['transformers']}", *versions]) + ")")
+
+
 def markdown(report: dict[str, Any]) -> str:
     m = report["meta"]
     lines = [
         f"# Comparison ({'smoke, ' if m['smoke'] else ''}{m['model']}, {m['dtype']}, {m['threads']} threads, "
         f"{m['max_batch_size']} rows)",
         "",
-        f"`{m['command']}` on {m['started']} ({m['machine']}; torch {m['torch']}, transformers "
-        f"{m['transformers']}); 1-min load average {m['load_average_1min'][0]:.2f} at start, "
+        f"{provenance(m)}; 1-min load average {m['load_average_1min'][0]:.2f} at start, "
         f"{m['load_average_1min'][1]:.2f} at end (2 cores; other jobs share the machine, so timings are noisy).",
         f"Prompts: {m['prompts']}.",
         "",

@@ -31,8 +31,8 @@ import httpx
 from tqdm import tqdm
 
 from benchmarks import plots
-from benchmarks.compare import _f, _pct
-from benchmarks.meters import TreeCpuMeter
+from benchmarks.compare import _f, _pct, provenance
+from benchmarks.meters import CpuMeter
 from benchmarks.plain_serve import DEFAULT_BATCH_WAIT_S
 from benchmarks.serve_local import serve_instance
 from benchmarks.workloads import FULL_LENGTHS, SMOKE_LENGTHS, BenchRequest, LengthSpec, Workload, anyscale
@@ -321,7 +321,7 @@ def run_system(system: str, plan: Plan, base_url: str, work: Workload) -> dict[s
             raise RuntimeError(f"{system}: the warm-up failed: {[asdict(o) for o in bad]}")
         before = _replica_info(system, url)
         load_before = os.getloadavg()[0]
-        with _progress_bar(work.useful_tokens, f"{system:>5} | measured") as bar, TreeCpuMeter() as cpu:
+        with _progress_bar(work.useful_tokens, f"{system:>5} | measured") as bar, CpuMeter(tree=True) as cpu:
             outcomes, wall = asyncio.run(drive(base_url, f"{prefix}/v1/completions", work.requests,
                                                plan.concurrency, plan.cap_s, progress=bar.update))
         result = summarize(outcomes, wall)
@@ -329,12 +329,12 @@ def run_system(system: str, plan: Plan, base_url: str, work: Workload) -> dict[s
         if "batch_sizes" in replica:  # the plain replica's batches during the measured phase (warm-up left out)
             replica["batch_sizes"] = replica["batch_sizes"][len(before.get("batch_sizes", [])):]
         result.update(label=LABELS[system], deploy_s=deploy_s, load_average_1min=[load_before, os.getloadavg()[0]],
-                      own_cpu_cores=cpu.tree_cores, other_cpu_cores=cpu.others_cores, replica=replica)
+                      own_cpu_cores=cpu.own_cores, other_cpu_cores=cpu.others_cores, replica=replica)
         tqdm.write(f"{system:>5} | {result['completed']}/{len(outcomes)} completed, "
                    f"{result['tokens_per_s']:.1f} tok/s, wall {wall:.1f} s, other CPU {cpu.others_cores:.2f} cores",
                    file=sys.stderr)
         if system == "baton" and plan.stream_pass:
-            with _progress_bar(work.useful_tokens, f"{system:>5} | streaming") as bar, TreeCpuMeter() as cpu:
+            with _progress_bar(work.useful_tokens, f"{system:>5} | streaming") as bar, CpuMeter(tree=True) as cpu:
                 s_out, s_wall = asyncio.run(drive(base_url, f"{prefix}/v1/completions", work.requests,
                                                   plan.concurrency, plan.cap_s, stream=True,
                                                   progress=bar.update))
@@ -347,12 +347,12 @@ def run_system(system: str, plan: Plan, base_url: str, work: Workload) -> dict[s
 # ---- report ------------------------------------------------------------------------------------------------------
 def markdown(report: dict[str, Any]) -> str:
     m = report["meta"]
+    made = provenance(m, f"ray {m['ray']}")
     lines = [
         f"# HTTP load: BATON deployment vs @serve.batch + generate ({'smoke, ' if m['smoke'] else ''}"
         f"{m['model']}, {m['dtype']}, {m['threads']} torch threads, {m['max_batch_size']} rows)",
         "",
-        f"`{m['command']}` on {m['started']} ({m['machine']}; torch {m['torch']}, transformers "
-        f"{m['transformers']}, ray {m['ray']}). Loopback HTTP through the Ray Serve proxy; "
+        f"{made}. Loopback HTTP through the Ray Serve proxy; "
         f"{m['requests']} requests, at most {m['concurrency']} in flight, cap {m['cap_s']:g} s per system.",
         f"Workload: {m['workload']['description']}; {m['workload']['summary']['output_tokens']['total']} "
         "output tokens in all.",

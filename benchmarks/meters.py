@@ -6,6 +6,7 @@ import ctypes
 import gc
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -131,22 +132,30 @@ def _malloc_trim() -> None:
 
 
 class CpuMeter:
-    """How much CPU this process and everyone else used during a run (Linux /proc/stat; zeros elsewhere).
+    """How much CPU "we" and everyone else used during a run (Linux /proc; zeros elsewhere).
 
-    `others_cores` = CPU-seconds used by other processes per wall second: ~0 on a quiet machine. With 2 torch
-    threads on 2 cores, anything well above 0 slows every parallel region (threads wait on a descheduled peer).
+    We are this process, or with `tree=True` this process and all its descendants (for an HTTP benchmark: the
+    client, and the Ray processes and replicas it started; a Ray instance started by another process, e.g.
+    `ray start`, counts as others). `others_cores` = CPU-seconds used by other processes per wall second: ~0
+    on a quiet machine. With 2 torch threads on 2 cores, anything well above 0 slows every parallel region
+    (threads wait on a descheduled peer).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, tree: bool = False) -> None:
+        import os
+
+        root = os.getpid()
+        self._ours: Callable[[], float] = (lambda: _tree_cpu_s(root)) if tree else _own_cpu_s
         self.wall_s = self.own_cpu_s = self.all_busy_s = 0.0
 
     def __enter__(self) -> CpuMeter:
-        self._t, self._own, self._busy = time.perf_counter(), _own_cpu_s(), _busy_cpu_s()
+        self._t, self._own, self._busy = time.perf_counter(), self._ours(), _busy_cpu_s()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.wall_s = time.perf_counter() - self._t
-        self.own_cpu_s = _own_cpu_s() - self._own
+        # A process of the tree that exited during the run takes its CPU time with it (rare: replicas live on).
+        self.own_cpu_s = max(0.0, self._ours() - self._own)
         self.all_busy_s = _busy_cpu_s() - self._busy
 
     @property
@@ -176,39 +185,6 @@ def _busy_cpu_s() -> float:
         return 0.0
     user, nice, system, _idle, _iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
     return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
-
-
-class TreeCpuMeter:
-    """CPU used during a run by this process with all its descendants (for an HTTP benchmark: the client, and
-    the Ray processes and replicas it started) and by every other process (Linux /proc; zeros elsewhere).
-
-    `others_cores` = CPU-seconds of processes outside the tree per wall second: the machine's noise, ~0 when
-    quiet. A Ray instance started by another process (e.g. `ray start`) counts as outside.
-    """
-
-    def __init__(self, root: int | None = None) -> None:
-        import os
-
-        self.root = os.getpid() if root is None else root
-        self.wall_s = self.tree_cpu_s = self.all_busy_s = 0.0
-
-    def __enter__(self) -> TreeCpuMeter:
-        self._t, self._tree, self._busy = time.perf_counter(), _tree_cpu_s(self.root), _busy_cpu_s()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.wall_s = time.perf_counter() - self._t
-        # A process of the tree that exited during the run takes its CPU time with it (rare: replicas live on).
-        self.tree_cpu_s = max(0.0, _tree_cpu_s(self.root) - self._tree)
-        self.all_busy_s = _busy_cpu_s() - self._busy
-
-    @property
-    def tree_cores(self) -> float:
-        return self.tree_cpu_s / self.wall_s if self.wall_s else 0.0
-
-    @property
-    def others_cores(self) -> float:
-        return max(0.0, self.all_busy_s - self.tree_cpu_s) / self.wall_s if self.wall_s else 0.0
 
 
 def _tree_cpu_s(root: int) -> float:

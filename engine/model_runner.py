@@ -149,8 +149,8 @@ class ModelRunner:
         cache_len = cache.length
         cache.set_step_mask(real)
         mask = build_step_mask(cache.mask_view(extra=t), cache_len)
-        narrow = self.narrow.active(self._row_kernel) if self.narrow is not None and self._row_kernel else None
-        with narrow or contextlib.nullcontext():
+        narrow = self.narrow.active(self._row_kernel) if self.narrow and self._row_kernel else contextlib.nullcontext()
+        with narrow:
             out = self.model(
                 input_ids=input_ids.to(self.device),
                 position_ids=positions.to(self.device),

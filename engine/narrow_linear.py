@@ -67,18 +67,16 @@ def transposed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
 def compiled_linear(kernel: cpu_kernel.Kernel, x: torch.Tensor, weight: torch.Tensor,
                     bias: torch.Tensor | None = None, *, max_rows: int = MAX_ROWS) -> torch.Tensor | None:
     """`F.linear(x, weight, bias)` through the compiled kernel for 1..max_rows float32 rows on CPU; None where
-    it does not apply. (Runs ~200 times per decode step: the checks are ordered cheapest first.)"""
-    if x.dtype is not torch.float32 or weight.dtype is not torch.float32 or x.device.type != "cpu":
+    it does not apply."""
+    if x.dtype is not torch.float32 or weight.dtype is not torch.float32:
         return None
-    shape = x.shape
-    width = shape[-1] if shape else 0
-    rows = x.numel() // width if width else 0
-    if not 1 <= rows <= max_rows or weight.dim() != 2 or not weight.is_contiguous():
+    rows = _rows(x, max_rows, 1)
+    if rows is None or weight.dim() != 2 or not weight.is_contiguous():
         return None
-    out = kernel(x.reshape(rows, width).contiguous(), weight)
+    out = kernel(x.reshape(rows, x.shape[-1]).contiguous(), weight)
     if bias is not None:
         out = out + bias
-    return out.view(*shape[:-1], weight.shape[0])
+    return out.view(*x.shape[:-1], weight.shape[0])
 
 
 def resolve_kernel(name: KernelName, max_rows: int = MAX_ROWS) -> tuple[str, RowKernel]:
