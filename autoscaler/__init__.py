@@ -1,48 +1,30 @@
-"""Memory probes, the per-iteration capacity controller, and the Ray Serve replica autoscaling policy.
+"""What scales replicas and reads memory: the memory probes and the Ray Serve replica autoscaling policy.
 
-Nothing here imports torch or Ray at module import time (the Serve policy module may import Ray).
+The per-iteration capacity controller lives beside the scheduler it serves (engine/capacity.py,
+engine/memory_controller.py). Nothing here imports torch or Ray at module import time (the Serve policy
+module may import Ray).
 """
 
-from autoscaler.capacity import (
-    CapacityController,
-    CapacityDecision,
-    CapacitySnapshot,
-    FixedCapacityController,
-    MemoryReading,
-    Preemption,
-    QueuedInfo,
-    RowInfo,
-)
-from autoscaler.memory_controller import MemoryController, decide_capacity, predicted_peak_bytes
 from autoscaler.probes import (
+    PROBES,
     HostProbe,
     MemoryProbe,
+    MemoryReading,
     NvmlProbe,
     ProbeUnavailable,
     SimulatedProbe,
     TorchCudaProbe,
+    build_probe,
 )
-from autoscaler.registry import PROBES, build_controller, build_probe
 
 __all__ = [
     "PROBES",
-    "CapacityController",
-    "CapacityDecision",
-    "CapacitySnapshot",
-    "FixedCapacityController",
     "HostProbe",
-    "MemoryController",
     "MemoryProbe",
     "MemoryReading",
     "NvmlProbe",
-    "Preemption",
     "ProbeUnavailable",
-    "QueuedInfo",
-    "RowInfo",
     "SimulatedProbe",
     "TorchCudaProbe",
-    "build_controller",
     "build_probe",
-    "decide_capacity",
-    "predicted_peak_bytes",
 ]

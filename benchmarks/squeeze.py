@@ -33,13 +33,13 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from autoscaler.capacity import FixedCapacityController
-from autoscaler.memory_controller import MemoryController
 from autoscaler.probes import SimulatedProbe
 from benchmarks.models import tiny_llama
 from configs import EngineConfig
 from configs.controller import ControllerConfig
 from engine import BatonEngine, SamplingParams
+from engine.capacity import FixedCapacityController
+from engine.memory_controller import MemoryController
 from engine.model_loader import load_model
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -292,7 +292,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 def failed(result: dict[str, Any]) -> list[str]:
     """What makes the run a failure for CI: the controlled engine must finish everything within the budget.
-    (Token mismatches are reported, not failed: in float32 a near-tie may flip, design.md 3.4.)"""
+    (Token mismatches are reported, not failed: in float32 a near-tie may flip, docs/architecture.md, "Exactness".)"""
     c, n = result["controlled"], result["scenario"]["requests"]
     problems = []
     if c["stalled"] or c["completed"] != n:

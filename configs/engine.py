@@ -26,7 +26,7 @@ class EngineConfig(BaseModel):
     tokenizer: str | None = Field(default=None, description="Tokenizer location when it differs from `model`.")
     dtype: DTypeName = Field(default="float32", description="Weights and cache dtype; 'auto' is bfloat16 on CUDA.")
     device: str = Field(default="auto", description="'auto' (cuda if available, else cpu), 'cpu', 'cuda' or 'cuda:N'.")
-    policy: PolicyName = Field(default="baton-pd", description="Batching policy; see design.md 3.3.")
+    policy: PolicyName = Field(default="baton-pd", description="Batching policy; see docs/architecture.md, 'Policies'.")
     max_batch_size: int = Field(default=16, ge=1, description="Most rows the decode batch may hold.")
     max_model_len: int | None = Field(
         default=None, ge=2, description="Context limit (prompt + output); default: the model's own."

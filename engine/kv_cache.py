@@ -1,4 +1,4 @@
-"""The batched KV cache with vector shaping (design.md 3.2).
+"""The batched KV cache with vector shaping (docs/architecture.md, "The cache").
 
 Layout: one preallocated buffer for all layers,
     keys/values  [layers, row_capacity, kv_heads, col_capacity, head_dim]
@@ -15,6 +15,7 @@ larger) buffer, so the cost of that copy is amortised over many steps.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import torch
@@ -82,6 +83,11 @@ class BatchKVCache:
         """Bytes the live window occupies (padding included: it is real memory traffic)."""
         return self.rows * self.length * self.bytes_per_token
 
+    def length_without(self, request_ids: Collection[str]) -> int:
+        """Window length L once these rows are removed and the window trimmed (what `remove` would leave)."""
+        keep = [f for rid, f in zip(self.ids, self.first, strict=True) if rid not in request_ids]
+        return self.end - min(keep) if keep else 0
+
     def reserved_bytes(self) -> int:
         return self.keys.nbytes + self.values.nbytes + self.mask.nbytes
 
@@ -147,7 +153,7 @@ class BatchKVCache:
 
     # ---- vector shaping --------------------------------------------------------------------------
     def insert(self, request_id: str, kv: RowKV) -> None:
-        """Embed a request's KV as a new row (design.md 3.2 "Insert")."""
+        """Embed a request's KV as a new row (docs/architecture.md, "The cache")."""
         assert request_id not in self.ids, f"{request_id} already has a row"
         p, n = kv.length, self.rows
         grow = max(p - self.length, 0)
@@ -182,7 +188,7 @@ class BatchKVCache:
         return RowKV(self.keys[:, r].index_select(2, cols), self.values[:, r].index_select(2, cols))
 
     def remove(self, request_id: str) -> None:
-        """Remove a row (design.md 3.2 "Remove"): the last row moves into its slot, then trim."""
+        """Remove a row (docs/architecture.md, "The cache"): the last row moves into its slot, then trim."""
         r, last = self.row_of(request_id), self.rows - 1
         if r != last:
             s, e = self.start, self.end
@@ -196,15 +202,11 @@ class BatchKVCache:
         self.trim()
 
     def trim(self) -> None:
-        """Drop leading columns no remaining row uses (design.md 3.2 "trim")."""
+        """Drop leading columns no remaining row uses (docs/architecture.md, "The cache")."""
         if not self.ids:
             self.start = self.end
             return
         self.start = max(self.start, min(self.first))
-
-    def clear(self) -> None:
-        for rid in list(self.ids):
-            self.remove(rid)
 
     # ---- internals -------------------------------------------------------------------------------
     def _alloc(self, rows: int, cols: int) -> None:

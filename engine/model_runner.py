@@ -1,6 +1,7 @@
-"""Forward passes over an unmodified transformers causal LM.
+"""The model runner: executes an iteration's plan over an unmodified transformers causal LM.
 
-Two kinds of pass, as plain functions of their inputs:
+`execute(plan, cache)` applies the plan's cache changes, runs its forward passes and samples every token
+(one sampling entry point for prefill and decode), and returns a `StepResult`. Two kinds of pass:
 * `prefill(ids)`: one request alone, batch 1, no padding; returns its KV (for the prefilled pool) and the
   logits of its last position.
 * `batch_forward(cache, ...)`: the decode batch. The model sees our left-padded `BatchKVCache` through a
@@ -21,6 +22,8 @@ from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
 
 from engine.kv_cache import BatchKVCache, RowKV
 from engine.narrow_linear import KernelName, NarrowLinear, RowKernel, resolve_kernel
+from engine.plan import BatchRow, BatchShape, IterationPlan, Prefill, SampleSpec, StepResult
+from engine.sampler import sample
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +70,6 @@ class ModelShape:
     num_layers: int
     kv_heads: int
     head_dim: int
-    vocab_size: int
-    hidden_size: int
     max_position_embeddings: int
 
 
@@ -78,8 +79,6 @@ def model_shape(config: Any) -> ModelShape:
         num_layers=config.num_hidden_layers,
         kv_heads=getattr(config, "num_key_value_heads", None) or heads,
         head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
-        vocab_size=config.vocab_size,
-        hidden_size=config.hidden_size,
         max_position_embeddings=getattr(config, "max_position_embeddings", 2048),
     )
 
@@ -122,6 +121,76 @@ class ModelRunner:
         log.info("decode batch's linear layers: %s",
                  "F.linear" if self.narrow_kernel == "off" else f"the {self.narrow_kernel} kernel")
 
+    def execute(self, plan: IterationPlan, cache: BatchKVCache) -> StepResult:
+        """Apply `plan` to `cache` in its field order. A failed forward pass fails its requests, never the
+        engine: they come back in `StepResult.failed`."""
+        f0 = self.forward_s
+        for rid in plan.retire:
+            cache.remove(rid)
+        swapped = {}
+        for p in plan.preempt:
+            if p.mode == "swap":
+                swapped[p.request_id] = cache.extract(p.request_id).to("cpu")
+            cache.remove(p.request_id)
+        for j in plan.join:
+            cache.insert(j.request_id, j.kv if j.kv is not None else RowKV.empty_like(cache))
+        failed: dict[str, str] = {}
+        prefill_tokens, pooled = self._prefills(plan.prefill, cache, failed)
+        batch_tokens, shape = self._batch(plan.batch, prefill_tokens, cache, failed)
+        return StepResult(
+            prefill_tokens=prefill_tokens, pooled=pooled, batch_tokens=batch_tokens, swapped=swapped,
+            failed=failed, batch=shape,
+            prefill_computed=sum(len(p.token_ids) for p in plan.prefill if p.request_id in prefill_tokens),
+            forward_s=self.forward_s - f0, cache_columns=cache.length, cache_bytes=cache.used_bytes(),
+        )
+
+    def _prefills(self, prefills: tuple[Prefill, ...], cache: BatchKVCache, failed: dict[str, str]
+                  ) -> tuple[dict[str, int], dict[str, RowKV]]:
+        """Each prompt alone; its first token sampled; its KV embedded at once (a baton join) or pooled."""
+        tokens: dict[str, int] = {}
+        pooled: dict[str, RowKV] = {}
+        for p in prefills:
+            try:
+                kv, logits = self.prefill(list(p.token_ids))
+            except Exception as e:
+                log.exception("prefill of %s failed", p.request_id)
+                failed[p.request_id] = f"prefill failed: {e}"
+                continue
+            tokens[p.request_id] = self.sample(logits[None], [p.sample])[0]
+            if p.join:
+                cache.insert(p.request_id, kv)
+            else:
+                pooled[p.request_id] = kv
+        return tokens, pooled
+
+    def _batch(self, rows: tuple[BatchRow, ...], prefill_tokens: dict[str, int], cache: BatchKVCache,
+               failed: dict[str, str]) -> tuple[dict[str, int], BatchShape | None]:
+        """The batch forward over every row of the cache, then one token per sampled row."""
+        by_id = {r.request_id: r for r in rows if r.request_id not in failed}
+        assert sorted(by_id) == sorted(cache.ids), "the plan's batch rows must be the cache's rows"
+        if not by_id:
+            return {}, None
+        ordered = [by_id[rid] for rid in cache.ids]
+        feeds = [r.feed if r.feed is not None else (prefill_tokens[r.request_id],) for r in ordered]
+        try:
+            logits = self.batch_forward(cache, *batch_inputs(feeds, cache.real))
+        except Exception as e:
+            log.exception("batch forward failed")
+            failed.update((rid, f"batch forward failed: {e}") for rid in cache.ids)
+            return {}, None
+        live = [r for r, row in enumerate(ordered) if row.sample is not None]
+        if len(live) < len(ordered):  # run-to-completion rows that are done are computed, not sampled
+            logits = logits.index_select(0, torch.tensor(live, device=logits.device))
+        tokens = self.sample(logits, [s for row in ordered if (s := row.sample) is not None])
+        attended = cache.rows * cache.length
+        shape = BatchShape(len(ordered), max(len(f) for f in feeds), attended, attended - sum(cache.real))
+        return dict(zip([ordered[r].request_id for r in live], tokens, strict=True)), shape
+
+    @staticmethod
+    def sample(logits: torch.Tensor, specs: list[SampleSpec]) -> list[int]:
+        """The one sampling entry point: a token per row of `logits` [rows, V], drawn as `specs` say."""
+        return sample(logits, [s.params for s in specs], [s.seed for s in specs], [s.index for s in specs])
+
     @torch.no_grad()
     def prefill(self, token_ids: list[int]) -> tuple[RowKV, torch.Tensor]:
         """Run one prompt alone. Returns its KV [layers, H, p, D] and the last position's logits [V]."""
@@ -163,3 +232,24 @@ class ModelRunner:
         logits = out.logits[:, -1].float()
         self.forward_s += time.perf_counter() - t0
         return logits
+
+
+def batch_inputs(feeds: list[tuple[int, ...]], cached: list[int]
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Input ids, positions and real-token flags [rows, T] of the batch forward, T the longest feed.
+
+    Feeds are left-padded to T; a row's positions continue from the tokens it has cached (`cached[r]`), so a
+    decode row computes position `cached[r]` and a prompt joining an empty row positions 0..k-1.
+    """
+    n, t = len(feeds), max(len(f) for f in feeds)
+    if t == 1:  # the common, pure decode step
+        return (torch.tensor(feeds), torch.tensor(cached)[:, None], torch.ones(n, 1, dtype=torch.bool))
+    inp = torch.zeros(n, t, dtype=torch.long)
+    pos = torch.zeros(n, t, dtype=torch.long)
+    real = torch.zeros(n, t, dtype=torch.bool)
+    for r, feed in enumerate(feeds):
+        k = len(feed)
+        inp[r, t - k:] = torch.tensor(feed)
+        pos[r, t - k:] = cached[r] + torch.arange(k)
+        real[r, t - k:] = True
+    return inp, pos, real

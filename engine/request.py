@@ -102,11 +102,6 @@ class Request:
         return self.prompt_token_ids + self.output_token_ids
 
     @property
-    def num_cached_target(self) -> int:
-        """Tokens that must be in the KV cache before the next decode step (all but the newest token)."""
-        return len(self.prompt_token_ids) + len(self.output_token_ids) - 1
-
-    @property
     def remaining(self) -> int:
         return self.params.max_tokens - len(self.output_token_ids)
 

@@ -1,17 +1,26 @@
-"""Batching policies (design.md 3.3) and the queues they coordinate.
+"""The scheduler: who retires, who is preempted, who joins and what is prefilled, each iteration.
 
-A policy is data, not code paths: which requests may join this iteration, how they join, and whether
-finished rows leave at once. The engine's step reads these flags; one registry maps names to policies.
+It coordinates three things it does not own: the batching policy (data, below), the capacity controller
+(a pure function of a `CapacitySnapshot`, engine/capacity.py and engine/memory_controller.py) and the KV
+cache, which it only reads (rows, lengths, bytes). It never runs the model and never writes the cache:
+`schedule()` returns an `IterationPlan` for the runner, `update()` takes the runner's `StepResult` back.
+See docs/architecture.md.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import itertools
+import time
+from dataclasses import dataclass, replace
 from typing import Literal
 
-from autoscaler.capacity import QueuedInfo
-from engine.kv_cache import RowKV
-from engine.request import Request, RequestState
+from autoscaler.probes.base import MemoryProbe, MemoryReading
+from configs import EngineConfig
+from engine.capacity import CapacityController, CapacityDecision, CapacitySnapshot, QueuedInfo, RowInfo
+from engine.kv_cache import BatchKVCache, RowKV
+from engine.outputs import OutputTracker
+from engine.plan import BatchRow, IterationPlan, Join, Prefill, SampleSpec, StepResult
+from engine.request import FinishReason, Request, RequestOutput, RequestState
 
 JoinMode = Literal["in_batch", "prefill_on_admit", "from_pool"]
 
@@ -71,12 +80,237 @@ def queued_info(req: Request) -> QueuedInfo:
                       state=state, preemptions=req.preemptions, remaining=req.remaining)  # type: ignore[arg-type]
 
 
-def admission_candidates(policy: Policy, requests: dict[str, Request], queues: RequestQueues,
-                         batch_rows: int) -> tuple[QueuedInfo, ...]:
-    """Who may join the batch this iteration under `policy`."""
-    if policy.name == "static" and batch_rows:
-        return ()  # run to completion: a new batch forms only once the old one has drained
-    ids = list(queues.swapped) + list(queues.pool)
-    if policy.join != "from_pool":
-        ids += list(queues.waiting)
-    return tuple(queued_info(requests[i]) for i in ids)
+def _spec(req: Request, ahead: int = 0) -> SampleSpec:
+    """The draw of `req`'s next output token (`ahead` more if an earlier draw of this iteration precedes it)."""
+    return SampleSpec(req.params, req.seed, len(req.output_token_ids) + ahead)
+
+
+class Scheduler:
+    """Owns the requests and their queues; plans each iteration and records its outcome."""
+
+    def __init__(self, config: EngineConfig, cache: BatchKVCache, controller: CapacityController,
+                 probe: MemoryProbe | None, outputs: OutputTracker, step_bytes_per_row: int) -> None:
+        self.config = config  # replaced by the engine on reconfigure
+        self.policy = get_policy(config.policy)
+        self.cache = cache  # read only: rows, lengths and bytes
+        self.controller, self.probe, self.outputs = controller, probe, outputs
+        self.step_bytes_per_row = step_bytes_per_row
+        self.queues = RequestQueues()
+        self.requests: dict[str, Request] = {}  # every unfinished request
+        self.running: dict[str, Request] = {}  # requests holding a row (finished ones until retired)
+        self.iteration = 0
+        self._arrivals = itertools.count()
+
+    # ---- requests in and out ---------------------------------------------------------------------------
+    def add(self, req: Request) -> None:
+        if req.request_id in self.requests:
+            raise ValueError(f"duplicate request id {req.request_id!r}: a request with that id is still running")
+        req.arrival = next(self._arrivals)
+        self.requests[req.request_id] = req
+        self.queues.waiting[req.request_id] = req
+        self.outputs.track(req)
+
+    def abort(self, request_id: str) -> bool:
+        """Finish a request with reason `abort`. True if it held a row, which the caller must free now."""
+        req = self.requests.get(request_id)
+        if req is None:
+            return False
+        self._end(req, "abort")
+        return self.running.pop(request_id, None) is not None
+
+    def release_rows(self) -> list[str]:
+        """With nothing left to serve, every remaining (finished) row; the caller frees them."""
+        assert not self.requests, "rows of unfinished requests are never released"
+        rows, self.running = list(self.running), {}
+        return rows
+
+    # ---- one iteration ----------------------------------------------------------------------------------
+    def schedule(self) -> IterationPlan:
+        """Decide the next iteration. Commits the decisions to the queues; the KV moves come back in update."""
+        retire = self._retiring()
+        t0 = time.perf_counter()
+        memory = self._read_memory(retire)
+        decision = self.controller.decide(self._snapshot(retire, memory))
+        controller_s = time.perf_counter() - t0
+        kept = [rid for rid in self.cache.ids if rid not in retire]
+        for rid in retire:
+            del self.running[rid]
+        self._preempt(decision, kept)
+        joins, prefills = self._admit(decision.admit)
+        prefills += self._prefill_ahead(decision.prefill_bytes, sum(len(p.token_ids) for p in prefills))
+        return IterationPlan(
+            iteration=self.iteration, capacity=decision.capacity, retire=tuple(retire), preempt=decision.preempt,
+            join=tuple(joins), prefill=tuple(prefills), batch=self._batch_rows(kept, joins, prefills),
+            memory=memory, refused_for_memory=decision.refused_for_memory, controller_s=controller_s,
+        )
+
+    def update(self, plan: IterationPlan, result: StepResult) -> list[RequestOutput]:
+        """Record what the runner produced: tokens appended, stops checked, KV filed. Returns the outputs."""
+        self.queues.swapped.update(result.swapped)
+        for rid, error in result.failed.items():
+            if rid in self.requests:
+                if rid not in self.cache.ids:  # a baton join whose prefill failed never got its row
+                    self.running.pop(rid, None)
+                self._end(self.requests[rid], "error", error)
+        for p in plan.prefill:
+            if p.request_id in result.prefill_tokens:
+                req = self.requests[p.request_id]
+                self._on_token(req, result.prefill_tokens[p.request_id])
+                if not p.join and not req.finished:
+                    self.queues.pool[p.request_id] = result.pooled[p.request_id]
+                    req.state = RequestState.PREFILLED
+        for rid, token in result.batch_tokens.items():
+            req = self.running[rid]
+            if not req.finished:  # a baton join whose first token already finished it
+                self._on_token(req, token)
+        self.iteration += 1
+        return self.outputs.drain()
+
+    def accounted_bytes(self, rows: int) -> int:
+        """Device bytes the engine holds between steps (cache window + pool) plus `rows` rows' step peak."""
+        return self._held_bytes(self.cache.used_bytes()) + rows * self._step_row_bytes(self.cache.length)
+
+    def fail_all(self, message: str) -> None:
+        """Fail every request in flight and forget every queue (the caller starts a new cache)."""
+        for req in list(self.requests.values()):
+            self.outputs.finish(req, "error", message)
+        self.requests.clear()
+        self.running.clear()
+        self.queues = RequestQueues()
+
+    # ---- planning, in order -----------------------------------------------------------------------------
+    def _retiring(self) -> list[str]:
+        """Finished rows that leave now. Run to completion (static) keeps them computing until the whole
+        batch has drained; a failed row always leaves."""
+        finished = [rid for rid in self.cache.ids if self.running[rid].finished]
+        if self.policy.retire_at_once or len(finished) == self.cache.rows:
+            return finished
+        return [rid for rid in finished if self.running[rid].finish_reason == "error"]
+
+    def _preempt(self, decision: CapacityDecision, kept: list[str]) -> None:
+        for p in decision.preempt:
+            req = self.running.pop(p.request_id)
+            assert not req.finished, f"cannot preempt {p.request_id}: finished"
+            kept.remove(p.request_id)
+            if p.mode == "swap":  # its KV arrives in the step result
+                req.state = RequestState.SWAPPED
+            else:  # recompute: it is prefilled again from prompt + generated tokens
+                self.queues.waiting[req.request_id] = req
+                req.state = RequestState.WAITING
+            req.preemptions += 1
+
+    def _admit(self, admit: tuple[str, ...]) -> tuple[list[Join], list[Prefill]]:
+        """Joins from the pool and host; waiting requests join empty (in_batch) or prefilled now (baton)."""
+        joins: list[Join] = []
+        prefills: list[Prefill] = []
+        for rid in admit:
+            req = self.requests[rid]
+            kv = self.queues.swapped.pop(rid, None) or self.queues.pool.pop(rid, None)
+            if kv is None:
+                del self.queues.waiting[rid]
+            if kv is None and self.policy.join == "prefill_on_admit":
+                # A request whose first token is also its last never needs a row.
+                prefills.append(Prefill(rid, tuple(req.all_token_ids), _spec(req), join=req.remaining > 1))
+                if req.remaining > 1:
+                    self.running[rid] = req
+                    req.state = RequestState.RUNNING
+                continue
+            joins.append(Join(rid, kv))
+            self.running[rid] = req
+            req.state = RequestState.RUNNING
+        return joins, prefills
+
+    def _prefill_ahead(self, allowance: int | None, planned: int) -> list[Prefill]:
+        """baton-pd: prefill waiting prompts into the pool, within the iteration's token budget and the
+        controller's memory allowance (bytes). With an empty batch and pool one prompt always goes."""
+        if not self.policy.prefill_ahead:
+            return []
+        budget, tokens = self.config.prefill_token_budget, planned
+        pool_size = self.config.prefill_pool_size
+        room = (self.config.max_batch_size if pool_size is None else pool_size) - len(self.queues.pool)
+        empty = not self.running and not self.queues.pool
+        out: list[Prefill] = []
+        for req in self.queues.waiting_by_urgency():
+            n = len(req.all_token_ids)
+            must = empty and tokens == 0
+            over_memory = allowance is not None and n * self.cache.bytes_per_token > allowance
+            if room <= 0 or (not must and ((n > budget and tokens > 0) or over_memory)):
+                break
+            if allowance is not None:
+                allowance -= n * self.cache.bytes_per_token
+            del self.queues.waiting[req.request_id]
+            out.append(Prefill(req.request_id, tuple(req.all_token_ids), _spec(req), join=False))
+            budget, tokens, room = budget - n, tokens + n, room - 1
+        return out
+
+    def _batch_rows(self, kept: list[str], joins: list[Join], prefills: list[Prefill]) -> tuple[BatchRow, ...]:
+        rows = []
+        in_batch = {j.request_id for j in joins if j.kv is None}
+        for rid in kept + [j.request_id for j in joins]:
+            req = self.running[rid]
+            feed = tuple(req.all_token_ids) if rid in in_batch else (req.all_token_ids[-1],)
+            rows.append(BatchRow(rid, feed, None if req.finished else _spec(req)))
+        rows += [BatchRow(p.request_id, None, _spec(self.requests[p.request_id], ahead=1))
+                 for p in prefills if p.join]
+        return tuple(rows)
+
+    # ---- the outcome ------------------------------------------------------------------------------------
+    def _on_token(self, req: Request, token: int) -> None:
+        self.outputs.on_token(req, token)
+        if req.finished:
+            self._end(req, req.finish_reason or "stop", req.error)
+
+    def _end(self, req: Request, reason: FinishReason, error: str | None = None) -> None:
+        """Bookkeeping for a request that has finished, failed or been aborted. Its row, if any, stays in
+        `running` until retired (or freed at once by `abort`)."""
+        self.outputs.finish(req, reason, error)
+        if self.requests.pop(req.request_id, None) is not None:
+            self.queues.discard(req.request_id)
+
+    # ---- what the controller sees -------------------------------------------------------------------------
+    def _held_bytes(self, cache_bytes: int) -> int:
+        """Device bytes the engine holds between steps: the batch cache window and the prefilled pool."""
+        return cache_bytes + self.queues.held_bytes()[0]
+
+    def _step_row_bytes(self, length: int) -> int:
+        """Transient bytes one row adds during a decode step (activations, logits, attention scores)."""
+        return self.step_bytes_per_row + 4 * self.cache.kv_heads * (length + 1)
+
+    def _read_memory(self, retire: list[str]) -> MemoryReading | None:
+        """The iteration's one probe reading, of what the engine holds once `retire` has left.
+
+        A real probe (NVML, torch, host RSS) sees the whole preallocated cache buffer as used. Its unused
+        headroom is the engine's own reserve, reused as rows grow; counting it would make the controller
+        preempt rows whose removal can never lower the reading."""
+        if self.probe is None:
+            return None
+        rows, length = self.cache.rows - len(retire), self.cache.length_without(retire)
+        window = rows * length * self.cache.bytes_per_token
+        reading = self.probe.read(engine_bytes=self._held_bytes(window), iteration=self.iteration)
+        if not self.probe.sees_whole_cache:
+            return reading
+        headroom = self.cache.reserved_bytes() - window
+        return replace(reading, used_bytes=max(0, reading.used_bytes - headroom))
+
+    def _snapshot(self, retire: list[str], memory: MemoryReading | None) -> CapacitySnapshot:
+        rows = tuple(
+            RowInfo(rid, q.priority, q.arrival, self.cache.real[r], q.remaining, q.preemptions)
+            for r, rid in enumerate(self.cache.ids) if rid not in retire
+            for q in (self.running[rid],)
+        )
+        length = self.cache.length_without(retire)
+        return CapacitySnapshot(
+            iteration=self.iteration, max_rows=self.config.max_batch_size, rows=rows,
+            candidates=self._candidates(len(rows)), waiting=len(self.queues.waiting), batch_length=length,
+            bytes_per_token=self.cache.bytes_per_token, step_bytes_per_row=self._step_row_bytes(length),
+            swapped_bytes=self.queues.held_bytes()[1], memory=memory,
+        )
+
+    def _candidates(self, batch_rows: int) -> tuple[QueuedInfo, ...]:
+        """Who may join the batch this iteration under the policy."""
+        if not self.policy.retire_at_once and batch_rows:
+            return ()  # run to completion: a new batch forms only once the old one has drained
+        ids = list(self.queues.swapped) + list(self.queues.pool)
+        if self.policy.join != "from_pool":
+            ids += list(self.queues.waiting)
+        return tuple(queued_info(self.requests[i]) for i in ids)

@@ -1,6 +1,8 @@
 """Per-iteration and cumulative statistics of the engine.
 
-Idle computation (design.md 3.3) is counted in token slots: every forward pass computes rows x width input
+An iteration's statistics are computed in one place, `iteration_stats`, from its plan and its result.
+
+Idle computation (docs/architecture.md, "Policies") is counted in token slots: every forward pass computes rows x width input
 positions; a slot is useful when it is a real token of a live request, idle otherwise (a finished row still
 computed, a padded prompt position). Padded cache columns are reported separately as the attention padding
 fraction, since they cost attention reads rather than whole-token computation.
@@ -10,8 +12,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from engine.plan import IterationPlan, StepResult
+from engine.request import RequestOutput
 
-@dataclass
+
+@dataclass(frozen=True)
 class IterationStats:
     iteration: int
     rows: int = 0  # rows in the decode forward
@@ -28,6 +33,36 @@ class IterationStats:
     cache_columns: int = 0  # window length L after the step
     accounted_bytes: int = 0  # engine device bytes at the step's peak: cache + pool + step transients
     memory_fraction: float | None = None  # measured-or-accounted use over the budget
+    preemptions: dict[str, int] = field(default_factory=dict)  # by mode
+
+
+def iteration_stats(plan: IterationPlan, result: StepResult, accounted_bytes: int, total_s: float
+                    ) -> IterationStats:
+    """The statistics of one iteration. `accounted_bytes`: the engine's device bytes at the step's peak."""
+    prefill = result.prefill_computed
+    rows = width = attended = padded = prompt_in_batch = decoded = 0
+    if result.batch is not None:
+        b = result.batch
+        rows, width, attended, padded = b.rows, b.width, b.attended_columns, b.padded_columns
+        in_batch = plan.in_batch_joins()
+        computed = [r for r in plan.batch if r.request_id not in result.failed]
+        prompt_in_batch = sum(len(r.feed or ()) for r in computed if r.request_id in in_batch)
+        decoded = sum(1 for r in computed if r.request_id not in in_batch and r.sample is not None)
+    memory_fraction = None
+    if plan.memory is not None:  # the rest of the device as the iteration's reading saw it, plus our peak
+        others = max(0, plan.memory.used_bytes - plan.memory.engine_bytes)
+        memory_fraction = (others + accounted_bytes) / plan.memory.total_bytes
+    preemptions: dict[str, int] = {}
+    for p in plan.preempt:
+        preemptions[p.mode] = preemptions.get(p.mode, 0) + 1
+    return IterationStats(
+        iteration=plan.iteration, rows=rows, useful_slots=prefill + prompt_in_batch + decoded,
+        idle_slots=rows * width - prompt_in_batch - decoded, prefill_tokens=prefill + prompt_in_batch,
+        decode_tokens=decoded, attended_columns=attended, padded_columns=padded, forward_s=result.forward_s,
+        controller_s=plan.controller_s, total_s=total_s, capacity=plan.capacity,
+        cache_columns=result.cache_columns, accounted_bytes=accounted_bytes, memory_fraction=memory_fraction,
+        preemptions=preemptions,
+    )
 
 
 @dataclass
@@ -76,7 +111,15 @@ class EngineStats:
     def outside_forward_fraction(self) -> float:
         return 1.0 - self.forward_s / self.total_s if self.total_s else 0.0
 
-    def record(self, it: IterationStats) -> None:
+    def record(self, it: IterationStats, outputs: list[RequestOutput], refused_for_memory: int) -> None:
+        """Add one iteration and the outputs it produced (aborts are counted when they happen, between
+        iterations: `BatonEngine.abort_request`)."""
+        self.generated_tokens += sum(len(o.new_token_ids) for o in outputs)
+        self.finished_requests += sum(1 for o in outputs if o.finished and o.finish_reason != "abort")
+        self.admissions_refused_for_memory += refused_for_memory
+        for mode, n in it.preemptions.items():
+            self.preemptions += n
+            self.preemptions_by_mode[mode] += n
         self.iterations += 1
         self.rows_computed += it.rows
         self.useful_slots += it.useful_slots

@@ -1,7 +1,8 @@
-"""Memory probes: one small interface, one implementation per source. Built by name in autoscaler.registry."""
+"""Memory probes: one small interface, one implementation per source, built by name (registry.py)."""
 
 from autoscaler.probes.base import (
     MemoryProbe,
+    MemoryReading,
     ProbeUnavailable,
     cap_total,
     effective_used,
@@ -9,10 +10,15 @@ from autoscaler.probes.base import (
 )
 from autoscaler.probes.host import HostProbe
 from autoscaler.probes.nvml import NvmlProbe
+from autoscaler.probes.registry import NO_PROBE, PROBES, build_probe
 from autoscaler.probes.simulated import SimulatedProbe
 from autoscaler.probes.torch_cuda import TorchCudaProbe
 
 __all__ = [
+    "NO_PROBE",
+    "PROBES",
+    "MemoryReading",
+    "build_probe",
     "HostProbe",
     "MemoryProbe",
     "NvmlProbe",

@@ -3,9 +3,18 @@
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 from typing import Protocol
 
-from autoscaler.capacity import MemoryReading
+
+@dataclass(frozen=True)
+class MemoryReading:
+    """One reading of device memory, in bytes. `engine_bytes` is what the engine itself accounts for."""
+
+    used_bytes: int  # everything in use on the device (all tenants), as the probe sees it
+    total_bytes: int  # the budget the controller must stay under
+    engine_bytes: int  # the engine's own accounting: cache + pool + weights it was told about
+    source: str  # probe name, for metrics and logs
 
 
 class ProbeUnavailable(RuntimeError):
@@ -18,6 +27,13 @@ class MemoryProbe(Protocol):
     @property
     def name(self) -> str:
         """Probe name, reported as `MemoryReading.source`."""
+        ...
+
+    @property
+    def sees_whole_cache(self) -> bool:
+        """True when the reading counts the engine's whole preallocated cache buffer (a real device or
+        process reading), False when it counts only `engine_bytes` (the simulated probe). The engine takes
+        the buffer's unused headroom out of a reading that sees it (see `engine/scheduler.py`)."""
         ...
 
     def read(self, engine_bytes: int, iteration: int) -> MemoryReading:

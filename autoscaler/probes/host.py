@@ -9,8 +9,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from autoscaler.capacity import MemoryReading
-from autoscaler.probes.base import ProbeUnavailable
+from autoscaler.probes.base import MemoryReading, ProbeUnavailable
 
 # cgroup v1 writes "no limit" as a huge page-aligned number (9223372036854771712); anything this big is none.
 _NO_LIMIT = 1 << 60
@@ -25,6 +24,8 @@ class HostProbe:
     """
 
     name = "host"
+
+    sees_whole_cache = True  # reads the device (or process), so it sees the preallocated cache buffer
 
     def __init__(
         self,

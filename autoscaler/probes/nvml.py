@@ -7,8 +7,13 @@ from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
-from autoscaler.capacity import MemoryReading
-from autoscaler.probes.base import ProbeUnavailable, cap_total, effective_used, torch_allocator_slack
+from autoscaler.probes.base import (
+    MemoryReading,
+    ProbeUnavailable,
+    cap_total,
+    effective_used,
+    torch_allocator_slack,
+)
 
 
 class NvmlProbe:
@@ -19,6 +24,8 @@ class NvmlProbe:
     """
 
     name = "nvml"
+
+    sees_whole_cache = True  # reads the device (or process), so it sees the preallocated cache buffer
 
     def __init__(
         self,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from bisect import bisect_right
 from dataclasses import dataclass, field
 
-from autoscaler.capacity import MemoryReading
+from autoscaler.probes.base import MemoryReading
 from configs.controller import PressureEvent
 
 
@@ -20,6 +20,7 @@ class SimulatedProbe:
     budget_bytes: int
     pressure_trace: tuple[PressureEvent, ...] = ()
     name: str = field(default="simulated", init=False)
+    sees_whole_cache: bool = field(default=False, init=False)  # counts only what the engine accounts
     _starts: tuple[int, ...] = field(default=(), init=False, repr=False)  # event iterations, ascending
 
     def __post_init__(self) -> None:

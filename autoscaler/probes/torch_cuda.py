@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from autoscaler.capacity import MemoryReading
-from autoscaler.probes.base import ProbeUnavailable, cap_total, effective_used
+from autoscaler.probes.base import MemoryReading, ProbeUnavailable, cap_total, effective_used
 
 
 class TorchCudaProbe:
@@ -15,6 +14,8 @@ class TorchCudaProbe:
     """
 
     name = "torch"
+
+    sees_whole_cache = True  # reads the device (or process), so it sees the preallocated cache buffer
 
     def __init__(self, budget_bytes: int | None = None, device: int = 0) -> None:
         """`device`: CUDA index as this process sees it (0 = the first visible device)."""

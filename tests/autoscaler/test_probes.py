@@ -9,8 +9,6 @@ from typing import Any, get_args
 
 import pytest
 
-from autoscaler.capacity import FixedCapacityController
-from autoscaler.memory_controller import MemoryController
 from autoscaler.probes import (
     HostProbe,
     NvmlProbe,
@@ -21,8 +19,10 @@ from autoscaler.probes import (
     torch_allocator_slack,
 )
 from autoscaler.probes.host import default_cgroup_limit_paths, read_limit
-from autoscaler.registry import NO_PROBE, PROBES, build_controller, build_probe
+from autoscaler.probes.registry import NO_PROBE, PROBES, build_probe
 from configs.controller import ControllerConfig, PressureEvent, ProbeName
+from engine.capacity import FixedCapacityController
+from engine.memory_controller import MemoryController, build_controller
 
 GIB = 1 << 30
 

@@ -1,4 +1,4 @@
-"""Greedy output of the re-batching engine equals solo `generate`, token for token (design.md 3.4).
+"""Greedy output of the re-batching engine equals solo `generate`, token for token (docs/architecture.md, "Exactness").
 
 Requests arrive at random iterations with random prompt and output lengths, so rows join, leave, get
 left-padded and trimmed all through the run. The last tests break the padding mask or the position ids on
@@ -41,7 +41,7 @@ def test_default_model_matches_solo_generate(default_model, default_workload, po
     engine = make_engine(default_model, policy=policy, max_batch_size=rows, prefill_token_budget=256)
     got = run_workload(engine, work, check=_check_cache)
     assert mismatches(got, ref) == []
-    assert engine.cache.rows == 0 or all(engine.running[r].finished for r in engine.cache.ids)
+    assert engine.cache.rows == 0 or all(engine.scheduler.running[r].finished for r in engine.cache.ids)
 
 
 @pytest.mark.parametrize("policy", POLICIES)

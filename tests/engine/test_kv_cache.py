@@ -1,4 +1,4 @@
-"""BatchKVCache against a shadow model (design.md 3.2), driven by hypothesis.
+"""BatchKVCache against a shadow model (docs/architecture.md, "The cache"), driven by hypothesis.
 
 The shadow keeps, per request, the key/value vectors written to it in order and the mask pattern of every
 column it has seen since it joined (right-aligned, like the cache). After every operation the cache must pass

@@ -1,4 +1,4 @@
-"""Sampling is per request and reproducible whatever the batch (design.md 3.4); stop conditions; abort."""
+"""Sampling is per request and reproducible whatever the batch (docs/architecture.md, "Exactness"); stop conditions; abort."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Engine statistics: idle computation per policy (design.md 3.3), slot accounting, timings, history."""
+"""Engine statistics: idle computation per policy (docs/architecture.md, "Policies"), slot accounting, timings, history."""
 
 from __future__ import annotations
 

@@ -9,17 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
+from autoscaler.probes.base import MemoryReading
+
 PreemptMode = Literal["swap", "recompute"]
-
-
-@dataclass(frozen=True)
-class MemoryReading:
-    """One reading of device memory, in bytes. `engine_bytes` is what the engine itself accounts for."""
-
-    used_bytes: int  # everything in use on the device (all tenants), as the probe sees it
-    total_bytes: int  # the budget the controller must stay under
-    engine_bytes: int  # the engine's own accounting: cache + pool + weights it was told about
-    source: str  # probe name, for metrics and logs
 
 
 @dataclass(frozen=True)

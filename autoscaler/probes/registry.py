@@ -1,20 +1,15 @@
-"""Probes and controllers by name: the one place `ControllerConfig.probe` is turned into objects."""
+"""Probes by name: the one place `ControllerConfig.probe` is turned into a probe."""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable, Mapping
 
-from autoscaler.capacity import CapacityController, FixedCapacityController
-from autoscaler.memory_controller import MemoryController
-from autoscaler.probes import (
-    HostProbe,
-    MemoryProbe,
-    NvmlProbe,
-    ProbeUnavailable,
-    SimulatedProbe,
-    TorchCudaProbe,
-)
+from autoscaler.probes.base import MemoryProbe, ProbeUnavailable
+from autoscaler.probes.host import HostProbe
+from autoscaler.probes.nvml import NvmlProbe
+from autoscaler.probes.simulated import SimulatedProbe
+from autoscaler.probes.torch_cuda import TorchCudaProbe
 from configs.controller import ControllerConfig
 
 ProbeFactory = Callable[[ControllerConfig], MemoryProbe]
@@ -56,7 +51,3 @@ def build_probe(config: ControllerConfig) -> MemoryProbe | None:
         return None
     return PROBES[config.probe](config)
 
-
-def build_controller(config: ControllerConfig) -> CapacityController:
-    """FixedCapacityController for probe="fixed", else the memory-driven controller."""
-    return FixedCapacityController() if config.probe == NO_PROBE else MemoryController(config)

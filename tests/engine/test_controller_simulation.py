@@ -1,6 +1,6 @@
 """The memory controller driving a fake batch, iteration by iteration: deterministic, pure CPU, no model.
 
-The fake batch keeps the real cache's accounting (design.md 3.2): one left-padded cache `[rows, L]` where L
+The fake batch keeps the real cache's accounting (docs/architecture.md, "The cache"): one left-padded cache `[rows, L]` where L
 is the longest row, one column appended per step, rows leave when done and the cache is trimmed.
 """
 
@@ -10,10 +10,10 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from autoscaler.capacity import CapacityDecision, CapacitySnapshot, QueuedInfo, RowInfo
-from autoscaler.memory_controller import MemoryController
 from autoscaler.probes import SimulatedProbe
 from configs.controller import ControllerConfig, PressureEvent
+from engine.capacity import CapacityDecision, CapacitySnapshot, QueuedInfo, RowInfo
+from engine.memory_controller import MemoryController
 
 BPT = 1_000  # cache bytes per token (all layers, K and V)
 STEP = 5_000  # activation + logits peak per row of one step

@@ -65,15 +65,15 @@ def drive(engine: BatonEngine, work: list[dict], max_iterations: int = 3_000, fi
         if not finish and engine.iteration >= max_iterations:
             return run
         assert engine.iteration < max_iterations, (
-            f"stalled: {len(engine.requests)} unfinished after {max_iterations} iterations "
-            f"(running {len(engine.running)}, waiting {len(engine.queues.waiting)}, "
-            f"pool {len(engine.queues.pool)}, swapped {len(engine.queues.swapped)})"
+            f"stalled: {len(engine.scheduler.requests)} unfinished after {max_iterations} iterations "
+            f"(running {len(engine.scheduler.running)}, waiting {len(engine.scheduler.queues.waiting)}, "
+            f"pool {len(engine.scheduler.queues.pool)}, swapped {len(engine.scheduler.queues.swapped)})"
         )
         while pending and pending[0]["arrival"] <= engine.iteration:
             w = pending.pop(0)
             engine.add_request(w["id"], prompt_token_ids=w["prompt"], priority=w.get("priority", 0),
                                sampling_params=SamplingParams(max_tokens=w["max_tokens"], ignore_eos=True))
-            run.requests[w["id"]] = engine.requests[w["id"]]
+            run.requests[w["id"]] = engine.scheduler.requests[w["id"]]
         it = engine.iteration
         for o in engine.step():
             if o.new_token_ids:
@@ -165,7 +165,7 @@ def test_controlled_engine_stays_under_budget_with_exact_output(squeeze, pressur
     run = pressured(mode)
     engine = run.engine
 
-    assert over_budget(run, squeeze.budget, engine.probe) == []
+    assert over_budget(run, squeeze.budget, engine.scheduler.probe) == []
     assert all(h.memory_fraction is not None and h.memory_fraction <= 1.0 for h in run.history)
     assert engine.stats.peak_memory_fraction <= 1.0
     assert mismatches(run.tokens, squeeze.ref) == []
@@ -178,7 +178,7 @@ def test_controlled_engine_stays_under_budget_with_exact_output(squeeze, pressur
         other = "recompute" if mode == "swap" else "swap"
         assert by_mode[mode] > 0 and by_mode[other] == 0, by_mode
     assert sum(q.preemptions for q in run.requests.values()) == engine.stats.preemptions
-    assert engine.stats.swapped == 0 and not engine.queues.swapped  # every swapped row came back
+    assert engine.stats.swapped == 0 and not engine.scheduler.queues.swapped  # every swapped row came back
 
 
 @pytest.mark.parametrize("mode", ["swap", "recompute"])
@@ -207,7 +207,7 @@ def test_capacity_does_not_oscillate_on_a_steady_workload(tiny_model):
     assert engine.stats.capacity_changes <= 4, caps
     assert len(set(caps[40:-30])) == 1, caps  # steady state: one capacity, not a saw-tooth
     assert engine.stats.preemptions == 0
-    assert engine.stats.peak_memory_fraction <= engine.controller.config.high_watermark
+    assert engine.stats.peak_memory_fraction <= engine.scheduler.controller.config.high_watermark
     assert mismatches(run.tokens, unconstrained.tokens) == []
 
 
@@ -300,6 +300,6 @@ def test_prefilled_pool_stays_under_the_budget(tiny_model, long_prompts):
     """Seen: from iteration 6, memory 1.08 of the budget (pool of 7 long prompts + the one row left)."""
     engine = controlled(tiny_model, long_prompts.budget, preemption_mode="recompute")
     run = drive(engine, long_prompts.work, max_iterations=60, finish=False)
-    assert over_budget(run, long_prompts.budget, engine.probe) == []
+    assert over_budget(run, long_prompts.budget, engine.scheduler.probe) == []
     assert engine.stats.finished_requests > 0  # bounded prefill still makes progress
     assert max(h.memory_fraction or 0.0 for h in engine.stats.history) <= 1.0

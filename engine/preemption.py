@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 
-from autoscaler.capacity import PreemptMode, RowInfo
+from engine.capacity import PreemptMode, RowInfo
 
 
 def by_yield_order(rows: Iterable[RowInfo]) -> list[RowInfo]:

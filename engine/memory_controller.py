@@ -41,16 +41,19 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from autoscaler.capacity import (
+from autoscaler.probes.registry import NO_PROBE
+from configs.controller import ControllerConfig
+from engine.capacity import (
+    CapacityController,
     CapacityDecision,
     CapacitySnapshot,
+    FixedCapacityController,
     Preemption,
     QueuedInfo,
     RowInfo,
     by_urgency,
 )
-from autoscaler.preemption import PREEMPTION_MODES, ModeChooser, by_yield_order, may_preempt, outranks
-from configs.controller import ControllerConfig
+from engine.preemption import PREEMPTION_MODES, ModeChooser, by_yield_order, may_preempt, outranks
 
 
 def predicted_peak_bytes(
@@ -173,11 +176,7 @@ def decide_capacity(
     capacity = min(s.max_rows, max(1, len(s.rows), capacity or 0))
 
     if plan.peak() > high:
-        for row in by_yield_order(s.rows):
-            if plan.peak() <= high or len(plan.kept) <= 1:
-                break
-            if may_preempt(row, config.max_preemptions_per_request):
-                plan.preempt(row, choose_mode, config.host_swap_budget_bytes)
+        _shrink(plan, high, config)
         return _decision(plan, max(1, plan.rows), _row_room(s, plan, len(s.candidates)), high)
 
     ordered = by_urgency(s.candidates)
@@ -199,6 +198,17 @@ def decide_capacity(
         else:
             return _decision(plan, capacity, _row_room(s, plan, len(ordered) - i), high)
     return _decision(plan, capacity, 0, high)
+
+
+def _shrink(plan: _Plan, high: float, config: ControllerConfig) -> None:
+    """Preempt rows in yield order until the predicted peak is under `high` (never the last row, never a
+    request at its preemption cap)."""
+    choose_mode = PREEMPTION_MODES[config.preemption_mode]
+    for row in by_yield_order(plan.snapshot.rows):
+        if plan.peak() <= high or len(plan.kept) <= 1:
+            break
+        if may_preempt(row, config.max_preemptions_per_request):
+            plan.preempt(row, choose_mode, config.host_swap_budget_bytes)
 
 
 def _victims_to_seat(
@@ -267,3 +277,8 @@ class MemoryController:
         decision = decide_capacity(snapshot, self.config, self.capacity)
         self.capacity = decision.capacity
         return decision
+
+
+def build_controller(config: ControllerConfig) -> CapacityController:
+    """FixedCapacityController for probe="fixed" (reads no memory), else the memory-driven controller."""
+    return FixedCapacityController() if config.probe == NO_PROBE else MemoryController(config)

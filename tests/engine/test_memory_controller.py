@@ -9,10 +9,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from autoscaler.capacity import CapacityDecision, CapacitySnapshot, MemoryReading, QueuedInfo, RowInfo
-from autoscaler.memory_controller import MemoryController, decide_capacity, predicted_peak_bytes
-from autoscaler.preemption import by_yield_order
 from configs.controller import ControllerConfig
+from engine.capacity import CapacityDecision, CapacitySnapshot, MemoryReading, QueuedInfo, RowInfo
+from engine.memory_controller import MemoryController, decide_capacity, predicted_peak_bytes
+from engine.preemption import by_yield_order
 
 TOTAL = 1_000  # budget; with the default watermarks: high = 900, low = 750 (bytes_per_token = 1)
 CONFIG = ControllerConfig(probe="simulated", memory_budget_bytes=TOTAL)

@@ -1,0 +1,105 @@
+"""The typed hand-offs of one iteration (docs/architecture.md, "One iteration").
+
+    plan    = scheduler.schedule()            # IterationPlan: who leaves, who joins, what is computed
+    result  = runner.execute(plan, cache)     # StepResult: the tokens sampled, the KV that left the batch
+    outputs = scheduler.update(plan, result)  # list[RequestOutput]: tokens appended, stops checked
+
+Both objects are plain frozen data: a test can build a plan by hand, run it, and print the result.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from autoscaler.probes.base import MemoryReading
+from engine.capacity import Preemption
+from engine.kv_cache import RowKV
+from engine.request import SamplingParams
+
+
+@dataclass(frozen=True)
+class SampleSpec:
+    """How to draw one token of one request. The draw depends only on (seed, index), never on the batch."""
+
+    params: SamplingParams
+    seed: int
+    index: int  # which of the request's output tokens this draw produces (0 = the first)
+
+
+@dataclass(frozen=True)
+class Prefill:
+    """One request's tokens (its prompt, plus what it generated before a recompute preemption) computed
+    alone, without padding, and its next token sampled."""
+
+    request_id: str
+    token_ids: tuple[int, ...]
+    sample: SampleSpec
+    join: bool  # True: its KV takes a row of the batch at once (baton); False: it goes to the prefilled pool
+
+
+@dataclass(frozen=True)
+class Join:
+    """A request taking a row of the batch, after this iteration's retirements and preemptions."""
+
+    request_id: str
+    kv: RowKV | None  # from the prefilled pool or swapped back in; None: its prompt rides in the batch forward
+
+
+@dataclass(frozen=True)
+class BatchRow:
+    """One row of the batch forward.
+
+    `feed` is what the row computes: its newest token (a decode step), or its whole prompt (a static/orca
+    join, left-padded to the widest such prompt). None means "the token its own prefill samples in this
+    iteration" (a baton join), which the runner fills in.
+    """
+
+    request_id: str
+    feed: tuple[int, ...] | None
+    sample: SampleSpec | None  # None: a finished row kept by run-to-completion, computed but not sampled
+
+
+@dataclass(frozen=True)
+class IterationPlan:
+    """What the scheduler decided for one iteration. The runner applies it in field order."""
+
+    iteration: int
+    capacity: int  # rows the capacity controller allows after this iteration's admissions
+    retire: tuple[str, ...] = ()  # finished rows leaving the batch first
+    preempt: tuple[Preemption, ...] = ()  # rows leaving for host memory (swap) or the waiting queue (recompute)
+    join: tuple[Join, ...] = ()  # rows embedded from the pool, from host, or empty for an in-batch prompt
+    prefill: tuple[Prefill, ...] = ()  # prompts computed alone, in order (baton joins are embedded after)
+    batch: tuple[BatchRow, ...] = ()  # every row of the batch after the changes above; empty: no batch forward
+    memory: MemoryReading | None = None  # the iteration's one probe reading (None: fixed controller)
+    refused_for_memory: int = 0  # candidates that fit by rows but not by memory
+    controller_s: float = 0.0  # time spent reading the probe and deciding
+
+    def in_batch_joins(self) -> set[str]:
+        """Requests whose prompt rides inside this iteration's batch forward (static and orca joins)."""
+        return {j.request_id for j in self.join if j.kv is None}
+
+
+@dataclass(frozen=True)
+class BatchShape:
+    """What the batch forward computed, for the statistics."""
+
+    rows: int  # rows computed
+    width: int  # input positions per row (1 for a pure decode step)
+    attended_columns: int  # rows x cache columns attended
+    padded_columns: int  # of which padding
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What executing a plan produced."""
+
+    prefill_tokens: dict[str, int] = field(default_factory=dict)  # each prefill's sampled token
+    pooled: dict[str, RowKV] = field(default_factory=dict)  # KV of prefills bound for the pool
+    batch_tokens: dict[str, int] = field(default_factory=dict)  # each sampled batch row's token
+    swapped: dict[str, RowKV] = field(default_factory=dict)  # host KV of rows preempted by swap
+    failed: dict[str, str] = field(default_factory=dict)  # request id -> why its forward pass failed
+    batch: BatchShape | None = None  # None: no batch forward ran
+    prefill_computed: int = 0  # tokens computed by the prefills that ran
+    forward_s: float = 0.0  # time inside model forward passes
+    cache_columns: int = 0  # window length L after the step
+    cache_bytes: int = 0  # bytes of the live window after the step
