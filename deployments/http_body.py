@@ -12,7 +12,7 @@ import json
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 
 from deployments import errors
 
@@ -40,6 +40,8 @@ async def read_body(request: Request, max_bytes: int, timeout_s: float) -> bytes
         await asyncio.wait_for(collect(), timeout_s)
     except asyncio.TimeoutError:
         raise errors.body_timeout(timeout_s) from None
+    except ClientDisconnect:  # nobody will read the answer; it only has to end the request quietly
+        raise errors.bad_request("the client disconnected before sending the whole body") from None
     return b"".join(chunks)
 
 

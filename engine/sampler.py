@@ -3,10 +3,10 @@
 The random draw for a request's i-th output token depends only on (seed, i), so the same request gives the
 same tokens whatever shares its batch, whenever it joined, and even if it was preempted and recomputed.
 
-Numerics: a temperature below `MIN_TEMPERATURE` is greedy (dividing by 1e-310 overflows the logits to inf
-and the probabilities to NaN); above it, the largest logit is subtracted before scaling, so the scaled
-logits are <= 0 and softmax stays finite. Logits that are NaN are a model or device fault: the sampler
-raises `NonFiniteLogitsError` rather than turn them into a token.
+Numerics: a temperature below `engine.request.MIN_TEMPERATURE` is greedy (`SamplingParams.greedy`):
+dividing by 1e-310 overflows the logits to inf and the probabilities to NaN. Above it, the largest logit is
+subtracted before scaling, so the scaled logits are <= 0 and softmax stays finite. Logits that are NaN are
+a model or device fault: the sampler raises `NonFiniteLogitsError` rather than turn them into a token.
 """
 
 from __future__ import annotations
@@ -17,10 +17,6 @@ from engine.request import SamplingParams
 
 _MIX = 0x9E3779B97F4A7C15  # golden-ratio constant: spreads (seed, index) pairs over the 64-bit seed space
 
-# Below this temperature sampling is greedy. At T = 1e-5 a logit gap of 1e-3 already scales to 100 (the
-# runner-up is e^-100 times less likely), so the cut-off changes no meaningful distribution.
-MIN_TEMPERATURE = 1e-5
-
 
 class NonFiniteLogitsError(ValueError):
     """Logits with NaN in them: no token can be chosen honestly from this row (`rows` are batch indices)."""
@@ -28,11 +24,6 @@ class NonFiniteLogitsError(ValueError):
     def __init__(self, rows: list[int]) -> None:
         super().__init__(f"logits of batch row(s) {rows} contain NaN: no token can be sampled from them")
         self.rows = rows
-
-
-def is_greedy(params: SamplingParams) -> bool:
-    """Whether a request decodes greedily: temperature 0, or below `MIN_TEMPERATURE`."""
-    return params.temperature < MIN_TEMPERATURE
 
 
 def draw_uniform(seed: int, index: int) -> float:
@@ -53,7 +44,7 @@ def filtered_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor
     """Probabilities [V] (float64) after temperature, top-k and top-p; one-hot on the argmax when greedy."""
     _check_finite(logits)
     x = logits.to(torch.float64)
-    if is_greedy(params):
+    if params.greedy:
         return torch.zeros_like(x).scatter_(0, x.argmax().reshape(1), 1.0)
     x = (x - x.max()) / params.temperature  # every value <= 0, the best exactly 0: no overflow
     if params.top_k and params.top_k < x.numel():
@@ -73,7 +64,7 @@ def filtered_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor
 def sample_one(logits: torch.Tensor, params: SamplingParams, seed: int, index: int) -> int:
     """Sample a token from `logits` [V] for a request's `index`-th output token."""
     probs = filtered_probs(logits, params)
-    if is_greedy(params):
+    if params.greedy:
         return int(probs.argmax())
     u = draw_uniform(seed, index)
     cdf = torch.cumsum(probs, 0)
@@ -89,6 +80,6 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], seeds: list[int],
     _check_finite(logits)
     out = logits.argmax(dim=-1).tolist()
     for r, p in enumerate(params):
-        if not is_greedy(p):
+        if not p.greedy:
             out[r] = sample_one(logits[r], p, seeds[r], indices[r])
     return out

@@ -300,6 +300,7 @@ def test_a_tiny_temperature_is_greedy_not_garbage(temperature: float) -> None:
     logits = torch.randn(2, 500) * 4
     best = logits.argmax(dim=-1).tolist()
     params = SamplingParams(temperature=temperature, top_k=0, top_p=1.0, seed=1)
+    assert params.greedy  # the one rule every sampling path asks
     probs = filtered_probs(logits[0], params)
     assert not probs.isnan().any() and int(probs.argmax()) == best[0] and float(probs.max()) == 1.0
     for index in range(5):
