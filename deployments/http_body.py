@@ -63,7 +63,8 @@ def validate_request(data: Any, kind: type[RequestModel]) -> RequestModel:
     """A decoded JSON value (or a handle caller's dict) as a `kind` request, or a 400 naming the field."""
     if not isinstance(data, dict):
         raise errors.bad_request(
-            f"the request body must be a JSON object (Content-Type: application/json), got {type(data).__name__}"
+            "the request body must be a JSON object (Content-Type: application/json), "
+            f"got {type(data).__name__}"
         )
     try:
         return kind.model_validate(data)

