@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import copy
 import os
+from collections.abc import Mapping
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import yaml
@@ -71,14 +73,25 @@ class ServerConfig(BaseModel):
     api_key: SecretStr | None = Field(
         default=None,
         min_length=1,
-        description="When set, every /v1 request needs 'Authorization: Bearer <key>' (else 401). Off by "
-        "default. Prefer `api_key_env` so the key stays out of config files.",
+        description="When set, every /v1 request and /stats need 'Authorization: Bearer <key>' (else 401, "
+        "checked from the headers before the body is read). Off by default. For Python callers of "
+        "`make_app`; in serve_config.yaml use `api_key_file` or `api_key_env`, so the key is in no config "
+        "file, dashboard or log.",
     )
     api_key_env: str | None = Field(
         default=None,
         min_length=1,
-        description="Name of an environment variable (set on the replica, e.g. through runtime_env) that "
-        "holds the API key. Used when `api_key` is unset; an unset or empty variable fails the replica.",
+        description="Name of an environment variable that holds the API key, read when the replica starts. "
+        "Export it in the shell that runs `ray start` / `serve run` (Ray's workers inherit it); never "
+        "through runtime_env.env_vars, which Ray's runtime-env agent writes to its log (a replica that "
+        "finds its key variable there refuses to start). An unset or empty variable fails the replica.",
+    )
+    api_key_file: str | None = Field(
+        default=None,
+        min_length=1,
+        description="Path of a file holding the API key (surrounding whitespace is stripped), read when "
+        "the replica starts; it must exist on every node that runs a replica. An unreadable or empty file "
+        "fails the replica.",
     )
     default_max_tokens: int = Field(
         default=512,
@@ -101,17 +114,64 @@ class ServerConfig(BaseModel):
     retry_after_s: int = Field(
         default=2, ge=1, description="The Retry-After (seconds) sent with this replica's own 429 (over max_pending_requests)."
     )
+    priority_min: int = Field(
+        default=-1000, description="The most urgent `priority` a request may ask for; below it is a 400."
+    )
+    priority_max: int = Field(
+        default=1000, description="The least urgent `priority` a request may ask for; above it is a 400."
+    )
+    max_body_bytes: int = Field(
+        default=8 * 1024 * 1024,
+        ge=1024,
+        description="Largest HTTP request body accepted; a larger Content-Length, or more bytes sent, gets "
+        "an OpenAI-shaped 413 without reading the rest.",
+    )
+    body_timeout_s: float = Field(
+        default=30.0,
+        gt=0.0,
+        description="Time allowed to receive the whole HTTP request body after its headers; a slower "
+        "client gets an OpenAI-shaped 408, so slow senders cannot hold the replica's request slots.",
+    )
 
-    def resolved_api_key(self) -> str | None:
-        """The API key in force, or None when authentication is off."""
+    @model_validator(mode="after")
+    def _check(self) -> ServerConfig:
+        sources = [n for n in ("api_key", "api_key_env", "api_key_file") if getattr(self, n) is not None]
+        if len(sources) > 1:
+            raise ValueError(f"give at most one of api_key, api_key_env, api_key_file (got {sources})")
+        if self.priority_min > self.priority_max:
+            raise ValueError(
+                f"priority_min ({self.priority_min}) must not exceed priority_max ({self.priority_max})"
+            )
+        return self
+
+    def resolved_api_key(self, runtime_env_vars: Mapping[str, str] = MappingProxyType({})) -> str | None:
+        """The API key in force, or None when authentication is off. `runtime_env_vars` are the variables
+        Ray's runtime_env set for this process: a key variable among them is refused (Ray logged it).
+        Error messages never contain the key."""
         if self.api_key is not None:
             return self.api_key.get_secret_value()
         if self.api_key_env is not None:
-            key = os.environ.get(self.api_key_env, "")
+            if self.api_key_env in runtime_env_vars:
+                raise ValueError(
+                    f"server.api_key_env={self.api_key_env!r} is set through runtime_env.env_vars, which Ray "
+                    "writes to its runtime-env agent log: export it where Ray starts instead, or use "
+                    "server.api_key_file (and replace the key, which is now in that log)"
+                )
+            key = os.environ.get(self.api_key_env, "").strip()
             if not key:
                 raise ValueError(
                     f"server.api_key_env={self.api_key_env!r} but that variable is unset or empty"
                 )
+            return key
+        if self.api_key_file is not None:
+            try:
+                key = Path(self.api_key_file).read_text().strip()
+            except OSError as e:
+                raise ValueError(
+                    f"server.api_key_file={self.api_key_file!r} cannot be read: {e.strerror}"
+                ) from None
+            if not key:
+                raise ValueError(f"server.api_key_file={self.api_key_file!r} is empty")
             return key
         return None
 

@@ -85,6 +85,34 @@ def unauthorized(message: str) -> OpenAIError:
     return OpenAIError(401, message, "invalid_request_error", None, "invalid_api_key")
 
 
+def body_too_large(max_bytes: int) -> OpenAIError:
+    """413: the request body is over `server.max_body_bytes` (declared in Content-Length, or as sent)."""
+    return OpenAIError(
+        413,
+        f"The request body is larger than this server accepts ({max_bytes} bytes)",
+        "invalid_request_error",
+        None,
+        "request_too_large",
+    )
+
+
+def body_timeout(timeout_s: float) -> OpenAIError:
+    """408: the whole request body did not arrive within `server.body_timeout_s`."""
+    return OpenAIError(
+        408,
+        f"The request body did not arrive within {timeout_s:g} s",
+        "invalid_request_error",
+        None,
+        "request_timeout",
+        {"Connection": "close"},
+    )
+
+
+def invalid_input(param: str, e: Exception) -> OpenAIError:
+    """400: the tokenizer or the chat template could not process this field's text."""
+    return bad_request(f"{param}: the tokenizer could not process it ({type(e).__name__}: {e})", param)
+
+
 def engine_unavailable(message: str) -> OpenAIError:
     return OpenAIError(503, message, "server_error", None, "engine_unavailable", {"Retry-After": "1"})
 

@@ -1,6 +1,10 @@
 """The OpenAI wire protocol: typed requests, responses and stream chunks, shared by HTTP and handles.
 
-Requests use `extra="forbid"`: an unknown field is a 400 naming it. Fields OpenAI defines but the engine
+Requests use `extra="forbid"`: an unknown field is a 400 naming it. They are also `strict`, as OpenAI's schema
+is: `"stream": "yes"` is not a boolean, `[true, false]` is not a list of token ids, `"5"` is not an
+integer (an integer is still a number for float fields). Text the tokenizer is given (prompt, message
+content, stop strings) must be valid Unicode: a lone UTF-16 surrogate, legal in JSON as `"\\ud800"`, is a 400
+naming the field rather than an exception inside the tokenizer. Fields OpenAI defines but the engine
 does not do yet (n > 1, logprobs, tools, penalties, ...) are declared so the error can say *that* rather
 than "unknown field"; a value other than the no-op default fails validation naming the field. Extensions
 (vLLM's convention): `priority` (lower = more urgent), `top_k`, `ignore_eos`, `stop_token_ids`.
@@ -29,6 +33,19 @@ def _unsupported(field: str, value: Any, hint: str) -> ValueError:
     return ValueError(f"{field}={value!r} is not supported by this server ({hint})")
 
 
+def check_text(value: str, what: str) -> str:
+    """`value` if it is valid Unicode (encodable as UTF-8), else a ValueError naming `what` and the culprit."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        bad = value[e.start]
+        raise ValueError(
+            f"{what} contains U+{ord(bad):04X} at character {e.start}, a lone UTF-16 surrogate: "
+            "not valid Unicode text"
+        ) from None
+    return value
+
+
 def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
@@ -41,15 +58,15 @@ def now() -> int:
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     include_usage: bool = Field(default=False, description="Send a last chunk with `usage` and no choices.")
 
 
 class _SamplingFields(BaseModel):
-    """Fields common to completions and chat, with OpenAI's ranges."""
+    """Fields common to completions and chat, with OpenAI's ranges and types (strict: no coercion)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     model: str | None = Field(
         default=None, description="Served model id; None means the one this server serves."
@@ -70,7 +87,9 @@ class _SamplingFields(BaseModel):
     logit_bias: dict[str, float] | None = None
     # Extensions.
     priority: int = Field(
-        default=0, description="Scheduling priority: lower value = more urgent (vLLM's convention)."
+        default=0,
+        description="Scheduling priority: lower value = more urgent (vLLM's convention). The server bounds it "
+        "to [server.priority_min, server.priority_max].",
     )
     top_k: int = Field(default=0, ge=0, description="0 = off.")
     ignore_eos: bool = False
@@ -105,6 +124,8 @@ class _SamplingFields(BaseModel):
             raise ValueError(f"stop takes at most 4 strings, got {len(items)}")
         if any(not s for s in items):
             raise ValueError("stop strings must not be empty")
+        for s in items:
+            check_text(s, "a stop string")
         return v
 
     @field_validator("stop_token_ids")
@@ -151,6 +172,8 @@ class CompletionRequest(_SamplingFields):
                 raise _unsupported("prompt", f"<{len(v)} prompts>", "one prompt per request")
         if v == [] or v == "" or v == [""] or v == [[]]:
             raise ValueError("prompt must not be empty")
+        for text in [v] if isinstance(v, str) else [p for p in v if isinstance(p, str)]:
+            check_text(text, "the prompt")
         return v
 
     @field_validator("echo")
@@ -190,17 +213,22 @@ class CompletionRequest(_SamplingFields):
 
 
 class TextPart(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     type: Literal["text"]
     text: str
+
+    @field_validator("text")
+    @classmethod
+    def _valid_text(cls, v: str) -> str:
+        return check_text(v, "the text")
 
 
 class ChatMessage(BaseModel):
     """One chat message. Only text content; fields the openai client echoes back from a response
     (refusal, annotations, audio, tool_calls, function_call) are accepted when empty."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart] | None = None
@@ -210,6 +238,11 @@ class ChatMessage(BaseModel):
     audio: Any | None = None
     tool_calls: list[Any] | None = None
     function_call: Any | None = None
+
+    @field_validator("content")
+    @classmethod
+    def _valid_content(cls, v: str | list[TextPart] | None) -> str | list[TextPart] | None:
+        return check_text(v, "the content") if isinstance(v, str) else v
 
     @field_validator("tool_calls")
     @classmethod

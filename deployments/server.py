@@ -5,8 +5,10 @@ handlers only submit and await deltas. HTTP routes and handle methods share `Ope
 validate, generate and fail the same way.
 
 HTTP: POST /v1/completions, POST /v1/chat/completions (SSE when `stream`), GET /v1/models[/{id}],
-GET /health, GET /stats. Handles: `generate(request)`, `generate_stream(request)` (with
-`handle.options(stream=True)`), `engine_status()`.
+GET /health, GET /stats. The generate routes check the API key from the headers before they read the body,
+and read it under `ServerConfig.max_body_bytes` / `body_timeout_s` (deployments/http_body.py).
+Handles: `generate(request)`, `generate_stream(request)` (with `handle.options(stream=True)`),
+`engine_status()`.
 
 No `from __future__ import annotations` here: FastAPI must see the route parameters' real types through
 Serve's ingress wrapper (with string annotations, `request: Request` became a required query parameter).
@@ -17,10 +19,10 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
+import ray
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import ValidationError
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -29,6 +31,7 @@ from configs.serve import ControllerKnobs, ServerConfig
 from deployments import errors
 from deployments.errors import OpenAIError
 from deployments.front import EngineFront, FrontFactory, build_engine_front
+from deployments.http_body import RequestModel, parse_request, read_body, validate_request
 from deployments.metrics import AutoscalingSignals, MetricsPoller, ServerMetrics
 from deployments.protocol import (
     ChatCompletionRequest,
@@ -67,6 +70,14 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
     )
 
 
+@app.exception_handler(Exception)
+async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+    # A bug, not the client's mistake: still answered in the OpenAI shape (Starlette logs the traceback).
+    return _error_response(
+        OpenAIError(500, f"internal error: {type(exc).__name__}", "server_error", None, "internal_error")
+    )
+
+
 async def _sse(chunks: AsyncIterator[StreamChunk]) -> AsyncIterator[str]:
     """OpenAI's server-sent events: one `data: <chunk>` per chunk, an error event if the engine fails
     mid-stream (the status line is already sent), then `data: [DONE]`."""
@@ -86,17 +97,23 @@ def _parse_generate_request(request: GenerateRequest | dict[str, Any]) -> Genera
         raise errors.bad_request(
             f"expected a CompletionRequest, ChatCompletionRequest or dict, got {type(request).__name__}"
         )
-    model = ChatCompletionRequest if "messages" in request else CompletionRequest
-    try:
-        return model.model_validate(request)
-    except ValidationError as e:
-        raise errors.from_validation_errors(e.errors()) from None
+    kind: type[GenerateRequest] = ChatCompletionRequest if "messages" in request else CompletionRequest
+    return validate_request(request, kind)
+
+
+def _runtime_env_vars() -> dict[str, str]:
+    """The variables Ray's runtime_env set for this replica (Ray's runtime-env agent logs them)."""
+    env = ray.get_runtime_context().runtime_env or {}
+    return dict(env.get("env_vars") or {})
 
 
 @serve.deployment(
     name="BatonServer",
+    # Above server.max_pending_requests (24), so the replica's own OpenAI-shaped 429 binds first and spare
+    # slots remain for refusals, /health and /stats; no proxy queue limit, so Ray never answers a burst
+    # with its plain-text 429 (the replica refuses the excess in microseconds; see serve_config.yaml).
     max_ongoing_requests=32,
-    max_queued_requests=64,
+    max_queued_requests=-1,
     backpressure_config={"status_code": 429, "retry_after_s": 1},
     health_check_period_s=10,
     health_check_timeout_s=30,
@@ -114,7 +131,7 @@ class BatonServer:
     ) -> None:
         self._replica = serve.get_replica_context().replica_id.unique_id
         self._server_config = server_config or ServerConfig()
-        self._api_key = self._server_config.resolved_api_key()
+        self._api_key = self._server_config.resolved_api_key(_runtime_env_vars())
         factory = front_factory or build_engine_front
         self._front: EngineFront = factory(engine_config)
         self._front.start()
@@ -154,18 +171,24 @@ class BatonServer:
         return JSONResponse(self._serving.model_card(model_id).model_dump())
 
     @app.post("/v1/completions")
-    async def http_completions(self, body: CompletionRequest, request: Request) -> Response:
+    async def http_completions(self, request: Request) -> Response:
         self._authorize(request)
-        return await self._respond(body)
+        return await self._respond(await self._read(request, CompletionRequest))
 
     @app.post("/v1/chat/completions")
-    async def http_chat_completions(self, body: ChatCompletionRequest, request: Request) -> Response:
+    async def http_chat_completions(self, request: Request) -> Response:
         self._authorize(request)
-        return await self._respond(body)
+        return await self._respond(await self._read(request, ChatCompletionRequest))
+
+    async def _read(self, request: Request, kind: type[RequestModel]) -> RequestModel:
+        """The body as a typed request, read only after the key was checked, within the body limits."""
+        config = self._server_config
+        raw = await read_body(request, config.max_body_bytes, config.body_timeout_s)
+        return parse_request(raw, kind)
 
     async def _respond(self, body: GenerateRequest) -> Response:
         if body.stream:
-            chunks = self._serving.generate_stream(body)  # raises before the 200 is sent
+            chunks = await self._serving.generate_stream(body)  # raises before the 200 is sent
             return StreamingResponse(_sse(chunks), media_type="text/event-stream")
         result = await self._serving.generate(body)
         return JSONResponse(result.model_dump())
@@ -190,7 +213,7 @@ class BatonServer:
 
     async def generate_stream(self, request: GenerateRequest | dict[str, Any]) -> AsyncIterator[StreamChunk]:
         """Typed stream chunks; call with `handle.options(stream=True)`. Cancelling aborts the request."""
-        chunks = self._serving.generate_stream(_parse_generate_request(request))
+        chunks = await self._serving.generate_stream(_parse_generate_request(request))
         async for chunk in chunks:
             yield chunk
 

@@ -8,6 +8,7 @@ a typed response or typed stream chunks. Every client mistake is an `OpenAIError
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 import weakref
@@ -40,6 +41,8 @@ from deployments.protocol import (
     now,
 )
 from engine.request import RequestOutput, SamplingParams
+
+log = logging.getLogger("ray.serve")
 
 # While waiting for a request's next delta, how often to check that the engine loop is still alive.
 LIVENESS_CHECK_S = 1.0
@@ -201,6 +204,11 @@ def _finish_reason(out: RequestOutput) -> FinishReason:
     )
 
 
+def _prompt_param(request: GenerateRequest) -> str:
+    """The request field a prompt-related error names."""
+    return "messages" if isinstance(request, ChatCompletionRequest) else "prompt"
+
+
 def _usage(out: RequestOutput) -> UsageInfo | None:
     if out.usage is None:
         return None
@@ -250,7 +258,7 @@ class OpenAIServing:
 
     async def generate(self, request: GenerateRequest) -> GenerateResponse:
         """The whole result of a completion or chat request (its `stream` flag is ignored)."""
-        gen = self._submit(request)
+        gen = await self._submit(request)
         text: list[str] = []
         async with aclosing(gen.outputs()) as outputs:
             async for out in outputs:
@@ -278,27 +286,47 @@ class OpenAIServing:
                     )
         raise errors.engine_unavailable("the engine ended the stream without a final output")
 
-    def generate_stream(self, request: GenerateRequest) -> AsyncIterator[StreamChunk]:
-        """Validate and submit now (raising `OpenAIError`), then stream OpenAI chunks.
-
-        Must be called with the event loop running (the engine binds the stream to it).
-        """
-        gen = self._submit(request)
+    async def generate_stream(self, request: GenerateRequest) -> AsyncIterator[StreamChunk]:
+        """Validate, tokenize and submit now (raising `OpenAIError`, so a refused stream still gets its status
+        code), then return the stream of OpenAI chunks."""
+        gen = await self._submit(request)
         if isinstance(request, ChatCompletionRequest):
             return self._chat_chunks(gen, request.include_usage_in_stream)
         return self._completion_chunks(gen, request.include_usage_in_stream)
 
     # -- request -> engine -----------------------------------------------------------------------------
 
-    def _submit(self, request: GenerateRequest) -> Generation:
+    async def _submit(self, request: GenerateRequest) -> Generation:
+        """Check the request, take an admission slot, tokenize off the event loop, hand it to the engine.
+
+        Whatever ends this between taking the slot and handing it to the `Generation` (bad input, an engine
+        error of any type, the caller cancelled while the prompt was being tokenized) gives the slot back.
+        """
         self.check_model(request.model)
+        self._check_priority(request.priority)
         if not self._front.is_healthy():
             raise errors.engine_unavailable("the engine is not running on this replica")
-        engine_request = self._to_engine_request(request)
-        field = "messages" if isinstance(request, ChatCompletionRequest) else "prompt"
         release = self.admission.acquire()
         try:
-            stream = self._front.submit(
+            engine_request = await self._to_engine_request(request)
+            stream = self._start(engine_request, _prompt_param(request))
+            return Generation(
+                self._front, engine_request, stream, self._on_finish, self._on_first_token, release
+            )
+        except BaseException:
+            release()
+            raise
+
+    def _check_priority(self, priority: int) -> None:
+        low, high = self._config.priority_min, self._config.priority_max
+        if not low <= priority <= high:
+            shown = str(priority) if len(str(priority)) <= 24 else f"an integer of {len(str(priority))} digits"
+            raise errors.bad_request(f"priority must be in [{low}, {high}], got {shown}", "priority")
+
+    def _start(self, engine_request: EngineRequest, param: str) -> RequestStream:
+        """Submit to the engine; its refusals become OpenAI errors naming `param` for the prompt."""
+        try:
+            return self._front.submit(
                 engine_request.request_id,
                 prompt=engine_request.prompt,
                 prompt_token_ids=engine_request.prompt_token_ids,
@@ -306,22 +334,23 @@ class OpenAIServing:
                 priority=engine_request.priority,
             )
         except ValueError as e:
-            release()
-            err = errors.from_value_error(e, field)
-            if field == "messages" and err.param in ("prompt", "prompt_token_ids"):
-                err.param = "messages"  # the engine only sees the templated prompt
+            err = errors.from_value_error(e, param)
+            if err.param in ("prompt", "prompt_token_ids"):
+                err.param = param  # the engine sees token ids; the client sent `param`
             raise err from None
         except RuntimeError as e:  # the engine loop stopped between the health check and the submit
-            release()
             raise errors.engine_unavailable(f"the engine is not running on this replica: {e}") from None
-        return Generation(self._front, engine_request, stream, self._on_finish, self._on_first_token, release)
+        except Exception as e:
+            log.exception("the engine failed to accept request %s", engine_request.request_id)
+            raise errors.engine_failed(f"the engine could not accept this request: {type(e).__name__}") from None
 
-    def _to_engine_request(self, request: GenerateRequest) -> EngineRequest:
-        prompt: str | None = None
-        prompt_ids: list[int] | None = None
+    async def _to_engine_request(self, request: GenerateRequest) -> EngineRequest:
+        """Token ids and sampling parameters. Templating and tokenizing run in a worker thread: a prompt of
+        megabytes takes seconds there, and must not stall every other stream on this replica's event loop."""
+        param = _prompt_param(request)
         if isinstance(request, ChatCompletionRequest):
             request_id = new_id("chatcmpl")
-            prompt_ids = self._chat_prompt_ids(request)
+            prompt_ids = await asyncio.to_thread(self._chat_prompt_ids, request)
             max_tokens = request.requested_max_tokens()
             if max_tokens is None:
                 room = self._front.engine.max_model_len - len(prompt_ids)
@@ -336,10 +365,11 @@ class OpenAIServing:
             request_id = new_id("cmpl")
             single = request.single_prompt()
             if isinstance(single, str):
-                prompt = single
+                prompt_ids = await asyncio.to_thread(self._encode, single)
             else:
                 prompt_ids = list(single)
             max_tokens = request.max_tokens if request.max_tokens is not None else 16
+        self._check_length(len(prompt_ids), max_tokens, param)
         try:
             params = SamplingParams(
                 max_tokens=max_tokens,
@@ -353,9 +383,30 @@ class OpenAIServing:
             )
         except ValueError as e:
             raise errors.from_value_error(e) from None
-        return EngineRequest(request_id, prompt, prompt_ids, params, request.priority)
+        return EngineRequest(request_id, None, prompt_ids, params, request.priority)
+
+    def _check_length(self, prompt_tokens: int, max_tokens: int, param: str) -> None:
+        """A 400 before the engine sees a prompt that cannot fit (it would only refuse it, later and slower)."""
+        limit = self._front.engine.max_model_len
+        if prompt_tokens + max_tokens > limit:
+            raise errors.bad_request(
+                f"{param}: the prompt is {prompt_tokens} tokens; with max_tokens={max_tokens} that exceeds "
+                f"the context length (max_model_len={limit})",
+                param,
+            )
+
+    def _encode(self, prompt: str) -> list[int]:
+        """A completion prompt's token ids, exactly as the engine tokenizes a text prompt (worker thread)."""
+        try:
+            ids = list(self._front.engine.tokenizer.encode(prompt))
+        except Exception as e:  # noqa: BLE001 - whatever the tokenizer raises on this text is the client's input
+            raise errors.invalid_input("prompt", e) from None
+        if not ids:
+            raise errors.bad_request("prompt: it tokenizes to nothing", "prompt")
+        return ids
 
     def _chat_prompt_ids(self, request: ChatCompletionRequest) -> list[int]:
+        """The chat template over `messages`, tokenized (worker thread)."""
         tokenizer = self._front.engine.tokenizer
         messages = [
             {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
@@ -367,8 +418,10 @@ class OpenAIServing:
             raise errors.bad_request(
                 f"messages: the model's chat template rejected them: {e}", "messages"
             ) from None
-        ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
-        return ids
+        try:
+            return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+        except Exception as e:  # noqa: BLE001 - as in _encode
+            raise errors.invalid_input("messages", e) from None
 
     # -- engine -> chunks ------------------------------------------------------------------------------
 

@@ -8,6 +8,10 @@ from typing import Literal
 
 FinishReason = Literal["stop", "length", "abort", "error"]
 
+# Below this temperature decoding is greedy. At T = 1e-5 a logit gap of 1e-3 already scales to 100 (the
+# runner-up is e^-100 times less likely), so the cut-off changes no meaningful distribution.
+MIN_TEMPERATURE = 1e-5
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -47,7 +51,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        """Temperature 0, or below `MIN_TEMPERATURE` (dividing logits by 1e-310 overflows them to inf)."""
+        return self.temperature < MIN_TEMPERATURE
 
 
 class RequestState(enum.Enum):

@@ -2,6 +2,11 @@
 
 The random draw for a request's i-th output token depends only on (seed, i), so the same request gives the
 same tokens whatever shares its batch, whenever it joined, and even if it was preempted and recomputed.
+
+Numerics: a temperature below `engine.request.MIN_TEMPERATURE` is greedy (`SamplingParams.greedy`):
+dividing by 1e-310 overflows the logits to inf and the probabilities to NaN. Above it, the largest logit is
+subtracted before scaling, so the scaled logits are <= 0 and softmax stays finite. Logits that are NaN are
+a model or device fault: the sampler raises `NonFiniteLogitsError` rather than turn them into a token.
 """
 
 from __future__ import annotations
@@ -13,6 +18,14 @@ from engine.request import SamplingParams
 _MIX = 0x9E3779B97F4A7C15  # golden-ratio constant: spreads (seed, index) pairs over the 64-bit seed space
 
 
+class NonFiniteLogitsError(ValueError):
+    """Logits with NaN in them: no token can be chosen honestly from this row (`rows` are batch indices)."""
+
+    def __init__(self, rows: list[int]) -> None:
+        super().__init__(f"logits of batch row(s) {rows} contain NaN: no token can be sampled from them")
+        self.rows = rows
+
+
 def draw_uniform(seed: int, index: int) -> float:
     """A uniform number in [0, 1) that is a pure function of (seed, index)."""
     g = torch.Generator(device="cpu")
@@ -20,9 +33,20 @@ def draw_uniform(seed: int, index: int) -> float:
     return float(torch.rand((), generator=g, dtype=torch.float64))
 
 
+def _check_finite(logits: torch.Tensor) -> None:
+    """Raise `NonFiniteLogitsError` naming the rows of `logits` ([V] or [rows, V]) that hold NaN."""
+    nan_rows = logits.isnan().reshape(-1, logits.shape[-1]).any(dim=-1)
+    if bool(nan_rows.any()):
+        raise NonFiniteLogitsError(torch.nonzero(nan_rows).flatten().tolist())
+
+
 def filtered_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """Probabilities [V] (float64) after temperature, top-k and top-p."""
-    x = logits.to(torch.float64) / params.temperature
+    """Probabilities [V] (float64) after temperature, top-k and top-p; one-hot on the argmax when greedy."""
+    _check_finite(logits)
+    x = logits.to(torch.float64)
+    if params.greedy:
+        return torch.zeros_like(x).scatter_(0, x.argmax().reshape(1), 1.0)
+    x = (x - x.max()) / params.temperature  # every value <= 0, the best exactly 0: no overflow
     if params.top_k and params.top_k < x.numel():
         kth = torch.topk(x, params.top_k).values[-1]
         x = x.masked_fill(x < kth, float("-inf"))
@@ -40,6 +64,8 @@ def filtered_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor
 def sample_one(logits: torch.Tensor, params: SamplingParams, seed: int, index: int) -> int:
     """Sample a token from `logits` [V] for a request's `index`-th output token."""
     probs = filtered_probs(logits, params)
+    if params.greedy:
+        return int(probs.argmax())
     u = draw_uniform(seed, index)
     cdf = torch.cumsum(probs, 0)
     tok = int(torch.searchsorted(cdf, torch.tensor([u * float(cdf[-1])], dtype=cdf.dtype)).item())
@@ -51,6 +77,7 @@ def sample_one(logits: torch.Tensor, params: SamplingParams, seed: int, index: i
 
 def sample(logits: torch.Tensor, params: list[SamplingParams], seeds: list[int], indices: list[int]) -> list[int]:
     """One token per row of `logits` [rows, V]. Greedy rows share one argmax over the batch."""
+    _check_finite(logits)
     out = logits.argmax(dim=-1).tolist()
     for r, p in enumerate(params):
         if not p.greedy:

@@ -9,6 +9,8 @@ from collections.abc import Iterator
 
 import pytest
 
+from configs import EngineConfig
+from tests.deployments.fake_engine import FakeAsyncEngine
 from tests.deployments.serve_testing import wait_until
 
 
@@ -28,3 +30,12 @@ def serve_instance(ray_serve: str) -> Iterator[str]:
     for name in names:
         serve.delete(name, _blocking=False)  # all at once: each waits out its graceful shutdown
     wait_until(lambda: not serve.status().applications, timeout_s=60, what=f"deleting {names}")
+
+
+@pytest.fixture
+def front() -> Iterator[FakeAsyncEngine]:
+    """A started fake engine front (2 rows, 512-token context) for the in-process serving tests."""
+    f = FakeAsyncEngine(EngineConfig(model="fake", max_batch_size=2, max_model_len=512), step_delay_s=0.002)
+    f.start()
+    yield f
+    f.shutdown()

@@ -28,11 +28,18 @@ _LIVE_KNOBS_ENGINE = ("max_batch_size", "prefill_token_budget")
 
 
 class FakeTokenizer:
-    """One token per character; a chat template in the ChatML style."""
+    """One token per character; a chat template in the ChatML style. Like the Hugging Face fast tokenizer,
+    it raises TypeError on text that is not valid Unicode (a lone UTF-16 surrogate)."""
 
     eos_token_id = EOS_TOKEN_ID
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise TypeError(
+                "TextEncodeInput must be Union[TextInputSequence, Tuple[InputSequence, InputSequence]]"
+            ) from None
         return [ord(c) for c in text]
 
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
@@ -98,7 +105,10 @@ class FakeStream:
 
 
 class _FakeCore:
-    """What `front.engine` exposes: the tokenizer and the context limit."""
+    """What `front.engine` exposes: the tokenizer and the context limit. The vocabulary is the code points
+    below the surrogates, so every token decodes to valid text, as a real tokenizer's do."""
+
+    vocab_size = 0xD800
 
     def __init__(self, max_model_len: int) -> None:
         self.tokenizer = FakeTokenizer()
@@ -171,7 +181,14 @@ class FakeAsyncEngine:
         ids = self.engine.tokenizer.encode(prompt) if prompt is not None else list(prompt_token_ids or [])
         if not ids:
             raise ValueError("prompt must not be empty")
-        if self._crash_on_prompt is not None and prompt == self._crash_on_prompt:
+        vocab = self.engine.vocab_size
+        bad = [t for t in ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt_token_ids {bad[:5]} outside the vocabulary [0, {vocab})")
+        bad_stop = [t for t in params.stop_token_ids if t >= vocab]
+        if bad_stop:
+            raise ValueError(f"stop_token_ids {bad_stop} outside the vocabulary (size {vocab})")
+        if self._crash_on_prompt is not None and self.engine.tokenizer.decode(ids) == self._crash_on_prompt:
             self.crash()
         if len(ids) + params.max_tokens > self.engine.max_model_len:
             raise ValueError(

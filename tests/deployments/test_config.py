@@ -103,6 +103,25 @@ def test_api_key_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
     assert "s3cret" not in repr(ServerConfig(api_key="s3cret"))  # type: ignore[arg-type]  # never in logs
 
 
+def test_api_key_from_a_file_and_never_from_runtime_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The key comes from a file or an inherited variable read at start; a key variable that Ray's
+    runtime_env set (and so wrote to the runtime-env agent's log) is refused, and no message shows the key."""
+    key_file = tmp_path / "key"
+    key_file.write_text("file-s3cret\n")
+    assert ServerConfig(api_key_file=str(key_file)).resolved_api_key() == "file-s3cret"
+    key_file.write_text("  \n")
+    with pytest.raises(ValueError, match="is empty"):
+        ServerConfig(api_key_file=str(key_file)).resolved_api_key()
+    with pytest.raises(ValueError, match="cannot be read"):
+        ServerConfig(api_key_file=str(tmp_path / "missing")).resolved_api_key()
+    monkeypatch.setenv("BATON_TEST_KEY", "env-s3cret")
+    with pytest.raises(ValueError, match="runtime_env") as e:
+        ServerConfig(api_key_env="BATON_TEST_KEY").resolved_api_key({"BATON_TEST_KEY": "env-s3cret"})
+    assert "env-s3cret" not in str(e.value)
+    with pytest.raises(ValidationError, match="at most one"):
+        ServerConfig(api_key_env="BATON_TEST_KEY", api_key_file=str(key_file))
+
+
 def test_served_model_name() -> None:
     assert ServerConfig().model_name_for("default") == "SmolLM2-135M-Instruct"
     assert ServerConfig().model_name_for("org/model") == "org/model"
@@ -132,11 +151,17 @@ def test_serve_config_yaml_is_valid_for_ray_and_for_us() -> None:
     policy = autoscaling["policy"]
     assert policy["policy_function"] == "autoscaler.serve_policy:BatonReplicaPolicy"
     ReplicaPolicyConfig.model_validate(policy["policy_kwargs"])
-    assert (
-        deployment.max_queued_requests > 0
-        and deployment.max_ongoing_requests >= args.engine_config.max_batch_size
-    )
+    assert deployment.max_ongoing_requests >= args.engine_config.max_batch_size
+    assert_refusals_are_the_replicas(args.server, deployment)
     assert raw["http_options"]["host"] == "127.0.0.1"
+
+
+def assert_refusals_are_the_replicas(server: ServerConfig, deployment: Any) -> None:
+    """The replica's own limit binds before Ray's: Ray's proxy never refuses (its refusal is plain text),
+    and slots stay free above max_pending_requests for the replica's 429s and /health."""
+    assert deployment.max_queued_requests == -1
+    assert server.max_pending_requests is not None
+    assert server.max_pending_requests + 4 <= deployment.max_ongoing_requests
 
 
 def test_gpu_serve_config_is_valid_for_ray_and_for_us() -> None:
@@ -148,3 +173,5 @@ def test_gpu_serve_config_is_valid_for_ray_and_for_us() -> None:
     (deployment,) = app.deployments
     assert deployment.ray_actor_options.num_gpus == 1
     ControllerKnobs.model_validate(deployment.user_config)
+    assert_refusals_are_the_replicas(args.server, deployment)
+    assert args.server.max_pending_requests >= cfg.max_batch_size  # type: ignore[operator]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import json
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -137,3 +138,31 @@ def test_disconnects_leave_the_engine(base_url: str) -> None:
     wait_until(
         lambda: running_and_waiting() == 0, timeout_s=10, what="the dropped streams to leave the batch"
     )
+
+
+def test_a_huge_prompt_does_not_stall_other_streams(base_url: str) -> None:
+    """A 4 MiB prompt takes seconds to tokenize; done on the replica's event loop it stalled every stream
+    there for that long. Tokenized in a worker thread, a running stream keeps its pace, and the huge prompt
+    still gets its 400 (longer than the context)."""
+
+    async def run() -> tuple[float, httpx.Response]:
+        async with httpx.AsyncClient(base_url=base_url, timeout=120) as client:
+            body = {"prompt": "Count: 1, 2, 3,", "max_tokens": 120, "ignore_eos": True, "stream": True}
+            async with client.stream("POST", "/v1/completions", json=body) as stream:
+                lines = aiter(stream.aiter_lines())
+                for _ in range(3):  # the stream is running
+                    await anext(lines)
+                four_mib = "word " * (4 * 1024 * 1024 // 5)
+                huge = asyncio.create_task(
+                    client.post("/v1/completions", json={"prompt": four_mib, "max_tokens": 4})
+                )
+                gaps, last = [], time.monotonic()
+                async for _ in lines:
+                    now = time.monotonic()
+                    gaps.append(now - last)
+                    last = now
+                return max(gaps), await huge
+
+    worst_gap, refused = asyncio.run(run())
+    assert refused.status_code == 400 and "context length" in refused.json()["error"]["message"]
+    assert worst_gap < 1.5, f"a stream stalled {worst_gap:.2f} s while a huge prompt was tokenized"

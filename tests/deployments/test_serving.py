@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import gc
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 
-from configs import EngineConfig
 from configs.serve import ServerConfig
 from deployments import serving
 from deployments.errors import OpenAIError
@@ -19,14 +18,6 @@ from deployments.protocol import ChatCompletionRequest, ChatMessage, CompletionR
 from deployments.serving import OpenAIServing, RequestTiming
 from engine.request import RequestOutput, Usage
 from tests.deployments.fake_engine import FakeAsyncEngine
-
-
-@pytest.fixture
-def front() -> Iterator[FakeAsyncEngine]:
-    f = FakeAsyncEngine(EngineConfig(model="fake", max_batch_size=2, max_model_len=512), step_delay_s=0.002)
-    f.start()
-    yield f
-    f.shutdown()
 
 
 def idle(front: FakeAsyncEngine) -> bool:
@@ -53,7 +44,7 @@ def test_unary_and_stream_and_timings(front: FakeAsyncEngine) -> None:
     async def run() -> None:
         out = await s.generate(CompletionRequest(prompt="hello", max_tokens=3))
         assert isinstance(out, CompletionResponse) and out.choices[0].text == "hel"
-        chunks = [c async for c in s.generate_stream(CompletionRequest(prompt="hi", max_tokens=9))]
+        chunks = [c async for c in await s.generate_stream(CompletionRequest(prompt="hi", max_tokens=9))]
         assert "".join(c.choices[0].text for c in chunks) == "hi"  # type: ignore[union-attr]
 
     asyncio.run(run())
@@ -77,7 +68,7 @@ def test_consumer_leaving_early_aborts(front: FakeAsyncEngine) -> None:
     s = OpenAIServing(front, ServerConfig())
 
     async def run() -> None:
-        stream = s.generate_stream(LONG)
+        stream = await s.generate_stream(LONG)
         async for _ in stream:
             break
         await stream.aclose()  # type: ignore[attr-defined]
@@ -106,7 +97,7 @@ def test_stream_dropped_before_it_starts_aborts(front: FakeAsyncEngine) -> None:
     s = OpenAIServing(front, ServerConfig())
 
     async def run() -> None:
-        stream: AsyncIterator[Any] | None = s.generate_stream(LONG)
+        stream: AsyncIterator[Any] | None = await s.generate_stream(LONG)
         await asyncio.sleep(0.05)
         assert not idle(front)
         del stream
@@ -124,9 +115,9 @@ def test_admission_limit_refuses_with_an_openai_429_and_every_exit_frees_its_slo
     s = OpenAIServing(front, ServerConfig(max_pending_requests=3, retry_after_s=7))
 
     async def run() -> None:
-        held = [s.generate_stream(LONG) for _ in range(3)]
+        held = [await s.generate_stream(LONG) for _ in range(3)]
         with pytest.raises(OpenAIError) as refused:
-            s.generate_stream(LONG)
+            await s.generate_stream(LONG)
         err = refused.value
         assert (err.status_code, err.type, err.code) == (429, "rate_limit_error", "server_overloaded")
         assert err.headers == {"Retry-After": "7"} and "3 requests in progress" in err.message
@@ -151,7 +142,7 @@ def test_admission_limit_refuses_with_an_openai_429_and_every_exit_frees_its_slo
         assert s.admission.in_flight == 1
         # 4) a request the engine rejects (longer than the context) does not keep a slot.
         with pytest.raises(OpenAIError, match="400"):
-            s.generate_stream(CompletionRequest(prompt="y" * 600, max_tokens=2))
+            await s.generate_stream(CompletionRequest(prompt="y" * 600, max_tokens=2))
         assert s.admission.in_flight == 1
         # 5) a request that runs to the end.
         out = await s.generate(CompletionRequest(prompt="hello", max_tokens=3))

@@ -290,3 +290,39 @@ def test_abort_mid_generation(tiny_model) -> None:
         assert tokens_of(outs[rid]) == tokens_of(run_alone(tiny_model, *reqs[rid])), rid
     assert sum(o.finished for o in outs["b"]) == 1
     assert engine.stats.aborted_requests == 2 and engine.stats.finished_requests == 2
+
+
+@pytest.mark.parametrize("temperature", [1e-310, 5e-324, 1e-12, 1e-7])
+def test_a_tiny_temperature_is_greedy_not_garbage(temperature: float) -> None:
+    """A temperature of 1e-310 used to overflow the logits to inf, the probabilities to NaN, and the draw to
+    the last vocabulary id; below the sampler's epsilon it is greedy, on every path."""
+    torch.manual_seed(0)
+    logits = torch.randn(2, 500) * 4
+    best = logits.argmax(dim=-1).tolist()
+    params = SamplingParams(temperature=temperature, top_k=0, top_p=1.0, seed=1)
+    assert params.greedy  # the one rule every sampling path asks
+    probs = filtered_probs(logits[0], params)
+    assert not probs.isnan().any() and int(probs.argmax()) == best[0] and float(probs.max()) == 1.0
+    for index in range(5):
+        assert sample_one(logits[0], params, seed=index, index=index) == best[0]
+    assert sample(logits, [params, params], [3, 4], [0, 7]) == best
+
+
+def test_small_temperatures_above_the_epsilon_still_sample_without_nan() -> None:
+    """Just above the epsilon the maths stays finite (the max logit is subtracted before scaling), and the
+    draw is still a pure function of (seed, index)."""
+    logits = torch.tensor([0.0, 1e-5, 2e-5, -50.0], dtype=torch.float32)
+    params = SamplingParams(temperature=1e-4, seed=9)
+    probs = filtered_probs(logits, params)
+    assert torch.isfinite(probs).all() and float(probs.sum()) == pytest.approx(1.0)
+    draws = [sample_one(logits, params, seed=9, index=i) for i in range(20)]
+    assert draws == [sample_one(logits, params, seed=9, index=i) for i in range(20)]
+    assert set(draws) <= {0, 1, 2} and len(set(draws)) > 1
+
+
+def test_nan_logits_never_become_a_token() -> None:
+    logits = torch.tensor([0.1, float("nan"), 0.3])
+    with pytest.raises(ValueError, match="NaN"):
+        sample_one(logits, SamplingParams(temperature=0.7, seed=1), seed=1, index=0)
+    with pytest.raises(ValueError, match="NaN"):
+        sample(logits[None, :], [SamplingParams(temperature=0.0)], [1], [0])
