@@ -156,7 +156,10 @@ class ModelRunner:
                 log.exception("prefill of %s failed", p.request_id)
                 failed[p.request_id] = f"prefill failed: {e}"
                 continue
-            tokens[p.request_id] = self.sample(logits[None], [p.sample])[0]
+            token = self._sample_rows(logits[None], [(p.request_id, p.sample)], failed)
+            if not token:
+                continue
+            tokens.update(token)
             if p.join:
                 cache.insert(p.request_id, kv)
             else:
@@ -181,15 +184,27 @@ class ModelRunner:
         live = [r for r, row in enumerate(ordered) if row.sample is not None]
         if len(live) < len(ordered):  # run-to-completion rows that are done are computed, not sampled
             logits = logits.index_select(0, torch.tensor(live, device=logits.device))
-        tokens = self.sample(logits, [s for row in ordered if (s := row.sample) is not None])
+        tokens = self._sample_rows(logits, [(row.request_id, s) for row in ordered if (s := row.sample)], failed)
         attended = cache.rows * cache.length
         shape = BatchShape(len(ordered), max(len(f) for f in feeds), attended, attended - sum(cache.real))
-        return dict(zip([ordered[r].request_id for r in live], tokens, strict=True)), shape
+        return tokens, shape
 
     @staticmethod
-    def sample(logits: torch.Tensor, specs: list[SampleSpec]) -> list[int]:
-        """The one sampling entry point: a token per row of `logits` [rows, V], drawn as `specs` say."""
-        return sample(logits, [s.params for s in specs], [s.seed for s in specs], [s.index for s in specs])
+    def _sample_rows(logits: torch.Tensor, rows: list[tuple[str, SampleSpec]], failed: dict[str, str]
+                     ) -> dict[str, int]:
+        """The one sampling entry point: a token per row of `logits` [rows, V] for (request id, draw) `rows`.
+        A row whose logits hold NaN (a model or device fault) fails alone; the others are sampled."""
+        nan = logits.isnan().any(dim=-1)  # [rows]
+        if bool(nan.any()):
+            for r in nan.nonzero().flatten().tolist():
+                failed[rows[r][0]] = "the model produced NaN logits for this request"
+            keep = (~nan).nonzero().flatten()
+            logits, rows = logits.index_select(0, keep), [rows[r] for r in keep.tolist()]
+        if not rows:
+            return {}
+        specs = [s for _, s in rows]
+        tokens = sample(logits, [s.params for s in specs], [s.seed for s in specs], [s.index for s in specs])
+        return dict(zip([rid for rid, _ in rows], tokens, strict=True))
 
     @torch.no_grad()
     def prefill(self, token_ids: list[int]) -> tuple[RowKV, torch.Tensor]:

@@ -84,13 +84,12 @@ def test_broken_padding_mask_is_caught(default_model, small_workload, monkeypatc
 
 
 def test_broken_position_ids_are_caught(default_model, small_workload, monkeypatch):
-    real_inputs = BatonEngine._batch_inputs
+    real_forward = model_runner.ModelRunner.batch_forward
 
-    def column_positions(self, joining, it):  # position = cache length for every row: padding counted
-        inp, pos, real = real_inputs(self, joining, it)
-        return inp, torch.full_like(pos, self.cache.length), real
+    def column_positions(self, cache, input_ids, positions, real):  # position = cache length: padding counted
+        return real_forward(self, cache, input_ids, torch.full_like(positions, cache.length), real)
 
-    monkeypatch.setattr(BatonEngine, "_batch_inputs", column_positions)
+    monkeypatch.setattr(model_runner.ModelRunner, "batch_forward", column_positions)
     work, ref = small_workload
     got = run_workload(make_engine(default_model, policy="baton-pd", max_batch_size=8), work)
     assert len(mismatches(got, ref)) >= len(ref) // 2

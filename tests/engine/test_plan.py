@@ -17,7 +17,7 @@ from engine.memory_controller import MemoryController
 from engine.plan import BatchRow, BatchShape, IterationPlan, Join, Prefill, SampleSpec, StepResult
 from engine.request import SamplingParams
 from engine.stats import iteration_stats
-from tests.helpers import make_engine, solo_greedy
+from tests.helpers import make_engine, run_to_completion, solo_greedy
 
 ROOT = Path(__file__).resolve().parents[2]
 GREEDY = SamplingParams(max_tokens=8, ignore_eos=True)
@@ -178,3 +178,30 @@ def test_engine_reaches_autoscaler_only_through_the_probe_interface() -> None:
         assert not bad, f"{path.name} imports {bad}"
     for path in sorted((ROOT / "autoscaler").rglob("*.py")):
         assert not {m for m in _imports(path) if m.split(".")[0] in ("engine", "deployments")}, path
+
+
+def test_nan_logits_fail_only_their_own_request(tiny_model, monkeypatch) -> None:
+    """A row whose logits turn NaN (a model or device fault) ends with an error; its neighbours go on,
+    token-identical to their solo runs, and its row leaves the batch."""
+    from engine.model_runner import ModelRunner
+
+    real_forward = ModelRunner.batch_forward
+
+    def poisoned(self, cache, *inputs):
+        logits = real_forward(self, cache, *inputs)
+        if "b" in cache.ids:
+            logits[cache.ids.index("b")] = float("nan")
+        return logits
+
+    monkeypatch.setattr(ModelRunner, "batch_forward", poisoned)
+    engine = make_engine(tiny_model, policy="baton-pd", max_batch_size=4)
+    prompts = {"a": [61, 62, 63], "b": [71, 72], "c": [81, 82, 83, 84]}
+    for rid, ids in prompts.items():
+        engine.add_request(rid, prompt_token_ids=ids, sampling_params=GREEDY)
+    outs = run_to_completion(engine)
+    assert outs["b"][-1].finish_reason == "error" and "NaN" in (outs["b"][-1].error or "")
+    for rid in ("a", "c"):
+        assert outs[rid][-1].finish_reason == "length"
+        tokens = [t for o in outs[rid] for t in o.new_token_ids]
+        assert tokens == solo_greedy(tiny_model.model, prompts[rid], GREEDY.max_tokens)
+    assert engine.cache.rows == 0 and not engine.has_unfinished_requests()
