@@ -7,10 +7,8 @@ a typed response or typed stream chunks. Every client mistake is an `OpenAIError
 
 from __future__ import annotations
 
-import asyncio
 import threading
 import time
-import weakref
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import aclosing
 from dataclasses import dataclass
@@ -41,9 +39,6 @@ from deployments.protocol import (
 )
 from engine.request import RequestOutput, SamplingParams
 
-# While waiting for a request's next delta, how often to check that the engine loop is still alive.
-LIVENESS_CHECK_S = 1.0
-
 
 @dataclass(frozen=True)
 class EngineRequest:
@@ -67,15 +62,21 @@ class Admission:
         self.limit, self.retry_after_s = limit, retry_after_s
         self.in_flight = 0
         self.refused = 0
-        self._lock = threading.Lock()  # releases may come from a garbage-collection finalizer
+        # Reentrant: a release may come from a garbage collector's finalizer (a stream dropped unconsumed),
+        # which can run on this very thread while it holds the lock.
+        self._lock = threading.RLock()
 
     def acquire(self) -> Callable[[], None]:
         """Take a slot or raise a 429; returns the slot's release (idempotent)."""
         with self._lock:
-            if self.limit is not None and self.in_flight >= self.limit:
+            full = self.limit is not None and self.in_flight >= self.limit
+            if full:
                 self.refused += 1
-                raise errors.overloaded(self.limit, self.retry_after_s)
-            self.in_flight += 1
+            else:
+                self.in_flight += 1
+        if full:
+            assert self.limit is not None
+            raise errors.overloaded(self.limit, self.retry_after_s)
         released = False
 
         def release() -> None:
@@ -86,11 +87,6 @@ class Admission:
                     self.in_flight -= 1
 
         return release
-
-
-def _abandon(front: EngineFront, request_id: str, release: Callable[[], None]) -> None:
-    front.abort(request_id)
-    release()
 
 
 @dataclass(frozen=True)
@@ -104,69 +100,51 @@ class RequestTiming:
 
 
 class Generation:
-    """One request running in the engine: its deltas, its timing, and the guarantee that it is aborted in
-    the engine if the consumer goes away (stops iterating, is cancelled, or never starts)."""
+    """One request running in the engine: its deltas and its timing.
+
+    The request's stream owns its end: leaving `outputs()` early, cancelling the task that reads it, or
+    dropping the generation unconsumed aborts the request through the front, and the stream's `on_close`
+    (the admission slot's release) runs exactly once on every path, the normal end included. A request whose
+    engine loop dies gets an error output from the front, so reading never waits forever.
+    """
 
     def __init__(
         self,
         front: EngineFront,
-        request: EngineRequest,
+        request_id: str,
         stream: RequestStream,
         on_finish: Callable[[RequestTiming], None],
         on_first_token: Callable[[float], None],
-        release: Callable[[], None] = lambda: None,
     ) -> None:
-        self.request_id = request.request_id
+        self.request_id = request_id
         self._front = front
         self._stream = stream
-        self._release = release
         self._on_finish = on_finish
         self._on_first_token = on_first_token
         self._t_submit = time.monotonic()
         self._t_first: float | None = None
         self._num_tokens = 0
         self.finished = False
-        # A stream that is dropped without being consumed (e.g. the client left before the response
-        # started) never runs `outputs()`'s finally; this finalizer aborts it when the object goes away.
-        self._guard = weakref.finalize(self, _abandon, front, request.request_id, release)
-        self._guard.atexit = False
 
     async def outputs(self) -> AsyncGenerator[RequestOutput, None]:
         """The engine's deltas; the last one is `finished`. Leaving early aborts the request."""
-        iterator = aiter(self._stream)
         try:
-            while True:
-                out = await self._next(iterator)
-                if out is None:
-                    raise errors.engine_unavailable("the engine ended the stream without a final output")
+            async for out in self._stream:
                 self._observe(out)
                 yield out
                 if out.finished:
                     return
+            raise errors.engine_unavailable("the engine ended the stream without a final output")
         finally:
             if not self.finished:
-                self._guard.detach()
-                self._front.abort(self.request_id)  # synchronous and thread-safe: safe under cancellation
-                self._release()
                 await self._stream.aclose()
 
-    async def _next(self, iterator: AsyncIterator[RequestOutput]) -> RequestOutput | None:
-        """The next delta (None at the end of the stream). Fails with a 503 instead of waiting forever
-        when the engine loop dies while this request is in it."""
-        pending = asyncio.ensure_future(anext(iterator))
-        try:
-            while True:
-                done, _ = await asyncio.wait({pending}, timeout=LIVENESS_CHECK_S)
-                if done:
-                    try:
-                        return pending.result()
-                    except StopAsyncIteration:
-                        return None
-                if not self._front.is_healthy():
-                    raise errors.engine_unavailable("the engine loop died while this request was running")
-        finally:
-            if not pending.done():
-                pending.cancel()
+    def finish_reason(self, out: RequestOutput) -> FinishReason:
+        """The OpenAI finish reason of a final output; engine-side failures become 5xx errors: 503 when the
+        engine loop has died under the request (another replica can serve it), else 500."""
+        if out.finish_reason == "error" and not self._front.is_healthy():
+            raise errors.engine_unavailable(f"the engine loop died while this request was running: {out.error}")
+        return _finish_reason(out)
 
     def _observe(self, out: RequestOutput) -> None:
         t = time.monotonic()
@@ -177,8 +155,6 @@ class Generation:
             self._num_tokens += len(out.new_token_ids)
         if out.finished:
             self.finished = True
-            self._guard.detach()
-            self._release()
             ttft = None if self._t_first is None else self._t_first - self._t_submit
             tpot = (
                 (t - self._t_first) / (self._num_tokens - 1)
@@ -256,7 +232,7 @@ class OpenAIServing:
             async for out in outputs:
                 text.append(out.text)
                 if out.finished:
-                    reason, usage = _finish_reason(out), _usage(out)
+                    reason, usage = gen.finish_reason(out), _usage(out)
                     if isinstance(request, ChatCompletionRequest):
                         return ChatCompletionResponse(
                             id=gen.request_id,
@@ -304,6 +280,7 @@ class OpenAIServing:
                 prompt_token_ids=engine_request.prompt_token_ids,
                 sampling_params=engine_request.params,
                 priority=engine_request.priority,
+                on_close=release,
             )
         except ValueError as e:
             release()
@@ -314,7 +291,7 @@ class OpenAIServing:
         except RuntimeError as e:  # the engine loop stopped between the health check and the submit
             release()
             raise errors.engine_unavailable(f"the engine is not running on this replica: {e}") from None
-        return Generation(self._front, engine_request, stream, self._on_finish, self._on_first_token, release)
+        return Generation(self._front, engine_request.request_id, stream, self._on_finish, self._on_first_token)
 
     def _to_engine_request(self, request: GenerateRequest) -> EngineRequest:
         prompt: str | None = None
@@ -376,7 +353,7 @@ class OpenAIServing:
         created = now()
         async with aclosing(gen.outputs()) as outputs:
             async for out in outputs:
-                reason = _finish_reason(out) if out.finished else None
+                reason = gen.finish_reason(out) if out.finished else None
                 if out.text or out.finished:
                     yield CompletionStreamResponse(
                         id=gen.request_id,
@@ -408,7 +385,7 @@ class OpenAIServing:
                 if out.text:
                     yield chunk(DeltaMessage(content=out.text))
                 if out.finished:
-                    yield chunk(DeltaMessage(), _finish_reason(out))
+                    yield chunk(DeltaMessage(), gen.finish_reason(out))
                     if include_usage:
                         yield ChatCompletionChunk(
                             id=gen.request_id,
