@@ -15,6 +15,7 @@ import threading
 import weakref
 from collections.abc import Callable, Iterable
 
+from configs.errors import FieldError
 from engine.request import RequestOutput
 
 
@@ -108,7 +109,8 @@ class OpenStreams:
     """
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
+        # Reentrant: a dropped stream's finalizer may run on a thread that holds it (on any allocation).
+        self._lock = threading.RLock()
         self._sinks: dict[str, StreamSink] = {}
         self._closed = False
 
@@ -117,13 +119,14 @@ class OpenStreams:
         """Register a stream for `request_id` on the running event loop and call `then()` (e.g. queue the
         request) under the same lock, so `close()` sees either both or neither.
 
-        Raises ValueError for an id that is still open, RuntimeError once the front is closed."""
+        Raises FieldError for an id that is still open, RuntimeError once the front is closed."""
         sink = StreamSink(asyncio.get_running_loop())
         with self._lock:
             if self._closed:
                 raise RuntimeError("the engine loop is not running")
             if request_id in self._sinks:
-                raise ValueError(f"duplicate request id {request_id!r}: a request with that id is still running")
+                raise FieldError("request_id",
+                                 f"duplicate request id {request_id!r}: a request with that id is still running")
             self._sinks[request_id] = sink
             then()
         return RequestStream(request_id, sink, abort, on_close)
