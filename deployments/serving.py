@@ -69,14 +69,10 @@ class Admission:
     def acquire(self) -> Callable[[], None]:
         """Take a slot or raise a 429; returns the slot's release (idempotent)."""
         with self._lock:
-            full = self.limit is not None and self.in_flight >= self.limit
-            if full:
+            if self.limit is not None and self.in_flight >= self.limit:
                 self.refused += 1
-            else:
-                self.in_flight += 1
-        if full:
-            assert self.limit is not None
-            raise errors.overloaded(self.limit, self.retry_after_s)
+                raise errors.overloaded(self.limit, self.retry_after_s)
+            self.in_flight += 1
         released = False
 
         def release() -> None:

@@ -36,7 +36,6 @@ from engine.stats import EngineStats, IterationStats
 log = logging.getLogger(__name__)
 
 
-
 class BatonEngine:
     """Dynamic re-batching over an unmodified transformers causal LM. Not thread-safe: see AsyncBatonEngine."""
 
