@@ -256,7 +256,7 @@ class AsyncBatonEngine:
                     self.engine.abort_request(rid)
                     self._deliver(self.engine.outputs.drain())
                 if on_dropped is not None:
-                    on_dropped()
+                    _call_safely(on_dropped)
             case Reconfigure(knobs=knobs):
                 try:
                     self.engine.reconfigure(**knobs)
@@ -277,7 +277,15 @@ class AsyncBatonEngine:
             except queue.Empty:
                 return
             if isinstance(msg, Abort) and msg.on_dropped is not None:
-                msg.on_dropped()
+                _call_safely(msg.on_dropped)
+
+
+def _call_safely(callback: Callable[[], object]) -> None:
+    """Run a caller's callback on the loop thread; a failing one is the caller's bug, not the loop's end."""
+    try:
+        callback()
+    except Exception:
+        log.exception("an abort's on_dropped callback failed")
 
 
 def kv_cache_usage(cache: BatchKVCache) -> float:

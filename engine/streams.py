@@ -60,13 +60,13 @@ class RequestStream:
         self._queue = sink.queue
         self._abort, self._sink, self._on_close = abort, sink, on_close
         # Holds no reference to the stream itself, so it runs when the consumer lets go of the stream.
-        self._abandon = weakref.finalize(self, _abandon, abort, request_id, sink, on_close)
-        self._abandon.atexit = False
+        self._early_end = weakref.finalize(self, _abandon, abort, request_id, sink, on_close)
+        self._early_end.atexit = False
 
     @property
     def done(self) -> bool:
         """True once the stream has ended (its final output was read, or it was closed or abandoned)."""
-        return not self._abandon.alive
+        return not self._early_end.alive
 
     def __aiter__(self) -> RequestStream:
         return self
@@ -77,28 +77,40 @@ class RequestStream:
         try:
             out = await self._queue.get()
         except asyncio.CancelledError:
-            self._abandon()
+            self._early_end()
             raise
-        if out.finished and self._abandon.detach() is not None and self._on_close is not None:
+        if out.finished and self._early_end.detach() is not None and self._on_close is not None:
             self._on_close()
         return out
 
     async def aclose(self) -> None:
         """Abort the request and wait (at most one iteration) until the engine has dropped it, so the
         request id is free for a new submission when this returns."""
-        if self._abandon.detach() is None:
+        if self._early_end.detach() is None:
             return
-        loop = asyncio.get_running_loop()
-        dropped = loop.create_future()
-        self._abort(self.request_id, self._sink, lambda: loop.call_soon_threadsafe(_resolve, dropped))
+        dropped = asyncio.get_running_loop().create_future()
+        self._abort(self.request_id, self._sink, _resolver(dropped))
         if self._on_close is not None:
             self._on_close()
         await dropped
 
 
-def _resolve(future: asyncio.Future[None]) -> None:
-    if not future.done():
-        future.set_result(None)
+def _resolver(future: asyncio.Future[None]) -> Callable[[], None]:
+    """A thread-safe callable that resolves `future` on its event loop; never raises into the caller (the
+    engine's loop thread), even once that event loop is closed."""
+    loop = future.get_loop()
+
+    def resolve() -> None:
+        if not future.done():
+            future.set_result(None)
+
+    def resolve_threadsafe() -> None:
+        try:
+            loop.call_soon_threadsafe(resolve)
+        except RuntimeError:  # the consumer's event loop is closed: nobody waits any more
+            pass
+
+    return resolve_threadsafe
 
 
 class OpenStreams:

@@ -443,3 +443,24 @@ def test_kv_cache_usage_is_cached_tokens_over_capacity(tiny_model) -> None:
     for i in range(3):
         engine.abort_request(f"u{i}")
     assert kv_cache_usage(engine.cache) == 0.0
+
+
+def test_a_close_left_waiting_when_its_event_loop_ends_does_not_hurt_the_loop_thread(front) -> None:
+    """aclose() waits for the drop; if its event loop closes first, answering it must not raise in the
+    engine's loop thread (which would end every other stream)."""
+
+    async def main() -> None:
+        stream = front.submit("left", prompt_token_ids=[5], sampling_params=LONG)
+        await anext(stream)
+        asyncio.get_running_loop().create_task(stream.aclose())
+        await asyncio.sleep(0)  # the abort is posted; asyncio.run now cancels the wait and closes the loop
+
+    asyncio.run(main())
+    assert wait_until(lambda: front.engine.stats.aborted_requests == 1)
+    assert front.is_healthy()
+
+    async def again() -> list[RequestOutput]:
+        return await consume(front.submit("after", prompt_token_ids=[5], sampling_params=SamplingParams(
+            max_tokens=2, ignore_eos=True)))
+
+    assert asyncio.run(again())[-1].finish_reason == "length"
