@@ -6,6 +6,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from configs.live import LIVE
+
 ProbeName = Literal["auto", "nvml", "torch", "host", "simulated", "fixed"]
 PreemptionMode = Literal["swap", "recompute", "auto"]
 
@@ -37,38 +39,45 @@ class ControllerConfig(BaseModel):
     )
     memory_budget_bytes: int | None = Field(
         default=None,
+        json_schema_extra=LIVE,
         gt=0,
         description="Device budget in bytes. Required for the simulated probe; for host the cgroup limit is "
         "used when this is unset; for nvml/torch it caps the device total.",
     )
     host_swap_budget_bytes: int = Field(
         default=2 << 30,
+        json_schema_extra=LIVE,
         ge=0,
         description="Host memory that swapped-out KV may hold; beyond it, preempt by recompute.",
     )
     high_watermark: float = Field(
         default=0.90,
+        json_schema_extra=LIVE,
         gt=0.0,
         le=1.0,
         description="Predicted peak (fraction of budget) the next step must stay under.",
     )
     low_watermark: float = Field(
         default=0.75,
+        json_schema_extra=LIVE,
         gt=0.0,
         le=1.0,
         description="Capacity grows only while the predicted peak is under this fraction.",
     )
     preemption_mode: PreemptionMode = Field(
         default="auto",
+        json_schema_extra=LIVE,
         description="swap (KV to host), recompute (drop KV, prefill again), auto (swap while host room).",
     )
     min_priority_gap: int = Field(
         default=1,
+        json_schema_extra=LIVE,
         ge=0,
         description="A waiting request displaces a running one only if more urgent by at least this.",
     )
     max_preemptions_per_request: int = Field(
         default=3,
+        json_schema_extra=LIVE,
         ge=0,
         description="After this many preemptions a request is never preempted again (no starvation).",
     )

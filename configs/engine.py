@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from configs.controller import ControllerConfig
+from configs.live import LIVE
 
 PolicyName = Literal["static", "orca", "baton", "baton-pd"]
 DTypeName = Literal["float32", "bfloat16", "float16", "float64", "auto"]
@@ -27,17 +28,23 @@ class EngineConfig(BaseModel):
     dtype: DTypeName = Field(default="float32", description="Weights and cache dtype; 'auto' is bfloat16 on CUDA.")
     device: str = Field(default="auto", description="'auto' (cuda if available, else cpu), 'cpu', 'cuda' or 'cuda:N'.")
     policy: PolicyName = Field(default="baton-pd", description="Batching policy; see docs/architecture.md, 'Policies'.")
-    max_batch_size: int = Field(default=16, ge=1, description="Most rows the decode batch may hold.")
+    max_batch_size: int = Field(
+        default=16, ge=1, json_schema_extra=LIVE, description="Most rows the decode batch may hold."
+    )
     max_model_len: int | None = Field(
         default=None, ge=2, description="Context limit (prompt + output); default: the model's own."
     )
     prefill_token_budget: int = Field(
         default=512,
+        json_schema_extra=LIVE,
         ge=1,
         description="baton-pd: prompt tokens prefilled per iteration ahead of need (one prompt always fits).",
     )
     prefill_pool_size: int | None = Field(
-        default=None, ge=1, description="baton-pd: most prefilled requests waiting in the pool (default: max_batch_size)."
+        default=None,
+        json_schema_extra=LIVE,
+        ge=1,
+        description="baton-pd: most prefilled requests waiting in the pool (default: max_batch_size).",
     )
     num_threads: int | None = Field(default=None, ge=1, description="torch intra-op threads on CPU (default: torch's).")
     narrow_linear: bool = Field(

@@ -15,10 +15,21 @@ from types import MappingProxyType
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SecretStr, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    SecretStr,
+    ValidationError,
+    create_model,
+    model_validator,
+)
+from pydantic.fields import FieldInfo
 
-from configs.controller import PreemptionMode
+from configs.controller import ControllerConfig
 from configs.engine import EngineConfig
+from configs.live import live_fields
 
 PRESETS_DIR = Path(__file__).resolve().parent / "presets"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -181,35 +192,40 @@ class ServerConfig(BaseModel):
         return DEFAULT_MODEL_NAME if engine_model == "default" else engine_model
 
 
-class ControllerKnobs(BaseModel):
-    """The deployment's `user_config`: controller knobs that `reconfigure()` applies live, without a restart.
-
-    Only the knobs given are changed; the engine validates the combination (e.g. low <= high watermark).
-    """
+class LiveKnobs(BaseModel):
+    """Base of `ControllerKnobs`: the knobs a `user_config` gives, applied live by `reconfigure()`."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    high_watermark: float | None = Field(
-        default=None,
-        gt=0.0,
-        le=1.0,
-        description="Predicted peak memory (fraction of budget) the next step must stay under.",
-    )
-    low_watermark: float | None = Field(
-        default=None,
-        gt=0.0,
-        le=1.0,
-        description="Capacity grows only while the predicted peak is under this fraction.",
-    )
-    preemption_mode: PreemptionMode | None = Field(default=None, description="swap, recompute or auto.")
-    max_batch_size: int | None = Field(default=None, ge=1, description="Most rows the decode batch may hold.")
-    prefill_token_budget: int | None = Field(
-        default=None, ge=1, description="baton-pd: prompt tokens prefilled per iteration ahead of need."
-    )
-
     def updates(self) -> dict[str, Any]:
         """The knobs that were given, as keyword arguments for `AsyncBatonEngine.update_controller`."""
-        return self.model_dump(exclude_none=True)
+        return self.model_dump(exclude_unset=True)
+
+
+def _given_or_absent(field: FieldInfo) -> FieldInfo:
+    """`field` with the same type, bounds and description, absent by default. The default (None) is never
+    validated, so an omitted knob is simply not changed while an explicit null fails like any bad value."""
+    return FieldInfo.merge_field_infos(field, default=None)
+
+
+def _live_knob_fields() -> dict[str, Any]:
+    """Every live knob's field definition (type, field info) for `create_model`."""
+    return {
+        name: (model.model_fields[name].annotation, _given_or_absent(model.model_fields[name]))
+        for model in (EngineConfig, ControllerConfig)
+        for name in live_fields(model)
+    }
+
+
+ControllerKnobs = create_model(
+    "ControllerKnobs",
+    __base__=LiveKnobs,
+    __doc__="The deployment's `user_config`: every live knob (the fields marked `LIVE` in configs/engine.py "
+    "and configs/controller.py), each optional. Only the knobs given change, without a restart; the engine "
+    "validates the combination (e.g. low <= high watermark).",
+    __module__=__name__,
+    **_live_knob_fields(),
+)
 
 
 class BatonAppArgs(BaseModel):

@@ -9,24 +9,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from configs.errors import FieldError
 from deployments.protocol import ErrorInfo, ErrorResponse
-
-# Request fields a ValueError's message may start with (the engine's and SamplingParams' messages name the
-# field first), used to fill `param`.
-_KNOWN_PARAMS = (
-    "max_tokens",
-    "prompt_token_ids",
-    "prompt",
-    "messages",
-    "temperature",
-    "top_p",
-    "top_k",
-    "seed",
-    "stop_token_ids",
-    "stop",
-    "priority",
-    "request_id",
-)
 
 
 class OpenAIError(Exception):
@@ -65,10 +49,10 @@ def bad_request(message: str, param: str | None = None) -> OpenAIError:
 
 
 def from_value_error(e: ValueError, default_param: str | None = None) -> OpenAIError:
-    """A 400 for a ValueError from the engine or SamplingParams (their messages name the field)."""
-    message = str(e)
-    param = next((p for p in _KNOWN_PARAMS if message.startswith(p)), default_param)
-    return bad_request(message, param)
+    """A 400 for a bad value: its field is the `FieldError`'s `param` (the engine's and SamplingParams'
+    errors carry one), else `default_param`."""
+    param = e.param if isinstance(e, FieldError) else default_param
+    return bad_request(str(e), param)
 
 
 def model_not_found(model: str, served: Sequence[str]) -> OpenAIError:

@@ -14,7 +14,10 @@ from engine.request import RequestOutput, SamplingParams
 
 
 class RequestStream(Protocol):
-    """The deltas of one request; the last has `finished=True`. `aclose()` aborts it in the engine."""
+    """The deltas of one request; the last has `finished=True` (`engine.streams.RequestStream`).
+
+    Closing it early (`aclose()`), cancelling the task that awaits it, or dropping it aborts the request in
+    the engine; when the engine loop dies, every open stream ends with an `error` output."""
 
     def __aiter__(self) -> AsyncIterator[RequestOutput]: ...
 
@@ -49,7 +52,11 @@ class EngineFront(Protocol):
         prompt_token_ids: list[int] | None = None,
         sampling_params: SamplingParams | None = None,
         priority: int = 0,
-    ) -> RequestStream: ...
+        on_close: Callable[[], None] | None = None,
+    ) -> RequestStream:
+        """Validate (ValueError, a `FieldError` naming the field) and queue a request. `on_close` runs exactly
+        once when its stream is over, however it ends; never when this raises."""
+        ...
 
     def abort(self, request_id: str) -> None: ...
 

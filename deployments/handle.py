@@ -45,7 +45,10 @@ class BatonClient:
             async for chunk in response:
                 yield chunk
         finally:
-            response.cancel()  # a no-op once the stream has ended
+            # Ray does not cancel a response its caller dropped; cancelling it is how the replica learns the
+            # caller left. There the cancellation reaches the request's stream, which aborts it through the
+            # engine front's one abort path (a no-op once the stream has ended).
+            response.cancel()
 
     async def engine_status(self) -> EngineStatus:
         status: EngineStatus = await self._handle.engine_status.remote()

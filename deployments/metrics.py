@@ -1,7 +1,8 @@
 """What a replica reports: Prometheus metrics, and the signals its autoscaling policy scales on.
 
 Metric names follow vLLM's (`vllm:num_requests_running` -> `baton_num_requests_running`, ...) where vLLM has
-one; `baton_batch_capacity` and `baton_idle_computation_fraction` are BATON's own. Ray's OpenTelemetry
+one; `baton_batch_capacity`, `baton_idle_computation_fraction` and `baton_memory_used_fraction` (the memory
+budget's, which the capacity controller and the replica autoscaler act on) are BATON's own. Ray's OpenTelemetry
 exporter silently drops names containing ':', hence '_'. `ray.serve.metrics` adds the deployment / replica /
 application tags; Ray exports every metric with a `ray_` prefix, and counters with a `_total` suffix
 (`ray_baton_num_preemptions_total`, like `vllm:num_preemptions_total`).
@@ -31,7 +32,15 @@ _GAUGES = {
     "baton_num_requests_running": ("num_requests_running", "Requests in the decode batch."),
     "baton_num_requests_waiting": ("num_requests_waiting", "Requests waiting for a row (incl. prefilled)."),
     "baton_num_requests_swapped": ("num_requests_swapped", "Preempted requests whose KV is on the host."),
-    "baton_kv_cache_usage_perc": ("memory_used_fraction", "Fraction of the memory budget in use (0..1)."),
+    "baton_kv_cache_usage_perc": (
+        "kv_cache_usage",
+        "KV-cache usage (0..1, like vLLM's): tokens the rows hold over the preallocated cache's capacity.",
+    ),
+    "baton_memory_used_fraction": (
+        "memory_used_fraction",
+        "Fraction of the memory budget in use (0..1) as the memory probe reads it, weights and everything "
+        "else included; 0 without a probe (the fixed controller).",
+    ),
     "baton_batch_capacity": ("capacity", "Rows the capacity controller allows in the next step."),
     "baton_max_batch_size": ("max_batch_size", "Configured most rows of the decode batch."),
     "baton_idle_computation_fraction": (

@@ -233,7 +233,7 @@ class BatonServer:
     # -- Serve hooks -----------------------------------------------------------------------------------
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
-        """Apply the controller knobs of `user_config` live (ControllerKnobs: unknown keys fail)."""
+        """Apply the live knobs of `user_config` (ControllerKnobs: every field marked live; unknown keys fail)."""
         knobs = ControllerKnobs.model_validate(user_config or {})
         updates = knobs.updates()
         if updates:

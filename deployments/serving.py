@@ -11,7 +11,6 @@ import asyncio
 import logging
 import threading
 import time
-import weakref
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import aclosing
 from dataclasses import dataclass
@@ -44,9 +43,6 @@ from engine.request import RequestOutput, SamplingParams
 
 log = logging.getLogger("ray.serve")
 
-# While waiting for a request's next delta, how often to check that the engine loop is still alive.
-LIVENESS_CHECK_S = 1.0
-
 
 @dataclass(frozen=True)
 class EngineRequest:
@@ -70,7 +66,9 @@ class Admission:
         self.limit, self.retry_after_s = limit, retry_after_s
         self.in_flight = 0
         self.refused = 0
-        self._lock = threading.Lock()  # releases may come from a garbage-collection finalizer
+        # Reentrant: a release may come from a garbage collector's finalizer (a stream dropped unconsumed),
+        # which can run on this very thread while it holds the lock.
+        self._lock = threading.RLock()
 
     def acquire(self) -> Callable[[], None]:
         """Take a slot or raise a 429; returns the slot's release (idempotent)."""
@@ -91,11 +89,6 @@ class Admission:
         return release
 
 
-def _abandon(front: EngineFront, request_id: str, release: Callable[[], None]) -> None:
-    front.abort(request_id)
-    release()
-
-
 @dataclass(frozen=True)
 class RequestTiming:
     """Latencies of one finished request, for the metrics."""
@@ -107,69 +100,51 @@ class RequestTiming:
 
 
 class Generation:
-    """One request running in the engine: its deltas, its timing, and the guarantee that it is aborted in
-    the engine if the consumer goes away (stops iterating, is cancelled, or never starts)."""
+    """One request running in the engine: its deltas and its timing.
+
+    The request's stream owns its end: leaving `outputs()` early, cancelling the task that reads it, or
+    dropping the generation unconsumed aborts the request through the front, and the stream's `on_close`
+    (the admission slot's release) runs exactly once on every path, the normal end included. A request whose
+    engine loop dies gets an error output from the front, so reading never waits forever.
+    """
 
     def __init__(
         self,
         front: EngineFront,
-        request: EngineRequest,
+        request_id: str,
         stream: RequestStream,
         on_finish: Callable[[RequestTiming], None],
         on_first_token: Callable[[float], None],
-        release: Callable[[], None] = lambda: None,
     ) -> None:
-        self.request_id = request.request_id
+        self.request_id = request_id
         self._front = front
         self._stream = stream
-        self._release = release
         self._on_finish = on_finish
         self._on_first_token = on_first_token
         self._t_submit = time.monotonic()
         self._t_first: float | None = None
         self._num_tokens = 0
         self.finished = False
-        # A stream that is dropped without being consumed (e.g. the client left before the response
-        # started) never runs `outputs()`'s finally; this finalizer aborts it when the object goes away.
-        self._guard = weakref.finalize(self, _abandon, front, request.request_id, release)
-        self._guard.atexit = False
 
     async def outputs(self) -> AsyncGenerator[RequestOutput, None]:
         """The engine's deltas; the last one is `finished`. Leaving early aborts the request."""
-        iterator = aiter(self._stream)
         try:
-            while True:
-                out = await self._next(iterator)
-                if out is None:
-                    raise errors.engine_unavailable("the engine ended the stream without a final output")
+            async for out in self._stream:
                 self._observe(out)
                 yield out
                 if out.finished:
                     return
+            raise errors.engine_unavailable("the engine ended the stream without a final output")
         finally:
             if not self.finished:
-                self._guard.detach()
-                self._front.abort(self.request_id)  # synchronous and thread-safe: safe under cancellation
-                self._release()
                 await self._stream.aclose()
 
-    async def _next(self, iterator: AsyncIterator[RequestOutput]) -> RequestOutput | None:
-        """The next delta (None at the end of the stream). Fails with a 503 instead of waiting forever
-        when the engine loop dies while this request is in it."""
-        pending = asyncio.ensure_future(anext(iterator))
-        try:
-            while True:
-                done, _ = await asyncio.wait({pending}, timeout=LIVENESS_CHECK_S)
-                if done:
-                    try:
-                        return pending.result()
-                    except StopAsyncIteration:
-                        return None
-                if not self._front.is_healthy():
-                    raise errors.engine_unavailable("the engine loop died while this request was running")
-        finally:
-            if not pending.done():
-                pending.cancel()
+    def finish_reason(self, out: RequestOutput) -> FinishReason:
+        """The OpenAI finish reason of a final output; engine-side failures become 5xx errors: 503 when the
+        engine loop has died under the request (another replica can serve it), else 500."""
+        if out.finish_reason == "error" and not self._front.is_healthy():
+            raise errors.engine_unavailable(f"the engine loop died while this request was running: {out.error}")
+        return _finish_reason(out)
 
     def _observe(self, out: RequestOutput) -> None:
         t = time.monotonic()
@@ -180,8 +155,6 @@ class Generation:
             self._num_tokens += len(out.new_token_ids)
         if out.finished:
             self.finished = True
-            self._guard.detach()
-            self._release()
             ttft = None if self._t_first is None else self._t_first - self._t_submit
             tpot = (
                 (t - self._t_first) / (self._num_tokens - 1)
@@ -264,7 +237,7 @@ class OpenAIServing:
             async for out in outputs:
                 text.append(out.text)
                 if out.finished:
-                    reason, usage = _finish_reason(out), _usage(out)
+                    reason, usage = gen.finish_reason(out), _usage(out)
                     if isinstance(request, ChatCompletionRequest):
                         return ChatCompletionResponse(
                             id=gen.request_id,
@@ -309,13 +282,11 @@ class OpenAIServing:
         release = self.admission.acquire()
         try:
             engine_request = await self._to_engine_request(request)
-            stream = self._start(engine_request, _prompt_param(request))
-            return Generation(
-                self._front, engine_request, stream, self._on_finish, self._on_first_token, release
-            )
+            stream = self._start(engine_request, _prompt_param(request), release)
         except BaseException:
-            release()
+            release()  # idempotent: the stream, once started, releases on its own end
             raise
+        return Generation(self._front, engine_request.request_id, stream, self._on_finish, self._on_first_token)
 
     def _check_priority(self, priority: int) -> None:
         low, high = self._config.priority_min, self._config.priority_max
@@ -323,8 +294,9 @@ class OpenAIServing:
             shown = str(priority) if len(str(priority)) <= 24 else f"an integer of {len(str(priority))} digits"
             raise errors.bad_request(f"priority must be in [{low}, {high}], got {shown}", "priority")
 
-    def _start(self, engine_request: EngineRequest, param: str) -> RequestStream:
-        """Submit to the engine; its refusals become OpenAI errors naming `param` for the prompt."""
+    def _start(self, engine_request: EngineRequest, param: str, release: Callable[[], None]) -> RequestStream:
+        """Submit to the engine (the stream calls `release` when it ends); its refusals become OpenAI errors
+        naming `param` for the prompt."""
         try:
             return self._front.submit(
                 engine_request.request_id,
@@ -332,6 +304,7 @@ class OpenAIServing:
                 prompt_token_ids=engine_request.prompt_token_ids,
                 sampling_params=engine_request.params,
                 priority=engine_request.priority,
+                on_close=release,
             )
         except ValueError as e:
             err = errors.from_value_error(e, param)
@@ -429,7 +402,7 @@ class OpenAIServing:
         created = now()
         async with aclosing(gen.outputs()) as outputs:
             async for out in outputs:
-                reason = _finish_reason(out) if out.finished else None
+                reason = gen.finish_reason(out) if out.finished else None
                 if out.text or out.finished:
                     yield CompletionStreamResponse(
                         id=gen.request_id,
@@ -461,7 +434,7 @@ class OpenAIServing:
                 if out.text:
                     yield chunk(DeltaMessage(content=out.text))
                 if out.finished:
-                    yield chunk(DeltaMessage(), _finish_reason(out))
+                    yield chunk(DeltaMessage(), gen.finish_reason(out))
                     if include_usage:
                         yield ChatCompletionChunk(
                             id=gen.request_id,

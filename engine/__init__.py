@@ -8,16 +8,18 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from configs.errors import FieldError
 from engine.request import RequestOutput, SamplingParams, Usage
+from engine.streams import RequestStream
 
 if TYPE_CHECKING:
-    from engine.async_engine import AsyncBatonEngine, RequestStream
+    from engine.async_engine import AsyncBatonEngine
     from engine.engine import BatonEngine
 
-__all__ = ["AsyncBatonEngine", "BatonEngine", "RequestOutput", "RequestStream", "SamplingParams", "Usage"]
+__all__ = ["AsyncBatonEngine", "BatonEngine", "FieldError", "RequestOutput", "RequestStream", "SamplingParams",
+           "Usage"]
 
-_LAZY = {"AsyncBatonEngine": "engine.async_engine", "RequestStream": "engine.async_engine",
-         "BatonEngine": "engine.engine"}
+_LAZY = {"AsyncBatonEngine": "engine.async_engine", "BatonEngine": "engine.engine"}
 
 
 def __getattr__(name: str) -> Any:

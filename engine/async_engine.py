@@ -1,89 +1,68 @@
 """A thread-safe async front over `BatonEngine` for servers.
 
 The engine loop runs in its own daemon thread (never on the caller's event loop). Callers submit requests
-and receive an async stream of outputs; closing or cancelling the stream aborts the request, which leaves the
-batch within one iteration. Validation happens synchronously in `submit`, so a bad request raises
-`ValueError` before anything is streamed.
+and receive an async stream of outputs (engine/streams.py); closing, cancelling or dropping the stream aborts
+the request, which leaves the batch within one iteration. Every abort goes through one path, `_abort`.
+Validation happens synchronously in `submit`, so a bad request raises `FieldError` (a `ValueError`) before
+anything is streamed. Callers talk to the loop thread only through typed messages in its inbox; when the loop
+ends, for whatever reason, it fails every open stream, so no consumer waits forever.
 """
 
 from __future__ import annotations
 
-import asyncio
-import collections
 import logging
+import queue
 import threading
 from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from configs import EngineConfig
 from engine.engine import BatonEngine
 from engine.request import Request, RequestOutput, SamplingParams
+from engine.streams import OpenStreams, RequestStream, StreamSink
+
+if TYPE_CHECKING:
+    from engine.kv_cache import BatchKVCache
 
 log = logging.getLogger(__name__)
 
 MAX_CONSECUTIVE_FAILURES = 3  # after this many failed iterations in a row the loop gives up (unhealthy)
-ACLOSE_POLL_S = 0.5  # how often a closing stream re-checks that the loop is alive while it waits
+IDLE_WAIT_S = 0.5  # an idle loop wakes at least this often to notice shutdown
 
 
-def _resolve(future: asyncio.Future[None]) -> None:
-    if not future.done():
-        future.set_result(None)
+# ---- messages into the loop thread ---------------------------------------------------------------------
+@dataclass(frozen=True)
+class Add:
+    """Queue a validated request (its stream is already open)."""
+
+    request: Request
 
 
-class RequestStream:
-    """Async iterator over one request's `RequestOutput`s; the last one has `finished=True`."""
+@dataclass(frozen=True)
+class Abort:
+    """End a request with reason `abort`. With `sink`, only while that stream is still the request's own
+    (a finished request's id may already belong to a new one). `on_dropped` runs once the engine no
+    longer holds the request."""
 
-    def __init__(self, front: AsyncBatonEngine, request_id: str, loop: asyncio.AbstractEventLoop) -> None:
-        self.request_id = request_id
-        self._front, self._loop = front, loop
-        self._queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
-        self._done = False
+    request_id: str
+    sink: StreamSink | None = None
+    on_dropped: Callable[[], object] | None = None
 
-    def __aiter__(self) -> RequestStream:
-        return self
 
-    async def __anext__(self) -> RequestOutput:
-        if self._done:
-            raise StopAsyncIteration
-        try:
-            out = await self._queue.get()
-        except asyncio.CancelledError:
-            self._abort()
-            raise
-        if out.finished:
-            self._done = True
-        return out
+@dataclass(frozen=True)
+class Reconfigure:
+    """Apply live knobs (already validated against the config of the moment)."""
 
-    async def aclose(self) -> None:
-        """Abort the request and wait (at most one iteration) until the engine has dropped it, so the request
-        id is free for a new submission when this returns."""
-        if self._done:
-            return
-        self._done = True
-        dropped = self._loop.create_future()
-        self._front.abort(self.request_id, on_dropped=lambda: self._loop.call_soon_threadsafe(_resolve, dropped))
-        while not dropped.done():
-            try:
-                await asyncio.wait_for(asyncio.shield(dropped), timeout=ACLOSE_POLL_S)
-            except asyncio.TimeoutError:
-                if not self._front.is_healthy():  # a dead loop never drains its inbox; nothing left to wait for
-                    return
+    knobs: dict[str, Any]
 
-    def _abort(self) -> None:
-        if not self._done:
-            self._done = True
-            self._front.abort(self.request_id)
 
-    def _put(self, out: RequestOutput) -> None:
-        """Called from the engine thread."""
-        try:
-            self._loop.call_soon_threadsafe(self._queue.put_nowait, out)
-        except RuntimeError:  # the consumer's loop is closed: nobody is listening any more
-            self._front.abort(self.request_id)
+@dataclass(frozen=True)
+class Wake:
+    """Nothing to do: makes an idle loop look at its stop flag."""
 
-    def __del__(self) -> None:
-        if not self._done:
-            self._front.abort(self.request_id)
+
+Message = Add | Abort | Reconfigure | Wake
 
 
 class AsyncBatonEngine:
@@ -101,12 +80,13 @@ class AsyncBatonEngine:
         if (engine is None) == (build is None):
             raise ValueError("give exactly one of engine or build")
         self._engine, self._build = engine, build
-        self._lock = threading.Lock()
-        self._inbox: collections.deque[tuple[str, Any]] = collections.deque()
-        self._streams: dict[str, RequestStream] = {}
-        self._wake = threading.Event()
+        # A SimpleQueue, not a deque under a lock: `put` is reentrant, so a garbage collector's finalizer
+        # (a dropped stream's abort) can post to it from any thread, even one inside `put` or `get`.
+        self._inbox: queue.SimpleQueue[Message] = queue.SimpleQueue()
+        self._streams = OpenStreams()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._start_lock = threading.Lock()
         self.last_error: BaseException | None = None
         self._dead = False
 
@@ -129,11 +109,12 @@ class AsyncBatonEngine:
     def start(self) -> None:
         """Start the loop thread (building the engine there first, if needed) and wait until it serves.
         Raises RuntimeError if the engine cannot be built."""
-        with self._lock:
+        with self._start_lock:
             if self._thread is not None and self._thread.is_alive():
                 return
             self._stop.clear()
             self._dead = False
+            self._streams.reopen()
             ready = threading.Event()
             self._thread = threading.Thread(target=self._run, args=(ready,), name="baton-engine-loop", daemon=True)
             self._thread.start()
@@ -142,8 +123,9 @@ class AsyncBatonEngine:
             raise RuntimeError(f"the engine could not be built: {self.last_error}") from self.last_error
 
     def shutdown(self, timeout: float = 10.0) -> None:
+        """Stop the loop; requests still open end with an `error` output."""
         self._stop.set()
-        self._wake.set()
+        self._inbox.put(Wake())
         if self._thread is not None:
             self._thread.join(timeout)
 
@@ -152,33 +134,34 @@ class AsyncBatonEngine:
 
     # ---- requests ----------------------------------------------------------------------------------------
     def submit(self, request_id: str, prompt: str | None = None, prompt_token_ids: list[int] | None = None,
-               sampling_params: SamplingParams | None = None, priority: int = 0) -> RequestStream:
-        """Validate and queue a request; returns its output stream. Must be called from a running event loop."""
+               sampling_params: SamplingParams | None = None, priority: int = 0,
+               on_close: Callable[[], None] | None = None) -> RequestStream:
+        """Validate and queue a request; returns its output stream. Must be called from a running event loop.
+
+        `on_close` runs exactly once when the stream is over: its final output was read, or it was closed,
+        cancelled or dropped (never when this raises). FieldError for a bad request; RuntimeError when the
+        loop is not running."""
         if not self.is_healthy():
             raise RuntimeError("the engine loop is not running" + (f": {self.last_error}" if self.last_error else ""))
         req = self.engine.make_request(request_id, prompt, prompt_token_ids, sampling_params, priority)
-        stream = RequestStream(self, request_id, asyncio.get_running_loop())
-        with self._lock:
-            if request_id in self._streams:
-                raise ValueError(f"duplicate request id {request_id!r}: a request with that id is still running")
-            self._streams[request_id] = stream
-            self._inbox.append(("add", req))
-        self._wake.set()
-        return stream
+        return self._streams.open(request_id, self._abort, on_close, then=lambda: self._inbox.put(Add(req)))
 
     def abort(self, request_id: str, on_dropped: Callable[[], object] | None = None) -> None:
-        """Thread-safe; the request leaves the batch before the next iteration. `on_dropped` is called from the
-        loop thread once the engine no longer holds it (the id is then free for a new submission)."""
-        with self._lock:
-            self._inbox.append(("abort", (request_id, on_dropped)))
-        self._wake.set()
+        """Thread-safe; the request leaves the batch before the next iteration. `on_dropped` is called once
+        the engine no longer holds it (the id is then free for a new submission)."""
+        self._abort(request_id, None, on_dropped)
+
+    def _abort(self, request_id: str, sink: StreamSink | None, on_dropped: Callable[[], object] | None) -> None:
+        """The one abort path (streams closed, cancelled or dropped, and `abort`). Takes no lock, so a
+        finalizer may call it from any thread."""
+        self._inbox.put(Abort(request_id, sink, on_dropped))
+        if self._streams.closed:  # the loop has ended and reads no more messages: answer them here
+            self._discard_inbox()
 
     def update_controller(self, **knobs: Any) -> None:
-        """Change live knobs (validated now, applied before the next iteration). ValueError on bad ones."""
+        """Change live knobs (validated now, applied before the next iteration). FieldError on bad ones."""
         self.engine.validate_knobs(knobs)
-        with self._lock:
-            self._inbox.append(("knobs", knobs))
-        self._wake.set()
+        self._inbox.put(Reconfigure(dict(knobs)))
 
     def metrics(self) -> dict[str, float]:
         s = self.engine.stats
@@ -192,6 +175,7 @@ class AsyncBatonEngine:
             "preemptions_total": float(s.preemptions),
             "idle_fraction": s.idle_fraction,
             "memory_used_fraction": s.memory_used_fraction,
+            "kv_cache_usage": kv_cache_usage(self.engine.cache),
             "admissions_refused_for_memory": float(s.admissions_refused_for_memory),
             "iterations": float(s.iterations),
             "generated_tokens_total": float(s.generated_tokens),
@@ -200,21 +184,40 @@ class AsyncBatonEngine:
 
     # ---- the loop thread ---------------------------------------------------------------------------------
     def _run(self, ready: threading.Event) -> None:
-        if self._engine is None and self._build is not None:
-            try:
+        if not self._build_engine(ready):
+            return
+        reason = "the engine loop stopped"
+        try:
+            reason = self._serve()
+        except BaseException as e:  # noqa: BLE001 - whatever ends the loop, it must end its streams too
+            log.exception("the engine loop died")
+            self.last_error = e
+            reason = f"the engine loop died: {e!r}"
+        finally:
+            # Unhealthy first, so a consumer woken by the failure below already sees the engine gone.
+            self._dead = True
+            self._streams.close(reason)
+            self._discard_inbox()
+
+    def _build_engine(self, ready: threading.Event) -> bool:
+        try:
+            if self._engine is None and self._build is not None:
                 self._engine = self._build()
-            except BaseException as e:  # noqa: BLE001 - reported by start() in the caller's thread
-                self.last_error = e
-                self._dead = True
-                ready.set()
-                return
-        ready.set()
+        except BaseException as e:  # noqa: BLE001 - reported by start() in the caller's thread
+            self.last_error = e
+            self._dead = True
+            self._streams.close(f"the engine could not be built: {e}")
+            return False
+        finally:
+            ready.set()
+        return True
+
+    def _serve(self) -> str:
+        """Iterate until stopped; returns why the loop ended."""
         failures = 0
         while not self._stop.is_set():
-            self._drain_inbox()
-            if not self.engine.has_unfinished_requests():
-                self._wake.wait(timeout=0.5)
-                self._wake.clear()
+            self._read_inbox(wait=not self.engine.has_unfinished_requests())
+            if self._stop.is_set() or not self.engine.has_unfinished_requests():
                 continue
             try:
                 outs = self.engine.step()
@@ -225,42 +228,67 @@ class AsyncBatonEngine:
                 failures += 1
                 outs = self.engine.fail_all(f"engine iteration failed: {e}")
                 if failures >= MAX_CONSECUTIVE_FAILURES:
-                    self._dispatch(outs)
                     self._dead = True
-                    self._fail_streams(f"engine loop stopped after repeated failures: {e}")
-                    return
-            self._dispatch(outs)
+                    self._deliver(outs)
+                    return f"engine loop stopped after repeated failures: {e}"
+            self._deliver(outs)
+        return "the engine was shut down"
 
-    def _drain_inbox(self) -> None:
-        with self._lock:
-            items = list(self._inbox)
-            self._inbox.clear()
-        for kind, arg in items:
-            if kind == "add":
-                req: Request = arg
+    def _read_inbox(self, wait: bool) -> None:
+        """Handle every queued message; with `wait`, block (up to IDLE_WAIT_S) until one comes."""
+        try:
+            msg = self._inbox.get(timeout=IDLE_WAIT_S) if wait else self._inbox.get_nowait()
+            while True:
+                self._handle(msg)
+                msg = self._inbox.get_nowait()
+        except queue.Empty:
+            return
+
+    def _handle(self, msg: Message) -> None:
+        match msg:
+            case Add(request=req):
                 try:
                     self.engine.enqueue(req)
                 except ValueError as e:
-                    self._dispatch([RequestOutput(req.request_id, [], "", True, "error", error=str(e))])
-            elif kind == "abort":
-                request_id, on_dropped = arg
-                self.engine.abort_request(request_id)
-                self._dispatch(self.engine.outputs.drain())
+                    self._deliver([RequestOutput(req.request_id, [], "", True, "error", error=str(e))])
+            case Abort(request_id=rid, sink=sink, on_dropped=on_dropped):
+                if sink is None or self._streams.holds(rid, sink):
+                    self.engine.abort_request(rid)
+                    self._deliver(self.engine.outputs.drain())
                 if on_dropped is not None:
-                    on_dropped()
-            elif kind == "knobs":
-                self.engine.reconfigure(**arg)
+                    _call_safely(on_dropped)
+            case Reconfigure(knobs=knobs):
+                try:
+                    self.engine.reconfigure(**knobs)
+                except ValueError:  # valid alone, but not after a change queued before it: keep serving
+                    log.exception("live knobs %s rejected", knobs)
+            case Wake():
+                pass
 
-    def _dispatch(self, outs: list[RequestOutput]) -> None:
-        for out in outs:
-            with self._lock:
-                stream = self._streams.pop(out.request_id, None) if out.finished else self._streams.get(
-                    out.request_id)
-            if stream is not None:
-                stream._put(out)
+    def _deliver(self, outs: list[RequestOutput]) -> None:
+        for rid in self._streams.deliver(outs):  # nobody can read these any more
+            self._abort(rid, None, None)
 
-    def _fail_streams(self, message: str) -> None:
-        with self._lock:
-            streams, self._streams = self._streams, {}
-        for rid, stream in streams.items():
-            stream._put(RequestOutput(rid, [], "", True, "error", error=message))
+    def _discard_inbox(self) -> None:
+        """After the loop has ended: drop queued messages, answering aborts (the engine holds nothing)."""
+        while True:
+            try:
+                msg = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(msg, Abort) and msg.on_dropped is not None:
+                _call_safely(msg.on_dropped)
+
+
+def _call_safely(callback: Callable[[], object]) -> None:
+    """Run a caller's callback on the loop thread; a failing one is the caller's bug, not the loop's end."""
+    try:
+        callback()
+    except Exception:
+        log.exception("an abort's on_dropped callback failed")
+
+
+def kv_cache_usage(cache: BatchKVCache) -> float:
+    """Rows' cached tokens over what the preallocated cache holds (0..1); vLLM's `kv_cache_usage_perc`."""
+    reserved = cache.reserved_bytes()
+    return min(1.0, sum(cache.real) * cache.bytes_per_token / reserved) if reserved else 0.0

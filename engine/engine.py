@@ -14,6 +14,8 @@ import torch
 
 from autoscaler.probes import MemoryProbe, build_probe
 from configs import EngineConfig
+from configs.errors import FieldError
+from configs.knobs import with_live_knobs
 from engine.capacity import CapacityController
 from engine.kv_cache import BatchKVCache
 from engine.memory_controller import build_controller
@@ -25,10 +27,6 @@ from engine.scheduler import Scheduler
 from engine.stats import EngineStats, iteration_stats
 
 log = logging.getLogger(__name__)
-
-ENGINE_KNOBS = frozenset({"max_batch_size", "prefill_token_budget", "prefill_pool_size"})
-CONTROLLER_KNOBS = frozenset({"high_watermark", "low_watermark", "preemption_mode", "min_priority_gap",
-                              "max_preemptions_per_request", "memory_budget_bytes", "host_swap_budget_bytes"})
 
 
 class BatonEngine:
@@ -61,7 +59,7 @@ class BatonEngine:
     # ---- public surface ----------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: str | None = None, prompt_token_ids: list[int] | None = None,
                     sampling_params: SamplingParams | None = None, priority: int = 0) -> None:
-        """Queue a request. Raises ValueError naming the field for bad input."""
+        """Queue a request. Raises FieldError naming the field for bad input."""
         req = self.make_request(request_id, prompt, prompt_token_ids, sampling_params, priority)
         self.enqueue(req)
 
@@ -70,20 +68,23 @@ class BatonEngine:
         """Validate and tokenise without touching engine state (safe from another thread)."""
         params = sampling_params if sampling_params is not None else SamplingParams()
         if not isinstance(params, SamplingParams):
-            raise ValueError(f"sampling_params must be a SamplingParams, got {type(params).__name__}")
+            raise FieldError("sampling_params",
+                             f"sampling_params must be a SamplingParams, got {type(params).__name__}")
         if not isinstance(request_id, str) or not request_id:
-            raise ValueError(f"request_id must be a non-empty string, got {request_id!r}")
+            raise FieldError("request_id", f"request_id must be a non-empty string, got {request_id!r}")
         if isinstance(priority, bool) or not isinstance(priority, int):
-            raise ValueError(f"priority must be an integer, got {priority!r}")
+            raise FieldError("priority", f"priority must be an integer, got {priority!r}")
         ids = self._prompt_ids(prompt, prompt_token_ids)
         if len(ids) + params.max_tokens > self.max_model_len:
-            raise ValueError(
+            raise FieldError(
+                "prompt",
                 f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) = {len(ids) + params.max_tokens} "
                 f"exceeds the model's context length ({self.max_model_len})"
             )
         bad_stop = [t for t in params.stop_token_ids if t >= self.vocab_size]
         if bad_stop:
-            raise ValueError(f"stop_token_ids {bad_stop} outside the vocabulary (size {self.vocab_size})")
+            raise FieldError("stop_token_ids",
+                             f"stop_token_ids {bad_stop} outside the vocabulary (size {self.vocab_size})")
         seed = params.seed if params.seed is not None else _derive_seed(self.config.seed, request_id)
         return Request(request_id, ids, params, priority, arrival=-1, seed=seed)
 
@@ -105,17 +106,11 @@ class BatonEngine:
         return bool(self.scheduler.requests)
 
     def validate_knobs(self, knobs: dict[str, Any]) -> EngineConfig:
-        """The config these live knobs would give; ValueError naming an unknown knob or a bad value."""
-        unknown = sorted(set(knobs) - ENGINE_KNOBS - CONTROLLER_KNOBS)
-        if unknown:
-            raise ValueError(f"unknown live knob(s) {unknown}; allowed: {sorted(ENGINE_KNOBS | CONTROLLER_KNOBS)}")
-        data = self.config.model_dump()
-        data.update({k: v for k, v in knobs.items() if k in ENGINE_KNOBS})
-        data["controller"].update({k: v for k, v in knobs.items() if k in CONTROLLER_KNOBS})
-        return EngineConfig.model_validate(data)
+        """The config these live knobs would give; FieldError naming an unknown knob or a bad value."""
+        return with_live_knobs(self.config, knobs)
 
     def reconfigure(self, **knobs: Any) -> None:
-        """Apply live knobs between iterations (see ENGINE_KNOBS and CONTROLLER_KNOBS)."""
+        """Apply live knobs between iterations (the fields marked live: configs/knobs.py)."""
         new = self.validate_knobs(knobs)
         self.config = self.scheduler.config = new
         update = getattr(self.scheduler.controller, "reconfigure", None)
@@ -162,20 +157,21 @@ class BatonEngine:
 
     def _prompt_ids(self, prompt: str | None, prompt_token_ids: list[int] | None) -> list[int]:
         if (prompt is None) == (prompt_token_ids is None):
-            raise ValueError("give exactly one of prompt or prompt_token_ids")
+            raise FieldError("prompt", "give exactly one of prompt or prompt_token_ids")
         if prompt is not None:
             if not isinstance(prompt, str) or not prompt:
-                raise ValueError(f"prompt must be a non-empty string, got {prompt!r}")
+                raise FieldError("prompt", f"prompt must be a non-empty string, got {prompt!r}")
             ids = list(self.tokenizer.encode(prompt))
             if not ids:
-                raise ValueError(f"prompt {prompt!r} tokenises to nothing")
+                raise FieldError("prompt", f"prompt {prompt!r} tokenises to nothing")
             return ids
         ids = list(prompt_token_ids or [])
         if not ids:
-            raise ValueError("prompt_token_ids must not be empty")
+            raise FieldError("prompt_token_ids", "prompt_token_ids must not be empty")
         bad = [t for t in ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.vocab_size]
         if bad:
-            raise ValueError(f"prompt_token_ids {bad[:5]} outside the vocabulary [0, {self.vocab_size})")
+            raise FieldError("prompt_token_ids",
+                             f"prompt_token_ids {bad[:5]} outside the vocabulary [0, {self.vocab_size})")
         return ids
 
 

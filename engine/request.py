@@ -6,6 +6,8 @@ import enum
 from dataclasses import dataclass, field
 from typing import Literal
 
+from configs.errors import FieldError
+
 FinishReason = Literal["stop", "length", "abort", "error"]
 
 # Below this temperature decoding is greedy. At T = 1e-5 a logit gap of 1e-3 already scales to 100 (the
@@ -15,7 +17,7 @@ MIN_TEMPERATURE = 1e-5
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How one request is decoded. Validated on construction (`ValueError` naming the field)."""
+    """How one request is decoded. Validated on construction (`FieldError` naming the field)."""
 
     max_tokens: int = 16
     temperature: float = 0.0  # 0 = greedy
@@ -33,21 +35,21 @@ class SamplingParams:
         object.__setattr__(self, "stop", tuple(self.stop))
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
         if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+            raise FieldError("max_tokens", f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
         if not isinstance(self.temperature, (int, float)) or self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature!r}")
+            raise FieldError("temperature", f"temperature must be >= 0, got {self.temperature!r}")
         if not isinstance(self.top_p, (int, float)) or not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+            raise FieldError("top_p", f"top_p must be in (0, 1], got {self.top_p!r}")
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
-            raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
+            raise FieldError("top_k", f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
-            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+            raise FieldError("seed", f"seed must be an integer, got {self.seed!r}")
         for s in self.stop:
             if not isinstance(s, str) or not s:
-                raise ValueError(f"stop strings must be non-empty strings, got {s!r}")
+                raise FieldError("stop", f"stop strings must be non-empty strings, got {s!r}")
         for t in self.stop_token_ids:
             if isinstance(t, bool) or not isinstance(t, int) or t < 0:
-                raise ValueError(f"stop_token_ids must be non-negative integers, got {t!r}")
+                raise FieldError("stop_token_ids", f"stop_token_ids must be non-negative integers, got {t!r}")
 
     @property
     def greedy(self) -> bool:

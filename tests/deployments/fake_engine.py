@@ -5,26 +5,28 @@ Tokens are characters (`token id = ord(char)`). A request "generates" its prompt
 iteration, then stops on EOS (id 0) unless `ignore_eos`; with `ignore_eos` it keeps cycling through the
 prompt until `max_tokens`. So completing "abc" gives "abc" (finish "stop"), or "ab" with max_tokens=2
 (finish "length"). The loop runs in its own daemon thread, like the real engine's, and holds at most
-`max_batch_size` rows; the rest wait by (priority, arrival).
+`max_batch_size` rows; the rest wait by (priority, arrival). Streams, aborts and the failure of every open
+stream when the loop dies are the real front's (engine/streams.py), so Serve tests exercise them.
 """
 
 from __future__ import annotations
 
-import asyncio
 import heapq
 import itertools
+import queue
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from configs import EngineConfig
+from configs.errors import FieldError
+from configs.knobs import with_live_knobs
 from engine.request import RequestOutput, SamplingParams, Usage
+from engine.streams import OpenStreams, RequestStream, StreamSink
 
 EOS_TOKEN_ID = 0
-_LIVE_KNOBS_CONTROLLER = ("high_watermark", "low_watermark", "preemption_mode")
-_LIVE_KNOBS_ENGINE = ("max_batch_size", "prefill_token_budget")
 
 
 class FakeTokenizer:
@@ -67,41 +69,10 @@ class _FakeRequest:
     prompt_ids: list[int]
     params: SamplingParams
     priority: int
-    loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue[RequestOutput]
     output_ids: list[int] = field(default_factory=list)
     text: str = ""  # generated text so far (stop strings cut off)
     emitted: int = 0  # how much of `text` has been streamed
     finished: bool = False
-
-
-class FakeStream:
-    """The async iterator `submit` returns: engine deltas, the last one `finished`."""
-
-    def __init__(self, front: FakeAsyncEngine, request: _FakeRequest) -> None:
-        self._front = front
-        self._request = request
-        self._done = False
-
-    def __aiter__(self) -> AsyncIterator[RequestOutput]:
-        return self
-
-    async def __anext__(self) -> RequestOutput:
-        if self._done:
-            raise StopAsyncIteration
-        try:
-            out = await self._request.queue.get()
-        except asyncio.CancelledError:
-            self._front.abort(self._request.request_id)
-            raise
-        if out.finished:
-            self._done = True
-        return out
-
-    async def aclose(self) -> None:
-        if not self._done:
-            self._done = True
-            self._front.abort(self._request.request_id)
 
 
 class _FakeCore:
@@ -129,11 +100,16 @@ class FakeAsyncEngine:
         self._waiting: list[tuple[int, int, str]] = []  # heap of (priority, arrival, request_id)
         self._requests: dict[str, _FakeRequest] = {}
         self._running: list[str] = []
-        self._aborted: set[str] = set()
+        self._streams = OpenStreams()
+        # Aborts arrive like the real front's: through a reentrant queue (a finalizer may post them).
+        self._aborts: queue.SimpleQueue[tuple[str, StreamSink | None, Callable[[], object] | None]] = (
+            queue.SimpleQueue()
+        )
         self._arrivals = itertools.count()
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._crash = threading.Event()
+        self._dead = False
         self._iterations = 0
         self._generated = 0
         self._prompt_tokens = 0
@@ -159,10 +135,11 @@ class FakeAsyncEngine:
             self._thread.join(timeout=5)
 
     def is_healthy(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        return self._thread is not None and self._thread.is_alive() and not self._dead
 
     def crash(self) -> None:
-        """Test hook: make the loop thread die (without failing its requests: the server must notice)."""
+        """Test hook: make an exception escape the loop thread; like the real front's, the dying loop ends
+        every open stream with an error output."""
         self._crash.set()
 
     # -- requests --------------------------------------------------------------------------------------
@@ -174,62 +151,58 @@ class FakeAsyncEngine:
         prompt_token_ids: list[int] | None = None,
         sampling_params: SamplingParams | None = None,
         priority: int = 0,
-    ) -> FakeStream:
+        on_close: Callable[[], None] | None = None,
+    ) -> RequestStream:
         params = sampling_params or SamplingParams()
         if (prompt is None) == (prompt_token_ids is None):
-            raise ValueError("exactly one of prompt or prompt_token_ids must be given")
+            raise FieldError("prompt", "exactly one of prompt or prompt_token_ids must be given")
         ids = self.engine.tokenizer.encode(prompt) if prompt is not None else list(prompt_token_ids or [])
         if not ids:
-            raise ValueError("prompt must not be empty")
+            raise FieldError("prompt", "prompt must not be empty")
         vocab = self.engine.vocab_size
         bad = [t for t in ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab]
         if bad:
-            raise ValueError(f"prompt_token_ids {bad[:5]} outside the vocabulary [0, {vocab})")
+            raise FieldError("prompt_token_ids", f"prompt_token_ids {bad[:5]} outside the vocabulary [0, {vocab})")
         bad_stop = [t for t in params.stop_token_ids if t >= vocab]
         if bad_stop:
-            raise ValueError(f"stop_token_ids {bad_stop} outside the vocabulary (size {vocab})")
+            raise FieldError("stop_token_ids", f"stop_token_ids {bad_stop} outside the vocabulary (size {vocab})")
         if self._crash_on_prompt is not None and self.engine.tokenizer.decode(ids) == self._crash_on_prompt:
             self.crash()
         if len(ids) + params.max_tokens > self.engine.max_model_len:
-            raise ValueError(
-                f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds max_model_len "
-                f"({self.engine.max_model_len})"
+            raise FieldError(
+                "prompt",
+                # Deliberately not starting with the field's name: the 400's `param` comes from FieldError.
+                f"this request needs {len(ids)} prompt tokens + max_tokens ({params.max_tokens}), more than "
+                f"max_model_len ({self.engine.max_model_len})",
             )
-        loop = asyncio.get_running_loop()
-        request = _FakeRequest(request_id, ids, params, priority, loop, asyncio.Queue())
-        with self._lock:
-            if request_id in self._requests:
-                raise ValueError(f"request_id {request_id!r} is already in use")
-            self._requests[request_id] = request
-            heapq.heappush(self._waiting, (priority, next(self._arrivals), request_id))
-            self._prompt_tokens += len(ids)
-        return FakeStream(self, request)
+        request = _FakeRequest(request_id, ids, params, priority)
+
+        def queue_it() -> None:
+            with self._lock:
+                self._requests[request_id] = request
+                heapq.heappush(self._waiting, (priority, next(self._arrivals), request_id))
+                self._prompt_tokens += len(ids)
+
+        return self._streams.open(request_id, self._abort, on_close, then=queue_it)
 
     def abort(self, request_id: str) -> None:
-        with self._lock:
-            if request_id in self._requests:
-                self._aborted.add(request_id)
+        self._abort(request_id, None, None)
+
+    def _abort(self, request_id: str, sink: StreamSink | None, on_dropped: Callable[[], object] | None) -> None:
+        self._aborts.put((request_id, sink, on_dropped))
+        if self._streams.closed:
+            self._take_aborts()
 
     # -- knobs and metrics -----------------------------------------------------------------------------
 
     def update_controller(self, **knobs: Any) -> None:
-        unknown = set(knobs) - set(_LIVE_KNOBS_CONTROLLER) - set(_LIVE_KNOBS_ENGINE)
-        if unknown:
-            raise ValueError(f"unknown controller knob(s) {sorted(unknown)}")
-        controller = self._config.controller.model_dump()
-        engine = self._config.model_dump()
-        for k, v in knobs.items():
-            if k in _LIVE_KNOBS_CONTROLLER:
-                controller[k] = v
-            else:
-                engine[k] = v
-        engine["controller"] = controller
-        self._config = EngineConfig.model_validate(engine)  # raises ValidationError (a ValueError)
+        self._config = with_live_knobs(self._config, knobs)  # FieldError naming the knob
 
     def metrics(self) -> dict[str, float]:
         with self._lock:
             running = len(self._running)
             waiting = len(self._waiting)
+            cached = sum(len(r.prompt_ids) + len(r.output_ids) for r in self._requests.values())
         cap = float(self._config.max_batch_size)
         return {
             "num_requests_running": float(running),
@@ -240,6 +213,7 @@ class FakeAsyncEngine:
             "preemptions_total": 0.0,
             "idle_fraction": 0.0,
             "memory_used_fraction": running / cap,
+            "kv_cache_usage": min(1.0, cached / (cap * self.engine.max_model_len)),
             "admissions_refused_for_memory": 0.0,
             "iterations": float(self._iterations),
             "generated_tokens_total": float(self._generated),
@@ -249,17 +223,49 @@ class FakeAsyncEngine:
     # -- the loop --------------------------------------------------------------------------------------
 
     def _loop(self) -> None:
-        while not self._stop.is_set():
-            if self._crash.is_set():
-                return  # the loop thread ends, as the real one does after repeated failures
-            self._step()
-            time.sleep(self._step_delay_s)
+        reason = "the engine loop stopped"
+        try:
+            while not self._stop.is_set():
+                if self._crash.is_set():
+                    raise RuntimeError("injected crash of the fake engine loop")
+                aborted, dropped = self._take_aborts()
+                self._step(aborted)
+                for on_dropped in dropped:
+                    on_dropped()
+                time.sleep(self._step_delay_s)
+        except RuntimeError as e:
+            reason = f"the engine loop died: {e}"
+        else:
+            reason = "the engine was shut down"
+        finally:
+            self._dead = True
+            self._streams.close(reason)
+            self._take_aborts()
 
-    def _step(self) -> None:
+    def _take_aborts(self) -> tuple[set[str], list[Callable[[], object]]]:
+        """The ids to abort (still held by the stream that asked) and the callbacks to run after; once the
+        loop has ended, the callbacks run at once."""
+        aborted: set[str] = set()
+        dropped: list[Callable[[], object]] = []
+        while True:
+            try:
+                rid, sink, on_dropped = self._aborts.get_nowait()
+            except queue.Empty:
+                break
+            if sink is None or self._streams.holds(rid, sink):
+                aborted.add(rid)
+            if on_dropped is not None:
+                dropped.append(on_dropped)
+        if self._streams.closed:
+            for on_dropped in dropped:
+                on_dropped()
+            dropped = []
+        return aborted, dropped
+
+    def _step(self, aborted: set[str]) -> None:
         with self._lock:
-            outputs: list[tuple[_FakeRequest, RequestOutput]] = []
-            for rid in list(self._aborted):
-                self._aborted.discard(rid)
+            outputs: list[RequestOutput] = []
+            for rid in aborted:
                 req = self._requests.pop(rid, None)
                 if req is None:
                     continue
@@ -267,7 +273,7 @@ class FakeAsyncEngine:
                     self._running.remove(rid)
                 self._waiting = [w for w in self._waiting if w[2] != rid]
                 heapq.heapify(self._waiting)
-                outputs.append((req, self._final(req, "abort")))
+                outputs.append(self._final(req, "abort"))
             while self._waiting and len(self._running) < self._config.max_batch_size:
                 _, _, rid = heapq.heappop(self._waiting)
                 self._running.append(rid)
@@ -275,12 +281,11 @@ class FakeAsyncEngine:
                 self._iterations += 1
             for rid in list(self._running):
                 req = self._requests[rid]
-                outputs.append((req, self._decode_one(req)))
+                outputs.append(self._decode_one(req))
                 if req.finished:
                     self._running.remove(rid)
                     del self._requests[rid]
-        for req, out in outputs:
-            req.loop.call_soon_threadsafe(req.queue.put_nowait, out)
+        self._streams.deliver(outputs)
 
     def _decode_one(self, req: _FakeRequest) -> RequestOutput:
         i = len(req.output_ids)

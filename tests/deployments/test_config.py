@@ -12,7 +12,8 @@ from pydantic import ValidationError
 from ray.serve import Application
 from ray.serve.schema import ServeDeploySchema
 
-from configs import EngineConfig
+from configs import ControllerConfig, EngineConfig
+from configs.knobs import LIVE_KNOBS
 from configs.serve import (
     BatonAppArgs,
     ControllerKnobs,
@@ -90,6 +91,21 @@ def test_bad_controller_knobs(knobs: dict[str, Any], words: str) -> None:
 def test_controller_knobs_pass_only_what_was_given() -> None:
     assert ControllerKnobs(high_watermark=0.8).updates() == {"high_watermark": 0.8}
     assert ControllerKnobs().updates() == {}
+    assert ControllerKnobs(memory_budget_bytes=None).updates() == {"memory_budget_bytes": None}  # unset it
+    with pytest.raises(ValidationError, match="high_watermark"):  # null is not "leave it": it is a bad value
+        ControllerKnobs.model_validate({"high_watermark": None})
+
+
+def test_user_config_covers_every_live_knob() -> None:
+    """The user_config schema is derived from the config fields marked live, not a hand-kept copy."""
+    assert set(ControllerKnobs.model_fields) == LIVE_KNOBS and len(LIVE_KNOBS) == 10
+    assert ControllerKnobs.model_fields["min_priority_gap"].description == (
+        ControllerConfig.model_fields["min_priority_gap"].description
+    )
+    for knobs in ({"min_priority_gap": -1}, {"max_preemptions_per_request": "many"},
+                  {"prefill_pool_size": 0}, {"host_swap_budget_bytes": -5}):
+        with pytest.raises(ValidationError, match=next(iter(knobs))):
+            ControllerKnobs.model_validate(knobs)
 
 
 def test_api_key_from_env(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -367,6 +367,7 @@ def test_prometheus_metrics_are_exported(base_url: str, metrics_port: int) -> No
         "ray_baton_num_requests_waiting",
         "ray_baton_num_requests_swapped",
         "ray_baton_kv_cache_usage_perc",
+        "ray_baton_memory_used_fraction",
         "ray_baton_batch_capacity",
         "ray_baton_idle_computation_fraction",
         "ray_baton_generation_tokens_total",

@@ -10,8 +10,10 @@ from typing import Any
 
 import pytest
 
+from configs import EngineConfig
+from configs.errors import FieldError
 from configs.serve import ServerConfig
-from deployments import serving
+from deployments import metrics, serving
 from deployments.errors import OpenAIError
 from deployments.metrics import AutoscalingSignals
 from deployments.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest, CompletionResponse
@@ -166,10 +168,8 @@ def test_admission_limit_off() -> None:
     assert admission.in_flight == 0 and admission.refused == 0
 
 
-def test_engine_dying_mid_request_fails_it_instead_of_hanging(
-    front: FakeAsyncEngine, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(serving, "LIVENESS_CHECK_S", 0.05)
+def test_engine_dying_mid_request_fails_it_instead_of_hanging(front: FakeAsyncEngine) -> None:
+    """The dying loop ends the open stream (no polling here): a 503, since another replica can serve it."""
     s = OpenAIServing(front, ServerConfig())
 
     async def run() -> None:
@@ -178,12 +178,49 @@ def test_engine_dying_mid_request_fails_it_instead_of_hanging(
         front.crash()
         with pytest.raises(OpenAIError) as e:
             await asyncio.wait_for(task, timeout=5)
-        assert e.value.status_code == 503
+        assert e.value.status_code == 503 and "loop died" in e.value.message
+        assert s.admission.in_flight == 0  # the failed request gave its slot back
         with pytest.raises(OpenAIError) as e:  # and new requests are refused, not queued forever
             await s.generate(CompletionRequest(prompt="x"))
         assert e.value.status_code == 503
+        assert s.admission.in_flight == 0
 
     asyncio.run(run())
+
+
+def test_a_bad_value_is_a_400_naming_the_field_the_engine_gave(
+    front: FakeAsyncEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`param` is FieldError.param, whatever the message says (the fake's context message does not start
+    with the field's name); the engine's prompt is the chat request's messages."""
+    s = OpenAIServing(front, ServerConfig())
+    too_long = "y" * 600
+
+    async def refused(request: Any) -> OpenAIError:
+        with pytest.raises(OpenAIError) as e:
+            await s.generate_stream(request)
+        return e.value
+
+    err = asyncio.run(refused(CompletionRequest(prompt=too_long, max_tokens=2)))
+    assert (err.status_code, err.param) == (400, "prompt") and "max_model_len" in err.message
+    err = asyncio.run(refused(ChatCompletionRequest(messages=[ChatMessage(role="user", content=too_long)],
+                                                    max_tokens=2)))
+    assert (err.status_code, err.param) == (400, "messages")
+
+    def submit(*args: Any, **kwargs: Any) -> Any:
+        raise FieldError("priority", "lower values are more urgent; this one is out of range")
+
+    monkeypatch.setattr(front, "submit", submit)
+    err = asyncio.run(refused(CompletionRequest(prompt="x", max_tokens=2)))
+    assert (err.status_code, err.param) == (400, "priority")
+    assert s.admission.in_flight == 0
+
+
+def test_engine_gauges_say_what_they_measure() -> None:
+    assert metrics._GAUGES["baton_kv_cache_usage_perc"][0] == "kv_cache_usage"
+    assert metrics._GAUGES["baton_memory_used_fraction"][0] == "memory_used_fraction"
+    fake_keys = set(FakeAsyncEngine(EngineConfig(model="fake")).metrics())
+    assert {key for key, _ in metrics._GAUGES.values()} <= fake_keys  # every gauge has its engine value
 
 
 class ScriptedStream:

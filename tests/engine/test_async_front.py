@@ -1,9 +1,10 @@
-"""AsyncBatonEngine: concurrent submitters (tasks and threads), aborts by closing or cancelling, live knobs,
-and fault handling in the loop thread."""
+"""AsyncBatonEngine: concurrent submitters (tasks and threads), aborts by closing, cancelling or dropping a
+stream, live knobs, fault handling in the loop thread, and a dying loop that ends every open stream."""
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import random
 import threading
 import time
@@ -12,7 +13,7 @@ from collections.abc import Callable
 import pytest
 
 from engine import AsyncBatonEngine
-from engine.async_engine import MAX_CONSECUTIVE_FAILURES
+from engine.async_engine import MAX_CONSECUTIVE_FAILURES, kv_cache_usage
 from engine.request import RequestOutput, SamplingParams
 from tests.helpers import make_engine, run_to_completion
 
@@ -296,3 +297,170 @@ def test_engine_is_built_on_the_loop_thread_and_build_failures_surface_in_start(
     assert not bad.is_healthy()
     with pytest.raises(ValueError, match="exactly one"):
         AsyncBatonEngine()
+
+
+class LoopKilled(BaseException):
+    """Not an Exception: escapes every `except Exception` in the loop body."""
+
+
+def kill_loop_in_step(front: AsyncBatonEngine, monkeypatch: pytest.MonkeyPatch) -> None:
+    def step():  # type: ignore[no-untyped-def]
+        raise LoopKilled("step killed")
+
+    monkeypatch.setattr(front.engine, "step", step)
+
+
+def kill_loop_in_recovery(front: AsyncBatonEngine, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An ordinary exception that escapes the loop body: failing the requests after a fault fails too."""
+
+    def step():  # type: ignore[no-untyped-def]
+        raise RuntimeError("device fault")
+
+    def fail_all(message: str):  # type: ignore[no-untyped-def]
+        raise RuntimeError("recovery failed too")
+
+    monkeypatch.setattr(front.engine, "fail_all", fail_all)
+    monkeypatch.setattr(front.engine, "step", step)
+
+
+@pytest.mark.parametrize("kill", [kill_loop_in_step, kill_loop_in_recovery])
+def test_a_dying_loop_ends_every_open_stream_with_an_error(front, monkeypatch, kill) -> None:
+    async def main() -> list[RequestOutput]:
+        streams = [front.submit(f"open{i}", prompt_token_ids=[5 + i], sampling_params=LONG) for i in range(3)]
+        for s in streams[:2]:  # two running, one maybe still queued: all must end
+            await anext(s)
+        kill(front, monkeypatch)
+        finals = [(await asyncio.wait_for(consume(s), 10))[-1] for s in streams]
+        with pytest.raises(RuntimeError, match="not running"):
+            front.submit("late", prompt_token_ids=[5])
+        return finals
+
+    finals = asyncio.run(main())
+    assert all(o.finished and o.finish_reason == "error" and "engine loop died" in (o.error or "")
+               for o in finals), finals
+    assert not front.is_healthy()
+
+
+def test_closing_a_stream_after_the_loop_died_returns(front, monkeypatch) -> None:
+    """aclose() waits for the engine to drop the request; a dead loop drops nothing, and must not hang it."""
+
+    async def main() -> None:
+        stream = front.submit("c", prompt_token_ids=[5], sampling_params=LONG)
+        await anext(stream)
+        kill_loop_in_step(front, monkeypatch)
+        assert wait_until(lambda: not front.is_healthy())
+        await asyncio.wait_for(stream.aclose(), 5)
+
+    asyncio.run(main())
+
+
+def test_a_stream_dropped_unconsumed_frees_its_slot_and_its_row(front) -> None:
+    closed: list[str] = []
+
+    async def main() -> None:
+        stream = front.submit("dropped", prompt_token_ids=[5, 6], sampling_params=LONG,
+                              on_close=lambda: closed.append("dropped"))
+        assert wait_until(lambda: front.engine.stats.running == 1)
+        assert closed == []
+        del stream  # never read: only the garbage collector knows the consumer is gone
+        gc.collect()
+        assert closed == ["dropped"]  # at once, exactly once
+
+    asyncio.run(main())
+    assert wait_until(lambda: front.engine.stats.aborted_requests == 1, timeout=2.0)
+    assert wait_until(lambda: front.engine.stats.running == 0 and not front.engine.has_unfinished_requests())
+    assert closed == ["dropped"]
+
+
+def test_on_close_runs_once_on_every_way_a_stream_ends(front) -> None:
+    closed: list[str] = []
+
+    def closer(name: str) -> Callable[[], None]:
+        return lambda: closed.append(name)
+
+    async def main() -> None:
+        short = SamplingParams(max_tokens=2, ignore_eos=True)
+        done = front.submit("done", prompt_token_ids=[5], sampling_params=short, on_close=closer("done"))
+        await consume(done)
+        shut = front.submit("shut", prompt_token_ids=[5], sampling_params=LONG, on_close=closer("shut"))
+        await anext(shut)
+        await shut.aclose()
+        await shut.aclose()
+        cancelled = front.submit("cancel", prompt_token_ids=[5], sampling_params=LONG, on_close=closer("cancel"))
+        task = asyncio.create_task(consume(cancelled))
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(main())
+    assert sorted(closed) == ["cancel", "done", "shut"]
+
+
+def test_closing_a_finished_stream_late_leaves_a_new_request_with_its_id_alone(front) -> None:
+    """The old stream's abort names the old stream: it cannot abort the id's next request."""
+
+    async def main() -> list[RequestOutput]:
+        old = front.submit("same", prompt_token_ids=[5], sampling_params=SamplingParams(max_tokens=1))
+        assert wait_until(lambda: front.engine.stats.finished_requests == 1)  # final output not read yet
+        new = front.submit("same", prompt_token_ids=[6], sampling_params=SamplingParams(max_tokens=4,
+                                                                                        ignore_eos=True))
+        await old.aclose()
+        return await consume(new)
+
+    outs = asyncio.run(main())
+    assert outs[-1].finish_reason == "length" and len(tokens_of(outs)) == 4
+    assert front.engine.stats.aborted_requests == 0
+
+
+def test_shutdown_ends_open_streams(tiny_model) -> None:
+    f = AsyncBatonEngine(make_engine(tiny_model, max_batch_size=2))
+    f.start()
+
+    async def main() -> RequestOutput:
+        stream = f.submit("s", prompt_token_ids=[5], sampling_params=LONG)
+        await anext(stream)
+        await asyncio.to_thread(f.shutdown)
+        return (await asyncio.wait_for(consume(stream), 5))[-1]
+
+    final = asyncio.run(main())
+    assert final.finish_reason == "error" and "shut down" in (final.error or "")
+
+
+def test_kv_cache_usage_is_cached_tokens_over_capacity(tiny_model) -> None:
+    engine = make_engine(tiny_model, max_batch_size=4)
+    assert kv_cache_usage(engine.cache) == 0.0
+    for i in range(3):
+        engine.add_request(f"u{i}", prompt_token_ids=[5] * (4 + 8 * i), sampling_params=LONG)
+    for _ in range(3):
+        engine.step()
+    cache = engine.cache
+    tokens = sum(cache.real)
+    assert tokens == sum(4 + 8 * i + 2 for i in range(3))  # prompt + generated, but the newest token
+    capacity = cache.reserved_bytes() / cache.bytes_per_token  # the mask's bytes make this a bit more
+    assert kv_cache_usage(cache) == pytest.approx(tokens / capacity)
+    assert 0 < kv_cache_usage(cache) < 1
+    for i in range(3):
+        engine.abort_request(f"u{i}")
+    assert kv_cache_usage(engine.cache) == 0.0
+
+
+def test_a_close_left_waiting_when_its_event_loop_ends_does_not_hurt_the_loop_thread(front) -> None:
+    """aclose() waits for the drop; if its event loop closes first, answering it must not raise in the
+    engine's loop thread (which would end every other stream)."""
+
+    async def main() -> None:
+        stream = front.submit("left", prompt_token_ids=[5], sampling_params=LONG)
+        await anext(stream)
+        asyncio.get_running_loop().create_task(stream.aclose())
+        await asyncio.sleep(0)  # the abort is posted; asyncio.run now cancels the wait and closes the loop
+
+    asyncio.run(main())
+    assert wait_until(lambda: front.engine.stats.aborted_requests == 1)
+    assert front.is_healthy()
+
+    async def again() -> list[RequestOutput]:
+        return await consume(front.submit("after", prompt_token_ids=[5], sampling_params=SamplingParams(
+            max_tokens=2, ignore_eos=True)))
+
+    assert asyncio.run(again())[-1].finish_reason == "length"

@@ -1,9 +1,12 @@
-"""Bad requests raise ValueError naming the field (and the bad value), and leave the engine untouched."""
+"""Bad requests raise FieldError (a ValueError) naming the field in `.param` and quoting the bad value, and
+leave the engine untouched; so do bad live knobs."""
 
 from __future__ import annotations
 
 import pytest
 
+from configs.errors import FieldError
+from configs.knobs import LIVE_KNOBS
 from engine.request import SamplingParams
 from tests.helpers import make_engine, run_to_completion
 
@@ -15,17 +18,18 @@ def engine(tiny_model):
     return make_engine(tiny_model, max_model_len=MAX_LEN)
 
 
-def rejects(engine, match: str, **kwargs) -> None:
+def rejects(engine, match: str, param: str = "prompt", **kwargs) -> None:
     kwargs.setdefault("request_id", "r")
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(FieldError, match=match) as e:
         engine.add_request(**kwargs)
+    assert e.value.param == param
     assert not engine.has_unfinished_requests(), "a rejected request must not be queued"
 
 
 def test_prompt_fields(engine) -> None:
     rejects(engine, r"prompt must be a non-empty string, got ''", prompt="")
     rejects(engine, r"prompt must be a non-empty string, got 123", prompt=123)
-    rejects(engine, r"prompt_token_ids must not be empty", prompt_token_ids=[])
+    rejects(engine, r"prompt_token_ids must not be empty", "prompt_token_ids", prompt_token_ids=[])
     rejects(engine, r"exactly one of prompt or prompt_token_ids", prompt="hi", prompt_token_ids=[1, 2])
     rejects(engine, r"exactly one of prompt or prompt_token_ids")
 
@@ -55,25 +59,28 @@ def test_context_length(engine) -> None:
     ],
 )
 def test_sampling_params(kwargs: dict, match: str) -> None:
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(FieldError, match=match) as e:
         SamplingParams(**kwargs)
+    assert e.value.param == next(iter(kwargs))  # the field, not text to parse
 
 
 def test_token_ids_outside_the_vocabulary(engine) -> None:
     v = engine.vocab_size
-    rejects(engine, r"prompt_token_ids \[-1\] outside the vocabulary", prompt_token_ids=[3, -1, 4])
-    rejects(engine, rf"prompt_token_ids \[{v}\] outside the vocabulary \[0, {v}\)", prompt_token_ids=[3, v])
-    rejects(engine, r"prompt_token_ids \[1\.5\]", prompt_token_ids=[3, 1.5])
-    rejects(engine, rf"stop_token_ids \[{v + 7}\] outside the vocabulary \(size {v}\)", prompt_token_ids=[3],
-            sampling_params=SamplingParams(stop_token_ids=[2, v + 7]))
+    ids = "prompt_token_ids"
+    rejects(engine, r"prompt_token_ids \[-1\] outside the vocabulary", ids, prompt_token_ids=[3, -1, 4])
+    rejects(engine, rf"prompt_token_ids \[{v}\] outside the vocabulary \[0, {v}\)", ids, prompt_token_ids=[3, v])
+    rejects(engine, r"prompt_token_ids \[1\.5\]", ids, prompt_token_ids=[3, 1.5])
+    rejects(engine, rf"stop_token_ids \[{v + 7}\] outside the vocabulary \(size {v}\)", "stop_token_ids",
+            prompt_token_ids=[3], sampling_params=SamplingParams(stop_token_ids=[2, v + 7]))
 
 
 def test_request_id_and_priority(engine) -> None:
-    rejects(engine, r"request_id must be a non-empty string", request_id="", prompt="hi")
-    rejects(engine, r"priority must be an integer, got 1\.5", prompt="hi", priority=1.5)
-    rejects(engine, r"priority must be an integer, got '2'", prompt="hi", priority="2")
-    rejects(engine, r"priority must be an integer, got True", prompt="hi", priority=True)
-    rejects(engine, r"sampling_params must be a SamplingParams", prompt="hi", sampling_params={"max_tokens": 2})
+    rejects(engine, r"request_id must be a non-empty string", "request_id", request_id="", prompt="hi")
+    rejects(engine, r"priority must be an integer, got 1\.5", "priority", prompt="hi", priority=1.5)
+    rejects(engine, r"priority must be an integer, got '2'", "priority", prompt="hi", priority="2")
+    rejects(engine, r"priority must be an integer, got True", "priority", prompt="hi", priority=True)
+    rejects(engine, r"sampling_params must be a SamplingParams", "sampling_params", prompt="hi",
+            sampling_params={"max_tokens": 2})
 
 
 def test_duplicate_request_id_only_while_running(engine) -> None:
@@ -91,12 +98,42 @@ def test_duplicate_request_id_only_while_running(engine) -> None:
     assert outs[-1].finished and outs[-1].usage.prompt_tokens == 1
 
 
-def test_prefill_pool_size_zero_is_rejected_or_still_serves(tiny_model) -> None:
-    try:
-        engine = make_engine(tiny_model, policy="baton-pd", prefill_pool_size=0)
-    except ValueError as e:  # rejecting the config is a fine answer too
-        assert "prefill_pool_size" in str(e)
-        return
-    engine.add_request("r", prompt_token_ids=[5, 6], sampling_params=SamplingParams(max_tokens=2))
-    outs = run_to_completion(engine, max_iterations=50)["r"]
-    assert outs[-1].finished
+def test_prefill_pool_size_zero_is_rejected(tiny_model) -> None:
+    with pytest.raises(ValueError, match="prefill_pool_size"):
+        make_engine(tiny_model, policy="baton-pd", prefill_pool_size=0)
+
+
+@pytest.mark.parametrize(
+    ("knobs", "param", "match"),
+    [
+        ({"max_batch_sise": 3}, "max_batch_sise", "unknown live knob"),
+        ({"max_batch_size": 0}, "max_batch_size", "max_batch_size: Input should be greater than or equal to 1"),
+        ({"min_priority_gap": -1}, "min_priority_gap", r"controller\.min_priority_gap"),
+        ({"preemption_mode": "teleport"}, "preemption_mode", "teleport"),
+        ({"low_watermark": 0.95}, "low_watermark", "must not exceed high_watermark"),  # a cross-field check
+    ],
+)
+def test_bad_live_knobs_name_the_knob(engine, knobs: dict, param: str, match: str) -> None:
+    before = engine.config
+    with pytest.raises(FieldError, match=match) as e:
+        engine.validate_knobs(knobs)
+    assert e.value.param == param
+    with pytest.raises(FieldError):
+        engine.reconfigure(**knobs)
+    assert engine.config is before  # a rejected change leaves the config in force
+
+
+def test_every_live_knob_is_accepted_by_the_engine(engine) -> None:
+    """The list of live knobs is derived from the config fields' marker: the ten the engine applies live."""
+    assert LIVE_KNOBS == {
+        "max_batch_size", "prefill_token_budget", "prefill_pool_size", "high_watermark", "low_watermark",
+        "preemption_mode", "min_priority_gap", "max_preemptions_per_request", "memory_budget_bytes",
+        "host_swap_budget_bytes",
+    }
+    values = {"max_batch_size": 3, "prefill_token_budget": 64, "prefill_pool_size": 2, "high_watermark": 0.8,
+              "low_watermark": 0.5, "preemption_mode": "swap", "min_priority_gap": 2,
+              "max_preemptions_per_request": 5, "memory_budget_bytes": 1 << 30, "host_swap_budget_bytes": 1 << 20}
+    engine.reconfigure(**values)
+    cfg = engine.config
+    applied = {k: getattr(cfg, k) if hasattr(cfg, k) else getattr(cfg.controller, k) for k in values}
+    assert applied == values

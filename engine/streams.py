@@ -1,0 +1,178 @@
+"""One request's output stream, as its asyncio consumer sees it, and the registry of open streams a front
+keeps for its loop thread.
+
+A stream has two ends. The consumer holds the `RequestStream`; the front's loop thread holds only its
+`StreamSink` (in `OpenStreams`), so a consumer that drops its stream lets it be garbage-collected. However a
+stream ends early (`aclose()`, cancellation of the task awaiting it, or collection), it ends through one
+callable, the front's abort path, exactly once; `on_close` then runs exactly once on every path, the
+request's normal end included. No torch here: fronts without a model (test fakes) use the same streams.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import weakref
+from collections.abc import Callable, Iterable
+
+from configs.errors import FieldError
+from engine.request import RequestOutput
+
+
+class StreamSink:
+    """The loop thread's end of a stream: puts outputs on the consumer's event loop."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
+
+    def put(self, out: RequestOutput) -> bool:
+        """Thread-safe. False when the consumer's event loop is closed (nobody can read the stream)."""
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, out)
+        except RuntimeError:
+            return False
+        return True
+
+
+# The front's abort path: (request_id, the stream's sink, on_dropped). `on_dropped`, if given, is called
+# (from any thread) once the engine no longer holds the request. It must be safe to call from a garbage
+# collector's finalizer: it may not take a lock its callers could hold.
+AbortFn = Callable[[str, StreamSink | None, Callable[[], object] | None], None]
+
+
+def _abandon(abort: AbortFn, request_id: str, sink: StreamSink, on_close: Callable[[], None] | None) -> None:
+    abort(request_id, sink, None)
+    if on_close is not None:
+        on_close()
+
+
+class RequestStream:
+    """Async iterator over one request's `RequestOutput`s; the last one has `finished=True`.
+
+    Leaving early aborts the request: `aclose()`, cancelling the task that awaits the next output, or
+    dropping the stream unconsumed (its finalizer).
+    """
+
+    def __init__(self, request_id: str, sink: StreamSink, abort: AbortFn,
+                 on_close: Callable[[], None] | None = None) -> None:
+        self.request_id = request_id
+        self._queue = sink.queue
+        self._abort, self._sink, self._on_close = abort, sink, on_close
+        # Holds no reference to the stream itself, so it runs when the consumer lets go of the stream.
+        self._early_end = weakref.finalize(self, _abandon, abort, request_id, sink, on_close)
+        self._early_end.atexit = False
+
+    @property
+    def done(self) -> bool:
+        """True once the stream has ended (its final output was read, or it was closed or abandoned)."""
+        return not self._early_end.alive
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self.done:
+            raise StopAsyncIteration
+        try:
+            out = await self._queue.get()
+        except asyncio.CancelledError:
+            self._early_end()
+            raise
+        if out.finished and self._early_end.detach() is not None and self._on_close is not None:
+            self._on_close()
+        return out
+
+    async def aclose(self) -> None:
+        """Abort the request and wait (at most one iteration) until the engine has dropped it, so the
+        request id is free for a new submission when this returns."""
+        if self._early_end.detach() is None:
+            return
+        dropped = asyncio.get_running_loop().create_future()
+        self._abort(self.request_id, self._sink, _resolver(dropped))
+        if self._on_close is not None:
+            self._on_close()
+        await dropped
+
+
+def _resolver(future: asyncio.Future[None]) -> Callable[[], None]:
+    """A thread-safe callable that resolves `future` on its event loop; never raises into the caller (the
+    engine's loop thread), even once that event loop is closed."""
+    loop = future.get_loop()
+
+    def resolve() -> None:
+        if not future.done():
+            future.set_result(None)
+
+    def resolve_threadsafe() -> None:
+        try:
+            loop.call_soon_threadsafe(resolve)
+        except RuntimeError:  # the consumer's event loop is closed: nobody waits any more
+            pass
+
+    return resolve_threadsafe
+
+
+class OpenStreams:
+    """The streams of the requests a front holds, by request id. Thread-safe.
+
+    Once `close()` has run, no stream opens any more and every stream that was open has been failed, so
+    no consumer waits for an output that will never come.
+    """
+
+    def __init__(self) -> None:
+        # Reentrant: a dropped stream's finalizer may run on a thread that holds it (on any allocation).
+        self._lock = threading.RLock()
+        self._sinks: dict[str, StreamSink] = {}
+        self._closed = False
+
+    def open(self, request_id: str, abort: AbortFn, on_close: Callable[[], None] | None = None,
+             then: Callable[[], None] = lambda: None) -> RequestStream:
+        """Register a stream for `request_id` on the running event loop and call `then()` (e.g. queue the
+        request) under the same lock, so `close()` sees either both or neither.
+
+        Raises FieldError for an id that is still open, RuntimeError once the front is closed."""
+        sink = StreamSink(asyncio.get_running_loop())
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the engine loop is not running")
+            if request_id in self._sinks:
+                raise FieldError("request_id",
+                                 f"duplicate request id {request_id!r}: a request with that id is still running")
+            self._sinks[request_id] = sink
+            then()
+        return RequestStream(request_id, sink, abort, on_close)
+
+    def reopen(self) -> None:
+        """Accept streams again (the front's loop restarted)."""
+        with self._lock:
+            self._closed = False
+
+    def holds(self, request_id: str, sink: StreamSink) -> bool:
+        """Whether `sink` is still the open stream of `request_id` (not finished, not replaced by a new
+        request that reuses the id)."""
+        with self._lock:
+            return self._sinks.get(request_id) is sink
+
+    def deliver(self, outs: Iterable[RequestOutput]) -> list[str]:
+        """Hand outputs to their streams (a finished one closes its stream). Returns the ids whose
+        consumer's event loop is gone, for the caller to abort."""
+        orphans = []
+        for out in outs:
+            with self._lock:
+                sink = self._sinks.pop(out.request_id, None) if out.finished else self._sinks.get(out.request_id)
+            if sink is not None and not sink.put(out):
+                orphans.append(out.request_id)
+        return orphans
+
+    def close(self, message: str) -> None:
+        """Refuse new streams and fail every open one with an `error` output carrying `message`."""
+        with self._lock:
+            self._closed = True
+            sinks, self._sinks = self._sinks, {}
+        for request_id, sink in sinks.items():
+            sink.put(RequestOutput(request_id, [], "", True, "error", error=message))
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
