@@ -133,8 +133,7 @@ class BatonEngine:
         result = self.runner.execute(plan, self.cache)
         outputs = self.scheduler.update(plan, result)
         accounted = self.scheduler.accounted_bytes(rows=result.batch.rows if result.batch else 0)
-        self.stats.record(iteration_stats(plan, result, accounted, time.perf_counter() - t0), outputs,
-                          plan.refused_for_memory)
+        self.stats.record(iteration_stats(plan, result, accounted, time.perf_counter() - t0), outputs)
         if not self.scheduler.requests:  # nothing left to serve: free the last rows now, not at the next step
             self._free_rows(self.scheduler.release_rows())
         self._update_gauges()
@@ -161,7 +160,10 @@ class BatonEngine:
         if prompt is not None:
             if not isinstance(prompt, str) or not prompt:
                 raise FieldError("prompt", f"prompt must be a non-empty string, got {prompt!r}")
-            ids = list(self.tokenizer.encode(prompt))
+            try:
+                ids = list(self.tokenizer.encode(prompt))
+            except (TypeError, ValueError) as e:  # e.g. a lone UTF-16 surrogate, which JSON allows
+                raise FieldError("prompt", f"prompt cannot be tokenized: {e}") from None
             if not ids:
                 raise FieldError("prompt", f"prompt {prompt!r} tokenises to nothing")
             return ids

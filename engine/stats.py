@@ -34,6 +34,7 @@ class IterationStats:
     accounted_bytes: int = 0  # engine device bytes at the step's peak: cache + pool + step transients
     memory_fraction: float | None = None  # measured-or-accounted use over the budget
     preemptions: dict[str, int] = field(default_factory=dict)  # by mode
+    refused_for_memory: int = 0  # admission candidates that fit by rows but not by memory
 
 
 def iteration_stats(plan: IterationPlan, result: StepResult, accounted_bytes: int, total_s: float
@@ -61,7 +62,7 @@ def iteration_stats(plan: IterationPlan, result: StepResult, accounted_bytes: in
         decode_tokens=decoded, attended_columns=attended, padded_columns=padded, forward_s=result.forward_s,
         controller_s=plan.controller_s, total_s=total_s, capacity=plan.capacity,
         cache_columns=result.cache_columns, accounted_bytes=accounted_bytes, memory_fraction=memory_fraction,
-        preemptions=preemptions,
+        preemptions=preemptions, refused_for_memory=plan.refused_for_memory,
     )
 
 
@@ -111,12 +112,12 @@ class EngineStats:
     def outside_forward_fraction(self) -> float:
         return 1.0 - self.forward_s / self.total_s if self.total_s else 0.0
 
-    def record(self, it: IterationStats, outputs: list[RequestOutput], refused_for_memory: int) -> None:
+    def record(self, it: IterationStats, outputs: list[RequestOutput]) -> None:
         """Add one iteration and the outputs it produced (aborts are counted when they happen, between
         iterations: `BatonEngine.abort_request`)."""
         self.generated_tokens += sum(len(o.new_token_ids) for o in outputs)
         self.finished_requests += sum(1 for o in outputs if o.finished and o.finish_reason != "abort")
-        self.admissions_refused_for_memory += refused_for_memory
+        self.admissions_refused_for_memory += it.refused_for_memory
         for mode, n in it.preemptions.items():
             self.preemptions += n
             self.preemptions_by_mode[mode] += n
