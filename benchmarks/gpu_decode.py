@@ -90,7 +90,7 @@ def decode_step_times(loaded: Any, rows_list: list[int], kv: int, steps: int) ->
         for r in range(rows):
             cache.insert(f"r{r}", RowKV(torch.randn(shape, dtype=loaded.dtype, device=loaded.device),
                                         torch.randn(shape, dtype=loaded.dtype, device=loaded.device)))
-        ids = torch.randint(100, sh.vocab_size, (rows, 1), device=loaded.device)
+        ids = torch.randint(100, int(loaded.model.config.vocab_size), (rows, 1), device=loaded.device)
         real = torch.ones(rows, 1, dtype=torch.bool, device=loaded.device)
         times = []
         for i in range(steps):
