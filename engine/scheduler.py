@@ -147,11 +147,6 @@ class Scheduler:
     def update(self, plan: IterationPlan, result: StepResult) -> list[RequestOutput]:
         """Record what the runner produced: tokens appended, stops checked, KV filed. Returns the outputs."""
         self.queues.swapped.update(result.swapped)
-        for rid, error in result.failed.items():
-            if rid in self.requests:
-                if rid not in self.cache.ids:  # a baton join whose prefill failed never got its row
-                    self.running.pop(rid, None)
-                self._end(self.requests[rid], "error", error)
         for p in plan.prefill:
             if p.request_id in result.prefill_tokens:
                 req = self.requests[p.request_id]
@@ -163,6 +158,11 @@ class Scheduler:
             req = self.running[rid]
             if not req.finished:  # a baton join whose first token already finished it
                 self._on_token(req, token)
+        for rid, error in result.failed.items():  # last: a token sampled before the failure is kept
+            if rid not in self.cache.ids:  # a baton join whose prefill failed never got its row
+                self.running.pop(rid, None)
+            if rid in self.requests:
+                self._end(self.requests[rid], "error", error)
         self.iteration += 1
         return self.outputs.drain()
 
