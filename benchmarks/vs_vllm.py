@@ -15,11 +15,12 @@ and the same number of rows (vLLM `max_num_seqs`, our `max_batch_size`):
   its own greedy `SamplingParams(max_tokens=n, ignore_eos=True)` and its prompt as token ids;
 * http — vLLM's OpenAI server (`python -m vllm.entrypoints.openai.api_server` on 127.0.0.1) against our Ray Serve
   deployment (deployments.builder.make_app on a local Serve, benchmarks/serve_local.py), both driven by the
-  `openai` client, streaming: the workloads' token-id prompts to /v1/completions, then a chat workload
-  (`--chat-requests`, default 48) to /v1/chat/completions, at most `--concurrency` (16) in flight.
+  `openai` client, streaming: a chat workload (`--chat-requests`, default 48) to /v1/chat/completions, then
+  the workloads' token-id prompts to /v1/completions, at most `--concurrency` (16) in flight.
 
 Start-up (model load; vLLM's compilation, about a minute) is timed and reported apart from the measured runs.
-Writes vs_vllm.md, vs_vllm.json and vs_vllm.png into --out (default benchmarks/results).
+Writes vs_vllm.md, vs_vllm.json and vs_vllm.png (`--name` changes the stem) into --out (default
+benchmarks/results), after every measured row.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,7 @@ LABELS = {("offline", VLLM): "vLLM LLM (offline)", ("offline", OURS): "BATON eng
 CHAT = "chat"
 # The issue's reference workload: prompts of 16-256 random token ids, outputs exponential mean 48 capped at 192.
 PEER_LENGTHS = LengthSpec(output_mean=48.0, output_cap=192)
+Keep = Callable[[dict[str, Any]], None]  # takes each report row as soon as it is measured
 
 
 @dataclass(frozen=True)
@@ -75,8 +77,8 @@ class Plan:
     torch_spec: str
 
 
-def parse_args(argv: list[str] | None) -> tuple[Plan, Path, bool]:
-    """The plan, the output folder and whether to stop after installing vLLM."""
+def parse_args(argv: list[str] | None) -> tuple[Plan, Path, str, bool]:
+    """The plan, the output folder, the outputs' file stem and whether to stop after installing vLLM."""
     p = argparse.ArgumentParser(prog="python -m benchmarks.vs_vllm", description=__doc__.split("\n\n")[0])
     p.add_argument("--workloads", default="anyscale", help=f"comma-separated subset of {','.join(WORKLOADS)}, or all")
     p.add_argument("--modes", default=",".join(MODES), help="offline, http or both")
@@ -96,6 +98,7 @@ def parse_args(argv: list[str] | None) -> tuple[Plan, Path, bool]:
     p.add_argument("--torch-spec", default=vllm_env.TORCH_SPEC, help="torch for the vLLM environment")
     p.add_argument("--install-only", action="store_true", help="install vLLM into .venv-peers/vllm and stop")
     p.add_argument("--out", type=Path, default=RESULTS, help="output folder (default benchmarks/results)")
+    p.add_argument("--name", default="vs_vllm", help="file stem of the outputs: NAME.md, NAME.json, NAME.png")
     a = p.parse_args(argv)
     workloads = tuple(WORKLOADS) if a.workloads == "all" else _names(p, "workloads", a.workloads, tuple(WORKLOADS))
     plan = Plan(workloads=workloads, modes=_names(p, "modes", a.modes, MODES),
@@ -103,7 +106,7 @@ def parse_args(argv: list[str] | None) -> tuple[Plan, Path, bool]:
                 chat_requests=a.chat_requests, concurrency=a.concurrency, rows=a.rows, threads=a.threads,
                 kv_fraction=a.kv_fraction, max_model_len=a.max_model_len, seed=a.seed, cap_s=a.cap,
                 vllm_spec=a.vllm_spec, torch_spec=a.torch_spec)
-    return plan, a.out, a.install_only
+    return plan, a.out, a.name, a.install_only
 
 
 def _names(p: argparse.ArgumentParser, flag: str, value: str, allowed: tuple[str, ...]) -> tuple[str, ...]:
@@ -170,7 +173,7 @@ def make_workloads(plan: Plan, vocab: int) -> list[Workload]:
             for w in plan.workloads]
 
 
-def ours_offline(plan: Plan, dtype: str, works: list[Workload]) -> list[dict[str, Any]]:
+def ours_offline(plan: Plan, dtype: str, works: list[Workload], keep: Keep) -> None:
     """Our engine (baton-pd) in this process, as benchmarks/compare.py runs it; start-up = the model load."""
     import torch
     from tqdm import tqdm
@@ -183,7 +186,6 @@ def ours_offline(plan: Plan, dtype: str, works: list[Workload]) -> list[dict[str
     start = time.perf_counter()
     loaded = load("default", dtype=dtype)
     startup_s = time.perf_counter() - start
-    rows = []
     for work in works:
         run_system("baton-pd", loaded, warmup_workload(work), plan.rows, lambda n: None)
         with tqdm(total=work.useful_tokens, desc=f"ours | offline {work.name} {dtype}", unit="tok",
@@ -192,10 +194,8 @@ def ours_offline(plan: Plan, dtype: str, works: list[Workload]) -> list[dict[str
         want = {r.request_id: r.max_tokens for r in work.requests}
         timed = {k: Timed(r.arrival_s, r.first_token_s, r.finish_s, len(r.tokens), want[k], r.tokens)
                  for k, r in run.records.items()}
-        rows.append(summarize("offline", OURS, work.name, dtype, timed, run.wall_s, startup_s, cpu.others_cores,
+        keep(summarize("offline", OURS, work.name, dtype, timed, run.wall_s, startup_s, cpu.others_cores,
                               {"threads": plan.threads}))
-        _said(rows[-1])
-    return rows
 
 
 def _requests_json(reqs: tuple[BenchRequest, ...]) -> list[dict[str, Any]]:
@@ -232,19 +232,16 @@ def _run_worker(python: Path, spec: dict[str, Any], tmp: Path) -> dict[str, Any]
 
 
 def vllm_offline(plan: Plan, env: vllm_env.VllmEnv, dtype: str, model_dir: Path, works: list[Workload],
-                 tmp: Path) -> list[dict[str, Any]]:
+                 tmp: Path, keep: Keep) -> None:
     """vLLM's offline engine on the same workloads, in a child process; start-up = building `LLM`."""
     result = _run_worker(env.python, vllm_offline_spec(plan, dtype, model_dir, works), tmp)
-    rows = []
     for work in works:
         got = result["workloads"][work.name]
         want = {r.request_id: r.max_tokens for r in work.requests}
         timed = {k: Timed(r["arrival_s"], r["first_token_s"], r["finish_s"], len(r["tokens"]), want[k], r["tokens"])
                  for k, r in got["records"].items()}
-        rows.append(summarize("offline", VLLM, work.name, dtype, timed, got["wall_s"], result["startup_s"],
+        keep(summarize("offline", VLLM, work.name, dtype, timed, got["wall_s"], result["startup_s"],
                               got["other_cpu_cores"], {"steps": got["steps"], "vllm_version": result["vllm_version"]}))
-        _said(rows[-1])
-    return rows
 
 
 # ---- http: servers through the openai client ---------------------------------------------------------------------
@@ -255,36 +252,32 @@ def _timed_http(outcomes: list[StreamOutcome]) -> dict[str, Timed]:
 
 
 def http_passes(system: str, plan: Plan, dtype: str, base_url: str, startup_s: float, works: list[Workload],
-                chats: tuple[ChatRequest, ...]) -> list[dict[str, Any]]:
-    """Warm up, then each workload (token-id prompts, /v1/completions) and the chat workload, metered."""
+                chats: tuple[ChatRequest, ...], keep: Keep) -> None:
+    """Warm up, then the chat workload and each workload (token-id prompts, /v1/completions), metered."""
     from tqdm import tqdm
 
     from benchmarks.meters import CpuMeter
 
-    passes: list[tuple[str, Sequence[BenchRequest | ChatRequest]]] = [(w.name, w.requests) for w in works]
-    if chats:
-        passes.append((CHAT, chats))
+    passes: list[tuple[str, Sequence[BenchRequest | ChatRequest]]] = [(CHAT, chats)] if chats else []
+    passes += [(w.name, w.requests) for w in works]  # chat first: the end-to-end run that matters most
     warm = warmup_workload(works[0]).requests if works else chats[:2]
     asyncio.run(openai_load.drive(base_url, SERVED_NAME, warm, 2, plan.cap_s))
-    rows = []
     for name, reqs in passes:
         with tqdm(total=sum(r.max_tokens for r in reqs), desc=f"{system} | http {name} {dtype}", unit="tok",
                   file=sys.stderr, leave=False) as bar, CpuMeter(tree=True) as cpu:
             outcomes, wall = asyncio.run(openai_load.drive(base_url, SERVED_NAME, reqs, plan.concurrency, plan.cap_s,
                                                            progress=bar.update))
         errors = sorted({o.error for o in outcomes if o.error})
-        rows.append(summarize("http", system, name, dtype, _timed_http(outcomes), wall, startup_s, cpu.others_cores,
+        keep(summarize("http", system, name, dtype, _timed_http(outcomes), wall, startup_s, cpu.others_cores,
                               {"errors": errors[:5], "concurrency": plan.concurrency}))
-        _said(rows[-1])
-    return rows
 
 
 def vllm_http(plan: Plan, env: vllm_env.VllmEnv, dtype: str, model_dir: Path, works: list[Workload],
-              chats: tuple[ChatRequest, ...], tmp: Path) -> list[dict[str, Any]]:
+              chats: tuple[ChatRequest, ...], tmp: Path, keep: Keep) -> None:
     spec = vllm_server.ServerSpec(env.python, model_dir, SERVED_NAME, dtype, plan.rows, plan.kv_fraction,
                                   plan.max_model_len)
     with vllm_server.running(spec, tmp) as server:
-        return http_passes(VLLM, plan, dtype, server.base_url, server.startup_s, works, chats)
+        http_passes(VLLM, plan, dtype, server.base_url, server.startup_s, works, chats, keep)
 
 
 def baton_app(plan: Plan, dtype: str) -> Any:
@@ -303,8 +296,7 @@ def baton_app(plan: Plan, dtype: str) -> Any:
     return make_app(engine, server, deployment_options=options)
 
 
-def ours_http(plan: Plan, dtype: str, works: list[Workload], chats: tuple[ChatRequest, ...]
-              ) -> list[dict[str, Any]]:
+def ours_http(plan: Plan, dtype: str, works: list[Workload], chats: tuple[ChatRequest, ...], keep: Keep) -> None:
     """Our Serve deployment on a local Ray + Serve; start-up = Ray, Serve and the deployment until /health."""
     from ray import serve
 
@@ -320,7 +312,7 @@ def ours_http(plan: Plan, dtype: str, works: list[Workload], chats: tuple[ChatRe
             wait_ready(f"{url}/baton/health", timeout_s=600)
             startup_s = time.perf_counter() - start
             print(f"[baton-serve] healthy after {startup_s:.0f} s", file=sys.stderr, flush=True)
-            return http_passes(OURS, plan, dtype, f"{url}/baton/v1", startup_s, works, chats)
+            http_passes(OURS, plan, dtype, f"{url}/baton/v1", startup_s, works, chats, keep)
         finally:
             serve.delete(name)
 
@@ -346,7 +338,7 @@ def model_dir(dtype: str = "float32") -> Path:
     return target
 
 
-def run(plan: Plan, out: Path, command: str) -> dict[str, Any]:
+def run(plan: Plan, out: Path, name: str, command: str) -> dict[str, Any]:
     import torch
     import transformers
 
@@ -367,20 +359,22 @@ def run(plan: Plan, out: Path, command: str) -> dict[str, Any]:
                  "fairness": FAIRNESS},
         "rows": [],
     }
+
+    def keep(row: dict[str, Any]) -> None:  # written after every row, so an interrupted run keeps what it finished
+        _said(row)
+        report["rows"].append(row)
+        add_comparisons(report["rows"])
+        write(report, out, name)
+
     with tempfile.TemporaryDirectory(prefix="vs-vllm-") as tmp_name:
         tmp = Path(tmp_name)
         for dtype in plan.dtypes:
-            phases = []
             if "offline" in plan.modes:
-                phases += [lambda d=dtype: ours_offline(plan, d, works),
-                           lambda d=dtype: vllm_offline(plan, env, d, directory, works, tmp)]
+                ours_offline(plan, dtype, works, keep)
+                vllm_offline(plan, env, dtype, directory, works, tmp, keep)
             if "http" in plan.modes:
-                phases += [lambda d=dtype: vllm_http(plan, env, d, directory, works, chats, tmp),
-                           lambda d=dtype: ours_http(plan, d, works, chats)]
-            for phase in phases:
-                report["rows"] += phase()
-                add_comparisons(report["rows"])
-                write(report, out)  # after every phase, so an interrupted run keeps what it finished
+                vllm_http(plan, env, dtype, directory, works, chats, tmp, keep)
+                ours_http(plan, dtype, works, chats, keep)
     return report
 
 
@@ -442,22 +436,22 @@ def _table(mode: str, dtype: str, rows: list[dict[str, Any]]) -> list[str]:
     return lines + [""]
 
 
-def write(report: dict[str, Any], out: Path) -> None:
+def write(report: dict[str, Any], out: Path, name: str = "vs_vllm") -> None:
     from benchmarks import plots
 
     out.mkdir(parents=True, exist_ok=True)
-    (out / "vs_vllm.md").write_text(markdown(report))
-    (out / "vs_vllm.json").write_text(json.dumps(report, indent=1))
-    plots.vs_vllm(report, out / "vs_vllm.png")
+    (out / f"{name}.md").write_text(markdown(report))
+    (out / f"{name}.json").write_text(json.dumps(report, indent=1))
+    plots.vs_vllm(report, out / f"{name}.png")
 
 
 def main(argv: list[str] | None = None) -> int:
-    plan, out, install_only = parse_args(argv)
+    plan, out, name, install_only = parse_args(argv)
     if install_only:
         vllm_env.ensure(vllm_spec=plan.vllm_spec, torch_spec=plan.torch_spec)
         return 0
     command = " ".join(["python -m benchmarks.vs_vllm", *(sys.argv[1:] if argv is None else argv)])
-    report = run(plan, out, command)
+    report = run(plan, out, name, command)
     print(markdown(report))
     print(f"results in {out}")
     return 0

@@ -12,19 +12,19 @@ from benchmarks.workloads import anyscale
 
 
 def test_defaults_are_the_reference_run() -> None:
-    plan, out, install_only = vs_vllm.parse_args([])
+    plan, out, name, install_only = vs_vllm.parse_args([])
     assert plan.workloads == ("anyscale",) and plan.modes == ("offline", "http") and plan.dtypes == ("float32",)
     assert (plan.requests, plan.rows, plan.threads, plan.concurrency, plan.chat_requests) == (32, 16, 2, 16, 48)
     assert plan.kv_fraction == 0.3 and plan.vllm_spec == vllm_env.VLLM_SPEC and not install_only
-    assert out == vs_vllm.RESULTS
+    assert out == vs_vllm.RESULTS and name == "vs_vllm"
 
 
 def test_lists_and_all() -> None:
-    plan, _, _ = vs_vllm.parse_args(["--workloads", "all", "--modes", "offline", "--dtypes", "bfloat16,float32",
+    plan, *_ = vs_vllm.parse_args(["--workloads", "all", "--modes", "offline", "--dtypes", "bfloat16,float32",
                                      "--install-only"])
     assert plan.workloads == ("anyscale", "uniform", "poisson") and plan.modes == ("offline",)
     assert plan.dtypes == ("bfloat16", "float32")
-    assert vs_vllm.parse_args(["--install-only"])[2]
+    assert vs_vllm.parse_args(["--install-only"])[3]
 
 
 @pytest.mark.parametrize("args", [["--modes", "gpu"], ["--dtypes", "float8"], ["--workloads", "anyscale,bursty"],
@@ -35,7 +35,7 @@ def test_unknown_names_are_refused(args: list[str]) -> None:
 
 
 def test_reference_workload_lengths() -> None:
-    plan, _, _ = vs_vllm.parse_args([])
+    plan, *_ = vs_vllm.parse_args([])
     (work,) = vs_vllm.make_workloads(plan, vocab=49152)
     assert len(work.requests) == 32
     assert all(16 <= len(r.prompt) <= 256 and 1 <= r.max_tokens <= 192 for r in work.requests)
@@ -59,7 +59,7 @@ def test_comparisons_and_markdown() -> None:
     vs_vllm.add_comparisons(rows)
     assert rows[0]["ratio_vs_vllm"] == pytest.approx(0.5) and rows[1]["ratio_vs_vllm"] == pytest.approx(1.0)
     assert rows[0]["same_output_as_vllm"] == 1 and rows[0]["exact"]
-    plan, _, _ = vs_vllm.parse_args([])
+    plan, *_ = vs_vllm.parse_args([])
     report = {"meta": {"command": "c", "started": "s", "machine": "m", "plan": {"rows": 16}, "torch": "t",
                        "transformers": "tf", "vllm": "v", "vllm_torch": "vt", "fairness": ["f"],
                        "workloads": {"anyscale": {"description": "d"}}, "chat": {"requests": 0, "output_tokens": 0}},
@@ -69,7 +69,7 @@ def test_comparisons_and_markdown() -> None:
 
 
 def test_offline_spec_and_server_command(tmp_path: Path) -> None:
-    plan, _, _ = vs_vllm.parse_args(["--requests", "3"])
+    plan, *_ = vs_vllm.parse_args(["--requests", "3"])
     work = anyscale(3, 1000, 0)
     spec = vs_vllm.vllm_offline_spec(plan, "bfloat16", tmp_path, [work])
     assert spec["dtype"] == "bfloat16" and spec["rows"] == 16 and spec["kv_fraction"] == 0.3
