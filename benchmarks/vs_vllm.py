@@ -20,7 +20,7 @@ and the same number of rows (vLLM `max_num_seqs`, our `max_batch_size`):
 
 Start-up (model load; vLLM's compilation, about a minute) is timed and reported apart from the measured runs.
 Writes vs_vllm.md, vs_vllm.json and vs_vllm.png (`--name` changes the stem) into --out (default
-benchmarks/results), after every measured row.
+benchmarks/results), after every measured row; vLLM's logs go to benchmarks/out/vs_vllm/ (git-ignored).
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ import os
 import platform
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -45,6 +44,7 @@ from benchmarks.peers.openai_load import ChatRequest, StreamOutcome
 from benchmarks.workloads import WORKLOADS, BenchRequest, LengthSpec, Workload
 
 RESULTS = Path(__file__).resolve().parent / "results"
+LOGS = Path(__file__).resolve().parent / "out" / "vs_vllm"  # git-ignored: vLLM's logs, the worker's spec and result
 WORKER = Path(__file__).resolve().parent / "peers" / "vllm_offline.py"
 SERVED_NAME = "SmolLM2-135M-Instruct"
 MODES = ("offline", "http")
@@ -195,7 +195,7 @@ def ours_offline(plan: Plan, dtype: str, works: list[Workload], keep: Keep) -> N
         timed = {k: Timed(r.arrival_s, r.first_token_s, r.finish_s, len(r.tokens), want[k], r.tokens)
                  for k, r in run.records.items()}
         keep(summarize("offline", OURS, work.name, dtype, timed, run.wall_s, startup_s, cpu.others_cores,
-                              {"threads": plan.threads}))
+                       {"threads": plan.threads}))
 
 
 def _requests_json(reqs: tuple[BenchRequest, ...]) -> list[dict[str, Any]]:
@@ -211,9 +211,11 @@ def vllm_offline_spec(plan: Plan, dtype: str, model_dir: Path, works: list[Workl
                            "requests": _requests_json(w.requests)} for w in works]}
 
 
-def _run_worker(python: Path, spec: dict[str, Any], tmp: Path) -> dict[str, Any]:
-    """Run the vLLM worker; its '[vllm]' progress lines are echoed, everything goes to a log file."""
-    spec_path, out_path, log_path = tmp / "spec.json", tmp / "result.json", tmp / f"vllm-offline-{spec['dtype']}.log"
+def _run_worker(python: Path, spec: dict[str, Any], logs: Path) -> dict[str, Any]:
+    """Run the vLLM worker; its '[vllm]' progress lines are echoed, everything goes to a log file in `logs`."""
+    stem = logs / f"vllm-offline-{spec['dtype']}"
+    spec_path, out_path = stem.with_suffix(".spec.json"), stem.with_suffix(".result.json")
+    log_path = stem.with_suffix(".log")
     spec_path.write_text(json.dumps(spec))
     print(f"[vllm] offline run, {spec['dtype']}; full log {log_path}", file=sys.stderr, flush=True)
     with open(log_path, "w") as log:
@@ -232,16 +234,16 @@ def _run_worker(python: Path, spec: dict[str, Any], tmp: Path) -> dict[str, Any]
 
 
 def vllm_offline(plan: Plan, env: vllm_env.VllmEnv, dtype: str, model_dir: Path, works: list[Workload],
-                 tmp: Path, keep: Keep) -> None:
+                 logs: Path, keep: Keep) -> None:
     """vLLM's offline engine on the same workloads, in a child process; start-up = building `LLM`."""
-    result = _run_worker(env.python, vllm_offline_spec(plan, dtype, model_dir, works), tmp)
+    result = _run_worker(env.python, vllm_offline_spec(plan, dtype, model_dir, works), logs)
     for work in works:
         got = result["workloads"][work.name]
         want = {r.request_id: r.max_tokens for r in work.requests}
         timed = {k: Timed(r["arrival_s"], r["first_token_s"], r["finish_s"], len(r["tokens"]), want[k], r["tokens"])
                  for k, r in got["records"].items()}
         keep(summarize("offline", VLLM, work.name, dtype, timed, got["wall_s"], result["startup_s"],
-                              got["other_cpu_cores"], {"steps": got["steps"], "vllm_version": result["vllm_version"]}))
+                       got["other_cpu_cores"], {"steps": got["steps"], "vllm_version": result["vllm_version"]}))
 
 
 # ---- http: servers through the openai client ---------------------------------------------------------------------
@@ -273,10 +275,10 @@ def http_passes(system: str, plan: Plan, dtype: str, base_url: str, startup_s: f
 
 
 def vllm_http(plan: Plan, env: vllm_env.VllmEnv, dtype: str, model_dir: Path, works: list[Workload],
-              chats: tuple[ChatRequest, ...], tmp: Path, keep: Keep) -> None:
+              chats: tuple[ChatRequest, ...], logs: Path, keep: Keep) -> None:
     spec = vllm_server.ServerSpec(env.python, model_dir, SERVED_NAME, dtype, plan.rows, plan.kv_fraction,
                                   plan.max_model_len)
-    with vllm_server.running(spec, tmp) as server:
+    with vllm_server.running(spec, logs) as server:
         http_passes(VLLM, plan, dtype, server.base_url, server.startup_s, works, chats, keep)
 
 
@@ -366,15 +368,14 @@ def run(plan: Plan, out: Path, name: str, command: str) -> dict[str, Any]:
         add_comparisons(report["rows"])
         write(report, out, name)
 
-    with tempfile.TemporaryDirectory(prefix="vs-vllm-") as tmp_name:
-        tmp = Path(tmp_name)
-        for dtype in plan.dtypes:
-            if "offline" in plan.modes:
-                ours_offline(plan, dtype, works, keep)
-                vllm_offline(plan, env, dtype, directory, works, tmp, keep)
-            if "http" in plan.modes:
-                vllm_http(plan, env, dtype, directory, works, chats, tmp, keep)
-                ours_http(plan, dtype, works, chats, keep)
+    LOGS.mkdir(parents=True, exist_ok=True)
+    for dtype in plan.dtypes:
+        if "offline" in plan.modes:
+            ours_offline(plan, dtype, works, keep)
+            vllm_offline(plan, env, dtype, directory, works, LOGS, keep)
+        if "http" in plan.modes:
+            vllm_http(plan, env, dtype, directory, works, chats, LOGS, keep)
+            ours_http(plan, dtype, works, chats, keep)
     return report
 
 
