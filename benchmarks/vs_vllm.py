@@ -149,7 +149,9 @@ def summarize(mode: str, system: str, workload: str, dtype: str, timed: dict[str
         "exact": all(t.finish_s is not None and t.tokens == t.wanted for t in timed.values()),
         "useful_tokens": useful, "wall_s": wall_s, "tokens_per_s": useful / wall_s if wall_s else 0.0,
         "latency": latency(list(timed.values())), "startup_s": startup_s, "other_cpu_cores": other_cpu,
-        "outputs": {k: t.output for k, t in timed.items()}, **(extra or {}),
+        "outputs": {k: t.output for k, t in timed.items()},
+        "times": {k: [t.start_s, t.first_token_s, t.finish_s, t.tokens] for k, t in timed.items()},  # per request
+        **(extra or {}),
     }
 
 
