@@ -272,8 +272,9 @@ def http_passes(system: str, plan: Plan, dtype: str, base_url: str, startup_s: f
             outcomes, wall = asyncio.run(openai_load.drive(base_url, SERVED_NAME, reqs, plan.concurrency, plan.cap_s,
                                                            progress=bar.update))
         errors = sorted({o.error for o in outcomes if o.error})
-        keep(summarize("http", system, name, dtype, _timed_http(outcomes), wall, startup_s, cpu.others_cores,
-                              {"errors": errors[:5], "concurrency": plan.concurrency}))
+        extra = {"errors": errors[:5], "concurrency": plan.concurrency,
+                 **({"threads": plan.threads} if system == OURS else {})}
+        keep(summarize("http", system, name, dtype, _timed_http(outcomes), wall, startup_s, cpu.others_cores, extra))
 
 
 def vllm_http(plan: Plan, env: vllm_env.VllmEnv, dtype: str, model_dir: Path, works: list[Workload],
