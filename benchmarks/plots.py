@@ -110,3 +110,41 @@ def http_load(report: dict[str, Any], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+VS_VLLM_COLORS = {"vllm": "#ff7f0e", "baton": COLORS["baton-pd"]}
+
+
+def vs_vllm(report: dict[str, Any], path: Path) -> None:
+    """benchmarks/vs_vllm.py: useful tok/s, TTFT p50 and TPOT p50 per (mode, workload, dtype), ours beside vLLM's."""
+    rows = report["rows"]
+    groups = list(dict.fromkeys((r["mode"], r["workload"], r["dtype"]) for r in rows))
+    systems = list(dict.fromkeys(r["system"] for r in rows))
+    panels = (("useful output tokens / s", lambda r: r["tokens_per_s"]),
+              ("TTFT p50 (s)", lambda r: r["latency"]["ttft_s"]["p50"]),
+              ("TPOT p50 (ms)", lambda r: (r["latency"]["tpot_s"]["p50"] or 0.0) * 1e3))
+    fig, axes = _panels(len(panels), height=4.2)
+    width = 0.8 / max(1, len(systems))
+    for ax, (ylabel, value) in zip(axes, panels, strict=True):
+        for i, s in enumerate(systems):
+            xs, ys, labels = [], [], []
+            for j, g in enumerate(groups):
+                row = next((r for r in rows if (r["mode"], r["workload"], r["dtype"]) == g and r["system"] == s), None)
+                if row is None:
+                    continue
+                xs.append(j + (i - (len(systems) - 1) / 2) * width)
+                ys.append(value(row) or 0.0)
+                labels.append(row)
+            bars = ax.bar(xs, ys, width, label="vLLM" if s == "vllm" else "BATON", color=VS_VLLM_COLORS.get(s))
+            if ylabel.startswith("useful"):
+                for bar, row in zip(bars, labels, strict=True):
+                    if row["ratio_vs_vllm"] is not None and s != "vllm":
+                        ax.annotate(f"{row['ratio_vs_vllm']:.2f}x", (bar.get_x() + bar.get_width() / 2,
+                                    bar.get_height()), ha="center", va="bottom", fontsize=8)
+        ax.set_xticks(range(len(groups)), ["\n".join(g) for g in groups], fontsize=8)
+        ax.set_ylabel(ylabel)
+        ax.legend(fontsize=8)
+    fig.suptitle("BATON vs vLLM (CPU): throughput ratio to vLLM on the bars")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,1 @@
+"""Other serving engines measured beside ours, each in its own virtual environment (never a project dependency)."""
