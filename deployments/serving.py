@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from configs.serve import ServerConfig
 from deployments import errors
 from deployments.front import EngineFront, RequestStream
+from deployments.logprobs import LogprobsShaper
 from deployments.protocol import (
     AssistantMessage,
     ChatChoice,
@@ -39,7 +40,7 @@ from deployments.protocol import (
     new_id,
     now,
 )
-from engine.request import RequestOutput, SamplingParams
+from engine.request import RequestOutput, SamplingParams, TokenLogprobs
 
 log = logging.getLogger("ray.serve")
 
@@ -233,31 +234,35 @@ class OpenAIServing:
         """The whole result of a completion or chat request (its `stream` flag is ignored)."""
         gen = await self._submit(request)
         text: list[str] = []
+        logprobs: list[TokenLogprobs] = []
         async with aclosing(gen.outputs()) as outputs:
             async for out in outputs:
                 text.append(out.text)
+                logprobs.extend(out.logprobs or ())
                 if out.finished:
-                    reason, usage = gen.finish_reason(out), _usage(out)
-                    if isinstance(request, ChatCompletionRequest):
-                        return ChatCompletionResponse(
-                            id=gen.request_id,
-                            created=now(),
-                            model=self.model_name,
-                            choices=[
-                                ChatChoice(
-                                    message=AssistantMessage(content="".join(text)), finish_reason=reason
-                                )
-                            ],
-                            usage=usage,
-                        )
-                    return CompletionResponse(
-                        id=gen.request_id,
-                        created=now(),
-                        model=self.model_name,
-                        choices=[CompletionChoice(text="".join(text), finish_reason=reason)],
-                        usage=usage,
-                    )
+                    return self._response(request, gen, out, "".join(text), logprobs)
         raise errors.engine_unavailable("the engine ended the stream without a final output")
+
+    def _response(self, request: GenerateRequest, gen: Generation, last: RequestOutput, text: str,
+                  logprobs: list[TokenLogprobs]) -> GenerateResponse:
+        reason, usage = gen.finish_reason(last), _usage(last)
+        wanted = request.logprobs_count() is not None
+        shaper = LogprobsShaper(self._front.engine.tokenizer)
+        if isinstance(request, ChatCompletionRequest):
+            message = AssistantMessage(content=text)
+            choice = ChatChoice(message=message, logprobs=shaper.chat(logprobs) if wanted else None,
+                                finish_reason=reason)
+            return ChatCompletionResponse(
+                id=gen.request_id, created=now(), model=self.model_name, choices=[choice], usage=usage
+            )
+        shaped = shaper.completion(logprobs) if wanted else None
+        return CompletionResponse(
+            id=gen.request_id,
+            created=now(),
+            model=self.model_name,
+            choices=[CompletionChoice(text=text, logprobs=shaped, finish_reason=reason)],
+            usage=usage,
+        )
 
     async def generate_stream(self, request: GenerateRequest) -> AsyncIterator[StreamChunk]:
         """Validate, tokenize and submit now (raising `OpenAIError`, so a refused stream still gets its status
@@ -353,6 +358,7 @@ class OpenAIServing:
                 stop=tuple(request.stop_list()),
                 stop_token_ids=tuple(request.stop_token_ids or ()),
                 ignore_eos=request.ignore_eos,
+                logprobs=request.logprobs_count(),
             )
         except ValueError as e:
             raise errors.from_value_error(e) from None
@@ -400,15 +406,17 @@ class OpenAIServing:
 
     async def _completion_chunks(self, gen: Generation, include_usage: bool) -> AsyncIterator[StreamChunk]:
         created = now()
+        shaper = LogprobsShaper(self._front.engine.tokenizer)
         async with aclosing(gen.outputs()) as outputs:
             async for out in outputs:
                 reason = gen.finish_reason(out) if out.finished else None
-                if out.text or out.finished:
+                if out.text or out.finished or out.logprobs:
+                    shaped = shaper.completion(out.logprobs) if out.logprobs is not None else None
                     yield CompletionStreamResponse(
                         id=gen.request_id,
                         created=created,
                         model=self.model_name,
-                        choices=[CompletionChoice(text=out.text, finish_reason=reason)],
+                        choices=[CompletionChoice(text=out.text, logprobs=shaped, finish_reason=reason)],
                     )
                 if out.finished and include_usage:
                     yield CompletionStreamResponse(
@@ -421,9 +429,12 @@ class OpenAIServing:
 
     async def _chat_chunks(self, gen: Generation, include_usage: bool) -> AsyncIterator[StreamChunk]:
         created = now()
+        shaper = LogprobsShaper(self._front.engine.tokenizer)
 
-        def chunk(delta: DeltaMessage, reason: FinishReason | None = None) -> ChatCompletionChunk:
-            choice = ChatStreamChoice(delta=delta, finish_reason=reason)
+        def chunk(delta: DeltaMessage, reason: FinishReason | None = None,
+                  logprobs: list[TokenLogprobs] | None = None) -> ChatCompletionChunk:
+            shaped = shaper.chat(logprobs) if logprobs else None
+            choice = ChatStreamChoice(delta=delta, logprobs=shaped, finish_reason=reason)
             return ChatCompletionChunk(
                 id=gen.request_id, created=created, model=self.model_name, choices=[choice]
             )
@@ -431,8 +442,8 @@ class OpenAIServing:
         yield chunk(DeltaMessage(role="assistant", content=""))
         async with aclosing(gen.outputs()) as outputs:
             async for out in outputs:
-                if out.text:
-                    yield chunk(DeltaMessage(content=out.text))
+                if out.text or out.logprobs:  # a token held back by a stop string still has its logprob
+                    yield chunk(DeltaMessage(content=out.text), logprobs=out.logprobs)
                 if out.finished:
                     yield chunk(DeltaMessage(), gen.finish_reason(out))
                     if include_usage:

@@ -218,8 +218,8 @@ def test_openai_client_errors(oai: openai.OpenAI) -> None:
         oai.completions.create(model=MODEL, prompt="x", n=2)
     assert "n=2" in str(e.value) and e.value.body["param"] == "n"  # type: ignore[index]
     with pytest.raises(openai.BadRequestError) as e:
-        oai.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], logprobs=True)
-    assert e.value.body["param"] == "logprobs"  # type: ignore[index]
+        oai.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], top_logprobs=3)
+    assert e.value.body["param"] == "top_logprobs"  # type: ignore[index]
     with pytest.raises(openai.NotFoundError) as nf:
         oai.completions.create(model="gpt-17", prompt="x")
     assert nf.value.body["code"] == "model_not_found"  # type: ignore[index]
@@ -228,13 +228,37 @@ def test_openai_client_errors(oai: openai.OpenAI) -> None:
     assert oai.completions.create(model=MODEL, prompt="ok", max_tokens=2).choices[0].text == "ok"
 
 
+def test_openai_client_parses_logprobs(oai: openai.OpenAI) -> None:
+    """The fake's logprobs (fake_engine.py): each token log(1/2), alternatives t, t+1, ... halving."""
+    msgs: Any = [{"role": "user", "content": "x"}]
+    chat = oai.chat.completions.create(model=MODEL, messages=msgs, max_tokens=3, logprobs=True, top_logprobs=2)
+    content = chat.choices[0].logprobs.content  # type: ignore[union-attr]
+    assert content is not None and "".join(c.token for c in content) == chat.choices[0].message.content == "<us"
+    assert [[t.token for t in c.top_logprobs] for c in content][0] == ["<", "="]
+    assert content[0].logprob == pytest.approx(-0.6931, abs=1e-3) and content[0].bytes == [60]
+    streamed = oai.chat.completions.create(model=MODEL, messages=msgs, max_tokens=3, logprobs=True, stream=True)
+    tokens = [c.token for ch in streamed if ch.choices and ch.choices[0].logprobs
+              for c in ch.choices[0].logprobs.content or []]
+    assert tokens == ["<", "u", "s"]
+    done = oai.completions.create(model=MODEL, prompt="pq", max_tokens=4, logprobs=1)
+    lp = done.choices[0].logprobs
+    assert lp is not None and lp.tokens == ["p", "q", ""] and lp.text_offset == [0, 1, 2]  # "" is the EOS
+    assert lp.top_logprobs == [{"p": pytest.approx(-0.6931, abs=1e-3)}, {"q": pytest.approx(-0.6931, abs=1e-3)},
+                               {"": pytest.approx(-0.6931, abs=1e-3)}]
+    plain = oai.completions.create(model=MODEL, prompt="pq", max_tokens=4)
+    assert plain.choices[0].logprobs is None
+
+
 # --- errors: 4xx in the OpenAI shape, and the server keeps serving -----------------------------------------
 
 BAD_REQUESTS = [
     # (path, json body or raw bytes, status, param, words in the message)
     ("/v1/completions", {"prompt": "x", "n": 2}, 400, "n", "n=2"),
     ("/v1/completions", {"prompt": "x", "best_of": 3}, 400, "best_of", "best_of"),
-    ("/v1/completions", {"prompt": "x", "logprobs": 2}, 400, "logprobs", "logprobs"),
+    ("/v1/completions", {"prompt": "x", "logprobs": 21}, 400, "logprobs", "less than or equal to 20"),
+    ("/v1/completions", {"prompt": "x", "logprobs": -1}, 400, "logprobs", "greater than or equal to 0"),
+    ("/v1/completions", {"prompt": "x", "logprobs": True}, 400, "logprobs", "integer"),
+    ("/v1/completions", {"prompt": "x", "logprobs": 2, "echo": True}, 400, "echo", "echo"),
     ("/v1/completions", {"prompt": "x", "echo": True}, 400, "echo", "echo"),
     ("/v1/completions", {"prompt": "x", "presence_penalty": 0.5}, 400, "presence_penalty", "penalt"),
     ("/v1/completions", {"prompt": "x", "suffix": "y"}, 400, "suffix", "suffix"),
@@ -260,6 +284,27 @@ BAD_REQUESTS = [
         "user",
     ),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "n": 3}, 400, "n", "n=3"),
+    (
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "x"}], "logprobs": True, "top_logprobs": 21},
+        400,
+        "top_logprobs",
+        "less than or equal to 20",
+    ),
+    (
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2},
+        400,
+        "top_logprobs",
+        "requires logprobs=true",
+    ),
+    (
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "x"}], "logprobs": 1},
+        400,
+        "logprobs",
+        "boolean",
+    ),
     (
         "/v1/chat/completions",
         {"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]},
