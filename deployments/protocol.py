@@ -351,6 +351,43 @@ class ChatCompletionRequest(_SamplingFields):
 GenerateRequest = CompletionRequest | ChatCompletionRequest
 
 
+class TokenizeCompletionRequest(BaseModel):
+    """POST /tokenize with a prompt (vLLM's shape): its token ids exactly as /v1/completions would see them."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    model: str | None = None
+    prompt: str
+
+    @field_validator("prompt")
+    @classmethod
+    def _valid_prompt(cls, v: str) -> str:
+        return check_text(v, "the prompt")
+
+
+class TokenizeChatRequest(BaseModel):
+    """POST /tokenize with messages (vLLM's shape): the chat template over them, tokenized as
+    /v1/chat/completions would."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    model: str | None = None
+    messages: list[ChatMessage] = Field(min_length=1)
+    add_generation_prompt: bool = Field(default=True, description="End with the assistant turn's opening.")
+
+
+TokenizeRequest = TokenizeCompletionRequest | TokenizeChatRequest
+
+
+class DetokenizeRequest(BaseModel):
+    """POST /detokenize (vLLM's shape): token ids back to text. Ids outside the vocabulary are a 400."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    model: str | None = None
+    tokens: list[int]
+
+
 # --- responses ----------------------------------------------------------------------------------------
 
 
@@ -453,6 +490,16 @@ class ChatCompletionChunk(BaseModel):
 
 GenerateResponse = CompletionResponse | ChatCompletionResponse
 StreamChunk = CompletionStreamResponse | ChatCompletionChunk
+
+
+class TokenizeResponse(BaseModel):
+    tokens: list[int]
+    count: int
+    max_model_len: int
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
 
 
 class ModelCard(BaseModel):

@@ -5,7 +5,7 @@ handlers only submit and await deltas. HTTP routes and handle methods share `Ope
 validate, generate and fail the same way.
 
 HTTP: POST /v1/completions, POST /v1/chat/completions (SSE when `stream`), GET /v1/models[/{id}],
-GET /health, GET /stats. The generate routes check the API key from the headers before they read the body,
+POST /tokenize, POST /detokenize (vLLM's shapes), GET /health, GET /stats. The POST routes check the API key from the headers before they read the body,
 and read it under `ServerConfig.max_body_bytes` / `body_timeout_s` (deployments/http_body.py).
 Handles: `generate(request)`, `generate_stream(request)` (with `handle.options(stream=True)`),
 `engine_status()`.
@@ -31,15 +31,19 @@ from configs.serve import ControllerKnobs, ServerConfig
 from deployments import errors
 from deployments.errors import OpenAIError
 from deployments.front import EngineFront, FrontFactory, build_engine_front
-from deployments.http_body import RequestModel, parse_request, read_body, validate_request
+from deployments.http_body import RequestModel, decode_json, parse_request, read_body, validate_request
 from deployments.metrics import AutoscalingSignals, MetricsPoller, ServerMetrics
 from deployments.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
+    DetokenizeRequest,
     EngineStatus,
     GenerateRequest,
     GenerateResponse,
     StreamChunk,
+    TokenizeChatRequest,
+    TokenizeCompletionRequest,
+    TokenizeRequest,
 )
 from deployments.serving import OpenAIServing, RequestTiming
 
@@ -180,11 +184,28 @@ class BatonServer:
         self._authorize(request)
         return await self._respond(await self._read(request, ChatCompletionRequest))
 
+    @app.post("/tokenize")
+    async def http_tokenize(self, request: Request) -> Response:
+        self._authorize(request)
+        data = decode_json(await self._read_raw(request))
+        kind: type[TokenizeRequest] = (
+            TokenizeChatRequest if isinstance(data, dict) and "messages" in data else TokenizeCompletionRequest
+        )
+        return JSONResponse((await self._serving.tokenize(validate_request(data, kind))).model_dump())
+
+    @app.post("/detokenize")
+    async def http_detokenize(self, request: Request) -> Response:
+        self._authorize(request)
+        body = await self._read(request, DetokenizeRequest)
+        return JSONResponse((await self._serving.detokenize(body)).model_dump())
+
     async def _read(self, request: Request, kind: type[RequestModel]) -> RequestModel:
         """The body as a typed request, read only after the key was checked, within the body limits."""
+        return parse_request(await self._read_raw(request), kind)
+
+    async def _read_raw(self, request: Request) -> bytes:
         config = self._server_config
-        raw = await read_body(request, config.max_body_bytes, config.body_timeout_s)
-        return parse_request(raw, kind)
+        return await read_body(request, config.max_body_bytes, config.body_timeout_s)
 
     async def _respond(self, body: GenerateRequest) -> Response:
         if body.stream:

@@ -25,17 +25,23 @@ from deployments.protocol import (
     ChatCompletionChunk,
     ChatCompletionRequest,
     ChatCompletionResponse,
+    ChatMessage,
     ChatStreamChoice,
     CompletionChoice,
     CompletionResponse,
     CompletionStreamResponse,
     DeltaMessage,
+    DetokenizeRequest,
+    DetokenizeResponse,
     FinishReason,
     GenerateRequest,
     GenerateResponse,
     ModelCard,
     ModelList,
     StreamChunk,
+    TokenizeChatRequest,
+    TokenizeRequest,
+    TokenizeResponse,
     UsageInfo,
     new_id,
     now,
@@ -328,7 +334,7 @@ class OpenAIServing:
         param = _prompt_param(request)
         if isinstance(request, ChatCompletionRequest):
             request_id = new_id("chatcmpl")
-            prompt_ids = await asyncio.to_thread(self._chat_prompt_ids, request)
+            prompt_ids = await asyncio.to_thread(self._chat_prompt_ids, request.messages)
             max_tokens = request.requested_max_tokens()
             if max_tokens is None:
                 room = self._front.engine.max_model_len - len(prompt_ids)
@@ -374,25 +380,24 @@ class OpenAIServing:
                 param,
             )
 
-    def _encode(self, prompt: str) -> list[int]:
+    def _encode(self, prompt: str, allow_empty: bool = False) -> list[int]:
         """A completion prompt's token ids, exactly as the engine tokenizes a text prompt (worker thread)."""
         try:
             ids = list(self._front.engine.tokenizer.encode(prompt))
         except Exception as e:  # noqa: BLE001 - whatever the tokenizer raises on this text is the client's input
             raise errors.invalid_input("prompt", e) from None
-        if not ids:
+        if not ids and not allow_empty:
             raise errors.bad_request("prompt: it tokenizes to nothing", "prompt")
         return ids
 
-    def _chat_prompt_ids(self, request: ChatCompletionRequest) -> list[int]:
+    def _chat_prompt_ids(self, messages: list[ChatMessage], add_generation_prompt: bool = True) -> list[int]:
         """The chat template over `messages`, tokenized (worker thread)."""
         tokenizer = self._front.engine.tokenizer
-        messages = [
-            {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-            for m in request.messages
-        ]
+        turns = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in messages]
         try:
-            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            text = tokenizer.apply_chat_template(
+                turns, tokenize=False, add_generation_prompt=add_generation_prompt
+            )
         except Exception as e:  # noqa: BLE001 - a template raises whatever jinja raises; it is the client's input
             raise errors.bad_request(
                 f"messages: the model's chat template rejected them: {e}", "messages"
@@ -401,6 +406,32 @@ class OpenAIServing:
             return list(tokenizer(text, add_special_tokens=False)["input_ids"])
         except Exception as e:  # noqa: BLE001 - as in _encode
             raise errors.invalid_input("messages", e) from None
+
+    # -- tokenizer routes (vLLM's /tokenize and /detokenize) ---------------------------------------------
+
+    async def tokenize(self, request: TokenizeRequest) -> TokenizeResponse:
+        """The token ids the generate routes would compute for this prompt or these messages."""
+        self.check_model(request.model)
+        if isinstance(request, TokenizeChatRequest):
+            ids = await asyncio.to_thread(self._chat_prompt_ids, request.messages, request.add_generation_prompt)
+        else:
+            ids = await asyncio.to_thread(self._encode, request.prompt, True)
+        return TokenizeResponse(tokens=ids, count=len(ids), max_model_len=self._front.engine.max_model_len)
+
+    async def detokenize(self, request: DetokenizeRequest) -> DetokenizeResponse:
+        """The text of `tokens`; an id outside the vocabulary is a 400 naming `tokens`."""
+        self.check_model(request.model)
+        vocab = self._front.engine.vocab_size
+        bad = [t for t in request.tokens if not 0 <= t < vocab]
+        if bad:
+            raise errors.bad_request(f"tokens: {bad[:5]} outside the vocabulary [0, {vocab})", "tokens")
+        return DetokenizeResponse(prompt=await asyncio.to_thread(self._decode, request.tokens))
+
+    def _decode(self, tokens: list[int]) -> str:
+        try:
+            return str(self._front.engine.tokenizer.decode(tokens))
+        except Exception as e:  # noqa: BLE001 - an id the model has but the tokenizer does not know
+            raise errors.invalid_input("tokens", e) from None
 
     # -- engine -> chunks ------------------------------------------------------------------------------
 

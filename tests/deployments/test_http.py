@@ -361,6 +361,63 @@ def test_bad_requests_get_4xx_with_the_field(
     )
 
 
+# --- /tokenize and /detokenize (vLLM's shapes) -------------------------------------------------------------
+
+
+def test_tokenize_and_detokenize(http: httpx.Client) -> None:
+    r = http.post("/tokenize", json={"model": MODEL, "prompt": "abc"})
+    assert r.status_code == 200 and r.json() == {"tokens": [97, 98, 99], "count": 3, "max_model_len": 256}
+    msgs = [{"role": "user", "content": "hi"}]
+    templated = http.post("/tokenize", json={"messages": msgs}).json()
+    assert templated["tokens"] == [ord(c) for c in "<user>hi\n<assistant>"]  # the fake's chat template
+    bare = http.post("/tokenize", json={"messages": msgs, "add_generation_prompt": False}).json()
+    assert bare["tokens"] == [ord(c) for c in "<user>hi\n"] and bare["count"] == 9
+    chat = http.post("/v1/chat/completions", json={"messages": msgs, "max_tokens": 1}).json()
+    assert chat["usage"]["prompt_tokens"] == templated["count"]  # what generation sees
+    assert http.post("/tokenize", json={"prompt": ""}).json()["tokens"] == []
+    back = http.post("/detokenize", json={"model": MODEL, "tokens": templated["tokens"]})
+    assert back.status_code == 200 and back.json() == {"prompt": "<user>hi\n<assistant>"}
+    assert http.post("/detokenize", json={"tokens": []}).json() == {"prompt": ""}
+
+
+TOKENIZER_BAD = [
+    ("/detokenize", {"tokens": [104, -1]}, 400, "tokens", "outside the vocabulary"),
+    ("/detokenize", {"tokens": [0xD800]}, 400, "tokens", "outside the vocabulary"),
+    ("/detokenize", {"tokens": [True]}, 400, "tokens.0", "integer"),
+    ("/detokenize", {"tokens": "abc"}, 400, "tokens", "list"),
+    ("/detokenize", {}, 400, "tokens", "required"),
+    ("/detokenize", {"tokens": [1], "model": "nope"}, 404, "model", "does not exist"),
+    ("/tokenize", {"prompt": "x", "model": "nope"}, 404, "model", "does not exist"),
+    ("/tokenize", {}, 400, "prompt", "required"),
+    ("/tokenize", {"prompt": 5}, 400, "prompt", "string"),
+    ("/tokenize", {"prompt": "\ud800"}, 400, "prompt", "surrogate"),
+    ("/tokenize", {"prompt": "x", "frobnicate": 1}, 400, "frobnicate", "unknown field"),
+    ("/tokenize", {"messages": [], "add_generation_prompt": True}, 400, "messages", "at least 1"),
+    ("/tokenize", {"messages": [{"role": "user", "content": "x"}], "prompt": "y"}, 400, "prompt", "unknown"),
+    ("/tokenize", b"[1, 2]", 400, None, "JSON object"),
+]
+
+
+@pytest.mark.parametrize(("path", "body", "status", "param", "words"), TOKENIZER_BAD)
+def test_bad_tokenizer_requests_get_4xx_with_the_field(
+    http: httpx.Client, path: str, body: Any, status: int, param: str | None, words: str
+) -> None:
+    if isinstance(body, bytes):
+        r = http.post(path, content=body, headers={"content-type": "application/json"})
+    else:
+        r = http.post(path, content=json.dumps(body).encode(), headers={"content-type": "application/json"})
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert words.lower() in err["message"].lower() and err["param"] == param, err
+
+
+def test_tokenizer_routes_check_the_api_key(base_url: str) -> None:
+    for path, body in (("/tokenize", {"prompt": "k"}), ("/detokenize", {"tokens": [107]})):
+        assert httpx.post(f"{base_url}/auth{path}", json=body).status_code == 401
+        ok = httpx.post(f"{base_url}/auth{path}", json=body, headers={"Authorization": f"Bearer {API_KEY}"})
+        assert ok.status_code == 200, ok.text
+
+
 def test_unknown_route_and_method(http: httpx.Client) -> None:
     r = http.get("/v1/nothing-here")
     assert r.status_code == 404 and "error" in r.json()

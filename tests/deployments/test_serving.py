@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import threading
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -281,3 +282,25 @@ def test_autoscaling_signals() -> None:
     assert second["baton_preemptions_per_s"] == pytest.approx(2.0)
     assert second["baton_ttft_s"] == pytest.approx(0.3)
     assert all(isinstance(v, float) for v in second.values())  # Serve rejects anything but numbers
+
+
+def test_tokenize_and_detokenize_run_off_the_event_loop(front: FakeAsyncEngine, monkeypatch) -> None:
+    from deployments.protocol import DetokenizeRequest, TokenizeChatRequest, TokenizeCompletionRequest
+
+    threads: list[int] = []
+    tokenizer = front.engine.tokenizer
+    for name in ("encode", "decode"):
+        real = getattr(tokenizer, name)
+        monkeypatch.setattr(tokenizer, name, lambda *a, _real=real, **k: threads.append(threading.get_ident())
+                            or _real(*a, **k))
+    s = OpenAIServing(front, ServerConfig())
+
+    async def run() -> int:
+        assert (await s.tokenize(TokenizeCompletionRequest(prompt="ab"))).tokens == [97, 98]
+        chat = await s.tokenize(TokenizeChatRequest(messages=[ChatMessage(role="user", content="x")]))
+        assert chat.count == len("<user>x\n<assistant>")
+        assert (await s.detokenize(DetokenizeRequest(tokens=[104, 105]))).prompt == "hi"
+        return threading.get_ident()
+
+    loop_thread = asyncio.run(run())
+    assert len(threads) == 3 and loop_thread not in threads
