@@ -49,6 +49,23 @@ def check_text(value: str, what: str) -> str:
     return value
 
 
+REQUEST_ID_HEADER = "X-Request-Id"
+MAX_REQUEST_ID_CHARS = 256
+
+
+def check_request_id(value: str) -> str:
+    """`value` if it can be a client's request id: 1-256 printable ASCII characters (no spaces or controls:
+    it is echoed in a response header and written into log lines), else a ValueError saying why."""
+    if not 1 <= len(value) <= MAX_REQUEST_ID_CHARS:
+        raise ValueError(f"{REQUEST_ID_HEADER} must be 1-{MAX_REQUEST_ID_CHARS} characters, got {len(value)}")
+    bad = next((c for c in value if not "!" <= c <= "~"), None)
+    if bad is not None:
+        raise ValueError(
+            f"{REQUEST_ID_HEADER} must be printable ASCII without spaces; it contains U+{ord(bad):04X}"
+        )
+    return value
+
+
 def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 

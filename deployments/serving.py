@@ -15,6 +15,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import aclosing
 from dataclasses import dataclass
 
+from configs.errors import FieldError
 from configs.serve import ServerConfig
 from deployments import errors
 from deployments.front import EngineFront, RequestStream
@@ -169,6 +170,8 @@ class Generation:
                 else None
             )
             self._on_finish(RequestTiming(ttft, tpot, t - self._t_submit, out.finish_reason or "unknown"))
+            log.info("request %s finished: %s, %d tokens in %.3f s", self.request_id, out.finish_reason,
+                     self._num_tokens, t - self._t_submit)
 
 
 def _finish_reason(out: RequestOutput) -> FinishReason:
@@ -236,9 +239,15 @@ class OpenAIServing:
 
     # -- the two entry points --------------------------------------------------------------------------
 
-    async def generate(self, request: GenerateRequest) -> GenerateResponse:
-        """The whole result of a completion or chat request (its `stream` flag is ignored)."""
-        gen = await self._submit(request)
+    @staticmethod
+    def new_request_id(request: GenerateRequest) -> str:
+        """A fresh id for a request the client did not name (OpenAI's prefixes)."""
+        return new_id("chatcmpl" if isinstance(request, ChatCompletionRequest) else "cmpl")
+
+    async def generate(self, request: GenerateRequest, request_id: str | None = None) -> GenerateResponse:
+        """The whole result of a completion or chat request (its `stream` flag is ignored). `request_id`: the
+        client's (X-Request-Id), used as the engine's id and the response's `id`; None: a fresh one."""
+        gen = await self._submit(request, request_id or self.new_request_id(request))
         text: list[str] = []
         logprobs: list[TokenLogprobs] = []
         async with aclosing(gen.outputs()) as outputs:
@@ -270,17 +279,19 @@ class OpenAIServing:
             usage=usage,
         )
 
-    async def generate_stream(self, request: GenerateRequest) -> AsyncIterator[StreamChunk]:
+    async def generate_stream(
+        self, request: GenerateRequest, request_id: str | None = None
+    ) -> AsyncIterator[StreamChunk]:
         """Validate, tokenize and submit now (raising `OpenAIError`, so a refused stream still gets its status
-        code), then return the stream of OpenAI chunks."""
-        gen = await self._submit(request)
+        code), then return the stream of OpenAI chunks. `request_id` as for `generate`."""
+        gen = await self._submit(request, request_id or self.new_request_id(request))
         if isinstance(request, ChatCompletionRequest):
             return self._chat_chunks(gen, request.include_usage_in_stream)
         return self._completion_chunks(gen, request.include_usage_in_stream)
 
     # -- request -> engine -----------------------------------------------------------------------------
 
-    async def _submit(self, request: GenerateRequest) -> Generation:
+    async def _submit(self, request: GenerateRequest, request_id: str) -> Generation:
         """Check the request, take an admission slot, tokenize off the event loop, hand it to the engine.
 
         Whatever ends this between taking the slot and handing it to the `Generation` (bad input, an engine
@@ -292,8 +303,10 @@ class OpenAIServing:
             raise errors.engine_unavailable("the engine is not running on this replica")
         release = self.admission.acquire()
         try:
-            engine_request = await self._to_engine_request(request)
+            engine_request = await self._to_engine_request(request, request_id)
             stream = self._start(engine_request, _prompt_param(request), release)
+            log.info("request %s: %d prompt tokens, max_tokens=%d, priority=%d", request_id,
+                     len(engine_request.prompt_token_ids or ()), engine_request.params.max_tokens, request.priority)
         except BaseException:
             release()  # idempotent: the stream, once started, releases on its own end
             raise
@@ -317,23 +330,30 @@ class OpenAIServing:
                 priority=engine_request.priority,
                 on_close=release,
             )
+        except FieldError as e:
+            if e.param == "request_id":  # a client's X-Request-Id that a running request holds
+                raise errors.request_id_in_use(engine_request.request_id) from None
+            raise self._prompt_error(e, param) from None
         except ValueError as e:
-            err = errors.from_value_error(e, param)
-            if err.param in ("prompt", "prompt_token_ids"):
-                err.param = param  # the engine sees token ids; the client sent `param`
-            raise err from None
+            raise self._prompt_error(e, param) from None
         except RuntimeError as e:  # the engine loop stopped between the health check and the submit
             raise errors.engine_unavailable(f"the engine is not running on this replica: {e}") from None
         except Exception as e:
             log.exception("the engine failed to accept request %s", engine_request.request_id)
             raise errors.engine_failed(f"the engine could not accept this request: {type(e).__name__}") from None
 
-    async def _to_engine_request(self, request: GenerateRequest) -> EngineRequest:
+    @staticmethod
+    def _prompt_error(e: ValueError, param: str) -> errors.OpenAIError:
+        err = errors.from_value_error(e, param)
+        if err.param in ("prompt", "prompt_token_ids"):
+            err.param = param  # the engine sees token ids; the client sent `param`
+        return err
+
+    async def _to_engine_request(self, request: GenerateRequest, request_id: str) -> EngineRequest:
         """Token ids and sampling parameters. Templating and tokenizing run in a worker thread: a prompt of
         megabytes takes seconds there, and must not stall every other stream on this replica's event loop."""
         param = _prompt_param(request)
         if isinstance(request, ChatCompletionRequest):
-            request_id = new_id("chatcmpl")
             prompt_ids = await asyncio.to_thread(self._chat_prompt_ids, request.messages)
             max_tokens = request.requested_max_tokens()
             if max_tokens is None:
@@ -346,7 +366,6 @@ class OpenAIServing:
                     )
                 max_tokens = min(self._config.default_max_tokens, room)
         else:
-            request_id = new_id("cmpl")
             single = request.single_prompt()
             if isinstance(single, str):
                 prompt_ids = await asyncio.to_thread(self._encode, single)

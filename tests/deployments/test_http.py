@@ -418,6 +418,44 @@ def test_tokenizer_routes_check_the_api_key(base_url: str) -> None:
         assert ok.status_code == 200, ok.text
 
 
+# --- X-Request-Id ---------------------------------------------------------------------------------------------
+
+
+def test_client_request_id_is_the_engines_and_is_echoed(http: httpx.Client) -> None:
+    r = http.post("/v1/completions", json={"prompt": "ab", "max_tokens": 2}, headers={"X-Request-Id": "job-7/a.1"})
+    assert r.status_code == 200 and r.headers["x-request-id"] == "job-7/a.1" and r.json()["id"] == "job-7/a.1"
+    body = {"messages": [{"role": "user", "content": "x"}], "max_tokens": 3, "stream": True}
+    with http.stream("POST", "/v1/chat/completions", json=body, headers={"X-Request-Id": "s-1"}) as s:
+        assert s.status_code == 200 and s.headers["x-request-id"] == "s-1"
+        events = sse_events(s)
+    assert {e["id"] for e in events if e != "[DONE]"} == {"s-1"}
+    fresh = http.post("/v1/completions", json={"prompt": "ab", "max_tokens": 2})
+    assert fresh.headers["x-request-id"] == fresh.json()["id"]  # one id, whoever made it
+    refused = http.post("/v1/completions", json={"prompt": "x", "n": 2}, headers={"X-Request-Id": "bad-n"})
+    assert refused.status_code == 400 and refused.headers["x-request-id"] == "bad-n"
+
+
+@pytest.mark.parametrize("bad", ["has space", "x" * 257, "caf\u00e9", "tab\there"])
+def test_a_bad_request_id_is_a_400_naming_the_header(http: httpx.Client, bad: str) -> None:
+    raw = bad.encode()  # (bytes that are not UTF-8 never reach the replica: Serve's proxy answers a plain 500)
+    r = http.post("/v1/completions", json={"prompt": "ab", "max_tokens": 2}, headers=[(b"X-Request-Id", raw)])
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == "X-Request-Id"
+
+
+def test_a_request_id_still_running_is_a_409(http: httpx.Client) -> None:
+    body = {"prompt": "abc", "max_tokens": 200, "ignore_eos": True, "stream": True}
+    with http.stream("POST", "/v1/completions", json=body, headers={"X-Request-Id": "twice"}) as first:
+        assert first.status_code == 200
+        again = http.post("/v1/completions", json={"prompt": "x"}, headers={"X-Request-Id": "twice"})
+        assert again.status_code == 409, again.text
+        assert again.json()["error"]["param"] == "X-Request-Id"
+        assert again.json()["error"]["code"] == "duplicate_request_id"
+    # once the first one is over (the client closed it), the id is free again
+    ok = http.post("/v1/completions", json={"prompt": "ok", "max_tokens": 2}, headers={"X-Request-Id": "twice"})
+    assert ok.status_code == 200 and ok.json()["choices"][0]["text"] == "ok"
+
+
 def test_unknown_route_and_method(http: httpx.Client) -> None:
     r = http.get("/v1/nothing-here")
     assert r.status_code == 404 and "error" in r.json()
