@@ -97,6 +97,17 @@ def invalid_input(param: str, e: Exception) -> OpenAIError:
     return bad_request(f"{param}: the tokenizer could not process it ({type(e).__name__}: {e})", param)
 
 
+def request_id_in_use(request_id: str) -> OpenAIError:
+    """409: a client's X-Request-Id names a request that is still running."""
+    return OpenAIError(
+        409,
+        f"X-Request-Id {request_id!r} belongs to a request that is still running; use a new id",
+        "invalid_request_error",
+        "X-Request-Id",
+        "duplicate_request_id",
+    )
+
+
 def engine_unavailable(message: str) -> OpenAIError:
     return OpenAIError(503, message, "server_error", None, "engine_unavailable", {"Retry-After": "1"})
 

@@ -33,6 +33,9 @@ class EngineCore(Protocol):
     @property
     def max_model_len(self) -> int: ...
 
+    @property
+    def vocab_size(self) -> int: ...  # token ids are in [0, vocab_size)
+
 
 class EngineFront(Protocol):
     """`engine.AsyncBatonEngine`'s public surface."""

@@ -52,11 +52,15 @@ def _no_constants(name: str) -> None:
 def parse_request(raw: bytes, kind: type[RequestModel]) -> RequestModel:
     """`raw` JSON as a `kind` request, or a 400 naming the field. Python's JSON parser is used because it
     reads a lone surrogate escape (legal JSON) into the string, so the 400 names the field it is in."""
+    return validate_request(decode_json(raw), kind)
+
+
+def decode_json(raw: bytes) -> Any:
+    """`raw` as a JSON value, or a 400."""
     try:
-        data = json.loads(raw, parse_constant=_no_constants)
+        return json.loads(raw, parse_constant=_no_constants)
     except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise errors.bad_request(f"request body is not valid JSON: {e}") from None
-    return validate_request(data, kind)
 
 
 def validate_request(data: Any, kind: type[RequestModel]) -> RequestModel:

@@ -5,7 +5,7 @@ is: `"stream": "yes"` is not a boolean, `[true, false]` is not a list of token i
 integer (an integer is still a number for float fields). Text the tokenizer is given (prompt, message
 content, stop strings) must be valid Unicode: a lone UTF-16 surrogate, legal in JSON as `"\\ud800"`, is a 400
 naming the field rather than an exception inside the tokenizer. Fields OpenAI defines but the engine
-does not do yet (n > 1, logprobs, tools, penalties, ...) are declared so the error can say *that* rather
+does not do yet (n > 1, echo, tools, penalties, ...) are declared so the error can say *that* rather
 than "unknown field"; a value other than the no-op default fails validation naming the field. Extensions
 (vLLM's convention): `priority` (lower = more urgent), `top_k`, `ignore_eos`, `stop_token_ids`.
 """
@@ -21,12 +21,15 @@ from pydantic import (
     ConfigDict,
     Field,
     SerializerFunctionWrapHandler,
+    ValidationInfo,
     field_validator,
     model_serializer,
     model_validator,
 )
 
 FinishReason = Literal["stop", "length"]
+
+MAX_LOGPROBS = 20  # the most alternatives per token a request may ask for (OpenAI's limit; vLLM's default)
 
 
 def _unsupported(field: str, value: Any, hint: str) -> ValueError:
@@ -43,6 +46,23 @@ def check_text(value: str, what: str) -> str:
             f"{what} contains U+{ord(bad):04X} at character {e.start}, a lone UTF-16 surrogate: "
             "not valid Unicode text"
         ) from None
+    return value
+
+
+REQUEST_ID_HEADER = "X-Request-Id"
+MAX_REQUEST_ID_CHARS = 256
+
+
+def check_request_id(value: str) -> str:
+    """`value` if it can be a client's request id: 1-256 printable ASCII characters (no spaces or controls:
+    it is echoed in a response header and written into log lines), else a ValueError saying why."""
+    if not 1 <= len(value) <= MAX_REQUEST_ID_CHARS:
+        raise ValueError(f"{REQUEST_ID_HEADER} must be 1-{MAX_REQUEST_ID_CHARS} characters, got {len(value)}")
+    bad = next((c for c in value if not "!" <= c <= "~"), None)
+    if bad is not None:
+        raise ValueError(
+            f"{REQUEST_ID_HEADER} must be printable ASCII without spaces; it contains U+{ord(bad):04X}"
+        )
     return value
 
 
@@ -156,9 +176,12 @@ class CompletionRequest(_SamplingFields):
         description="One prompt: a string or a list of token ids (a list of one of either is accepted)."
     )
     max_tokens: int | None = Field(default=16, ge=1, description="OpenAI's default is 16; null means 16 too.")
+    logprobs: int | None = Field(
+        default=None, ge=0, le=MAX_LOGPROBS,
+        description="Return each token's logprob with its `logprobs` most likely alternatives (0-20).",
+    )
     # Not supported yet.
     echo: bool = False
-    logprobs: int | None = None
     best_of: int | None = None
     suffix: str | None = None
 
@@ -183,13 +206,6 @@ class CompletionRequest(_SamplingFields):
             raise _unsupported("echo", v, "the prompt is not echoed")
         return v
 
-    @field_validator("logprobs")
-    @classmethod
-    def _logprobs(cls, v: int | None) -> int | None:
-        if v is not None:
-            raise _unsupported("logprobs", v, "log probabilities are not returned yet")
-        return v
-
     @field_validator("best_of")
     @classmethod
     def _best_of(cls, v: int | None) -> int | None:
@@ -210,6 +226,10 @@ class CompletionRequest(_SamplingFields):
         if isinstance(p, list) and p and isinstance(p[0], (str, list)):
             return p[0]  # type: ignore[return-value]
         return p  # type: ignore[return-value]
+
+    def logprobs_count(self) -> int | None:
+        """How many alternatives each token's logprob comes with; None: no logprobs asked."""
+        return self.logprobs
 
 
 class TextPart(BaseModel):
@@ -284,9 +304,12 @@ class ChatCompletionRequest(_SamplingFields):
     max_completion_tokens: int | None = Field(
         default=None, ge=1, description="OpenAI's newer name for max_tokens."
     )
+    logprobs: bool = Field(default=False, description="Return the logprob of each output token.")
+    top_logprobs: int | None = Field(
+        default=None, ge=0, le=MAX_LOGPROBS,
+        description="With logprobs=true: also the most likely alternatives at each position (0-20).",
+    )
     # Not supported yet.
-    logprobs: bool = False
-    top_logprobs: int | None = None
     tools: list[Any] | None = None
     tool_choice: Any | None = None
     parallel_tool_calls: bool | None = None
@@ -294,18 +317,11 @@ class ChatCompletionRequest(_SamplingFields):
     function_call: Any | None = None
     response_format: ResponseFormat | None = None
 
-    @field_validator("logprobs")
-    @classmethod
-    def _logprobs(cls, v: bool) -> bool:
-        if v:
-            raise _unsupported("logprobs", v, "log probabilities are not returned yet")
-        return v
-
     @field_validator("top_logprobs")
     @classmethod
-    def _top_logprobs(cls, v: int | None) -> int | None:
-        if v:
-            raise _unsupported("top_logprobs", v, "log probabilities are not returned yet")
+    def _top_logprobs_need_logprobs(cls, v: int | None, info: ValidationInfo) -> int | None:
+        if v is not None and not info.data.get("logprobs"):
+            raise ValueError("top_logprobs requires logprobs=true")
         return v
 
     @field_validator("tools", "functions")
@@ -344,8 +360,49 @@ class ChatCompletionRequest(_SamplingFields):
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
+    def logprobs_count(self) -> int | None:
+        """How many alternatives each token's logprob comes with; None: no logprobs asked."""
+        return (self.top_logprobs or 0) if self.logprobs else None
+
 
 GenerateRequest = CompletionRequest | ChatCompletionRequest
+
+
+class TokenizeCompletionRequest(BaseModel):
+    """POST /tokenize with a prompt (vLLM's shape): its token ids exactly as /v1/completions would see them."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    model: str | None = None
+    prompt: str
+
+    @field_validator("prompt")
+    @classmethod
+    def _valid_prompt(cls, v: str) -> str:
+        return check_text(v, "the prompt")
+
+
+class TokenizeChatRequest(BaseModel):
+    """POST /tokenize with messages (vLLM's shape): the chat template over them, tokenized as
+    /v1/chat/completions would."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    model: str | None = None
+    messages: list[ChatMessage] = Field(min_length=1)
+    add_generation_prompt: bool = Field(default=True, description="End with the assistant turn's opening.")
+
+
+TokenizeRequest = TokenizeCompletionRequest | TokenizeChatRequest
+
+
+class DetokenizeRequest(BaseModel):
+    """POST /detokenize (vLLM's shape): token ids back to text. Ids outside the vocabulary are a 400."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    model: str | None = None
+    tokens: list[int]
 
 
 # --- responses ----------------------------------------------------------------------------------------
@@ -357,10 +414,19 @@ class UsageInfo(BaseModel):
     total_tokens: int
 
 
+class CompletionLogprobs(BaseModel):
+    """A completion choice's logprobs (OpenAI's legacy shape): one entry per token in each list."""
+
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int] = Field(description="Where each token starts in the choice's text (characters).")
+
+
 class CompletionChoice(BaseModel):
     index: int = 0
     text: str
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: FinishReason | None
 
 
@@ -382,10 +448,24 @@ class AssistantMessage(BaseModel):
     content: str
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = Field(description="The token's text as UTF-8 bytes.")
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob] = Field(description="The most likely tokens at this position, best first.")
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob] | None
+
+
 class ChatChoice(BaseModel):
     index: int = 0
     message: AssistantMessage
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: FinishReason | None
 
 
@@ -412,7 +492,7 @@ class DeltaMessage(BaseModel):
 class ChatStreamChoice(BaseModel):
     index: int = 0
     delta: DeltaMessage
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: FinishReason | None = None
 
 
@@ -427,6 +507,16 @@ class ChatCompletionChunk(BaseModel):
 
 GenerateResponse = CompletionResponse | ChatCompletionResponse
 StreamChunk = CompletionStreamResponse | ChatCompletionChunk
+
+
+class TokenizeResponse(BaseModel):
+    tokens: list[int]
+    count: int
+    max_model_len: int
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
 
 
 class ModelCard(BaseModel):

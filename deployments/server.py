@@ -5,7 +5,7 @@ handlers only submit and await deltas. HTTP routes and handle methods share `Ope
 validate, generate and fail the same way.
 
 HTTP: POST /v1/completions, POST /v1/chat/completions (SSE when `stream`), GET /v1/models[/{id}],
-GET /health, GET /stats. The generate routes check the API key from the headers before they read the body,
+POST /tokenize, POST /detokenize (vLLM's shapes), GET /health, GET /stats. The POST routes check the API key from the headers before they read the body,
 and read it under `ServerConfig.max_body_bytes` / `body_timeout_s` (deployments/http_body.py).
 Handles: `generate(request)`, `generate_stream(request)` (with `handle.options(stream=True)`),
 `engine_status()`.
@@ -31,15 +31,21 @@ from configs.serve import ControllerKnobs, ServerConfig
 from deployments import errors
 from deployments.errors import OpenAIError
 from deployments.front import EngineFront, FrontFactory, build_engine_front
-from deployments.http_body import RequestModel, parse_request, read_body, validate_request
+from deployments.http_body import RequestModel, decode_json, parse_request, read_body, validate_request
 from deployments.metrics import AutoscalingSignals, MetricsPoller, ServerMetrics
 from deployments.protocol import (
+    REQUEST_ID_HEADER,
     ChatCompletionRequest,
     CompletionRequest,
+    DetokenizeRequest,
     EngineStatus,
     GenerateRequest,
     GenerateResponse,
     StreamChunk,
+    TokenizeChatRequest,
+    TokenizeCompletionRequest,
+    TokenizeRequest,
+    check_request_id,
 )
 from deployments.serving import OpenAIServing, RequestTiming
 
@@ -99,6 +105,22 @@ def _parse_generate_request(request: GenerateRequest | dict[str, Any]) -> Genera
         )
     kind: type[GenerateRequest] = ChatCompletionRequest if "messages" in request else CompletionRequest
     return validate_request(request, kind)
+
+
+def _client_request_id(request: Request) -> str | None:
+    """The `X-Request-Id` header, checked (a 400 naming the header), or None when there is none."""
+    return _checked_id(request.headers.get(REQUEST_ID_HEADER))
+
+
+def _checked_id(value: str | None) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise errors.bad_request(f"{REQUEST_ID_HEADER} must be a string, got {type(value).__name__}", REQUEST_ID_HEADER)
+    try:
+        return check_request_id(value)
+    except ValueError as e:
+        raise errors.bad_request(str(e), REQUEST_ID_HEADER) from None
 
 
 def _runtime_env_vars() -> dict[str, str]:
@@ -173,24 +195,47 @@ class BatonServer:
     @app.post("/v1/completions")
     async def http_completions(self, request: Request) -> Response:
         self._authorize(request)
-        return await self._respond(await self._read(request, CompletionRequest))
+        client_id = _client_request_id(request)
+        return await self._respond(await self._read(request, CompletionRequest), client_id)
 
     @app.post("/v1/chat/completions")
     async def http_chat_completions(self, request: Request) -> Response:
         self._authorize(request)
-        return await self._respond(await self._read(request, ChatCompletionRequest))
+        client_id = _client_request_id(request)
+        return await self._respond(await self._read(request, ChatCompletionRequest), client_id)
+
+    @app.post("/tokenize")
+    async def http_tokenize(self, request: Request) -> Response:
+        self._authorize(request)
+        data = decode_json(await self._read_raw(request))
+        kind: type[TokenizeRequest] = (
+            TokenizeChatRequest if isinstance(data, dict) and "messages" in data else TokenizeCompletionRequest
+        )
+        return JSONResponse((await self._serving.tokenize(validate_request(data, kind))).model_dump())
+
+    @app.post("/detokenize")
+    async def http_detokenize(self, request: Request) -> Response:
+        self._authorize(request)
+        body = await self._read(request, DetokenizeRequest)
+        return JSONResponse((await self._serving.detokenize(body)).model_dump())
 
     async def _read(self, request: Request, kind: type[RequestModel]) -> RequestModel:
         """The body as a typed request, read only after the key was checked, within the body limits."""
-        config = self._server_config
-        raw = await read_body(request, config.max_body_bytes, config.body_timeout_s)
-        return parse_request(raw, kind)
+        return parse_request(await self._read_raw(request), kind)
 
-    async def _respond(self, body: GenerateRequest) -> Response:
+    async def _read_raw(self, request: Request) -> bytes:
+        config = self._server_config
+        return await read_body(request, config.max_body_bytes, config.body_timeout_s)
+
+    async def _respond(self, body: GenerateRequest, client_id: str | None) -> Response:
+        """The response. The request's id is the `X-Request-Id` header's: Serve's proxy sets one when the client
+        did not, and echoes it on every response (so this code adds no second copy). Without a proxy in front
+        (no header), a fresh id."""
+        request_id = client_id or self._serving.new_request_id(body)
         if body.stream:
-            chunks = await self._serving.generate_stream(body)  # raises before the 200 is sent
+            chunks = await self._serving.generate_stream(body, request_id)  # raises before the 200 is sent
             return StreamingResponse(_sse(chunks), media_type="text/event-stream")
-        result = await self._serving.generate(body)
+        result = await self._serving.generate(body, request_id)
         return JSONResponse(result.model_dump())
 
     def _authorize(self, request: Request) -> None:
@@ -207,13 +252,18 @@ class BatonServer:
 
     # -- handle API (other Ray apps: serve.get_app_handle(app_name)) -------------------------------------
 
-    async def generate(self, request: GenerateRequest | dict[str, Any]) -> GenerateResponse:
-        """The whole result of a completion or chat request. Raises `OpenAIError` like HTTP's 4xx/5xx."""
-        return await self._serving.generate(_parse_generate_request(request))
+    async def generate(
+        self, request: GenerateRequest | dict[str, Any], request_id: str | None = None
+    ) -> GenerateResponse:
+        """The whole result of a completion or chat request. Raises `OpenAIError` like HTTP's 4xx/5xx.
+        `request_id`: the caller's id for it (as HTTP's X-Request-Id); None: a fresh one."""
+        return await self._serving.generate(_parse_generate_request(request), _checked_id(request_id))
 
-    async def generate_stream(self, request: GenerateRequest | dict[str, Any]) -> AsyncIterator[StreamChunk]:
+    async def generate_stream(
+        self, request: GenerateRequest | dict[str, Any], request_id: str | None = None
+    ) -> AsyncIterator[StreamChunk]:
         """Typed stream chunks; call with `handle.options(stream=True)`. Cancelling aborts the request."""
-        chunks = await self._serving.generate_stream(_parse_generate_request(request))
+        chunks = await self._serving.generate_stream(_parse_generate_request(request), _checked_id(request_id))
         async for chunk in chunks:
             yield chunk
 

@@ -15,31 +15,39 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import aclosing
 from dataclasses import dataclass
 
+from configs.errors import FieldError
 from configs.serve import ServerConfig
 from deployments import errors
 from deployments.front import EngineFront, RequestStream
+from deployments.logprobs import LogprobsShaper
 from deployments.protocol import (
     AssistantMessage,
     ChatChoice,
     ChatCompletionChunk,
     ChatCompletionRequest,
     ChatCompletionResponse,
+    ChatMessage,
     ChatStreamChoice,
     CompletionChoice,
     CompletionResponse,
     CompletionStreamResponse,
     DeltaMessage,
+    DetokenizeRequest,
+    DetokenizeResponse,
     FinishReason,
     GenerateRequest,
     GenerateResponse,
     ModelCard,
     ModelList,
     StreamChunk,
+    TokenizeChatRequest,
+    TokenizeRequest,
+    TokenizeResponse,
     UsageInfo,
     new_id,
     now,
 )
-from engine.request import RequestOutput, SamplingParams
+from engine.request import RequestOutput, SamplingParams, TokenLogprobs
 
 log = logging.getLogger("ray.serve")
 
@@ -162,6 +170,8 @@ class Generation:
                 else None
             )
             self._on_finish(RequestTiming(ttft, tpot, t - self._t_submit, out.finish_reason or "unknown"))
+            log.info("request %s finished: %s, %d tokens in %.3f s", self.request_id, out.finish_reason,
+                     self._num_tokens, t - self._t_submit)
 
 
 def _finish_reason(out: RequestOutput) -> FinishReason:
@@ -229,47 +239,59 @@ class OpenAIServing:
 
     # -- the two entry points --------------------------------------------------------------------------
 
-    async def generate(self, request: GenerateRequest) -> GenerateResponse:
-        """The whole result of a completion or chat request (its `stream` flag is ignored)."""
-        gen = await self._submit(request)
+    @staticmethod
+    def new_request_id(request: GenerateRequest) -> str:
+        """A fresh id for a request the client did not name (OpenAI's prefixes)."""
+        return new_id("chatcmpl" if isinstance(request, ChatCompletionRequest) else "cmpl")
+
+    async def generate(self, request: GenerateRequest, request_id: str | None = None) -> GenerateResponse:
+        """The whole result of a completion or chat request (its `stream` flag is ignored). `request_id`: the
+        client's (X-Request-Id), used as the engine's id and the response's `id`; None: a fresh one."""
+        gen = await self._submit(request, request_id or self.new_request_id(request))
         text: list[str] = []
+        logprobs: list[TokenLogprobs] = []
         async with aclosing(gen.outputs()) as outputs:
             async for out in outputs:
                 text.append(out.text)
+                logprobs.extend(out.logprobs or ())
                 if out.finished:
-                    reason, usage = gen.finish_reason(out), _usage(out)
-                    if isinstance(request, ChatCompletionRequest):
-                        return ChatCompletionResponse(
-                            id=gen.request_id,
-                            created=now(),
-                            model=self.model_name,
-                            choices=[
-                                ChatChoice(
-                                    message=AssistantMessage(content="".join(text)), finish_reason=reason
-                                )
-                            ],
-                            usage=usage,
-                        )
-                    return CompletionResponse(
-                        id=gen.request_id,
-                        created=now(),
-                        model=self.model_name,
-                        choices=[CompletionChoice(text="".join(text), finish_reason=reason)],
-                        usage=usage,
-                    )
+                    return self._response(request, gen, out, "".join(text), logprobs)
         raise errors.engine_unavailable("the engine ended the stream without a final output")
 
-    async def generate_stream(self, request: GenerateRequest) -> AsyncIterator[StreamChunk]:
+    def _response(self, request: GenerateRequest, gen: Generation, last: RequestOutput, text: str,
+                  logprobs: list[TokenLogprobs]) -> GenerateResponse:
+        reason, usage = gen.finish_reason(last), _usage(last)
+        wanted = request.logprobs_count() is not None
+        shaper = LogprobsShaper(self._front.engine.tokenizer)
+        if isinstance(request, ChatCompletionRequest):
+            message = AssistantMessage(content=text)
+            choice = ChatChoice(message=message, logprobs=shaper.chat(logprobs) if wanted else None,
+                                finish_reason=reason)
+            return ChatCompletionResponse(
+                id=gen.request_id, created=now(), model=self.model_name, choices=[choice], usage=usage
+            )
+        shaped = shaper.completion(logprobs) if wanted else None
+        return CompletionResponse(
+            id=gen.request_id,
+            created=now(),
+            model=self.model_name,
+            choices=[CompletionChoice(text=text, logprobs=shaped, finish_reason=reason)],
+            usage=usage,
+        )
+
+    async def generate_stream(
+        self, request: GenerateRequest, request_id: str | None = None
+    ) -> AsyncIterator[StreamChunk]:
         """Validate, tokenize and submit now (raising `OpenAIError`, so a refused stream still gets its status
-        code), then return the stream of OpenAI chunks."""
-        gen = await self._submit(request)
+        code), then return the stream of OpenAI chunks. `request_id` as for `generate`."""
+        gen = await self._submit(request, request_id or self.new_request_id(request))
         if isinstance(request, ChatCompletionRequest):
             return self._chat_chunks(gen, request.include_usage_in_stream)
         return self._completion_chunks(gen, request.include_usage_in_stream)
 
     # -- request -> engine -----------------------------------------------------------------------------
 
-    async def _submit(self, request: GenerateRequest) -> Generation:
+    async def _submit(self, request: GenerateRequest, request_id: str) -> Generation:
         """Check the request, take an admission slot, tokenize off the event loop, hand it to the engine.
 
         Whatever ends this between taking the slot and handing it to the `Generation` (bad input, an engine
@@ -281,8 +303,10 @@ class OpenAIServing:
             raise errors.engine_unavailable("the engine is not running on this replica")
         release = self.admission.acquire()
         try:
-            engine_request = await self._to_engine_request(request)
+            engine_request = await self._to_engine_request(request, request_id)
             stream = self._start(engine_request, _prompt_param(request), release)
+            log.info("request %s: %d prompt tokens, max_tokens=%d, priority=%d", request_id,
+                     len(engine_request.prompt_token_ids or ()), engine_request.params.max_tokens, request.priority)
         except BaseException:
             release()  # idempotent: the stream, once started, releases on its own end
             raise
@@ -306,24 +330,31 @@ class OpenAIServing:
                 priority=engine_request.priority,
                 on_close=release,
             )
+        except FieldError as e:
+            if e.param == "request_id":  # a client's X-Request-Id that a running request holds
+                raise errors.request_id_in_use(engine_request.request_id) from None
+            raise self._prompt_error(e, param) from None
         except ValueError as e:
-            err = errors.from_value_error(e, param)
-            if err.param in ("prompt", "prompt_token_ids"):
-                err.param = param  # the engine sees token ids; the client sent `param`
-            raise err from None
+            raise self._prompt_error(e, param) from None
         except RuntimeError as e:  # the engine loop stopped between the health check and the submit
             raise errors.engine_unavailable(f"the engine is not running on this replica: {e}") from None
         except Exception as e:
             log.exception("the engine failed to accept request %s", engine_request.request_id)
             raise errors.engine_failed(f"the engine could not accept this request: {type(e).__name__}") from None
 
-    async def _to_engine_request(self, request: GenerateRequest) -> EngineRequest:
+    @staticmethod
+    def _prompt_error(e: ValueError, param: str) -> errors.OpenAIError:
+        err = errors.from_value_error(e, param)
+        if err.param in ("prompt", "prompt_token_ids"):
+            err.param = param  # the engine sees token ids; the client sent `param`
+        return err
+
+    async def _to_engine_request(self, request: GenerateRequest, request_id: str) -> EngineRequest:
         """Token ids and sampling parameters. Templating and tokenizing run in a worker thread: a prompt of
         megabytes takes seconds there, and must not stall every other stream on this replica's event loop."""
         param = _prompt_param(request)
         if isinstance(request, ChatCompletionRequest):
-            request_id = new_id("chatcmpl")
-            prompt_ids = await asyncio.to_thread(self._chat_prompt_ids, request)
+            prompt_ids = await asyncio.to_thread(self._chat_prompt_ids, request.messages)
             max_tokens = request.requested_max_tokens()
             if max_tokens is None:
                 room = self._front.engine.max_model_len - len(prompt_ids)
@@ -335,7 +366,6 @@ class OpenAIServing:
                     )
                 max_tokens = min(self._config.default_max_tokens, room)
         else:
-            request_id = new_id("cmpl")
             single = request.single_prompt()
             if isinstance(single, str):
                 prompt_ids = await asyncio.to_thread(self._encode, single)
@@ -353,6 +383,7 @@ class OpenAIServing:
                 stop=tuple(request.stop_list()),
                 stop_token_ids=tuple(request.stop_token_ids or ()),
                 ignore_eos=request.ignore_eos,
+                logprobs=request.logprobs_count(),
             )
         except ValueError as e:
             raise errors.from_value_error(e) from None
@@ -368,25 +399,24 @@ class OpenAIServing:
                 param,
             )
 
-    def _encode(self, prompt: str) -> list[int]:
+    def _encode(self, prompt: str, allow_empty: bool = False) -> list[int]:
         """A completion prompt's token ids, exactly as the engine tokenizes a text prompt (worker thread)."""
         try:
             ids = list(self._front.engine.tokenizer.encode(prompt))
         except Exception as e:  # noqa: BLE001 - whatever the tokenizer raises on this text is the client's input
             raise errors.invalid_input("prompt", e) from None
-        if not ids:
+        if not ids and not allow_empty:
             raise errors.bad_request("prompt: it tokenizes to nothing", "prompt")
         return ids
 
-    def _chat_prompt_ids(self, request: ChatCompletionRequest) -> list[int]:
+    def _chat_prompt_ids(self, messages: list[ChatMessage], add_generation_prompt: bool = True) -> list[int]:
         """The chat template over `messages`, tokenized (worker thread)."""
         tokenizer = self._front.engine.tokenizer
-        messages = [
-            {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-            for m in request.messages
-        ]
+        turns = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in messages]
         try:
-            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            text = tokenizer.apply_chat_template(
+                turns, tokenize=False, add_generation_prompt=add_generation_prompt
+            )
         except Exception as e:  # noqa: BLE001 - a template raises whatever jinja raises; it is the client's input
             raise errors.bad_request(
                 f"messages: the model's chat template rejected them: {e}", "messages"
@@ -396,19 +426,47 @@ class OpenAIServing:
         except Exception as e:  # noqa: BLE001 - as in _encode
             raise errors.invalid_input("messages", e) from None
 
+    # -- tokenizer routes (vLLM's /tokenize and /detokenize) ---------------------------------------------
+
+    async def tokenize(self, request: TokenizeRequest) -> TokenizeResponse:
+        """The token ids the generate routes would compute for this prompt or these messages."""
+        self.check_model(request.model)
+        if isinstance(request, TokenizeChatRequest):
+            ids = await asyncio.to_thread(self._chat_prompt_ids, request.messages, request.add_generation_prompt)
+        else:
+            ids = await asyncio.to_thread(self._encode, request.prompt, True)
+        return TokenizeResponse(tokens=ids, count=len(ids), max_model_len=self._front.engine.max_model_len)
+
+    async def detokenize(self, request: DetokenizeRequest) -> DetokenizeResponse:
+        """The text of `tokens`; an id outside the vocabulary is a 400 naming `tokens`."""
+        self.check_model(request.model)
+        vocab = self._front.engine.vocab_size
+        bad = [t for t in request.tokens if not 0 <= t < vocab]
+        if bad:
+            raise errors.bad_request(f"tokens: {bad[:5]} outside the vocabulary [0, {vocab})", "tokens")
+        return DetokenizeResponse(prompt=await asyncio.to_thread(self._decode, request.tokens))
+
+    def _decode(self, tokens: list[int]) -> str:
+        try:
+            return str(self._front.engine.tokenizer.decode(tokens))
+        except Exception as e:  # noqa: BLE001 - an id the model has but the tokenizer does not know
+            raise errors.invalid_input("tokens", e) from None
+
     # -- engine -> chunks ------------------------------------------------------------------------------
 
     async def _completion_chunks(self, gen: Generation, include_usage: bool) -> AsyncIterator[StreamChunk]:
         created = now()
+        shaper = LogprobsShaper(self._front.engine.tokenizer)
         async with aclosing(gen.outputs()) as outputs:
             async for out in outputs:
                 reason = gen.finish_reason(out) if out.finished else None
-                if out.text or out.finished:
+                if out.text or out.finished or out.logprobs:
+                    shaped = shaper.completion(out.logprobs) if out.logprobs is not None else None
                     yield CompletionStreamResponse(
                         id=gen.request_id,
                         created=created,
                         model=self.model_name,
-                        choices=[CompletionChoice(text=out.text, finish_reason=reason)],
+                        choices=[CompletionChoice(text=out.text, logprobs=shaped, finish_reason=reason)],
                     )
                 if out.finished and include_usage:
                     yield CompletionStreamResponse(
@@ -421,9 +479,12 @@ class OpenAIServing:
 
     async def _chat_chunks(self, gen: Generation, include_usage: bool) -> AsyncIterator[StreamChunk]:
         created = now()
+        shaper = LogprobsShaper(self._front.engine.tokenizer)
 
-        def chunk(delta: DeltaMessage, reason: FinishReason | None = None) -> ChatCompletionChunk:
-            choice = ChatStreamChoice(delta=delta, finish_reason=reason)
+        def chunk(delta: DeltaMessage, reason: FinishReason | None = None,
+                  logprobs: list[TokenLogprobs] | None = None) -> ChatCompletionChunk:
+            shaped = shaper.chat(logprobs) if logprobs else None
+            choice = ChatStreamChoice(delta=delta, logprobs=shaped, finish_reason=reason)
             return ChatCompletionChunk(
                 id=gen.request_id, created=created, model=self.model_name, choices=[choice]
             )
@@ -431,8 +492,8 @@ class OpenAIServing:
         yield chunk(DeltaMessage(role="assistant", content=""))
         async with aclosing(gen.outputs()) as outputs:
             async for out in outputs:
-                if out.text:
-                    yield chunk(DeltaMessage(content=out.text))
+                if out.text or out.logprobs:  # a token held back by a stop string still has its logprob
+                    yield chunk(DeltaMessage(content=out.text), logprobs=out.logprobs)
                 if out.finished:
                     yield chunk(DeltaMessage(), gen.finish_reason(out))
                     if include_usage:

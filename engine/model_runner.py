@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -23,7 +23,8 @@ from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
 from engine.kv_cache import BatchKVCache, RowKV
 from engine.narrow_linear import KernelName, NarrowLinear, RowKernel, resolve_kernel
 from engine.plan import BatchRow, BatchShape, IterationPlan, Prefill, SampleSpec, StepResult
-from engine.sampler import sample
+from engine.request import TokenLogprobs
+from engine.sampler import sample, token_logprobs
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +105,14 @@ def build_step_mask(cache_mask: torch.Tensor, cache_len: int) -> torch.Tensor:
     return allowed[:, None, :, :]
 
 
+@dataclass
+class Sampled:
+    """The tokens drawn from one set of logits, and their logprobs for the requests that asked."""
+
+    tokens: dict[str, int] = field(default_factory=dict)
+    logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)
+
+
 class ModelRunner:
     """Owns the model; times every forward pass."""
 
@@ -135,19 +144,19 @@ class ModelRunner:
         for j in plan.join:
             cache.insert(j.request_id, j.kv if j.kv is not None else RowKV.empty_like(cache))
         failed: dict[str, str] = {}
-        prefill_tokens, pooled = self._prefills(plan.prefill, cache, failed)
-        batch_tokens, shape = self._batch(plan.batch, prefill_tokens, cache, failed)
+        prefill, pooled = self._prefills(plan.prefill, cache, failed)
+        batch, shape = self._batch(plan.batch, prefill.tokens, cache, failed)
         return StepResult(
-            prefill_tokens=prefill_tokens, pooled=pooled, batch_tokens=batch_tokens, swapped=swapped,
-            failed=failed, batch=shape,
-            prefill_computed=sum(len(p.token_ids) for p in plan.prefill if p.request_id in prefill_tokens),
+            prefill_tokens=prefill.tokens, pooled=pooled, batch_tokens=batch.tokens, swapped=swapped,
+            prefill_logprobs=prefill.logprobs, batch_logprobs=batch.logprobs, failed=failed, batch=shape,
+            prefill_computed=sum(len(p.token_ids) for p in plan.prefill if p.request_id in prefill.tokens),
             forward_s=self.forward_s - f0, cache_columns=cache.length, cache_bytes=cache.used_bytes(),
         )
 
     def _prefills(self, prefills: tuple[Prefill, ...], cache: BatchKVCache, failed: dict[str, str]
-                  ) -> tuple[dict[str, int], dict[str, RowKV]]:
+                  ) -> tuple[Sampled, dict[str, RowKV]]:
         """Each prompt alone; its first token sampled; its KV embedded at once (a baton join) or pooled."""
-        tokens: dict[str, int] = {}
+        sampled = Sampled()
         pooled: dict[str, RowKV] = {}
         for p in prefills:
             try:
@@ -156,23 +165,24 @@ class ModelRunner:
                 log.exception("prefill of %s failed", p.request_id)
                 failed[p.request_id] = f"prefill failed: {e}"
                 continue
-            token = self._sample_rows(logits[None], [(p.request_id, p.sample)], failed)
-            if not token:
+            one = self._sample_rows(logits[None], [(p.request_id, p.sample)], failed)
+            if not one.tokens:
                 continue
-            tokens.update(token)
+            sampled.tokens.update(one.tokens)
+            sampled.logprobs.update(one.logprobs)
             if p.join:
                 cache.insert(p.request_id, kv)
             else:
                 pooled[p.request_id] = kv
-        return tokens, pooled
+        return sampled, pooled
 
     def _batch(self, rows: tuple[BatchRow, ...], prefill_tokens: dict[str, int], cache: BatchKVCache,
-               failed: dict[str, str]) -> tuple[dict[str, int], BatchShape | None]:
+               failed: dict[str, str]) -> tuple[Sampled, BatchShape | None]:
         """The batch forward over every row of the cache, then one token per sampled row."""
         by_id = {r.request_id: r for r in rows if r.request_id not in failed}
         assert sorted(by_id) == sorted(cache.ids), "the plan's batch rows must be the cache's rows"
         if not by_id:
-            return {}, None
+            return Sampled(), None
         ordered = [by_id[rid] for rid in cache.ids]
         feeds = [r.feed if r.feed is not None else (prefill_tokens[r.request_id],) for r in ordered]
         try:
@@ -180,19 +190,20 @@ class ModelRunner:
         except Exception as e:
             log.exception("batch forward failed")
             failed.update((rid, f"batch forward failed: {e}") for rid in cache.ids)
-            return {}, None
+            return Sampled(), None
         live = [r for r, row in enumerate(ordered) if row.sample is not None]
         if len(live) < len(ordered):  # run-to-completion rows that are done are computed, not sampled
             logits = logits.index_select(0, torch.tensor(live, device=logits.device))
-        tokens = self._sample_rows(logits, [(row.request_id, s) for row in ordered if (s := row.sample)], failed)
+        sampled = self._sample_rows(logits, [(row.request_id, s) for row in ordered if (s := row.sample)], failed)
         attended = cache.rows * cache.length
         shape = BatchShape(len(ordered), max(len(f) for f in feeds), attended, attended - sum(cache.real))
-        return tokens, shape
+        return sampled, shape
 
     @staticmethod
     def _sample_rows(logits: torch.Tensor, rows: list[tuple[str, SampleSpec]], failed: dict[str, str]
-                     ) -> dict[str, int]:
-        """The one sampling entry point: a token per row of `logits` [rows, V] for (request id, draw) `rows`.
+                     ) -> Sampled:
+        """The one sampling entry point: a token per row of `logits` [rows, V] for (request id, draw) `rows`,
+        and its logprobs for the rows that asked, from the same logits (batched: the other rows cost nothing).
         A row whose logits hold NaN (a model or device fault) fails alone; the others are sampled."""
         nan = logits.isnan().any(dim=-1)  # [rows]
         if bool(nan.any()):
@@ -201,10 +212,18 @@ class ModelRunner:
             keep = (~nan).nonzero().flatten()
             logits, rows = logits.index_select(0, keep), [rows[r] for r in keep.tolist()]
         if not rows:
-            return {}
+            return Sampled()
         specs = [s for _, s in rows]
         tokens = sample(logits, [s.params for s in specs], [s.seed for s in specs], [s.index for s in specs])
-        return dict(zip([rid for rid, _ in rows], tokens, strict=True))
+        ids = [rid for rid, _ in rows]
+        want = [r for r, s in enumerate(specs) if s.top_logprobs is not None]
+        logprobs: dict[str, TokenLogprobs] = {}
+        if want:
+            picked = logits.index_select(0, torch.tensor(want, device=logits.device))  # [len(want), V]
+            top = [specs[r].top_logprobs or 0 for r in want]
+            found = token_logprobs(picked, [tokens[r] for r in want], top)
+            logprobs = dict(zip([ids[r] for r in want], found, strict=True))
+        return Sampled(dict(zip(ids, tokens, strict=True)), logprobs)
 
     @torch.no_grad()
     def prefill(self, token_ids: list[int]) -> tuple[RowKV, torch.Tensor]:

@@ -6,13 +6,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
-from engine.request import FinishReason, Request, RequestOutput, RequestState, Usage
+from engine.request import FinishReason, Request, RequestOutput, RequestState, TokenLogprobs, Usage
 
 
 @dataclass
 class _Delta:
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
+    logprobs: list[TokenLogprobs] | None = None  # one per token id when the request asked for logprobs
 
 
 class OutputTracker:
@@ -30,11 +31,16 @@ class OutputTracker:
         self._detok[req.request_id] = IncrementalDetokenizer(self.tokenizer, req.prompt_token_ids)
         self._stops[req.request_id] = StopStringMatcher(req.params.stop)
 
-    def on_token(self, req: Request, token: int) -> None:
-        """Record one sampled token; finish the request if it hit a stop condition."""
+    def on_token(self, req: Request, token: int, logprobs: TokenLogprobs | None = None) -> None:
+        """Record one sampled token (and its logprobs, when the request asked for them); finish the request if
+        it hit a stop condition."""
         req.output_token_ids.append(token)
         delta = self._pending.setdefault(req.request_id, _Delta())
         delta.token_ids.append(token)
+        if req.params.logprobs is not None:
+            assert logprobs is not None and logprobs.token_id == token, "the runner computes what was asked"
+            delta.logprobs = delta.logprobs if delta.logprobs is not None else []
+            delta.logprobs.append(logprobs)
         p = req.params
         if token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids):
             self.finish(req, "stop")  # the stopping token is counted but not rendered as text
@@ -76,8 +82,9 @@ class OutputTracker:
     @staticmethod
     def _output(rid: str, d: _Delta, req: Request | None) -> RequestOutput:
         if req is None:
-            return RequestOutput(rid, d.token_ids, d.text)
+            return RequestOutput(rid, d.token_ids, d.text, logprobs=d.logprobs)
         return RequestOutput(
             rid, d.token_ids, d.text, finished=True, finish_reason=req.finish_reason,
             usage=Usage(len(req.prompt_token_ids), len(req.output_token_ids)), error=req.error,
+            logprobs=d.logprobs,
         )

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from autoscaler.probes.base import MemoryReading
 from engine.capacity import Preemption
 from engine.kv_cache import RowKV
-from engine.request import SamplingParams
+from engine.request import SamplingParams, TokenLogprobs
 
 
 @dataclass(frozen=True)
@@ -24,6 +24,11 @@ class SampleSpec:
     params: SamplingParams
     seed: int
     index: int  # which of the request's output tokens this draw produces (0 = the first)
+
+    @property
+    def top_logprobs(self) -> int | None:
+        """How many top alternatives to report with the token's logprob; None: no logprobs for this draw."""
+        return self.params.logprobs
 
 
 @dataclass(frozen=True)
@@ -96,6 +101,9 @@ class StepResult:
     prefill_tokens: dict[str, int] = field(default_factory=dict)  # each prefill's sampled token
     pooled: dict[str, RowKV] = field(default_factory=dict)  # KV of prefills bound for the pool
     batch_tokens: dict[str, int] = field(default_factory=dict)  # each sampled batch row's token
+    # The logprobs of those tokens, only for the requests that asked (SampleSpec.top_logprobs is not None).
+    prefill_logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)
+    batch_logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)
     swapped: dict[str, RowKV] = field(default_factory=dict)  # host KV of rows preempted by swap
     failed: dict[str, str] = field(default_factory=dict)  # request id -> why its forward pass failed
     batch: BatchShape | None = None  # None: no batch forward ran

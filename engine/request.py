@@ -14,6 +14,9 @@ FinishReason = Literal["stop", "length", "abort", "error"]
 # runner-up is e^-100 times less likely), so the cut-off changes no meaningful distribution.
 MIN_TEMPERATURE = 1e-5
 
+# The most alternatives a request may ask to see beside each sampled token (OpenAI's and vLLM's limit).
+MAX_LOGPROBS = 20
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -27,6 +30,7 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    logprobs: int | None = None  # None: no log-probabilities; k: each token's, with its top k alternatives
 
     def __post_init__(self) -> None:
         # Accept lists (e.g. from JSON) but keep the object hashable and immutable.
@@ -50,6 +54,9 @@ class SamplingParams:
         for t in self.stop_token_ids:
             if isinstance(t, bool) or not isinstance(t, int) or t < 0:
                 raise FieldError("stop_token_ids", f"stop_token_ids must be non-negative integers, got {t!r}")
+        lp = self.logprobs
+        if lp is not None and (isinstance(lp, bool) or not isinstance(lp, int) or not 0 <= lp <= MAX_LOGPROBS):
+            raise FieldError("logprobs", f"logprobs must be an integer in [0, {MAX_LOGPROBS}] or None, got {lp!r}")
 
     @property
     def greedy(self) -> bool:
@@ -76,6 +83,16 @@ class Usage:
 
 
 @dataclass(frozen=True)
+class TokenLogprobs:
+    """One sampled token's log-probability under the model's raw logits (log_softmax before temperature,
+    top-k or top-p, as vLLM reports by default), with the `SamplingParams.logprobs` most likely tokens."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()  # (token id, logprob), most likely first
+
+
+@dataclass(frozen=True)
 class RequestOutput:
     """What one request gained in one step. `text` is the new text only (a delta), never split mid-character."""
 
@@ -86,6 +103,8 @@ class RequestOutput:
     finish_reason: FinishReason | None = None
     usage: Usage | None = None  # on the last output
     error: str | None = None  # set when finish_reason == "error"
+    # One per new token id, in order, when the request asked for logprobs; None when it did not.
+    logprobs: list[TokenLogprobs] | None = None
 
 
 @dataclass

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from engine.request import SamplingParams
+from engine.request import SamplingParams, TokenLogprobs
 
 _MIX = 0x9E3779B97F4A7C15  # golden-ratio constant: spreads (seed, index) pairs over the 64-bit seed space
 
@@ -83,3 +83,20 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], seeds: list[int],
         if not p.greedy:
             out[r] = sample_one(logits[r], p, seeds[r], indices[r])
     return out
+
+
+def token_logprobs(logits: torch.Tensor, tokens: list[int], top: list[int]) -> list[TokenLogprobs]:
+    """Each row's chosen token's log-probability and its `top[r]` most likely tokens, from the raw
+    `logits` [rows, V] the token was drawn from (log_softmax in float64; no temperature, no filtering).
+
+    One log_softmax and one topk over the whole [rows, V]; the loop runs over rows, never over the vocabulary.
+    """
+    logp = torch.log_softmax(logits.to(torch.float64), dim=-1)  # [rows, V]
+    chosen = logp.gather(1, torch.tensor(tokens, device=logp.device)[:, None])[:, 0].tolist()  # [rows]
+    k = min(max(top), logp.shape[-1])
+    values, ids = torch.topk(logp, k, dim=-1) if k else (logp[:, :0], logp[:, :0].long())  # [rows, k]
+    values_l, ids_l = values.tolist(), ids.tolist()
+    return [
+        TokenLogprobs(tok, lp, tuple(zip(ids_l[r][: top[r]], values_l[r][: top[r]], strict=True)))
+        for r, (tok, lp) in enumerate(zip(tokens, chosen, strict=True))
+    ]

@@ -20,7 +20,7 @@ from engine.capacity import CapacityController, CapacityDecision, CapacitySnapsh
 from engine.kv_cache import BatchKVCache, RowKV
 from engine.outputs import OutputTracker
 from engine.plan import BatchRow, IterationPlan, Join, Prefill, SampleSpec, StepResult
-from engine.request import FinishReason, Request, RequestOutput, RequestState
+from engine.request import FinishReason, Request, RequestOutput, RequestState, TokenLogprobs
 
 JoinMode = Literal["in_batch", "prefill_on_admit", "from_pool"]
 
@@ -150,14 +150,14 @@ class Scheduler:
         for p in plan.prefill:
             if p.request_id in result.prefill_tokens:
                 req = self.requests[p.request_id]
-                self._on_token(req, result.prefill_tokens[p.request_id])
+                self._on_token(req, result.prefill_tokens[p.request_id], result.prefill_logprobs.get(p.request_id))
                 if not p.join and not req.finished:
                     self.queues.pool[p.request_id] = result.pooled[p.request_id]
                     req.state = RequestState.PREFILLED
         for rid, token in result.batch_tokens.items():
             req = self.running[rid]
             if not req.finished:  # a baton join whose first token already finished it
-                self._on_token(req, token)
+                self._on_token(req, token, result.batch_logprobs.get(rid))
         for rid, error in result.failed.items():  # last: a token sampled before the failure is kept
             if rid not in self.cache.ids:  # a baton join whose prefill failed never got its row
                 self.running.pop(rid, None)
@@ -255,8 +255,8 @@ class Scheduler:
         return tuple(rows)
 
     # ---- the outcome ------------------------------------------------------------------------------------
-    def _on_token(self, req: Request, token: int) -> None:
-        self.outputs.on_token(req, token)
+    def _on_token(self, req: Request, token: int, logprobs: TokenLogprobs | None) -> None:
+        self.outputs.on_token(req, token, logprobs)
         if req.finished:
             self._end(req, req.finish_reason or "stop", req.error)
 

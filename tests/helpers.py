@@ -24,6 +24,20 @@ def run_to_completion(engine, max_iterations: int = 100_000, check=None):
     raise AssertionError("engine did not finish")
 
 
+def run_schedule(engine, schedule: dict[int, list[tuple]]) -> dict[str, list]:
+    """Add each request at its iteration; step until everything has finished."""
+    outs: dict[str, list] = {}
+    it = 0
+    while engine.has_unfinished_requests() or any(i >= it for i in schedule):
+        for rid, ids, params in schedule.get(it, []):
+            engine.add_request(rid, prompt_token_ids=ids, sampling_params=params)
+        for o in engine.step():
+            outs.setdefault(o.request_id, []).append(o)
+        it += 1
+        assert it < 1000
+    return outs
+
+
 def random_workload(seed: int, n: int, vocab: int, prompt_len: tuple[int, int], max_tokens: tuple[int, int],
                     arrival_span: int, skew_outputs: bool = False) -> list[dict]:
     """Requests with random token prompts, lengths and arrival iterations (deterministic in `seed`).

@@ -4,7 +4,8 @@ not the point.
 Tokens are characters (`token id = ord(char)`). A request "generates" its prompt again, one character per
 iteration, then stops on EOS (id 0) unless `ignore_eos`; with `ignore_eos` it keeps cycling through the
 prompt until `max_tokens`. So completing "abc" gives "abc" (finish "stop"), or "ab" with max_tokens=2
-(finish "length"). The loop runs in its own daemon thread, like the real engine's, and holds at most
+(finish "length"). With `logprobs=k`, token t has logprob log(1/2) and alternatives t, t+1, ... with
+logprobs log(1/2), log(1/4), ... (k of them). The loop runs in its own daemon thread, like the real engine's, and holds at most
 `max_batch_size` rows; the rest wait by (priority, arrival). Streams, aborts and the failure of every open
 stream when the loop dies are the real front's (engine/streams.py), so Serve tests exercise them.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import math
 import queue
 import threading
 import time
@@ -23,7 +25,7 @@ from typing import Any
 from configs import EngineConfig
 from configs.errors import FieldError
 from configs.knobs import with_live_knobs
-from engine.request import RequestOutput, SamplingParams, Usage
+from engine.request import RequestOutput, SamplingParams, TokenLogprobs, Usage
 from engine.streams import OpenStreams, RequestStream, StreamSink
 
 EOS_TOKEN_ID = 0
@@ -308,7 +310,8 @@ class FakeAsyncEngine:
         held = max(
             (k for s in req.params.stop for k in range(1, len(s)) if req.text.endswith(s[:k])), default=0
         )
-        return RequestOutput(req.request_id, [token], self._flush(req, len(req.text) - held))
+        return RequestOutput(req.request_id, [token], self._flush(req, len(req.text) - held),
+                             logprobs=_logprobs(req.params, [token]))
 
     @staticmethod
     def _flush(req: _FakeRequest, upto: int) -> str:
@@ -320,4 +323,13 @@ class FakeAsyncEngine:
         req.finished = True
         new = [req.output_ids[-1]] if req.output_ids and reason != "abort" else []
         usage = Usage(prompt_tokens=len(req.prompt_ids), completion_tokens=len(req.output_ids))
-        return RequestOutput(req.request_id, new, delta, True, reason, usage)  # type: ignore[arg-type]
+        return RequestOutput(req.request_id, new, delta, True, reason, usage,  # type: ignore[arg-type]
+                             logprobs=_logprobs(req.params, new))
+
+
+def _logprobs(params: SamplingParams, tokens: list[int]) -> list[TokenLogprobs] | None:
+    """The fake's logprobs (see the module docstring): a halving distribution from the token up."""
+    if params.logprobs is None:
+        return None
+    half = math.log(0.5)
+    return [TokenLogprobs(t, half, tuple((t + i, half * (i + 1)) for i in range(params.logprobs))) for t in tokens]

@@ -218,8 +218,8 @@ def test_openai_client_errors(oai: openai.OpenAI) -> None:
         oai.completions.create(model=MODEL, prompt="x", n=2)
     assert "n=2" in str(e.value) and e.value.body["param"] == "n"  # type: ignore[index]
     with pytest.raises(openai.BadRequestError) as e:
-        oai.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], logprobs=True)
-    assert e.value.body["param"] == "logprobs"  # type: ignore[index]
+        oai.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], top_logprobs=3)
+    assert e.value.body["param"] == "top_logprobs"  # type: ignore[index]
     with pytest.raises(openai.NotFoundError) as nf:
         oai.completions.create(model="gpt-17", prompt="x")
     assert nf.value.body["code"] == "model_not_found"  # type: ignore[index]
@@ -228,13 +228,37 @@ def test_openai_client_errors(oai: openai.OpenAI) -> None:
     assert oai.completions.create(model=MODEL, prompt="ok", max_tokens=2).choices[0].text == "ok"
 
 
+def test_openai_client_parses_logprobs(oai: openai.OpenAI) -> None:
+    """The fake's logprobs (fake_engine.py): each token log(1/2), alternatives t, t+1, ... halving."""
+    msgs: Any = [{"role": "user", "content": "x"}]
+    chat = oai.chat.completions.create(model=MODEL, messages=msgs, max_tokens=3, logprobs=True, top_logprobs=2)
+    content = chat.choices[0].logprobs.content  # type: ignore[union-attr]
+    assert content is not None and "".join(c.token for c in content) == chat.choices[0].message.content == "<us"
+    assert [[t.token for t in c.top_logprobs] for c in content][0] == ["<", "="]
+    assert content[0].logprob == pytest.approx(-0.6931, abs=1e-3) and content[0].bytes == [60]
+    streamed = oai.chat.completions.create(model=MODEL, messages=msgs, max_tokens=3, logprobs=True, stream=True)
+    tokens = [c.token for ch in streamed if ch.choices and ch.choices[0].logprobs
+              for c in ch.choices[0].logprobs.content or []]
+    assert tokens == ["<", "u", "s"]
+    done = oai.completions.create(model=MODEL, prompt="pq", max_tokens=4, logprobs=1)
+    lp = done.choices[0].logprobs
+    assert lp is not None and lp.tokens == ["p", "q", ""] and lp.text_offset == [0, 1, 2]  # "" is the EOS
+    assert lp.top_logprobs == [{"p": pytest.approx(-0.6931, abs=1e-3)}, {"q": pytest.approx(-0.6931, abs=1e-3)},
+                               {"": pytest.approx(-0.6931, abs=1e-3)}]
+    plain = oai.completions.create(model=MODEL, prompt="pq", max_tokens=4)
+    assert plain.choices[0].logprobs is None
+
+
 # --- errors: 4xx in the OpenAI shape, and the server keeps serving -----------------------------------------
 
 BAD_REQUESTS = [
     # (path, json body or raw bytes, status, param, words in the message)
     ("/v1/completions", {"prompt": "x", "n": 2}, 400, "n", "n=2"),
     ("/v1/completions", {"prompt": "x", "best_of": 3}, 400, "best_of", "best_of"),
-    ("/v1/completions", {"prompt": "x", "logprobs": 2}, 400, "logprobs", "logprobs"),
+    ("/v1/completions", {"prompt": "x", "logprobs": 21}, 400, "logprobs", "less than or equal to 20"),
+    ("/v1/completions", {"prompt": "x", "logprobs": -1}, 400, "logprobs", "greater than or equal to 0"),
+    ("/v1/completions", {"prompt": "x", "logprobs": True}, 400, "logprobs", "integer"),
+    ("/v1/completions", {"prompt": "x", "logprobs": 2, "echo": True}, 400, "echo", "echo"),
     ("/v1/completions", {"prompt": "x", "echo": True}, 400, "echo", "echo"),
     ("/v1/completions", {"prompt": "x", "presence_penalty": 0.5}, 400, "presence_penalty", "penalt"),
     ("/v1/completions", {"prompt": "x", "suffix": "y"}, 400, "suffix", "suffix"),
@@ -260,6 +284,27 @@ BAD_REQUESTS = [
         "user",
     ),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "n": 3}, 400, "n", "n=3"),
+    (
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "x"}], "logprobs": True, "top_logprobs": 21},
+        400,
+        "top_logprobs",
+        "less than or equal to 20",
+    ),
+    (
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2},
+        400,
+        "top_logprobs",
+        "requires logprobs=true",
+    ),
+    (
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "x"}], "logprobs": 1},
+        400,
+        "logprobs",
+        "boolean",
+    ),
     (
         "/v1/chat/completions",
         {"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]},
@@ -314,6 +359,101 @@ def test_bad_requests_get_4xx_with_the_field(
         http.post("/v1/completions", json={"prompt": "ok", "max_tokens": 2}).json()["choices"][0]["text"]
         == "ok"
     )
+
+
+# --- /tokenize and /detokenize (vLLM's shapes) -------------------------------------------------------------
+
+
+def test_tokenize_and_detokenize(http: httpx.Client) -> None:
+    r = http.post("/tokenize", json={"model": MODEL, "prompt": "abc"})
+    assert r.status_code == 200 and r.json() == {"tokens": [97, 98, 99], "count": 3, "max_model_len": 256}
+    msgs = [{"role": "user", "content": "hi"}]
+    templated = http.post("/tokenize", json={"messages": msgs}).json()
+    assert templated["tokens"] == [ord(c) for c in "<user>hi\n<assistant>"]  # the fake's chat template
+    bare = http.post("/tokenize", json={"messages": msgs, "add_generation_prompt": False}).json()
+    assert bare["tokens"] == [ord(c) for c in "<user>hi\n"] and bare["count"] == 9
+    chat = http.post("/v1/chat/completions", json={"messages": msgs, "max_tokens": 1}).json()
+    assert chat["usage"]["prompt_tokens"] == templated["count"]  # what generation sees
+    assert http.post("/tokenize", json={"prompt": ""}).json()["tokens"] == []
+    back = http.post("/detokenize", json={"model": MODEL, "tokens": templated["tokens"]})
+    assert back.status_code == 200 and back.json() == {"prompt": "<user>hi\n<assistant>"}
+    assert http.post("/detokenize", json={"tokens": []}).json() == {"prompt": ""}
+
+
+TOKENIZER_BAD = [
+    ("/detokenize", {"tokens": [104, -1]}, 400, "tokens", "outside the vocabulary"),
+    ("/detokenize", {"tokens": [0xD800]}, 400, "tokens", "outside the vocabulary"),
+    ("/detokenize", {"tokens": [True]}, 400, "tokens.0", "integer"),
+    ("/detokenize", {"tokens": "abc"}, 400, "tokens", "list"),
+    ("/detokenize", {}, 400, "tokens", "required"),
+    ("/detokenize", {"tokens": [1], "model": "nope"}, 404, "model", "does not exist"),
+    ("/tokenize", {"prompt": "x", "model": "nope"}, 404, "model", "does not exist"),
+    ("/tokenize", {}, 400, "prompt", "required"),
+    ("/tokenize", {"prompt": 5}, 400, "prompt", "string"),
+    ("/tokenize", {"prompt": "\ud800"}, 400, "prompt", "surrogate"),
+    ("/tokenize", {"prompt": "x", "frobnicate": 1}, 400, "frobnicate", "unknown field"),
+    ("/tokenize", {"messages": [], "add_generation_prompt": True}, 400, "messages", "at least 1"),
+    ("/tokenize", {"messages": [{"role": "user", "content": "x"}], "prompt": "y"}, 400, "prompt", "unknown"),
+    ("/tokenize", b"[1, 2]", 400, None, "JSON object"),
+]
+
+
+@pytest.mark.parametrize(("path", "body", "status", "param", "words"), TOKENIZER_BAD)
+def test_bad_tokenizer_requests_get_4xx_with_the_field(
+    http: httpx.Client, path: str, body: Any, status: int, param: str | None, words: str
+) -> None:
+    if isinstance(body, bytes):
+        r = http.post(path, content=body, headers={"content-type": "application/json"})
+    else:
+        r = http.post(path, content=json.dumps(body).encode(), headers={"content-type": "application/json"})
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert words.lower() in err["message"].lower() and err["param"] == param, err
+
+
+def test_tokenizer_routes_check_the_api_key(base_url: str) -> None:
+    for path, body in (("/tokenize", {"prompt": "k"}), ("/detokenize", {"tokens": [107]})):
+        assert httpx.post(f"{base_url}/auth{path}", json=body).status_code == 401
+        ok = httpx.post(f"{base_url}/auth{path}", json=body, headers={"Authorization": f"Bearer {API_KEY}"})
+        assert ok.status_code == 200, ok.text
+
+
+# --- X-Request-Id ---------------------------------------------------------------------------------------------
+
+
+def test_client_request_id_is_the_engines_and_is_echoed(http: httpx.Client) -> None:
+    r = http.post("/v1/completions", json={"prompt": "ab", "max_tokens": 2}, headers={"X-Request-Id": "job-7/a.1"})
+    assert r.status_code == 200 and r.headers["x-request-id"] == "job-7/a.1" and r.json()["id"] == "job-7/a.1"
+    body = {"messages": [{"role": "user", "content": "x"}], "max_tokens": 3, "stream": True}
+    with http.stream("POST", "/v1/chat/completions", json=body, headers={"X-Request-Id": "s-1"}) as s:
+        assert s.status_code == 200 and s.headers["x-request-id"] == "s-1"
+        events = sse_events(s)
+    assert {e["id"] for e in events if e != "[DONE]"} == {"s-1"}
+    fresh = http.post("/v1/completions", json={"prompt": "ab", "max_tokens": 2})
+    assert fresh.headers["x-request-id"] == fresh.json()["id"]  # one id, whoever made it
+    refused = http.post("/v1/completions", json={"prompt": "x", "n": 2}, headers={"X-Request-Id": "bad-n"})
+    assert refused.status_code == 400 and refused.headers["x-request-id"] == "bad-n"
+
+
+@pytest.mark.parametrize("bad", ["has space", "x" * 257, "caf\u00e9", "tab\there"])
+def test_a_bad_request_id_is_a_400_naming_the_header(http: httpx.Client, bad: str) -> None:
+    raw = bad.encode()  # (bytes that are not UTF-8 never reach the replica: Serve's proxy answers a plain 500)
+    r = http.post("/v1/completions", json={"prompt": "ab", "max_tokens": 2}, headers=[(b"X-Request-Id", raw)])
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == "X-Request-Id"
+
+
+def test_a_request_id_still_running_is_a_409(http: httpx.Client) -> None:
+    body = {"prompt": "abc", "max_tokens": 200, "ignore_eos": True, "stream": True}
+    with http.stream("POST", "/v1/completions", json=body, headers={"X-Request-Id": "twice"}) as first:
+        assert first.status_code == 200
+        again = http.post("/v1/completions", json={"prompt": "x"}, headers={"X-Request-Id": "twice"})
+        assert again.status_code == 409, again.text
+        assert again.json()["error"]["param"] == "X-Request-Id"
+        assert again.json()["error"]["code"] == "duplicate_request_id"
+    # once the first one is over (the client closed it), the id is free again
+    ok = http.post("/v1/completions", json={"prompt": "ok", "max_tokens": 2}, headers={"X-Request-Id": "twice"})
+    assert ok.status_code == 200 and ok.json()["choices"][0]["text"] == "ok"
 
 
 def test_unknown_route_and_method(http: httpx.Client) -> None:

@@ -166,3 +166,19 @@ def test_a_huge_prompt_does_not_stall_other_streams(base_url: str) -> None:
     worst_gap, refused = asyncio.run(run())
     assert refused.status_code == 400 and "context length" in refused.json()["error"]["message"]
     assert worst_gap < 1.5, f"a stream stalled {worst_gap:.2f} s while a huge prompt was tokenized"
+
+
+def test_logprobs_and_tokenizer_routes_on_the_real_model(oai: openai.OpenAI, base_url: str) -> None:
+    out = oai.chat.completions.create(model=DEFAULT_MODEL_NAME, messages=PARIS, max_tokens=6, temperature=0,  # type: ignore[arg-type]
+                                      logprobs=True, top_logprobs=3)
+    content = out.choices[0].logprobs.content  # type: ignore[union-attr]
+    assert content is not None and out.usage is not None and len(content) == out.usage.completion_tokens
+    assert "".join(c.token for c in content).startswith(out.choices[0].message.content or "")
+    for c in content:  # greedy: the chosen token is the most likely one
+        assert len(c.top_logprobs) == 3 and c.token == c.top_logprobs[0].token
+        assert c.logprob == pytest.approx(c.top_logprobs[0].logprob) and c.logprob <= 0
+        assert c.bytes == list(c.token.encode())
+    tokens = httpx.post(f"{base_url}/tokenize", json={"messages": PARIS}, timeout=60).json()
+    assert tokens["count"] == out.usage.prompt_tokens == len(tokens["tokens"]) and tokens["max_model_len"] == 1024
+    text = httpx.post(f"{base_url}/detokenize", json={"tokens": tokens["tokens"]}, timeout=60).json()["prompt"]
+    assert PARIS[0]["content"] in text

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import threading
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -281,3 +282,60 @@ def test_autoscaling_signals() -> None:
     assert second["baton_preemptions_per_s"] == pytest.approx(2.0)
     assert second["baton_ttft_s"] == pytest.approx(0.3)
     assert all(isinstance(v, float) for v in second.values())  # Serve rejects anything but numbers
+
+
+def test_tokenize_and_detokenize_run_off_the_event_loop(front: FakeAsyncEngine, monkeypatch) -> None:
+    from deployments.protocol import DetokenizeRequest, TokenizeChatRequest, TokenizeCompletionRequest
+
+    threads: list[int] = []
+    tokenizer = front.engine.tokenizer
+    def recorded(real: Any) -> Any:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            threads.append(threading.get_ident())
+            return real(*args, **kwargs)
+        return call
+
+    for name in ("encode", "decode"):
+        monkeypatch.setattr(tokenizer, name, recorded(getattr(tokenizer, name)))
+    s = OpenAIServing(front, ServerConfig())
+
+    async def run() -> int:
+        assert (await s.tokenize(TokenizeCompletionRequest(prompt="ab"))).tokens == [97, 98]
+        chat = await s.tokenize(TokenizeChatRequest(messages=[ChatMessage(role="user", content="x")]))
+        assert chat.count == len("<user>x\n<assistant>")
+        assert (await s.detokenize(DetokenizeRequest(tokens=[104, 105]))).prompt == "hi"
+        return threading.get_ident()
+
+    loop_thread = asyncio.run(run())
+    assert len(threads) == 3 and loop_thread not in threads
+
+
+def test_a_client_request_id_is_the_engines_logged_and_a_running_one_is_a_409(front: FakeAsyncEngine) -> None:
+    import logging
+
+    records: list[str] = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = lambda record: records.append(record.getMessage())  # type: ignore[method-assign]
+    logger = logging.getLogger("ray.serve")
+    logger.addHandler(handler)
+    old_level = logger.level
+    logger.setLevel(logging.INFO)
+    s = OpenAIServing(front, ServerConfig())
+
+    async def run() -> None:
+        held = await s.generate_stream(LONG, "client-42")
+        with pytest.raises(OpenAIError) as e:
+            await s.generate(CompletionRequest(prompt="x"), "client-42")
+        assert e.value.status_code == 409 and e.value.param == "X-Request-Id"
+        await anext(held)  # type: ignore[call-overload]
+        await held.aclose()  # type: ignore[attr-defined]
+        out = await s.generate(CompletionRequest(prompt="ok", max_tokens=2), "client-42")  # free again
+        assert out.id == "client-42" and out.choices[0].text == "ok"  # type: ignore[union-attr]
+
+    try:
+        asyncio.run(run())
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
+    about = [r for r in records if "client-42" in r]
+    assert any("prompt tokens" in r for r in about) and any("finished" in r for r in about), records

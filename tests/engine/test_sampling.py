@@ -9,7 +9,7 @@ import torch
 
 from engine.request import SamplingParams
 from engine.sampler import draw_uniform, filtered_probs, sample, sample_one
-from tests.helpers import make_engine, run_to_completion
+from tests.helpers import make_engine, run_schedule, run_to_completion
 
 SAMPLED = SamplingParams(max_tokens=12, temperature=0.8, top_k=50, top_p=0.9, seed=123, ignore_eos=True)
 TARGET_PROMPT = [17, 4242, 911, 30000, 5, 77, 1234]
@@ -21,20 +21,6 @@ def tokens_of(outs: list) -> list[int]:
 
 def text_of(outs: list) -> str:
     return "".join(o.text for o in outs)
-
-
-def run_schedule(engine, schedule: dict[int, list[tuple[str, list[int], SamplingParams]]]) -> dict[str, list]:
-    """Add each request at its iteration; step until everything has finished."""
-    outs: dict[str, list] = {}
-    it = 0
-    while engine.has_unfinished_requests() or any(i >= it for i in schedule):
-        for rid, ids, params in schedule.get(it, []):
-            engine.add_request(rid, prompt_token_ids=ids, sampling_params=params)
-        for o in engine.step():
-            outs.setdefault(o.request_id, []).append(o)
-        it += 1
-        assert it < 1000
-    return outs
 
 
 def run_alone(loaded, ids: list[int], params: SamplingParams, **cfg) -> list:
