@@ -24,7 +24,7 @@ from engine.kv_cache import BatchKVCache, RowKV
 from engine.narrow_linear import KernelName, NarrowLinear, RowKernel, resolve_kernel
 from engine.plan import BatchRow, BatchShape, IterationPlan, Prefill, SampleSpec, StepResult
 from engine.request import TokenLogprobs
-from engine.sampler import sample, token_logprobs
+from engine.sampler import nan_rows, sample, token_logprobs
 
 log = logging.getLogger(__name__)
 
@@ -205,7 +205,7 @@ class ModelRunner:
         """The one sampling entry point: a token per row of `logits` [rows, V] for (request id, draw) `rows`,
         and its logprobs for the rows that asked, from the same logits (batched: the other rows cost nothing).
         A row whose logits hold NaN (a model or device fault) fails alone; the others are sampled."""
-        nan = logits.isnan().any(dim=-1)  # [rows]
+        nan = nan_rows(logits)  # [rows]
         if bool(nan.any()):
             for r in nan.nonzero().flatten().tolist():
                 failed[rows[r][0]] = "the model produced NaN logits for this request"
