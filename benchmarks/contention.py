@@ -7,9 +7,11 @@ Each variant runs in its own process (OpenMP reads its environment once, when to
 the workload, then the same pass while a second process spins on one core. The table gives useful tok/s
 for both and the share kept under contention. The variants:
 
-* `default`: torch's OpenMP as it comes (threads spin between parallel regions, then sleep);
-* `passive`: `OMP_WAIT_POLICY=PASSIVE`, threads sleep at once when a region ends;
-* `short spin`: `GOMP_SPINCOUNT=10000`, threads spin briefly (libgomp's default is 300,000 spins), then sleep;
+* `adaptive`: the engine as shipped: 2 threads, and its thread tuner (engine/thread_tuner.py) tries one
+  thread now and then and keeps the faster;
+* `fixed`: 2 threads always, torch's OpenMP as it comes (threads spin between parallel regions, then sleep);
+* `passive`: `fixed` with `OMP_WAIT_POLICY=PASSIVE`, threads sleep at once when a region ends;
+* `short spin`: `fixed` with `GOMP_SPINCOUNT=10000` (libgomp's default is 300,000 spins), then sleep;
 * `1 thread`: one torch thread, the reference for what one core can do alone.
 """
 
@@ -26,21 +28,31 @@ from typing import Any
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TWO = {"OMP_NUM_THREADS": "2"}  # the shipped replica's threads (num_cpus: 2)
+FIXED = {"BATON_BENCH_FIXED_THREADS": "1"}  # read by this script only: the engine without its thread tuner
 VARIANTS: dict[str, dict[str, str]] = {
-    "default": TWO,
-    "passive": {**TWO, "OMP_WAIT_POLICY": "PASSIVE"},
-    "short spin": {**TWO, "GOMP_SPINCOUNT": "10000"},
+    "adaptive": TWO,
+    "fixed": {**TWO, **FIXED},
+    "passive": {**TWO, **FIXED, "OMP_WAIT_POLICY": "PASSIVE"},
+    "short spin": {**TWO, **FIXED, "GOMP_SPINCOUNT": "10000"},
     "1 thread": {"OMP_NUM_THREADS": "1"},
 }
 BUSY = "import time\nend = time.time() + {s}\nwhile time.time() < end:\n    pass\n"
 
 
 def _pass(loaded: Any, work: Any) -> float:
-    """Useful tok/s of one pass of `work` through the engine (baton-pd, 16 rows)."""
-    from benchmarks.systems import run_engine
+    """Useful tok/s of one pass of `work` through the engine (baton-pd, 16 rows), all requests at t=0."""
+    from configs import EngineConfig
+    from engine import BatonEngine, SamplingParams
 
-    run = run_engine("baton-pd", loaded, work, max_batch_size=16, progress=lambda n: None)
-    return work.useful_tokens / run.wall_s
+    adaptive = os.environ.get("BATON_BENCH_FIXED_THREADS") != "1"
+    engine = BatonEngine(EngineConfig(max_batch_size=16, adaptive_threads=adaptive), loaded=loaded)
+    for r in work.requests:
+        engine.add_request(r.request_id, prompt_token_ids=r.prompt,
+                           sampling_params=SamplingParams(max_tokens=r.max_tokens, ignore_eos=True))
+    t0 = time.perf_counter()
+    while engine.has_unfinished_requests():
+        engine.step()
+    return work.useful_tokens / (time.perf_counter() - t0)
 
 
 def child(smoke: bool, requests: int) -> dict[str, Any]:

@@ -47,6 +47,12 @@ class EngineConfig(BaseModel):
         description="baton-pd: most prefilled requests waiting in the pool (default: max_batch_size).",
     )
     num_threads: int | None = Field(default=None, ge=1, description="torch intra-op threads on CPU (default: torch's).")
+    adaptive_threads: bool = Field(
+        default=True,
+        description="CPU: now and then run a few decode steps on one thread instead of all, and keep whichever "
+        "is faster. Two spinning threads on two cores collapse when another process takes a core; one does not. "
+        "Tokens do not depend on the thread count.",
+    )
     narrow_linear: bool = Field(
         default=True,
         description="CPU: compute the decode batch's linear layers (1-16 rows) with a kernel fast for that shape "

@@ -25,6 +25,7 @@ from engine.outputs import OutputTracker
 from engine.request import Request, RequestOutput, SamplingParams
 from engine.scheduler import Scheduler
 from engine.stats import EngineStats, iteration_stats
+from engine.thread_tuner import ThreadTuner
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ class BatonEngine:
                                            config.tokenizer)
         self.tokenizer = self.loaded.tokenizer
         self.runner = ModelRunner(self.loaded.model, self.loaded.device, narrow_linear=config.narrow_linear,
-                                  narrow_kernel=config.narrow_kernel)
+                                  narrow_kernel=config.narrow_kernel, tuner=_thread_tuner(config, self.loaded))
         self.vocab_size = int(self.loaded.model.get_input_embeddings().num_embeddings)
         self.max_model_len = config.max_model_len or self.runner.shape.max_position_embeddings
         self.cache = self._new_cache()
@@ -175,6 +176,12 @@ class BatonEngine:
             raise FieldError("prompt_token_ids",
                              f"prompt_token_ids {bad[:5]} outside the vocabulary [0, {self.vocab_size})")
         return ids
+
+
+def _thread_tuner(config: EngineConfig, loaded: LoadedModel) -> ThreadTuner | None:
+    """On CPU with more than one torch thread, a tuner that falls back to one thread while it is faster."""
+    most = torch.get_num_threads()
+    return ThreadTuner(most) if config.adaptive_threads and loaded.device.type == "cpu" and most > 1 else None
 
 
 def _eos_ids(loaded: LoadedModel) -> set[int]:

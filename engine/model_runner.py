@@ -25,6 +25,7 @@ from engine.narrow_linear import KernelName, NarrowLinear, RowKernel, resolve_ke
 from engine.plan import BatchRow, BatchShape, IterationPlan, Prefill, SampleSpec, StepResult
 from engine.request import TokenLogprobs
 from engine.sampler import nan_rows, sample, token_logprobs
+from engine.thread_tuner import ThreadTuner
 
 log = logging.getLogger(__name__)
 
@@ -117,8 +118,9 @@ class ModelRunner:
     """Owns the model; times every forward pass."""
 
     def __init__(self, model: Any, device: torch.device, narrow_linear: bool = True,
-                 narrow_kernel: KernelName = "auto") -> None:
+                 narrow_kernel: KernelName = "auto", tuner: ThreadTuner | None = None) -> None:
         self.model, self.device = model, device
+        self.tuner = tuner  # CPU: picks the decode steps' torch threads by measuring (engine/thread_tuner.py)
         self.shape = model_shape(model.config)
         self.forward_s = 0.0  # cumulative; the engine reads deltas
         # CPU: the decode batch's linears through a kernel fast for a few rows (engine/narrow_linear.py).
@@ -185,8 +187,15 @@ class ModelRunner:
             return Sampled(), None
         ordered = [by_id[rid] for rid in cache.ids]
         feeds = [r.feed if r.feed is not None else (prefill_tokens[r.request_id],) for r in ordered]
+        # Only pure decode steps are timed for the tuner: neighbouring ones have nearly the same shape.
+        tuner = self.tuner if all(len(f) == 1 for f in feeds) else None
         try:
+            if tuner is not None:
+                tuner.before()
+            t0 = time.perf_counter()
             logits = self.batch_forward(cache, *batch_inputs(feeds, cache.real))
+            if tuner is not None:
+                tuner.after(time.perf_counter() - t0)
         except Exception as e:
             log.exception("batch forward failed")
             failed.update((rid, f"batch forward failed: {e}") for rid in cache.ids)
