@@ -2,9 +2,10 @@
 
 With 2 OpenMP threads on 2 cores, a step is a few hundred small parallel regions, each waiting for its
 slowest thread. When another process takes one core, the thread that loses it stalls every region: the
-engine kept 29% of its quiet throughput (`benchmarks/contention.py`), where one thread keeps 95%. Quiet, two
-threads are ~1.5x faster than one. So the tuner runs the configured count, and every `period` decode steps
-tries the other count for `trial` steps; it keeps whichever was faster per step. Decode steps of
+engine kept 29-32% of its quiet throughput (`benchmarks/contention.py`), where one thread keeps 95-100%.
+Quiet, two threads are ~1.3-1.5x faster than one. So the tuner runs the configured count, tries the other
+count for `trial` steps after the first `first` decode steps and then every `period`, and keeps whichever
+was faster per step. Decode steps of
 neighbouring iterations have nearly the same shape, so their times compare fairly.
 
 A row's result does not depend on the thread count (each output element has one summation order in the
@@ -28,7 +29,8 @@ class ThreadTuner:
     """Chooses 1 or `most` threads for the next decode step. Call `before()` then `after(seconds)`."""
 
     most: int
-    period: int = 48  # decode steps between trials of the other count
+    period: int = 32  # decode steps between trials of the other count
+    first: int = 8  # decode steps before the first trial (contention may be there from the start)
     trial: int = 3  # steps per trial (and steps of the current count it is compared against)
     margin: float = 0.9  # the other count must be this much faster (time ratio) to be adopted
     current: int = 0  # threads in use (0: not started)
@@ -36,6 +38,7 @@ class ThreadTuner:
     _trying: int = 0  # trial steps left
     _recent: deque[float] = field(default_factory=lambda: deque(maxlen=8))  # step times at `current`
     _trial_times: list[float] = field(default_factory=list)
+    _tried: bool = False
     switches: int = 0
 
     def __post_init__(self) -> None:
@@ -51,12 +54,17 @@ class ThreadTuner:
 
     def before(self) -> None:
         """Set torch's threads for the next decode step (starting a trial when one is due)."""
-        if not self._trying and self._steps >= self.period and len(self._recent) >= self.trial:
+        due = self.period if self.switches or self._tried else self.first
+        if not self._trying and self._steps >= due and len(self._recent) >= self.trial:
+            self._tried = True
             self._trying, self._trial_times = self.trial, []
         torch.set_num_threads(self.threads())
 
     def after(self, seconds: float) -> None:
-        """Record the step's time; at the end of a trial, keep the faster count."""
+        """Record the step's time; at the end of a trial, keep the faster count. Torch's thread count goes
+        back to `most`, so nothing outside the decode step (prefills, other engines in the process) sees the
+        tuner's choice."""
+        torch.set_num_threads(self.most)
         self._steps += 1
         if not self._trying:
             self._recent.append(seconds)
@@ -74,4 +82,3 @@ class ThreadTuner:
             self.current, self.switches = self.other, self.switches + 1
             self._recent.clear()
             self._recent.append(tried)
-        torch.set_num_threads(self.current)

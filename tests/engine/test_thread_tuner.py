@@ -46,6 +46,15 @@ def test_contention_moves_to_one_thread_and_back_when_it_ends() -> None:
     assert tuner.current == 2 and tuner.switches == 2
 
 
+def test_the_choice_never_leaks_outside_the_decode_step() -> None:
+    """Prefills and any other engine in the process see the configured count, whatever the tuner chose."""
+    tuner = ThreadTuner(most=2, period=4, trial=1, first=1)
+    drive(tuner, {2: 0.200, 1: 0.100}, steps=12)
+    assert tuner.current == 1 and torch.get_num_threads() == 2
+    tuner.before()
+    assert torch.get_num_threads() == 1
+
+
 def test_one_slow_trial_step_decides_nothing() -> None:
     tuner = ThreadTuner(most=2, period=5, trial=3)
     times = iter([0.06] * 5 + [0.01, 0.2, 0.2] + [0.06] * 20)  # the trial's median is slow
@@ -66,7 +75,7 @@ def test_switching_threads_mid_run_changes_no_token(default_model) -> None:
         engine = make_engine(default_model, max_batch_size=4, adaptive_threads=adaptive)
         if adaptive:
             assert engine.runner.tuner is not None
-            engine.runner.tuner = ThreadTuner(most=2, period=2, trial=1, margin=1e9)  # always switches
+            engine.runner.tuner = ThreadTuner(most=2, period=2, trial=1, margin=1e9, first=2)  # always switches
         for rid, ids in prompts.items():
             engine.add_request(rid, prompt_token_ids=ids, sampling_params=params)
         outs = run_to_completion(engine)
