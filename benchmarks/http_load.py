@@ -31,6 +31,7 @@ import httpx
 from tqdm import tqdm
 
 from benchmarks import plots
+from benchmarks.capped import run_capped
 from benchmarks.compare import _f, _pct, provenance
 from benchmarks.meters import CpuMeter
 from benchmarks.plain_serve import DEFAULT_BATCH_WAIT_S
@@ -223,12 +224,7 @@ async def drive(base_url: str, path: str, requests: tuple[BenchRequest, ...], co
                 progress(o.completion_tokens or 0)
 
         t0 = time.perf_counter()
-        tasks = [asyncio.create_task(one(r, o)) for r, o in zip(requests, outcomes, strict=True)]
-        _, pending = await asyncio.wait(tasks, timeout=cap_s)
-        wall = time.perf_counter() - t0
-        for t in pending:
-            t.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
+        wall = await run_capped((one(r, o) for r, o in zip(requests, outcomes, strict=True)), cap_s, t0)
     for o in outcomes:  # cancelled before it was sent (still waiting for a slot)
         if not o.ok and o.error is None:
             o.error = f"not answered within the {cap_s:g} s cap"

@@ -20,13 +20,14 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 
 from benchmarks.meters import ForwardMeter, PeakMemory
 from benchmarks.workloads import BenchRequest, Workload
 from configs import EngineConfig
+from configs.engine import PolicyName
 from engine import BatonEngine, SamplingParams
 from engine.model_loader import LoadedModel
 
@@ -100,7 +101,7 @@ def _sleep_until(t0: float, arrival_s: float) -> None:
 def run_engine(policy: str, loaded: LoadedModel, work: Workload, max_batch_size: int, progress: Progress,
                prefill_token_budget: int = 512) -> SystemRun:
     """Step the engine; before each step submit every request whose arrival time has passed."""
-    config = EngineConfig(model=loaded.name, policy=policy, max_batch_size=max_batch_size,
+    config = EngineConfig(model=loaded.name, policy=cast(PolicyName, policy), max_batch_size=max_batch_size,
                           prefill_token_budget=prefill_token_budget, num_threads=torch.get_num_threads())
     engine = BatonEngine(config, loaded=loaded)
     pending = _by_arrival(work)

@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from benchmarks.capped import run_capped
 from benchmarks.workloads import BenchRequest, LengthSpec
 
 CHAT_TOPICS = (
@@ -117,12 +118,7 @@ async def drive(base_url: str, model: str, requests: Sequence[BenchRequest | Cha
             progress(o.completion_tokens or 0)
 
     try:
-        tasks = [asyncio.create_task(one(r, o)) for r, o in zip(requests, outcomes, strict=True)]
-        _, pending = await asyncio.wait(tasks, timeout=cap_s)
-        wall = time.perf_counter() - t0
-        for t in pending:
-            t.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
+        wall = await run_capped((one(r, o) for r, o in zip(requests, outcomes, strict=True)), cap_s, t0)
     finally:
         await client.close()
     for o in outcomes:
