@@ -152,7 +152,7 @@ class ModelRunner:
             prefill_tokens=prefill.tokens, pooled=pooled, batch_tokens=batch.tokens, swapped=swapped,
             prefill_logprobs=prefill.logprobs, batch_logprobs=batch.logprobs, failed=failed, batch=shape,
             prefill_computed=sum(len(p.token_ids) for p in plan.prefill if p.request_id in prefill.tokens),
-            forward_s=self.forward_s - f0, cache_columns=cache.length, cache_bytes=cache.used_bytes(),
+            forward_s=self.forward_s - f0, cache_columns=cache.length,
         )
 
     def _prefills(self, prefills: tuple[Prefill, ...], cache: BatchKVCache, failed: dict[str, str]

@@ -110,4 +110,3 @@ class StepResult:
     prefill_computed: int = 0  # tokens computed by the prefills that ran
     forward_s: float = 0.0  # time inside model forward passes
     cache_columns: int = 0  # window length L after the step
-    cache_bytes: int = 0  # bytes of the live window after the step
