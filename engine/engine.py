@@ -76,6 +76,7 @@ class BatonEngine:
         if isinstance(priority, bool) or not isinstance(priority, int):
             raise FieldError("priority", f"priority must be an integer, got {priority!r}")
         ids = self._prompt_ids(prompt, prompt_token_ids)
+        params.check_vocabulary(self.vocab_size)
         if len(ids) + params.max_tokens > self.max_model_len:
             raise FieldError(
                 "prompt",

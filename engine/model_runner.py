@@ -24,7 +24,7 @@ from engine.kv_cache import BatchKVCache, RowKV
 from engine.narrow_linear import KernelName, NarrowLinear, RowKernel, resolve_kernel
 from engine.plan import BatchRow, BatchShape, IterationPlan, Prefill, SampleSpec, StepResult
 from engine.request import TokenLogprobs
-from engine.sampler import nan_rows, sample, token_logprobs
+from engine.sampler import adjust_logits, nan_rows, sample, token_logprobs
 from engine.thread_tuner import ThreadTuner
 
 log = logging.getLogger(__name__)
@@ -203,7 +203,11 @@ class ModelRunner:
         live = [r for r, row in enumerate(ordered) if row.sample is not None]
         if len(live) < len(ordered):  # run-to-completion rows that are done are computed, not sampled
             logits = logits.index_select(0, torch.tensor(live, device=logits.device))
-        sampled = self._sample_rows(logits, [(row.request_id, s) for row in ordered if (s := row.sample)], failed)
+        # A baton join's draw follows the token its own prefill drew in this iteration (its feed): the
+        # penalties count that token too.
+        specs = [(row.request_id, s if row.feed is not None else s.after(feed[0]))
+                 for row, feed in zip(ordered, feeds, strict=True) if (s := row.sample)]
+        sampled = self._sample_rows(logits, specs, failed)
         attended = cache.rows * cache.length
         shape = BatchShape(len(ordered), max(len(f) for f in feeds), attended, attended - sum(cache.real))
         return sampled, shape
@@ -212,8 +216,9 @@ class ModelRunner:
     def _sample_rows(logits: torch.Tensor, rows: list[tuple[str, SampleSpec]], failed: dict[str, str]
                      ) -> Sampled:
         """The one sampling entry point: a token per row of `logits` [rows, V] for (request id, draw) `rows`,
-        and its logprobs for the rows that asked, from the same logits (batched: the other rows cost nothing).
-        A row whose logits hold NaN (a model or device fault) fails alone; the others are sampled."""
+        drawn after each row's logit adjustments (penalties, bias, min_tokens: `adjust_logits`), and its
+        logprobs for the rows that asked, from the raw logits (vLLM's default; batched: the other rows cost
+        nothing). A row whose logits hold NaN (a model or device fault) fails alone; the others are sampled."""
         nan = nan_rows(logits)  # [rows]
         if bool(nan.any()):
             for r in nan.nonzero().flatten().tolist():
@@ -223,7 +228,8 @@ class ModelRunner:
         if not rows:
             return Sampled()
         specs = [s for _, s in rows]
-        tokens = sample(logits, [s.params for s in specs], [s.seed for s in specs], [s.index for s in specs])
+        tokens = sample(adjust_logits(logits, specs), [s.params for s in specs], [s.seed for s in specs],
+                        [s.index for s in specs])
         ids = [rid for rid, _ in rows]
         want = [r for r, s in enumerate(specs) if s.top_logprobs is not None]
         logprobs: dict[str, TokenLogprobs] = {}

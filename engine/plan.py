@@ -9,7 +9,7 @@ Both objects are plain frozen data: a test can build a plan by hand, run it, and
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from autoscaler.probes.base import MemoryReading
 from engine.capacity import Preemption
@@ -19,16 +19,52 @@ from engine.request import SamplingParams, TokenLogprobs
 
 @dataclass(frozen=True)
 class SampleSpec:
-    """How to draw one token of one request. The draw depends only on (seed, index), never on the batch."""
+    """How to draw one token of one request. The draw depends only on (seed, index) and the request's own
+    tokens, never on the batch.
+
+    The last three fields feed the logit adjustments (engine/sampler.py:adjust_logits) and stay empty for a
+    request without them, so its draw costs nothing more.
+    """
 
     params: SamplingParams
     seed: int
     index: int  # which of the request's output tokens this draw produces (0 = the first)
+    prompt_ids: tuple[int, ...] = ()  # the prompt, when repetition_penalty counts its tokens
+    output_ids: tuple[int, ...] = ()  # when a penalty is on: the output before this draw (len == index)
+    suppressed: tuple[int, ...] = ()  # ids this draw may not produce (min_tokens: EOS, stop_token_ids)
 
     @property
     def top_logprobs(self) -> int | None:
         """How many top alternatives to report with the token's logprob; None: no logprobs for this draw."""
         return self.params.logprobs
+
+    @property
+    def adjusts_logits(self) -> bool:
+        """The draw changes the raw logits before sampling (a penalty, a bias or suppressed ids)."""
+        return bool(self.params.counts_tokens or self.params.logit_bias or self.suppressed)
+
+    def after(self, token: int) -> SampleSpec:
+        """This draw once `token`, drawn earlier in the same iteration (a baton join's prefill), is known."""
+        if not self.params.counts_tokens:
+            return self
+        return replace(self, output_ids=(*self.output_ids, token))
+
+
+def sample_spec(prompt: list[int], output: list[int], params: SamplingParams, seed: int, eos_token_ids: set[int],
+                ahead: int = 0) -> SampleSpec:
+    """The draw of output token `len(output) + ahead` (`ahead` = 1: an earlier draw of the same iteration,
+    not in `output` yet, precedes it; the runner completes `output_ids` with `SampleSpec.after`)."""
+    index = len(output) + ahead
+    suppressed: tuple[int, ...] = ()
+    if index < params.min_tokens:
+        eos = () if params.ignore_eos else tuple(sorted(eos_token_ids))
+        suppressed = (*params.stop_token_ids, *eos)
+    return SampleSpec(
+        params, seed, index,
+        prompt_ids=tuple(prompt) if params.repetition_penalty != 1 else (),
+        output_ids=tuple(output) if params.counts_tokens else (),
+        suppressed=suppressed,
+    )
 
 
 @dataclass(frozen=True)

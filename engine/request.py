@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import enum
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -16,6 +18,11 @@ MIN_TEMPERATURE = 1e-5
 
 # The most alternatives a request may ask to see beside each sampled token (OpenAI's and vLLM's limit).
 MAX_LOGPROBS = 20
+
+# OpenAI's limits: presence and frequency penalties in [-2, 2]; logit_bias values in [-100, 100], 300 entries.
+MAX_PENALTY = 2.0
+MAX_LOGIT_BIAS = 100.0
+MAX_LOGIT_BIAS_ENTRIES = 300
 
 
 @dataclass(frozen=True)
@@ -31,6 +38,13 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: int | None = None  # None: no log-probabilities; k: each token's, with its top k alternatives
+    # Logit adjustments, applied to the raw logits before temperature, top-k and top-p, in vLLM's order:
+    # min_tokens, logit_bias, then the penalties (engine/sampler.py:adjust_logits). Defaults are off.
+    presence_penalty: float = 0.0  # OpenAI: subtracted once from each token already in the output
+    frequency_penalty: float = 0.0  # OpenAI: subtracted once per occurrence of a token in the output
+    repetition_penalty: float = 1.0  # vLLM: a token of prompt or output has a positive logit / p, a negative * p
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit), by id; a mapping is accepted
+    min_tokens: int = 0  # vLLM: EOS and stop_token_ids cannot be drawn before this many output tokens
 
     def __post_init__(self) -> None:
         # Accept lists (e.g. from JSON) but keep the object hashable and immutable.
@@ -38,6 +52,7 @@ class SamplingParams:
             object.__setattr__(self, "stop", (self.stop,))
         object.__setattr__(self, "stop", tuple(self.stop))
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        object.__setattr__(self, "logit_bias", _logit_bias_pairs(self.logit_bias))
         if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
             raise FieldError("max_tokens", f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
         if not isinstance(self.temperature, (int, float)) or self.temperature < 0:
@@ -57,11 +72,66 @@ class SamplingParams:
         lp = self.logprobs
         if lp is not None and (isinstance(lp, bool) or not isinstance(lp, int) or not 0 <= lp <= MAX_LOGPROBS):
             raise FieldError("logprobs", f"logprobs must be an integer in [0, {MAX_LOGPROBS}] or None, got {lp!r}")
+        self._check_adjustments()
+
+    def _check_adjustments(self) -> None:
+        for name in ("presence_penalty", "frequency_penalty"):
+            v = getattr(self, name)
+            if not _is_real(v) or not -MAX_PENALTY <= v <= MAX_PENALTY:
+                raise FieldError(name, f"{name} must be a number in [-{MAX_PENALTY:g}, {MAX_PENALTY:g}], got {v!r}")
+        rp = self.repetition_penalty
+        if not _is_real(rp) or not 0.0 < rp < math.inf:
+            raise FieldError("repetition_penalty", f"repetition_penalty must be a finite number > 0, got {rp!r}")
+        mt = self.min_tokens
+        if isinstance(mt, bool) or not isinstance(mt, int) or not 0 <= mt <= self.max_tokens:
+            raise FieldError("min_tokens",
+                             f"min_tokens must be an integer in [0, max_tokens={self.max_tokens}], got {mt!r}")
+
+    def check_vocabulary(self, vocab_size: int) -> None:
+        """FieldError naming `logit_bias` if it biases a token id outside [0, vocab_size)."""
+        bad = [t for t, _ in self.logit_bias if t >= vocab_size]
+        if bad:
+            raise FieldError("logit_bias", f"logit_bias token ids {bad[:5]} outside the vocabulary [0, {vocab_size})")
 
     @property
     def greedy(self) -> bool:
         """Temperature 0, or below `MIN_TEMPERATURE` (dividing logits by 1e-310 overflows them to inf)."""
         return self.temperature < MIN_TEMPERATURE
+
+    @property
+    def counts_tokens(self) -> bool:
+        """A penalty is on: each draw depends on the tokens seen so far (the output; the prompt too for
+        `repetition_penalty`)."""
+        return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
+
+
+def _is_real(v: object) -> bool:
+    """An int or float (not a bool) that is not NaN."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v
+
+
+def _logit_bias_pairs(bias: Mapping[int, float] | tuple[tuple[int, float], ...]) -> tuple[tuple[int, float], ...]:
+    """`bias` as (token id, bias) pairs sorted by id, validated (FieldError naming `logit_bias`)."""
+    if not isinstance(bias, (Mapping, tuple, list)):
+        raise FieldError("logit_bias", f"logit_bias must map token ids to biases, got {bias!r}")
+    pairs = list(bias.items()) if isinstance(bias, Mapping) else list(bias)
+    if len(pairs) > MAX_LOGIT_BIAS_ENTRIES:
+        raise FieldError("logit_bias", f"logit_bias takes at most {MAX_LOGIT_BIAS_ENTRIES} entries, got {len(pairs)}")
+    out: dict[int, float] = {}
+    for pair in pairs:
+        if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+            raise FieldError("logit_bias", f"logit_bias entries must be (token id, bias) pairs, got {pair!r}")
+        tok, b = pair
+        if isinstance(tok, bool) or not isinstance(tok, int) or tok < 0:
+            raise FieldError("logit_bias", f"logit_bias keys must be token ids (integers >= 0), got {tok!r}")
+        if not _is_real(b) or not -MAX_LOGIT_BIAS <= b <= MAX_LOGIT_BIAS:
+            raise FieldError("logit_bias",
+                             f"logit_bias values must be numbers in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}], "
+                             f"got {b!r} for token {tok}")
+        if tok in out:
+            raise FieldError("logit_bias", f"logit_bias names token {tok} twice")
+        out[tok] = float(b)
+    return tuple(sorted(out.items()))
 
 
 class RequestState(enum.Enum):

@@ -19,7 +19,7 @@ from configs import EngineConfig
 from engine.capacity import CapacityController, CapacityDecision, CapacitySnapshot, QueuedInfo, RowInfo
 from engine.kv_cache import BatchKVCache, RowKV
 from engine.outputs import OutputTracker
-from engine.plan import BatchRow, IterationPlan, Join, Prefill, SampleSpec, StepResult
+from engine.plan import BatchRow, IterationPlan, Join, Prefill, SampleSpec, StepResult, sample_spec
 from engine.request import FinishReason, Request, RequestOutput, RequestState, TokenLogprobs
 
 JoinMode = Literal["in_batch", "prefill_on_admit", "from_pool"]
@@ -78,11 +78,6 @@ def queued_info(req: Request) -> QueuedInfo:
     return QueuedInfo(request_id=req.request_id, priority=req.priority, arrival=req.arrival,
                       length=len(req.all_token_ids) - (0 if state == "waiting" else 1),
                       state=state, preemptions=req.preemptions, remaining=req.remaining)  # type: ignore[arg-type]
-
-
-def _spec(req: Request, ahead: int = 0) -> SampleSpec:
-    """The draw of `req`'s next output token (`ahead` more if an earlier draw of this iteration precedes it)."""
-    return SampleSpec(req.params, req.seed, len(req.output_token_ids) + ahead)
 
 
 class Scheduler:
@@ -210,7 +205,7 @@ class Scheduler:
                 del self.queues.waiting[rid]
             if kv is None and self.policy.join == "prefill_on_admit":
                 # A request whose first token is also its last never needs a row.
-                prefills.append(Prefill(rid, tuple(req.all_token_ids), _spec(req), join=req.remaining > 1))
+                prefills.append(Prefill(rid, tuple(req.all_token_ids), self._spec(req), join=req.remaining > 1))
                 if req.remaining > 1:
                     self.running[rid] = req
                     req.state = RequestState.RUNNING
@@ -239,7 +234,7 @@ class Scheduler:
             if allowance is not None:
                 allowance -= n * self.cache.bytes_per_token
             del self.queues.waiting[req.request_id]
-            out.append(Prefill(req.request_id, tuple(req.all_token_ids), _spec(req), join=False))
+            out.append(Prefill(req.request_id, tuple(req.all_token_ids), self._spec(req), join=False))
             budget, tokens, room = budget - n, tokens + n, room - 1
         return out
 
@@ -249,10 +244,15 @@ class Scheduler:
         for rid in kept + [j.request_id for j in joins]:
             req = self.running[rid]
             feed = tuple(req.all_token_ids) if rid in in_batch else (req.all_token_ids[-1],)
-            rows.append(BatchRow(rid, feed, None if req.finished else _spec(req)))
-        rows += [BatchRow(p.request_id, None, _spec(self.requests[p.request_id], ahead=1))
+            rows.append(BatchRow(rid, feed, None if req.finished else self._spec(req)))
+        rows += [BatchRow(p.request_id, None, self._spec(self.requests[p.request_id], ahead=1))
                  for p in prefills if p.join]
         return tuple(rows)
+
+    def _spec(self, req: Request, ahead: int = 0) -> SampleSpec:
+        """The draw of `req`'s next output token (`ahead` more if an earlier draw of this iteration precedes it)."""
+        return sample_spec(req.prompt_token_ids, req.output_token_ids, req.params, req.seed,
+                           self.outputs.eos_token_ids, ahead)
 
     # ---- the outcome ------------------------------------------------------------------------------------
     def _on_token(self, req: Request, token: int, logprobs: TokenLogprobs | None) -> None:

@@ -24,6 +24,28 @@ def run_to_completion(engine, max_iterations: int = 100_000, check=None):
     raise AssertionError("engine did not finish")
 
 
+def tokens_of(outs: list) -> list[int]:
+    """Every token id of one request's outputs, in order."""
+    return [t for o in outs for t in o.new_token_ids]
+
+
+def run_alone(loaded, ids: list[int], params, **cfg) -> list:
+    """One request alone in a fresh engine (`cfg`: its config); its outputs."""
+    engine = make_engine(loaded, **cfg)
+    engine.add_request("alone", prompt_token_ids=ids, sampling_params=params)
+    return run_to_completion(engine)["alone"]
+
+
+def run_beside(loaded, ids: list[int], params, schedule: dict[int, list[tuple]], **cfg) -> dict[str, list]:
+    """A request "target" joining at iteration 2 among the `schedule`'s requests (at most 8 rows); every
+    request's outputs. Fails unless the batch really held three rows or more at some point."""
+    schedule = {**schedule, 2: [*schedule.get(2, []), ("target", ids, params)]}
+    engine = make_engine(loaded, max_batch_size=8, **cfg)
+    outs = run_schedule(engine, schedule)
+    assert max(it.rows for it in engine.stats.history) >= 3  # it really shared the batch
+    return outs
+
+
 def run_schedule(engine, schedule: dict[int, list[tuple]]) -> dict[str, list]:
     """Add each request at its iteration; step until everything has finished."""
     outs: dict[str, list] = {}

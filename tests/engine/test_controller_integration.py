@@ -56,9 +56,9 @@ class Run:
 
 
 def drive(engine: BatonEngine, work: list[dict], max_iterations: int = 3_000, finish: bool = True) -> Run:
-    """Submit each request (`id`, `prompt`, `max_tokens`, `arrival`, optional `priority`) at its arrival
-    iteration, greedy with EOS ignored; step until all finish. Fails, rather than hangs, on a stall; with
-    `finish=False`, just stops after `max_iterations`."""
+    """Submit each request (`id`, `prompt`, `max_tokens`, `arrival`, optional `priority`, optional `params`:
+    greedy with EOS ignored when absent) at its arrival iteration; step until all finish. Fails, rather than
+    hangs, on a stall; with `finish=False`, just stops after `max_iterations`."""
     run = Run(engine, tokens={w["id"]: [] for w in work})
     pending = sorted(work, key=lambda w: w["arrival"])
     while pending or engine.has_unfinished_requests():
@@ -71,8 +71,9 @@ def drive(engine: BatonEngine, work: list[dict], max_iterations: int = 3_000, fi
         )
         while pending and pending[0]["arrival"] <= engine.iteration:
             w = pending.pop(0)
+            params = w.get("params") or SamplingParams(max_tokens=w["max_tokens"], ignore_eos=True)
             engine.add_request(w["id"], prompt_token_ids=w["prompt"], priority=w.get("priority", 0),
-                               sampling_params=SamplingParams(max_tokens=w["max_tokens"], ignore_eos=True))
+                               sampling_params=params)
             run.requests[w["id"]] = engine.scheduler.requests[w["id"]]
         it = engine.iteration
         for o in engine.step():
@@ -122,10 +123,23 @@ class Squeeze:
     fixed: Run
 
 
+def adjusted(max_tokens: int, seed: int) -> SamplingParams:
+    """Sampling whose every draw depends on the request's own tokens so far (penalties over prompt and
+    output), with a bias, and a likely stop id that min_tokens holds off to the end (so every request still
+    runs to `max_tokens`, and the memory schedule is the greedy workload's)."""
+    return SamplingParams(max_tokens=max_tokens, temperature=0.9, seed=seed, presence_penalty=0.6,
+                          frequency_penalty=0.3, repetition_penalty=1.2, logit_bias={700 + seed: 4.0, 800: 6.0},
+                          stop_token_ids=(800,), min_tokens=max_tokens, ignore_eos=True)
+
+
 @pytest.fixture(scope="module")
 def squeeze(tiny_model) -> Squeeze:
+    """Every third request samples with logit adjustments (`adjusted`), the rest are greedy: preempted rows
+    of both kinds must come back to the same tokens."""
     work = random_workload(seed=1, n=16, vocab=tiny_model.model.config.vocab_size, prompt_len=(16, 64),
                            max_tokens=(24, 48), arrival_span=10)
+    for i, w in enumerate(work[::3]):
+        w["params"] = adjusted(w["max_tokens"], seed=i)
     fixed = drive(make_engine(tiny_model, max_batch_size=ROWS), work)
     peak = max(h.accounted_bytes for h in fixed.history)
     return Squeeze(work, fixed.tokens, int(BUDGET_FRACTION * peak), fixed)
@@ -178,6 +192,7 @@ def test_controlled_engine_stays_under_budget_with_exact_output(squeeze, pressur
         other = "recompute" if mode == "swap" else "swap"
         assert by_mode[mode] > 0 and by_mode[other] == 0, by_mode
     assert sum(q.preemptions for q in run.requests.values()) == engine.stats.preemptions
+    assert any(run.requests[w["id"]].preemptions for w in squeeze.work if "params" in w)  # adjusted ones too
     assert engine.stats.swapped == 0 and not engine.scheduler.queues.swapped  # every swapped row came back
 
 
@@ -241,6 +256,23 @@ def test_urgent_arrival_into_a_full_batch(tiny_model, running_priorities, arriva
         assert run.joined["c"] < min(run.finished["a"], run.finished["b"])  # did not wait
         assert run.finished["c"] < run.finished[victim]
     assert_solo_exact(tiny_model, run, work)
+
+
+@pytest.mark.parametrize("mode", ["swap", "recompute"])
+def test_adjusted_sampling_survives_preemption(tiny_model, mode):
+    """The youngest of two equal rows yields to an urgent arrival; all three sample with logit adjustments
+    and give the tokens they give alone, whether the victim's KV went to host or was recomputed."""
+    work = [spec("a", 40, 30, arrival=0, priority=5), spec("b", 24, 30, arrival=1, priority=5),
+            spec("c", 16, 6, arrival=5, priority=0)]
+    for i, w in enumerate(work):
+        w["params"] = adjusted(w["max_tokens"], seed=i)
+    run = drive(controlled(tiny_model, PLENTY, rows=2, min_priority_gap=5, preemption_mode=mode), work)
+
+    assert {rid for rid, q in run.requests.items() if q.preemptions} == {"b"}
+    assert run.engine.stats.preemptions_by_mode[mode] == 1
+    for w in work:
+        alone = drive(make_engine(tiny_model), [{**w, "arrival": 0}])
+        assert run.tokens[w["id"]] == alone.tokens[w["id"]], w["id"]
 
 
 def test_equal_priorities_are_first_come_first_served(tiny_model):

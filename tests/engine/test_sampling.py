@@ -9,24 +9,14 @@ import torch
 
 from engine.request import SamplingParams
 from engine.sampler import draw_uniform, filtered_probs, sample, sample_one
-from tests.helpers import make_engine, run_schedule, run_to_completion
+from tests.helpers import make_engine, run_alone, run_beside, run_to_completion, tokens_of
 
 SAMPLED = SamplingParams(max_tokens=12, temperature=0.8, top_k=50, top_p=0.9, seed=123, ignore_eos=True)
 TARGET_PROMPT = [17, 4242, 911, 30000, 5, 77, 1234]
 
 
-def tokens_of(outs: list) -> list[int]:
-    return [t for o in outs for t in o.new_token_ids]
-
-
 def text_of(outs: list) -> str:
     return "".join(o.text for o in outs)
-
-
-def run_alone(loaded, ids: list[int], params: SamplingParams, **cfg) -> list:
-    engine = make_engine(loaded, **cfg)
-    engine.add_request("alone", prompt_token_ids=ids, sampling_params=params)
-    return run_to_completion(engine)["alone"]
 
 
 def random_others(seed: int, n: int = 6) -> dict[int, list[tuple[str, list[int], SamplingParams]]]:
@@ -45,11 +35,7 @@ def random_others(seed: int, n: int = 6) -> dict[int, list[tuple[str, list[int],
 def test_seeded_sampling_is_independent_of_the_batch(tiny_model, policy: str) -> None:
     alone = tokens_of(run_alone(tiny_model, TARGET_PROMPT, SAMPLED, policy=policy))
     assert len(alone) == SAMPLED.max_tokens and len(set(alone)) > 3  # really sampled, not a repeated argmax
-    schedule = random_others(seed=1)
-    schedule.setdefault(2, []).append(("target", TARGET_PROMPT, SAMPLED))
-    engine = make_engine(tiny_model, policy=policy, max_batch_size=8)
-    outs = run_schedule(engine, schedule)
-    assert max(it.rows for it in engine.stats.history) >= 3  # it really shared the batch
+    outs = run_beside(tiny_model, TARGET_PROMPT, SAMPLED, random_others(seed=1), policy=policy)
     assert tokens_of(outs["target"]) == alone
     assert all(outs[rid][-1].finish_reason == "length" for rid in outs)
 

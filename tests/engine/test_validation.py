@@ -56,6 +56,23 @@ def test_context_length(engine) -> None:
         ({"seed": "abc"}, r"seed.*'abc'"),
         ({"stop": ["ok", ""]}, r"stop strings.*''"),
         ({"stop_token_ids": [-1]}, r"stop_token_ids.*got -1"),
+        ({"presence_penalty": 2.5}, r"presence_penalty must be a number in \[-2, 2\], got 2\.5"),
+        ({"presence_penalty": float("nan")}, r"presence_penalty.*got nan"),
+        ({"frequency_penalty": -2.01}, r"frequency_penalty.*got -2\.01"),
+        ({"frequency_penalty": True}, r"frequency_penalty.*got True"),
+        ({"repetition_penalty": 0.0}, r"repetition_penalty must be a finite number > 0, got 0\.0"),
+        ({"repetition_penalty": -1.2}, r"repetition_penalty.*got -1\.2"),
+        ({"repetition_penalty": float("inf")}, r"repetition_penalty.*got inf"),
+        ({"logit_bias": {5: 101}}, r"logit_bias values must be numbers in \[-100, 100\], got 101 for token 5"),
+        ({"logit_bias": {5: float("nan")}}, r"logit_bias values.*got nan"),
+        ({"logit_bias": {-1: 1.0}}, r"logit_bias keys must be token ids.*got -1"),
+        ({"logit_bias": {"5": 1.0}}, r"logit_bias keys must be token ids.*got '5'"),
+        ({"logit_bias": {i: 1.0 for i in range(301)}}, r"logit_bias takes at most 300 entries, got 301"),
+        ({"logit_bias": [(5, 1.0), (5, 2.0)]}, r"logit_bias names token 5 twice"),
+        ({"logit_bias": 5}, r"logit_bias must map token ids to biases, got 5"),
+        ({"min_tokens": -1}, r"min_tokens must be an integer in \[0, max_tokens=16\], got -1"),
+        ({"min_tokens": 17}, r"min_tokens.*max_tokens=16.*got 17"),
+        ({"min_tokens": 1.5}, r"min_tokens.*got 1\.5"),
     ],
 )
 def test_sampling_params(kwargs: dict, match: str) -> None:
@@ -72,6 +89,16 @@ def test_token_ids_outside_the_vocabulary(engine) -> None:
     rejects(engine, r"prompt_token_ids \[1\.5\]", ids, prompt_token_ids=[3, 1.5])
     rejects(engine, rf"stop_token_ids \[{v + 7}\] outside the vocabulary \(size {v}\)", "stop_token_ids",
             prompt_token_ids=[3], sampling_params=SamplingParams(stop_token_ids=[2, v + 7]))
+    rejects(engine, rf"logit_bias token ids \[{v}\] outside the vocabulary \[0, {v}\)", "logit_bias",
+            prompt_token_ids=[3], sampling_params=SamplingParams(logit_bias={v - 1: 5.0, v: -5.0}))
+
+
+def test_logit_adjustments_at_their_limits_are_accepted() -> None:
+    p = SamplingParams(max_tokens=4, presence_penalty=-2, frequency_penalty=2.0, repetition_penalty=1e-3,
+                       logit_bias={i: (-100 if i % 2 else 100) for i in range(300)}, min_tokens=4)
+    assert len(p.logit_bias) == 300 and p.logit_bias[:2] == ((0, 100.0), (1, -100.0))
+    assert SamplingParams(logit_bias={7: 1, 3: -2.5}).logit_bias == ((3, -2.5), (7, 1.0))  # sorted, floats
+    assert hash(p) == hash(SamplingParams(**{k: getattr(p, k) for k in p.__dataclass_fields__}))
 
 
 def test_request_id_and_priority(engine) -> None:
