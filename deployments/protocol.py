@@ -5,13 +5,15 @@ is: `"stream": "yes"` is not a boolean, `[true, false]` is not a list of token i
 integer (an integer is still a number for float fields). Text the tokenizer is given (prompt, message
 content, stop strings) must be valid Unicode: a lone UTF-16 surrogate, legal in JSON as `"\\ud800"`, is a 400
 naming the field rather than an exception inside the tokenizer. Fields OpenAI defines but the engine
-does not do yet (n > 1, echo, tools, penalties, ...) are declared so the error can say *that* rather
-than "unknown field"; a value other than the no-op default fails validation naming the field. Extensions
-(vLLM's convention): `priority` (lower = more urgent), `top_k`, `ignore_eos`, `stop_token_ids`.
+does not do yet (n > 1, echo, tools, ...) are declared so the error can say *that* rather than "unknown
+field"; a value other than the no-op default fails validation naming the field. Extensions (vLLM's
+convention): `priority` (lower = more urgent), `top_k`, `ignore_eos`, `stop_token_ids`,
+`repetition_penalty`, `min_tokens`.
 """
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from typing import Any, Literal
@@ -27,9 +29,12 @@ from pydantic import (
     model_validator,
 )
 
+from engine.request import MAX_LOGIT_BIAS, MAX_LOGIT_BIAS_ENTRIES, MAX_PENALTY
+
 FinishReason = Literal["stop", "length"]
 
 MAX_LOGPROBS = 20  # the most alternatives per token a request may ask for (OpenAI's limit; vLLM's default)
+_TOKEN_ID = re.compile(r"0|[1-9][0-9]{0,9}")  # a logit_bias key: a token id in canonical decimal
 
 
 def _unsupported(field: str, value: Any, hint: str) -> ValueError:
@@ -100,11 +105,20 @@ class _SamplingFields(BaseModel):
         default=None, description="Up to 4 strings; the text stops before them."
     )
     user: str | None = Field(default=None, description="Accepted for compatibility; not used.")
+    presence_penalty: float = Field(
+        default=0.0, ge=-MAX_PENALTY, le=MAX_PENALTY,
+        description="Subtracted from the logit of every token already in the output (-2 to 2).",
+    )
+    frequency_penalty: float = Field(
+        default=0.0, ge=-MAX_PENALTY, le=MAX_PENALTY,
+        description="Subtracted from a token's logit once per time it is already in the output (-2 to 2).",
+    )
+    logit_bias: dict[str, float] | None = Field(
+        default=None,
+        description="Token id (a decimal string) -> bias added to its logit (-100 to 100); at most 300 entries.",
+    )
     # Not supported yet (declared so the 400 says so).
     n: int = Field(default=1, ge=1)
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    logit_bias: dict[str, float] | None = None
     # Extensions.
     priority: int = Field(
         default=0,
@@ -114,6 +128,14 @@ class _SamplingFields(BaseModel):
     top_k: int = Field(default=0, ge=0, description="0 = off.")
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
+    repetition_penalty: float = Field(
+        default=1.0, gt=0.0, allow_inf_nan=False,
+        description="vLLM's: a token of the prompt or the output has a positive logit divided by it, a negative "
+        "one multiplied; 1 = off.",
+    )
+    min_tokens: int = Field(
+        default=0, ge=0, description="vLLM's: EOS and stop_token_ids cannot end the output before this many tokens."
+    )
 
     @field_validator("n")
     @classmethod
@@ -122,18 +144,20 @@ class _SamplingFields(BaseModel):
             raise _unsupported("n", v, "one choice per request; send several requests")
         return v
 
-    @field_validator("presence_penalty", "frequency_penalty")
-    @classmethod
-    def _penalties(cls, v: float, info: Any) -> float:
-        if v != 0.0:
-            raise _unsupported(info.field_name, v, "penalties are not implemented")
-        return v
-
     @field_validator("logit_bias")
     @classmethod
     def _logit_bias(cls, v: dict[str, float] | None) -> dict[str, float] | None:
-        if v:
-            raise _unsupported("logit_bias", v, "logit bias is not implemented")
+        if v is None:
+            return v
+        if len(v) > MAX_LOGIT_BIAS_ENTRIES:
+            raise ValueError(f"logit_bias takes at most {MAX_LOGIT_BIAS_ENTRIES} entries, got {len(v)}")
+        for key, bias in v.items():
+            if not _TOKEN_ID.fullmatch(key):
+                shown = key if len(key) <= 24 else key[:24] + "..."
+                raise ValueError(f"logit_bias keys must be token ids written as decimal integers, got {shown!r}")
+            if not -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS:  # NaN fails too
+                raise ValueError(f"logit_bias values must be in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}], "
+                                 f"got {bias!r} for token {key}")
         return v
 
     @field_validator("stop")
@@ -163,6 +187,10 @@ class _SamplingFields(BaseModel):
 
     def stop_list(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+    def logit_bias_ids(self) -> dict[int, float]:
+        """`logit_bias` keyed by token id (the keys are checked to be decimal integers)."""
+        return {int(key): bias for key, bias in (self.logit_bias or {}).items()}
 
     @property
     def include_usage_in_stream(self) -> bool:

@@ -384,6 +384,11 @@ class OpenAIServing:
                 stop_token_ids=tuple(request.stop_token_ids or ()),
                 ignore_eos=request.ignore_eos,
                 logprobs=request.logprobs_count(),
+                presence_penalty=request.presence_penalty,
+                frequency_penalty=request.frequency_penalty,
+                repetition_penalty=request.repetition_penalty,
+                logit_bias=tuple(request.logit_bias_ids().items()),
+                min_tokens=request.min_tokens,
             )
         except ValueError as e:
             raise errors.from_value_error(e) from None

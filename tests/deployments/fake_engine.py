@@ -168,6 +168,7 @@ class FakeAsyncEngine:
         bad_stop = [t for t in params.stop_token_ids if t >= vocab]
         if bad_stop:
             raise FieldError("stop_token_ids", f"stop_token_ids {bad_stop} outside the vocabulary (size {vocab})")
+        params.check_vocabulary(vocab)  # logit_bias ids, as the real engine checks them
         if self._crash_on_prompt is not None and self.engine.tokenizer.decode(ids) == self._crash_on_prompt:
             self.crash()
         if len(ids) + params.max_tokens > self.engine.max_model_len:

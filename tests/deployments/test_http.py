@@ -228,6 +228,53 @@ def test_openai_client_errors(oai: openai.OpenAI) -> None:
     assert oai.completions.create(model=MODEL, prompt="ok", max_tokens=2).choices[0].text == "ok"
 
 
+# Each logit adjustment as the official client sends it: OpenAI's as keyword arguments, vLLM's in extra_body.
+ADJUSTMENTS: list[dict[str, Any]] = [
+    {"presence_penalty": 1.5},
+    {"frequency_penalty": -0.5},
+    {"logit_bias": {"104": 5, "0": -100}},
+    {"extra_body": {"repetition_penalty": 1.3}},
+    {"extra_body": {"min_tokens": 2}},
+]
+
+
+@pytest.mark.parametrize("fields", ADJUSTMENTS, ids=lambda f: next(iter(f.get("extra_body", f))))
+def test_openai_client_sends_each_logit_adjustment(oai: openai.OpenAI, fields: dict[str, Any]) -> None:
+    """Accepted for completions and chat, unary and streamed (the fake engine ignores them: the effect of
+    each on a real model is tested in test_real_model.py)."""
+    out = oai.completions.create(model=MODEL, prompt="hey", max_tokens=8, **fields)
+    assert out.choices[0].text == "hey"
+    streamed = oai.completions.create(model=MODEL, prompt="hey", max_tokens=8, stream=True, **fields)
+    assert "".join(c.choices[0].text for c in streamed if c.choices) == "hey"
+    msgs: Any = [{"role": "user", "content": "ok"}]
+    chat = oai.chat.completions.create(model=MODEL, messages=msgs, max_tokens=4, **fields)
+    assert chat.choices[0].message.content == "<use"
+    chunks = oai.chat.completions.create(model=MODEL, messages=msgs, max_tokens=4, stream=True, **fields)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "<use"
+
+
+@pytest.mark.parametrize(("fields", "param", "words"), [
+    ({"presence_penalty": 3}, "presence_penalty", "less than or equal to 2"),
+    ({"frequency_penalty": -2.5}, "frequency_penalty", "greater than or equal to -2"),
+    ({"logit_bias": {"abc": 1}}, "logit_bias", "decimal integers"),
+    ({"logit_bias": {"7": -101}}, "logit_bias", "[-100, 100]"),
+    ({"logit_bias": {"55296": 1}}, "logit_bias", "outside the vocabulary"),
+    ({"extra_body": {"repetition_penalty": -1}}, "repetition_penalty", "greater than 0"),
+    ({"extra_body": {"min_tokens": 9}}, "min_tokens", "max_tokens=8"),
+])
+@pytest.mark.parametrize("stream", [False, True], ids=["unary", "stream"])
+def test_openai_client_bad_logit_adjustments_are_400s(
+    oai: openai.OpenAI, fields: dict[str, Any], param: str, words: str, stream: bool
+) -> None:
+    with pytest.raises(openai.BadRequestError) as e:
+        oai.completions.create(model=MODEL, prompt="x", max_tokens=8, stream=stream, **fields)
+    assert e.value.body["param"] == param and words in e.value.body["message"]  # type: ignore[index]
+    with pytest.raises(openai.BadRequestError) as e:
+        oai.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=8,
+                                    stream=stream, **fields)
+    assert e.value.body["param"] == param  # type: ignore[index]
+
+
 def test_openai_client_parses_logprobs(oai: openai.OpenAI) -> None:
     """The fake's logprobs (fake_engine.py): each token log(1/2), alternatives t, t+1, ... halving."""
     msgs: Any = [{"role": "user", "content": "x"}]
@@ -260,7 +307,19 @@ BAD_REQUESTS = [
     ("/v1/completions", {"prompt": "x", "logprobs": True}, 400, "logprobs", "integer"),
     ("/v1/completions", {"prompt": "x", "logprobs": 2, "echo": True}, 400, "echo", "echo"),
     ("/v1/completions", {"prompt": "x", "echo": True}, 400, "echo", "echo"),
-    ("/v1/completions", {"prompt": "x", "presence_penalty": 0.5}, 400, "presence_penalty", "penalt"),
+    ("/v1/completions", {"prompt": "x", "presence_penalty": 2.5}, 400, "presence_penalty", "less than or equal to 2"),
+    ("/v1/completions", {"prompt": "x", "frequency_penalty": -3}, 400, "frequency_penalty", "greater than or equal"),
+    ("/v1/completions", {"prompt": "x", "frequency_penalty": "1"}, 400, "frequency_penalty", "number"),
+    ("/v1/completions", {"prompt": "x", "repetition_penalty": 0}, 400, "repetition_penalty", "greater than 0"),
+    ("/v1/completions", {"prompt": "x", "logit_bias": {"x1": 5}}, 400, "logit_bias", "decimal integers, got 'x1'"),
+    ("/v1/completions", {"prompt": "x", "logit_bias": {"-1": 5}}, 400, "logit_bias", "decimal integers"),
+    ("/v1/completions", {"prompt": "x", "logit_bias": {"5": 100.5}}, 400, "logit_bias", "in [-100, 100]"),
+    ("/v1/completions", {"prompt": "x", "logit_bias": {"5": True}}, 400, "logit_bias.5", "number"),
+    ("/v1/completions", {"prompt": "x", "logit_bias": {str(i): 1 for i in range(301)}}, 400, "logit_bias",
+     "at most 300"),
+    ("/v1/completions", {"prompt": "x", "logit_bias": {"60000": 1}}, 400, "logit_bias", "outside the vocabulary"),
+    ("/v1/completions", {"prompt": "x", "min_tokens": -1}, 400, "min_tokens", "greater than or equal to 0"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": 4, "min_tokens": 5}, 400, "min_tokens", "max_tokens=4"),
     ("/v1/completions", {"prompt": "x", "suffix": "y"}, 400, "suffix", "suffix"),
     ("/v1/completions", {"prompt": "x", "frobnicate": 1}, 400, "frobnicate", "unknown field"),
     ("/v1/completions", {"prompt": "x", "temperature": 3}, 400, "temperature", "less than or equal"),
@@ -304,6 +363,27 @@ BAD_REQUESTS = [
         400,
         "logprobs",
         "boolean",
+    ),
+    (
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "x"}], "logit_bias": {"1.5": 1}},
+        400,
+        "logit_bias",
+        "decimal integers",
+    ),
+    (
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "x"}], "max_tokens": 2, "min_tokens": 3},
+        400,
+        "min_tokens",
+        "max_tokens=2",
+    ),
+    (
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "x"}], "presence_penalty": -2.01},
+        400,
+        "presence_penalty",
+        "greater than or equal to -2",
     ),
     (
         "/v1/chat/completions",

