@@ -5,9 +5,9 @@ same tokens whatever shares its batch, whenever it joined, and even if it was pr
 
 Before the draw, `adjust_logits` applies a request's logit adjustments to its raw logits, in vLLM's order:
 min_tokens (suppressed ids to -inf), logit_bias, repetition, frequency and presence penalties. They are
-computed for the ids each row names or has seen, batched over the rows (token counts by one `unique` of the rows'
-output ids), from each row's own tokens: so they are batch-invariant too. Rows without adjustments take
-the logits as they are.
+computed at the ids each row names or has seen, batched over the rows (token counts by one `unique` of the
+rows' ids), from each row's own tokens only: so they are batch-invariant too. Rows without adjustments
+take the logits as they are.
 
 Numerics: a temperature below `engine.request.MIN_TEMPERATURE` is greedy (`SamplingParams.greedy`):
 dividing by 1e-310 overflows the logits to inf and the probabilities to NaN. Above it, the largest logit is
