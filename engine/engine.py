@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -65,8 +66,14 @@ class BatonEngine:
         self.enqueue(req)
 
     def make_request(self, request_id: str, prompt: str | None = None, prompt_token_ids: list[int] | None = None,
-                     sampling_params: SamplingParams | None = None, priority: int = 0) -> Request:
-        """Validate and tokenise without touching engine state (safe from another thread)."""
+                     sampling_params: SamplingParams | None = None, priority: int = 0,
+                     resume_token_ids: Sequence[int] = ()) -> Request:
+        """Validate and tokenise without touching engine state (safe from another thread).
+
+        `resume_token_ids`: output tokens this request already produced elsewhere (another replica that died
+        under it). The request continues after them exactly as an undisturbed run would: it re-prefills
+        prompt + those tokens, like recompute preemption, and its next draw is number len(resume_token_ids)
+        of its seed's stream; its streamed text starts after theirs."""
         params = sampling_params if sampling_params is not None else SamplingParams()
         if not isinstance(params, SamplingParams):
             raise FieldError("sampling_params",
@@ -86,8 +93,9 @@ class BatonEngine:
         if bad_stop:
             raise FieldError("stop_token_ids",
                              f"stop_token_ids {bad_stop} outside the vocabulary (size {self.vocab_size})")
+        resumed = self._resume_ids(resume_token_ids, params)
         seed = params.seed if params.seed is not None else _derive_seed(self.config.seed, request_id)
-        return Request(request_id, ids, params, priority, arrival=-1, seed=seed)
+        return Request(request_id, ids, params, priority, arrival=-1, seed=seed, output_token_ids=resumed)
 
     def enqueue(self, req: Request) -> None:
         """Queue a request built by `make_request` (on the engine's thread). ValueError for a duplicate id."""
@@ -175,6 +183,19 @@ class BatonEngine:
         if bad:
             raise FieldError("prompt_token_ids",
                              f"prompt_token_ids {bad[:5]} outside the vocabulary [0, {self.vocab_size})")
+        return ids
+
+
+    def _resume_ids(self, resume_token_ids: Sequence[int], params: SamplingParams) -> list[int]:
+        ids = list(resume_token_ids)
+        bad = [t for t in ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.vocab_size]
+        if bad:
+            raise FieldError("resume_token_ids",
+                             f"resume_token_ids {bad[:5]} outside the vocabulary [0, {self.vocab_size})")
+        if len(ids) >= params.max_tokens:
+            raise FieldError("resume_token_ids",
+                             f"{len(ids)} tokens to resume after leave nothing to generate (max_tokens "
+                             f"{params.max_tokens})")
         return ids
 
 
