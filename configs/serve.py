@@ -71,7 +71,7 @@ def _deep_merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, An
 
 
 class ServerConfig(BaseModel):
-    """The HTTP / handle front of one replica (everything that is not the engine)."""
+    """The ingress: HTTP and handle front of the application (everything that is not the engine)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -136,6 +136,19 @@ class ServerConfig(BaseModel):
         ge=1024,
         description="Largest HTTP request body accepted; a larger Content-Length, or more bytes sent, gets "
         "an OpenAI-shaped 413 without reading the rest.",
+    )
+    failover_timeout_s: float = Field(
+        default=120.0,
+        gt=0.0,
+        description="When the engine replica serving a request dies, the ingress continues the request on "
+        "another (or on Serve's replacement) for up to this long; then the request fails with a 503 (an "
+        "error event on an open stream). Also how long a request waits for the first engine replica.",
+    )
+    max_failovers: int = Field(
+        default=3,
+        ge=0,
+        description="How many engine replicas may die under one request before it is given up with a 503: "
+        "a request that kills every replica it reaches (a query of death) must not take the fleet down.",
     )
     body_timeout_s: float = Field(
         default=30.0,

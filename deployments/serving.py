@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from configs.errors import FieldError
 from configs.serve import ServerConfig
 from deployments import errors
-from deployments.front import EngineFront, RequestStream
+from deployments.front import GenerationBackend, RequestStream
 from deployments.logprobs import LogprobsShaper
 from deployments.protocol import (
     AssistantMessage,
@@ -118,7 +118,7 @@ class Generation:
 
     def __init__(
         self,
-        front: EngineFront,
+        front: GenerationBackend,
         request_id: str,
         stream: RequestStream,
         on_finish: Callable[[RequestTiming], None],
@@ -207,7 +207,7 @@ class OpenAIServing:
 
     def __init__(
         self,
-        front: EngineFront,
+        front: GenerationBackend,
         config: ServerConfig,
         on_finish: Callable[[RequestTiming], None] = lambda timing: None,
         on_first_token: Callable[[float], None] = lambda ttft_s: None,

@@ -23,7 +23,7 @@ from engine.memory_controller import build_controller
 from engine.model_loader import LoadedModel, load_model
 from engine.model_runner import ModelRunner
 from engine.outputs import OutputTracker
-from engine.request import Request, RequestOutput, SamplingParams
+from engine.request import Request, RequestOutput, SamplingParams, check_token_ids
 from engine.scheduler import Scheduler
 from engine.stats import EngineStats, iteration_stats
 from engine.thread_tuner import ThreadTuner
@@ -83,17 +83,8 @@ class BatonEngine:
         if isinstance(priority, bool) or not isinstance(priority, int):
             raise FieldError("priority", f"priority must be an integer, got {priority!r}")
         ids = self._prompt_ids(prompt, prompt_token_ids)
-        if len(ids) + params.max_tokens > self.max_model_len:
-            raise FieldError(
-                "prompt",
-                f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) = {len(ids) + params.max_tokens} "
-                f"exceeds the model's context length ({self.max_model_len})"
-            )
-        bad_stop = [t for t in params.stop_token_ids if t >= self.vocab_size]
-        if bad_stop:
-            raise FieldError("stop_token_ids",
-                             f"stop_token_ids {bad_stop} outside the vocabulary (size {self.vocab_size})")
-        resumed = self._resume_ids(resume_token_ids, params)
+        check_token_ids(ids, params, resume_token_ids, self.vocab_size, self.max_model_len)
+        resumed = list(resume_token_ids)
         seed = params.seed if params.seed is not None else _derive_seed(self.config.seed, request_id)
         return Request(request_id, ids, params, priority, arrival=-1, seed=seed, output_token_ids=resumed)
 
@@ -176,27 +167,7 @@ class BatonEngine:
             if not ids:
                 raise FieldError("prompt", f"prompt {prompt!r} tokenises to nothing")
             return ids
-        ids = list(prompt_token_ids or [])
-        if not ids:
-            raise FieldError("prompt_token_ids", "prompt_token_ids must not be empty")
-        bad = [t for t in ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.vocab_size]
-        if bad:
-            raise FieldError("prompt_token_ids",
-                             f"prompt_token_ids {bad[:5]} outside the vocabulary [0, {self.vocab_size})")
-        return ids
-
-
-    def _resume_ids(self, resume_token_ids: Sequence[int], params: SamplingParams) -> list[int]:
-        ids = list(resume_token_ids)
-        bad = [t for t in ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.vocab_size]
-        if bad:
-            raise FieldError("resume_token_ids",
-                             f"resume_token_ids {bad[:5]} outside the vocabulary [0, {self.vocab_size})")
-        if len(ids) >= params.max_tokens:
-            raise FieldError("resume_token_ids",
-                             f"{len(ids)} tokens to resume after leave nothing to generate (max_tokens "
-                             f"{params.max_tokens})")
-        return ids
+        return list(prompt_token_ids or [])  # checked by check_token_ids
 
 
 def _thread_tuner(config: EngineConfig, loaded: LoadedModel) -> ThreadTuner | None:
