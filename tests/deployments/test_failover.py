@@ -11,7 +11,6 @@ timeout, the stream ends with an OpenAI-shaped error event and [DONE].
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import signal
 import time
@@ -27,7 +26,14 @@ from ray.serve import RunTarget
 from configs import EngineConfig
 from configs.serve import ServerConfig
 from deployments.builder import make_app
-from tests.deployments.serve_testing import fake_factory, wait_until
+from tests.deployments.serve_testing import (
+    engine_pids,
+    fake_factory,
+    ingress_metrics,
+    run_and_kill,
+    stream_one,
+    wait_until,
+)
 
 ENGINE = EngineConfig(model="fake", max_batch_size=8, max_model_len=4096)
 STEP_S = 0.03  # per fake iteration: a 60-token stream takes ~2 s
@@ -65,84 +71,13 @@ def expected(prompt: str) -> str:
     return (prompt * (MAX_TOKENS // len(prompt) + 1))[:MAX_TOKENS]
 
 
-def engine_pids(app: str, want: int) -> set[int]:
-    """The process ids of the app's engine replicas (asks until `want` distinct ones answered)."""
-    handle = serve.get_deployment_handle("BatonEngine", app)
-    pids: set[int] = set()
-    deadline = time.monotonic() + 30
-    while len(pids) < want and time.monotonic() < deadline:
-        pids.add(handle.status.remote().result().pid)
-    assert len(pids) == want, pids
-    return pids
-
-
-def ingress_metrics(base: str) -> dict[str, float]:
-    return dict(httpx.get(f"{base}/stats", timeout=10).json()["metrics"])
-
-
-async def stream_one(client: httpx.AsyncClient, path: str, prompt: str, seen: list[int]) -> dict[str, Any]:
-    """One streamed completion: its text, finish reason, error events and whether it ended with [DONE]."""
-    body = {"prompt": prompt, "max_tokens": MAX_TOKENS, "ignore_eos": True, "stream": True}
-    text, reasons, errors, done = [], [], [], False
-    async with client.stream("POST", f"{path}/v1/completions", json=body) as r:
-        assert r.status_code == 200, await r.aread()
-        async for line in r.aiter_lines():
-            if not line.startswith("data: "):
-                continue
-            data = line.removeprefix("data: ")
-            if data == "[DONE]":
-                done = True
-                continue
-            event = json.loads(data)
-            if "error" in event:
-                errors.append(event["error"])
-                continue
-            for choice in event["choices"]:
-                text.append(choice["text"])
-                seen[0] += len(choice["text"])
-                if choice["finish_reason"]:
-                    reasons.append(choice["finish_reason"])
-    return {"text": "".join(text), "reasons": reasons, "errors": errors, "done": done}
-
-
-async def unary_one(client: httpx.AsyncClient, path: str, prompt: str) -> dict[str, Any]:
-    body = {"prompt": prompt, "max_tokens": MAX_TOKENS, "ignore_eos": True}
-    r = await client.post(f"{path}/v1/completions", json=body)
-    assert r.status_code == 200, r.text
-    choice = r.json()["choices"][0]
-    return {"text": choice["text"], "reasons": [choice["finish_reason"]], "errors": [], "done": True}
-
-
-def run_and_kill(base: str, app: str, replicas: int) -> tuple[list[dict[str, Any]], list[str], list[int]]:
-    """8 streams + 8 unary requests; once every stream has text, SIGKILL one engine replica's process.
-    Returns the results, the prompts in the same order, and the /health codes seen after the kill."""
-    pids = engine_pids(app, replicas)
-    prompts = [f"stream {i}: abcdefghij" for i in range(8)] + [f"unary {i}: klmnopqrst" for i in range(8)]
-    seen = [[0] for _ in range(8)]
-    health: list[int] = []
-
-    async def run() -> list[dict[str, Any]]:
-        async with httpx.AsyncClient(base_url=base, timeout=120) as client:
-            tasks = [asyncio.create_task(stream_one(client, f"/{app}", p, seen[i])) for i, p in enumerate(prompts[:8])]
-            tasks += [asyncio.create_task(unary_one(client, f"/{app}", p)) for p in prompts[8:]]
-            while not all(s[0] > 0 for s in seen):
-                await asyncio.sleep(0.05)
-            os.kill(next(iter(pids)), signal.SIGKILL)
-            while not all(t.done() for t in tasks):
-                t0 = time.monotonic()
-                health.append((await client.get(f"/{app}/health", timeout=5)).status_code)
-                assert time.monotonic() - t0 < 3, "/health must answer at once"
-                await asyncio.sleep(0.2)
-            return [t.result() for t in tasks]
-
-    return asyncio.run(run()), prompts, health
-
-
 @pytest.mark.parametrize("app,replicas", [("two", 2), ("one", 1)])
 def test_a_killed_engine_replica_loses_nothing(base_url: str, app: str, replicas: int) -> None:
     base = f"{base_url}/{app}"
     before = ingress_metrics(base)["server_failovers_total"]
-    results, prompts, health = run_and_kill(base_url, app, replicas)
+    prompts = [f"stream {i}: abcdefghij" for i in range(8)] + [f"unary {i}: klmnopqrst" for i in range(8)]
+    bodies = [{"prompt": p, "max_tokens": MAX_TOKENS, "ignore_eos": True} for p in prompts]
+    results, health = run_and_kill(base_url, f"/{app}", app, bodies[:8], bodies[8:], replicas)
     for prompt, result in zip(prompts, results, strict=True):
         assert result["errors"] == [] and result["done"], result
         assert result["text"] == expected(prompt), (prompt, result)  # nothing lost, nothing repeated
@@ -163,7 +98,8 @@ def test_a_stream_with_no_replica_to_continue_on_ends_with_an_error_event(base_u
 
     async def run() -> dict[str, Any]:
         async with httpx.AsyncClient(base_url=base_url, timeout=60) as client:
-            task = asyncio.create_task(stream_one(client, "/gone", "abcdefghij", seen))
+            body = {"prompt": "abcdefghij", "max_tokens": MAX_TOKENS, "ignore_eos": True}
+            task = asyncio.create_task(stream_one(client, "/gone", body, seen))
             while seen[0] == 0:
                 await asyncio.sleep(0.05)
             marker.touch()
