@@ -18,6 +18,7 @@ from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any
 
+import ray
 from ray import serve
 
 from configs import EngineConfig
@@ -61,6 +62,7 @@ class EngineReplicaStatus:
     """One engine replica's live view (for the ingress's /stats)."""
 
     replica: str
+    node_id: str
     pid: int
     healthy: bool
     metrics: dict[str, float]
@@ -136,7 +138,8 @@ class EngineServer:
         return self._front.metrics()
 
     async def status(self) -> EngineReplicaStatus:
-        return EngineReplicaStatus(self._replica, os.getpid(), self._front.is_healthy(), self._front.metrics(),
+        return EngineReplicaStatus(self._replica, ray.get_runtime_context().get_node_id(), os.getpid(),
+                                   self._front.is_healthy(), self._front.metrics(),
                                    self._front.config.model_dump(mode="json"))
 
     # -- Serve hooks -----------------------------------------------------------------------------------

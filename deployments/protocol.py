@@ -549,6 +549,7 @@ class EngineStatus(BaseModel):
     healthy: bool
     model: str
     replica: str = Field(description="The engine replica that answered (its Serve replica id).")
+    node_id: str | None = Field(default=None, description="The Ray node that replica runs on.")
     pid: int | None = Field(default=None, description="That replica's process id.")
     metrics: dict[str, float]
     config: dict[str, Any] = Field(description="The engine config in force, live knobs included.")

@@ -310,6 +310,7 @@ class BatonIngress:
             healthy=engine.healthy,
             model=self._model_name,
             replica=engine.replica,
+            node_id=engine.node_id,
             pid=engine.pid,
             metrics={
                 **engine.metrics,
