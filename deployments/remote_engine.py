@@ -105,8 +105,7 @@ class FailoverStream:
                     reason, refused = "the replica ended the stream without a final output", False
                 except Exception as e:  # noqa: BLE001 - sorted below: a lost replica, or a real failure
                     if not (replica_lost(e) or isinstance(e, TimeoutError)):
-                        log.exception("request %s failed on the engine", self._job.request_id)
-                        raise errors.engine_failed(f"the engine failed this request: {type(e).__name__}") from None
+                        raise self._refusal(e) from None
                     reason, refused = f"{type(e).__name__}: {e}".splitlines()[0][:300], _refused_at_submit(e)
                 self._response.cancel()
                 deadline = deadline or time.monotonic() + self._failover_timeout_s
@@ -119,6 +118,16 @@ class FailoverStream:
                 self._response = self._call(self._job.resumed_after(self._job.resume_token_ids + tuple(received)))
         finally:
             self._finish()
+
+    def _refusal(self, e: Exception) -> errors.OpenAIError:
+        """The error for a request the engine replica refused or failed (not a lost replica)."""
+        cause = _cause(e)
+        if isinstance(cause, FieldError):  # the engine's own validation (another ingress holds the id, ...)
+            if cause.param == "request_id":
+                return errors.request_id_in_use(self._job.request_id)
+            return errors.from_value_error(cause)
+        log.error("request %s failed on the engine: %r", self._job.request_id, e)
+        return errors.engine_failed(f"the engine failed this request: {type(cause).__name__}")
 
     def _check_retry(self, suspicions: int, deadline: float, reason: str) -> None:
         """Give up (a 503) when the request may be what kills replicas, or when time is up."""
