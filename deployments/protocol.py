@@ -114,6 +114,12 @@ class _SamplingFields(BaseModel):
     top_k: int = Field(default=0, ge=0, description="0 = off.")
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
+    timeout: float | None = Field(
+        default=None,
+        gt=0.0,
+        description="Seconds this request may take (capped by the server's `request_timeout_s`). When it "
+        "passes, the request ends with finish_reason 'length' and a `warning` saying so.",
+    )
 
     @field_validator("n")
     @classmethod
@@ -423,6 +429,19 @@ class CompletionLogprobs(BaseModel):
     text_offset: list[int] = Field(description="Where each token starts in the choice's text (characters).")
 
 
+class _Warned(BaseModel):
+    """A response that may carry a `warning` (a request cut short by its deadline); absent when there is none."""
+
+    warning: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _drop_no_warning(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data: dict[str, Any] = handler(self)
+        if data.get("warning") is None:
+            data.pop("warning", None)
+        return data
+
+
 class CompletionChoice(BaseModel):
     index: int = 0
     text: str
@@ -430,7 +449,7 @@ class CompletionChoice(BaseModel):
     finish_reason: FinishReason | None
 
 
-class CompletionResponse(BaseModel):
+class CompletionResponse(_Warned):
     id: str
     object: Literal["text_completion"] = "text_completion"
     created: int
@@ -469,7 +488,7 @@ class ChatChoice(BaseModel):
     finish_reason: FinishReason | None
 
 
-class ChatCompletionResponse(BaseModel):
+class ChatCompletionResponse(_Warned):
     id: str
     object: Literal["chat.completion"] = "chat.completion"
     created: int
@@ -496,7 +515,7 @@ class ChatStreamChoice(BaseModel):
     finish_reason: FinishReason | None = None
 
 
-class ChatCompletionChunk(BaseModel):
+class ChatCompletionChunk(_Warned):
     id: str
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
     created: int

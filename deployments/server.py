@@ -9,7 +9,7 @@ generate and fail the same way.
 
 HTTP: POST /v1/completions, POST /v1/chat/completions (SSE when `stream`), GET /v1/models[/{id}],
 POST /tokenize, POST /detokenize (vLLM's shapes), GET /health (503 while no engine replica is ready),
-GET /stats. The POST routes check the API key from the headers before they read the body,
+GET /stats, GET /metrics (Prometheus text). CORS for `ServerConfig.allowed_origins` (off by default). The POST routes check the API key from the headers before they read the body,
 and read it under `ServerConfig.max_body_bytes` / `body_timeout_s` (deployments/http_body.py).
 Handles: `generate(request)`, `generate_stream(request)` (with `handle.options(stream=True)`),
 `engine_status()`.
@@ -31,10 +31,12 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.cors import CORSMiddleware
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from configs import EngineConfig
 from configs.serve import ServerConfig
-from deployments import errors
+from deployments import errors, exposition
 from deployments.engine_server import EngineReplicaStatus
 from deployments.errors import OpenAIError
 from deployments.http_body import RequestModel, decode_json, parse_request, read_body, validate_request
@@ -59,6 +61,32 @@ from deployments.serving import OpenAIServing, RequestTiming
 log = logging.getLogger("ray.serve")
 
 app = FastAPI(title="BATON on Ray Serve", description="OpenAI-compatible LLM server with BATON re-batching.")
+
+
+class CorsGate:
+    """CORS for the origins in `ServerConfig.allowed_origins` (Starlette's CORSMiddleware), and nothing at
+    all while there are none. Added to the app at import; the ingress sets the origins when it starts (one
+    ingress per replica process)."""
+
+    origins: tuple[str, ...] = ()
+
+    def __init__(self, asgi: ASGIApp) -> None:
+        self._app = asgi
+        self._cors: tuple[tuple[str, ...], ASGIApp] | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        origins = CorsGate.origins
+        if not origins or scope["type"] != "http":
+            await self._app(scope, receive, send)
+            return
+        if self._cors is None or self._cors[0] != origins:
+            self._cors = (origins, CORSMiddleware(self._app, allow_origins=list(origins),
+                                                  allow_methods=["GET", "POST", "OPTIONS"], allow_headers=["*"],
+                                                  expose_headers=[REQUEST_ID_HEADER], max_age=600))
+        await self._cors[1](scope, receive, send)
+
+
+app.add_middleware(CorsGate)
 
 
 def _error_response(e: OpenAIError) -> JSONResponse:
@@ -162,6 +190,7 @@ class BatonIngress:
         self._server_config = server_config or ServerConfig()
         self._api_key = self._server_config.resolved_api_key(_runtime_env_vars())
         self._model_name = self._server_config.model_name_for(engine_config.model)
+        CorsGate.origins = tuple(self._server_config.allowed_origins)
         self._metrics = ServerMetrics(self._model_name)
         self._serving: OpenAIServing | None = None
         self._backend: RemoteEngine | None = None
@@ -204,6 +233,12 @@ class BatonIngress:
             return JSONResponse({"status": "unavailable", "reason": reason}, status_code=503,
                                 headers={"Retry-After": "1"})
         return JSONResponse({"status": "ok"})
+
+    @app.get("/metrics")
+    async def http_metrics(self) -> Response:
+        """The `ray_baton_*` metrics of every node, in Prometheus text format (open, like /health)."""
+        pages = await asyncio.to_thread(exposition.node_pages)
+        return Response(exposition.merge_families(pages), media_type=exposition.CONTENT_TYPE)
 
     @app.get("/stats")
     async def http_stats(self, request: Request) -> EngineStatus:
