@@ -477,7 +477,8 @@ def run(plan: Plan, command: str, smoke: bool, base_url: str | None = None) -> d
     meta = {"command": command, "smoke": smoke, "started": time.strftime("%Y-%m-%d %H:%M:%S"),
             "machine": f"{platform.machine()}, {os.cpu_count()} cores", "torch": torch.__version__,
             "transformers": transformers.__version__, "ray": ray.__version__,
-            "plan": asdict(plan), "mix": dict(zip(KINDS, MIX, strict=True)), "bad_inputs": [s.key for s in bad]}
+            "plan": asdict(plan), "mix": dict(zip(KINDS, MIX, strict=True)), "bad_inputs": [s.key for s in bad],
+            "load_average_1min": [os.getloadavg()[0]]}
     with serve_instance(base_url, num_cpus=max(4, plan.replicas * plan.threads + 1)) as url:
         t_deploy = time.perf_counter()
         serve.run(build_app(plan), name=APP, route_prefix=f"/{APP}")
@@ -494,6 +495,7 @@ def run(plan: Plan, command: str, smoke: bool, base_url: str | None = None) -> d
             _say(f"references in {meta['references_s']:.1f} s; soak: {plan.requests} jobs, {plan.workers} workers")
             outcomes, kill, wall = asyncio.run(soak(url, plan, work, specs, _progress(plan.requests)))
             _say(f"soak done in {wall:.1f} s; killed pid {kill.get('pid')} at {kill.get('at_s', 0):.1f} s; settling")
+            meta["load_average_1min"].append(os.getloadavg()[0])
             end = settle(url, frozenset(pids_before) - {kill.get("pid")})
             failovers = ingress_stats(url)["server_failovers_total"] - failovers_before
         finally:
@@ -544,9 +546,10 @@ def markdown(report: dict[str, Any]) -> str:
     lat = report["latency_s"]
     lines += [
         "",
-        f"- **{'PASSED' if report['passed'] else 'FAILED'}**: wall {report['wall_s']:.1f} s "
-        f"({report['requests_per_s']:.1f} requests/s); {report['disconnected']} streams disconnected by "
-        "their client mid-way.",
+        f"- **{'PASSED' if report['passed'] else 'FAILED'}**: soak wall {report['wall_s']:.1f} s "
+        f"({report['requests_per_s']:.1f} requests/s) after {m['deploy_s']:.1f} s to deploy and "
+        f"{m['references_s']:.1f} s for the references; {report['disconnected']} streams disconnected by "
+        "their client mid-way." + _load(m),
         f"- Kill: SIGKILL of engine replica pid {kill.get('pid', 'none')} at {_f(kill.get('at_s'), '.1f')} s, "
         f"after {kill.get('jobs_done_before', 'n/a')} jobs had finished; failovers (continuations on another "
         f"replica): {report['failovers']:.0f}.",
@@ -554,12 +557,20 @@ def markdown(report: dict[str, Any]) -> str:
         f"{_f(lat['p50'], '.2f')} s, p99 {_f(lat['p99'], '.2f')} s, max {_f(lat['max'], '.2f')} s.",
         f"- At the end: ingress in flight {end['in_flight']:.0f}; running + waiting requests of the engine "
         f"replicas that answered, by pid: {end['engine_rows']}.",
-        "- Bad inputs, HTTP status seen: "
-        + ", ".join(f"{k} {v}" for k, v in report["bad_input_status"].items()) + ".",
+        "- Bad inputs, HTTP status x times seen: "
+        + ", ".join(f"{k} " + " ".join(f"{code} x{n}" for code, n in v.items())
+                    for k, v in report["bad_input_status"].items()) + ".",
     ]
     for f in report["failures"][:10]:
         lines.append(f"- failure: job {f['index']} ({f['kind']}, {f['key']}): {f['problem']}: {f['detail']}")
     return "\n".join(lines) + "\n"
+
+
+def _load(meta: dict[str, Any]) -> str:
+    load = meta.get("load_average_1min")  # absent from reports made before it was recorded
+    if not load or len(load) < 2:
+        return ""
+    return f" 1-min load average {load[0]:.1f} at the start, {load[1]:.1f} at the soak's end."
 
 
 def write(report: dict[str, Any], out: Path) -> None:
