@@ -407,12 +407,14 @@ def kill_one_engine_replica() -> int:
 
 
 # ---- the run -----------------------------------------------------------------------------------------------------
-async def soak(url: str, plan: Plan, work: list[Job], specs: dict[str, Spec],
+async def soak(url: str, plan: Plan, work: list[Job], specs: dict[str, Spec], refs: dict[str, Reference],
                progress: Callable[[int, int], None]) -> tuple[list[Outcome], dict[str, Any], float]:
-    """`plan.workers` clients over the jobs; the kill when `plan.kill_at` of them have started."""
+    """`plan.workers` clients over the jobs, each outcome judged as it ends; the kill when `plan.kill_at` of
+    the jobs have started."""
     todo = iter(work)
     outcomes: list[Outcome] = []
     kill: dict[str, Any] = {}
+    kill_task: list[asyncio.Task[None]] = []
     kill_index = int(plan.kill_at * len(work))
     t0 = time.perf_counter()
 
@@ -424,22 +426,22 @@ async def soak(url: str, plan: Plan, work: list[Job], specs: dict[str, Spec],
     async def worker(client: httpx.AsyncClient) -> None:
         for job in todo:  # one shared iterator: each job is taken once
             if job.index == kill_index:
-                kill_task = asyncio.create_task(do_kill())
-                kill["task"] = kill_task
-            outcomes.append(await send(client, f"/{APP}", job, specs[job.key], plan.timeout_s))
+                kill_task.append(asyncio.create_task(do_kill()))
+            o = await send(client, f"/{APP}", job, specs[job.key], plan.timeout_s)
+            o.problem, o.detail = judge(o, refs.get(job.key))
+            outcomes.append(o)
             progress(len(outcomes), sum(o.problem is not None for o in outcomes))
 
     limits = httpx.Limits(max_connections=4 * plan.workers)
     async with httpx.AsyncClient(base_url=url, timeout=plan.timeout_s + 30, limits=limits, trust_env=False) as c:
         await asyncio.gather(*(worker(c) for _ in range(plan.workers)))
-        if "task" in kill:
-            await kill.pop("task")
+        for task in kill_task:
+            await task
     return sorted(outcomes, key=lambda o: o.index), kill, time.perf_counter() - t0
 
 
-def summarize(outcomes: list[Outcome], refs: dict[str, Reference]) -> dict[str, Any]:
-    for o in outcomes:
-        o.problem, o.detail = judge(o, refs.get(o.key))
+def summarize(outcomes: list[Outcome]) -> dict[str, Any]:
+    """Counts per kind and problem, latency of the good valid answers, the bad inputs' statuses."""
     kinds: dict[str, Any] = {}
     for kind in KINDS:
         mine = [o for o in outcomes if o.kind == kind]
@@ -493,20 +495,21 @@ def run(plan: Plan, command: str, smoke: bool, base_url: str | None = None) -> d
             meta["references_s"] = time.perf_counter() - t_ref
             failovers_before = ingress_stats(url)["server_failovers_total"]
             _say(f"references in {meta['references_s']:.1f} s; soak: {plan.requests} jobs, {plan.workers} workers")
-            outcomes, kill, wall = asyncio.run(soak(url, plan, work, specs, _progress(plan.requests)))
+            outcomes, kill, wall = asyncio.run(soak(url, plan, work, specs, refs, _progress(plan.requests)))
             _say(f"soak done in {wall:.1f} s; killed pid {kill.get('pid')} at {kill.get('at_s', 0):.1f} s; settling")
             meta["load_average_1min"].append(os.getloadavg()[0])
             end = settle(url, frozenset(pids_before) - {kill.get("pid")})
             failovers = ingress_stats(url)["server_failovers_total"] - failovers_before
         finally:
             serve.delete(APP)
-    report = {"meta": meta, **summarize(outcomes, refs), "kill": {**kill, "pids_before": pids_before},
+    report = {"meta": meta, **summarize(outcomes), "kill": {**kill, "pids_before": pids_before},
               "failovers": failovers, "end": end, "wall_s": wall, "requests_per_s": len(outcomes) / wall}
-    report["passed"] = passed(report, plan)
+    report["passed"] = passed(report)
     return report
 
 
-def passed(report: dict[str, Any], plan: Plan) -> bool:
+def passed(report: dict[str, Any]) -> bool:
+    """Every check: no problem of any kind, the kill happened and moved requests, nothing left in flight."""
     return (not any(report["problems"].values()) and "pid" in report["kill"] and report["failovers"] > 0
             and report["end"]["in_flight"] == 0 and report["end"]["survivors_answered"]
             and report["end"]["engine_rows"] and not any(report["end"]["engine_rows"].values()))
