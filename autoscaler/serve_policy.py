@@ -1,6 +1,6 @@
 """The Ray Serve replica autoscaling policy for BATON: a pure function of Serve's `AutoscalingContext`.
 
-Each replica reports its engine's signals through `BatonServer.record_autoscaling_stats()` (keys below);
+Each replica reports its engine's signals through `EngineServer.record_autoscaling_stats()` (deployment `BatonEngine`) (keys below);
 Serve aggregates them per replica over `look_back_period_s` and hands them to the policy as
 `ctx.aggregated_metrics`. The policy turns them into a desired replica count:
 
@@ -37,7 +37,7 @@ from ray.serve.config import AutoscalingContext
 
 from configs.serve import ReplicaPolicyConfig
 
-# The keys a BatonServer replica reports from `record_autoscaling_stats()` (deployments/metrics.py).
+# The keys an engine replica reports from `record_autoscaling_stats()` (deployments/metrics.py).
 STAT_RUNNING = "baton_running"
 STAT_WAITING = "baton_waiting"
 STAT_SWAPPED = "baton_swapped"

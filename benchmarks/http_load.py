@@ -124,7 +124,9 @@ def build_app(system: str, plan: Plan) -> Any:
             from benchmarks.models import tiny_engine_front
 
             front = tiny_engine_front
-        return make_app(engine, ServerConfig(max_pending_requests=limit), front, deployment_options=options)
+        ingress = {"max_ongoing_requests": limit + 8, "max_queued_requests": limit}
+        return make_app(engine, ServerConfig(max_pending_requests=limit), front, engine_options=options,
+                        ingress_options=ingress)
     if system == "plain":
         from benchmarks.plain_serve import PlainGenerateServer
 

@@ -297,8 +297,9 @@ def baton_app(plan: Plan, dtype: str) -> Any:
                                           "max_batch_size": plan.rows, "num_threads": plan.threads})
     options = {"num_replicas": 1, "max_ongoing_requests": limit, "max_queued_requests": limit,
                "ray_actor_options": {"num_cpus": plan.threads}}
+    ingress = {"max_ongoing_requests": limit + 8, "max_queued_requests": limit}
     server = ServerConfig(served_model_name=SERVED_NAME, max_pending_requests=limit)
-    return make_app(engine, server, deployment_options=options)
+    return make_app(engine, server, engine_options=options, ingress_options=ingress)
 
 
 def ours_http(plan: Plan, dtype: str, works: list[Workload], chats: tuple[ChatRequest, ...], keep: Keep) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from types import MappingProxyType
@@ -71,7 +72,7 @@ def _deep_merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, An
 
 
 class ServerConfig(BaseModel):
-    """The HTTP / handle front of one replica (everything that is not the engine)."""
+    """The ingress: HTTP and handle front of the application (everything that is not the engine)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -137,6 +138,31 @@ class ServerConfig(BaseModel):
         description="Largest HTTP request body accepted; a larger Content-Length, or more bytes sent, gets "
         "an OpenAI-shaped 413 without reading the rest.",
     )
+    allowed_origins: list[str] = Field(
+        default_factory=list,
+        description="Web origins allowed to call the API from a browser (CORS), e.g. "
+        "['https://app.example.com'], or ['*'] for any. Empty (the default): no CORS headers, so browsers "
+        "refuse cross-origin calls.",
+    )
+    request_timeout_s: float | None = Field(
+        default=None,
+        gt=0.0,
+        description="The longest any request may run; a request's own `timeout` can only shorten it. When it "
+        "passes, the request ends with finish_reason 'length' and a `warning`. null: no limit.",
+    )
+    failover_timeout_s: float = Field(
+        default=120.0,
+        gt=0.0,
+        description="When the engine replica serving a request dies, the ingress continues the request on "
+        "another (or on Serve's replacement) for up to this long; then the request fails with a 503 (an "
+        "error event on an open stream). Also how long a request waits for the first engine replica.",
+    )
+    max_failovers: int = Field(
+        default=3,
+        ge=0,
+        description="How many engine replicas may die under one request before it is given up with a 503: "
+        "a request that kills every replica it reaches (a query of death) must not take the fleet down.",
+    )
     body_timeout_s: float = Field(
         default=30.0,
         gt=0.0,
@@ -149,6 +175,9 @@ class ServerConfig(BaseModel):
         sources = [n for n in ("api_key", "api_key_env", "api_key_file") if getattr(self, n) is not None]
         if len(sources) > 1:
             raise ValueError(f"give at most one of api_key, api_key_env, api_key_file (got {sources})")
+        for origin in self.allowed_origins:
+            if origin != "*" and not re.fullmatch(r"https?://[^/\s]+", origin):
+                raise ValueError(f"allowed_origins: {origin!r} is not '*' or a scheme://host[:port] origin")
         if self.priority_min > self.priority_max:
             raise ValueError(
                 f"priority_min ({self.priority_min}) must not exceed priority_max ({self.priority_max})"

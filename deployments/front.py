@@ -6,7 +6,7 @@ config by the app builder) or a fake in tests. Nothing here imports torch or the
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, Protocol
 
 from configs import EngineConfig
@@ -37,8 +37,9 @@ class EngineCore(Protocol):
     def vocab_size(self) -> int: ...  # token ids are in [0, vocab_size)
 
 
-class EngineFront(Protocol):
-    """`engine.AsyncBatonEngine`'s public surface."""
+class GenerationBackend(Protocol):
+    """What `OpenAIServing` needs: the engine's limits and tokenizer, and `submit`. An engine front in the
+    same process provides it, and so does the ingress's remote engine (deployments/remote_engine.py)."""
 
     @property
     def engine(self) -> EngineCore: ...
@@ -46,7 +47,9 @@ class EngineFront(Protocol):
     @property
     def config(self) -> EngineConfig: ...
 
-    def start(self) -> None: ...
+    def is_healthy(self) -> bool:
+        """Whether requests may be submitted now."""
+        ...
 
     def submit(
         self,
@@ -56,14 +59,20 @@ class EngineFront(Protocol):
         sampling_params: SamplingParams | None = None,
         priority: int = 0,
         on_close: Callable[[], None] | None = None,
+        resume_token_ids: Sequence[int] = (),
     ) -> RequestStream:
         """Validate (ValueError, a `FieldError` naming the field) and queue a request. `on_close` runs exactly
-        once when its stream is over, however it ends; never when this raises."""
+        once when its stream is over, however it ends; never when this raises. `resume_token_ids`: output
+        tokens already streamed elsewhere, to continue after (`BatonEngine.make_request`)."""
         ...
 
-    def abort(self, request_id: str) -> None: ...
 
-    def is_healthy(self) -> bool: ...
+class EngineFront(GenerationBackend, Protocol):
+    """`engine.AsyncBatonEngine`'s public surface: a backend with a lifecycle, metrics and live knobs."""
+
+    def start(self) -> None: ...
+
+    def abort(self, request_id: str) -> None: ...
 
     def metrics(self) -> dict[str, float]: ...
 

@@ -136,6 +136,12 @@ class _SamplingFields(BaseModel):
     min_tokens: int = Field(
         default=0, ge=0, description="vLLM's: EOS and stop_token_ids cannot end the output before this many tokens."
     )
+    timeout: float | None = Field(
+        default=None,
+        gt=0.0,
+        description="Seconds this request may take (capped by the server's `request_timeout_s`). When it "
+        "passes, the request ends with finish_reason 'length' and a `warning` saying so.",
+    )
 
     @field_validator("n")
     @classmethod
@@ -451,6 +457,19 @@ class CompletionLogprobs(BaseModel):
     text_offset: list[int] = Field(description="Where each token starts in the choice's text (characters).")
 
 
+class _Warned(BaseModel):
+    """A response that may carry a `warning` (a request cut short by its deadline); absent when there is none."""
+
+    warning: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _drop_no_warning(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data: dict[str, Any] = handler(self)
+        if data.get("warning") is None:
+            data.pop("warning", None)
+        return data
+
+
 class CompletionChoice(BaseModel):
     index: int = 0
     text: str
@@ -458,7 +477,7 @@ class CompletionChoice(BaseModel):
     finish_reason: FinishReason | None
 
 
-class CompletionResponse(BaseModel):
+class CompletionResponse(_Warned):
     id: str
     object: Literal["text_completion"] = "text_completion"
     created: int
@@ -497,7 +516,7 @@ class ChatChoice(BaseModel):
     finish_reason: FinishReason | None
 
 
-class ChatCompletionResponse(BaseModel):
+class ChatCompletionResponse(_Warned):
     id: str
     object: Literal["chat.completion"] = "chat.completion"
     created: int
@@ -524,7 +543,7 @@ class ChatStreamChoice(BaseModel):
     finish_reason: FinishReason | None = None
 
 
-class ChatCompletionChunk(BaseModel):
+class ChatCompletionChunk(_Warned):
     id: str
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
     created: int
@@ -576,6 +595,8 @@ class EngineStatus(BaseModel):
 
     healthy: bool
     model: str
-    replica: str = Field(description="The Serve replica that answered (its id).")
+    replica: str = Field(description="The engine replica that answered (its Serve replica id).")
+    node_id: str | None = Field(default=None, description="The Ray node that replica runs on.")
+    pid: int | None = Field(default=None, description="That replica's process id.")
     metrics: dict[str, float]
     config: dict[str, Any] = Field(description="The engine config in force, live knobs included.")

@@ -1,11 +1,15 @@
-"""`BatonServer`: the Ray Serve deployment (FastAPI ingress + handle API) over one injected engine front.
+"""`BatonIngress`: the HTTP ingress deployment (FastAPI + handle API). It holds no model.
 
-The engine's loop runs in its own thread (`front.start()`), never on the replica's event loop; request
-handlers only submit and await deltas. HTTP routes and handle methods share `OpenAIServing`, so both paths
-validate, generate and fail the same way.
+It owns everything that is HTTP: the API key (checked before the body is read), the body limits, validation
+and tokenization (in worker threads, off the event loop), the admission limit with OpenAI-shaped 429s, and
+SSE. Requests run on the engine deployment (deployments/engine_server.py) through its handle, wrapped by
+`RemoteEngine` (deployments/remote_engine.py), which continues a request on another engine replica when
+its replica dies mid-stream. HTTP routes and handle methods share `OpenAIServing`, so both paths validate,
+generate and fail the same way.
 
 HTTP: POST /v1/completions, POST /v1/chat/completions (SSE when `stream`), GET /v1/models[/{id}],
-POST /tokenize, POST /detokenize (vLLM's shapes), GET /health, GET /stats. The POST routes check the API key from the headers before they read the body,
+POST /tokenize, POST /detokenize (vLLM's shapes), GET /health (503 while no engine replica is ready),
+GET /stats, GET /metrics (Prometheus text). CORS for `ServerConfig.allowed_origins` (off by default). The POST routes check the API key from the headers before they read the body,
 and read it under `ServerConfig.max_body_bytes` / `body_timeout_s` (deployments/http_body.py).
 Handles: `generate(request)`, `generate_stream(request)` (with `handle.options(stream=True)`),
 `engine_status()`.
@@ -14,6 +18,7 @@ No `from __future__ import annotations` here: FastAPI must see the route paramet
 Serve's ingress wrapper (with string annotations, `request: Request` became a required query parameter).
 """
 
+import asyncio
 import hmac
 import logging
 from collections.abc import AsyncIterator
@@ -24,15 +29,18 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
+from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.cors import CORSMiddleware
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from configs import EngineConfig
-from configs.serve import ControllerKnobs, ServerConfig
-from deployments import errors
+from configs.serve import ServerConfig
+from deployments import errors, exposition
+from deployments.engine_server import EngineReplicaStatus
 from deployments.errors import OpenAIError
-from deployments.front import EngineFront, FrontFactory, build_engine_front
 from deployments.http_body import RequestModel, decode_json, parse_request, read_body, validate_request
-from deployments.metrics import AutoscalingSignals, MetricsPoller, ServerMetrics
+from deployments.metrics import ServerMetrics
 from deployments.protocol import (
     REQUEST_ID_HEADER,
     ChatCompletionRequest,
@@ -47,11 +55,38 @@ from deployments.protocol import (
     TokenizeRequest,
     check_request_id,
 )
+from deployments.remote_engine import RemoteEngine
 from deployments.serving import OpenAIServing, RequestTiming
 
 log = logging.getLogger("ray.serve")
 
 app = FastAPI(title="BATON on Ray Serve", description="OpenAI-compatible LLM server with BATON re-batching.")
+
+
+class CorsGate:
+    """CORS for the origins in `ServerConfig.allowed_origins` (Starlette's CORSMiddleware), and nothing at
+    all while there are none. Added to the app at import; the ingress sets the origins when it starts (one
+    ingress per replica process)."""
+
+    origins: tuple[str, ...] = ()
+
+    def __init__(self, asgi: ASGIApp) -> None:
+        self._app = asgi
+        self._cors: tuple[tuple[str, ...], ASGIApp] | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        origins = CorsGate.origins
+        if not origins or scope["type"] != "http":
+            await self._app(scope, receive, send)
+            return
+        if self._cors is None or self._cors[0] != origins:
+            self._cors = (origins, CORSMiddleware(self._app, allow_origins=list(origins),
+                                                  allow_methods=["GET", "POST", "OPTIONS"], allow_headers=["*"],
+                                                  expose_headers=[REQUEST_ID_HEADER], max_age=600))
+        await self._cors[1](scope, receive, send)
+
+
+app.add_middleware(CorsGate)
 
 
 def _error_response(e: OpenAIError) -> JSONResponse:
@@ -129,53 +164,81 @@ def _runtime_env_vars() -> dict[str, str]:
     return dict(env.get("env_vars") or {})
 
 
+HEALTH_TIMEOUT_S = 1.0  # /health answers within this: an engine replica that does not reply is not ready
+
+
 @serve.deployment(
-    name="BatonServer",
-    # Above server.max_pending_requests (24), so the replica's own OpenAI-shaped 429 binds first and spare
+    name="BatonIngress",
+    # Above server.max_pending_requests (24), so the ingress's own OpenAI-shaped 429 binds first and spare
     # slots remain for refusals, /health and /stats; no proxy queue limit, so Ray never answers a burst
-    # with its plain-text 429 (the replica refuses the excess in microseconds; see serve_config.yaml).
+    # with its plain-text 429 (the ingress refuses the excess in microseconds; see serve_config.yaml).
     max_ongoing_requests=32,
     max_queued_requests=-1,
     backpressure_config={"status_code": 429, "retry_after_s": 1},
-    health_check_period_s=10,
-    health_check_timeout_s=30,
     graceful_shutdown_timeout_s=30,
+    ray_actor_options={"num_cpus": 0},  # no model: it must not take the engine replicas' CPUs
 )
 @serve.ingress(app)
-class BatonServer:
-    """One replica: one engine front, an OpenAI HTTP API, and typed handle methods."""
+class BatonIngress:
+    """The HTTP front of the application: auth, limits, validation, tokenization, admission, SSE, failover."""
 
-    def __init__(
-        self,
-        engine_config: EngineConfig,
-        server_config: ServerConfig | None = None,
-        front_factory: FrontFactory | None = None,
-    ) -> None:
+    def __init__(self, engine: DeploymentHandle, engine_config: EngineConfig,
+                 server_config: ServerConfig | None = None) -> None:
         self._replica = serve.get_replica_context().replica_id.unique_id
+        self._engine = engine
+        self._engine_config = engine_config
         self._server_config = server_config or ServerConfig()
         self._api_key = self._server_config.resolved_api_key(_runtime_env_vars())
-        factory = front_factory or build_engine_front
-        self._front: EngineFront = factory(engine_config)
-        self._front.start()
-        self._signals = AutoscalingSignals()
-        self._serving = OpenAIServing(
-            self._front, self._server_config, self._on_finish, self._signals.observe_ttft
-        )
-        self._metrics = ServerMetrics(self._serving.model_name)
-        self._poller = MetricsPoller(
-            self._front.metrics, self._metrics, self._server_config.metrics_interval_s
-        )
-        self._poller.start()
+        self._model_name = self._server_config.model_name_for(engine_config.model)
+        CorsGate.origins = tuple(self._server_config.allowed_origins)
+        self._metrics = ServerMetrics(self._model_name)
+        self._serving: OpenAIServing | None = None
+        self._backend: RemoteEngine | None = None
+        self._connecting = asyncio.Lock()
+
+    async def _connected(self, wait_s: float | None = None) -> OpenAIServing:
+        """The serving over the engine deployment, once an engine replica has described its engine (its
+        tokenizer and limits); a 503 if none does within `wait_s` (default: the failover timeout)."""
+        if self._serving is not None:
+            return self._serving
+        wait_s = self._server_config.failover_timeout_s if wait_s is None else wait_s
+        async with self._connecting:
+            if self._serving is None:
+                try:
+                    description = await asyncio.wait_for(self._engine.describe.remote(), wait_s)
+                except Exception as e:  # noqa: BLE001 - none ready (timeout) or the one asked died
+                    raise errors.engine_unavailable(f"no engine replica is ready: {type(e).__name__}") from None
+                config = self._server_config
+                self._backend = RemoteEngine(self._engine, description, config.failover_timeout_s,
+                                             config.max_failovers)
+                self._serving = OpenAIServing(self._backend, self._server_config, self._on_finish)
+        return self._serving
+
+    async def _engine_ready(self) -> str | None:
+        """None when an engine replica answers that it serves, within HEALTH_TIMEOUT_S; else why not."""
+        try:
+            ready = await asyncio.wait_for(self._engine.ready.remote(), HEALTH_TIMEOUT_S)
+        except TimeoutError:
+            return f"no engine replica answered within {HEALTH_TIMEOUT_S:g} s"
+        except Exception as e:  # noqa: BLE001 - the replica asked has died
+            return f"no engine replica is ready ({type(e).__name__})"
+        return None if ready else "the engine replica's loop is not running"
 
     # -- HTTP ------------------------------------------------------------------------------------------
 
     @app.get("/health")
     async def health(self) -> Response:
-        if not self._front.is_healthy():
-            return JSONResponse(
-                {"status": "unhealthy", "reason": "engine loop is not running"}, status_code=503
-            )
+        reason = await self._engine_ready()
+        if reason is not None:
+            return JSONResponse({"status": "unavailable", "reason": reason}, status_code=503,
+                                headers={"Retry-After": "1"})
         return JSONResponse({"status": "ok"})
+
+    @app.get("/metrics")
+    async def http_metrics(self) -> Response:
+        """The `ray_baton_*` metrics of every node, in Prometheus text format (open, like /health)."""
+        pages = await asyncio.to_thread(exposition.node_pages)
+        return Response(exposition.merge_families(pages), media_type=exposition.CONTENT_TYPE)
 
     @app.get("/stats")
     async def http_stats(self, request: Request) -> EngineStatus:
@@ -185,12 +248,12 @@ class BatonServer:
     @app.get("/v1/models")
     async def http_models(self, request: Request) -> Response:
         self._authorize(request)
-        return JSONResponse(self._serving.models().model_dump())
+        return JSONResponse((await self._connected()).models().model_dump())
 
     @app.get("/v1/models/{model_id:path}")
     async def http_model(self, model_id: str, request: Request) -> Response:
         self._authorize(request)
-        return JSONResponse(self._serving.model_card(model_id).model_dump())
+        return JSONResponse((await self._connected()).model_card(model_id).model_dump())
 
     @app.post("/v1/completions")
     async def http_completions(self, request: Request) -> Response:
@@ -211,13 +274,14 @@ class BatonServer:
         kind: type[TokenizeRequest] = (
             TokenizeChatRequest if isinstance(data, dict) and "messages" in data else TokenizeCompletionRequest
         )
-        return JSONResponse((await self._serving.tokenize(validate_request(data, kind))).model_dump())
+        serving = await self._connected()
+        return JSONResponse((await serving.tokenize(validate_request(data, kind))).model_dump())
 
     @app.post("/detokenize")
     async def http_detokenize(self, request: Request) -> Response:
         self._authorize(request)
         body = await self._read(request, DetokenizeRequest)
-        return JSONResponse((await self._serving.detokenize(body)).model_dump())
+        return JSONResponse((await (await self._connected()).detokenize(body)).model_dump())
 
     async def _read(self, request: Request, kind: type[RequestModel]) -> RequestModel:
         """The body as a typed request, read only after the key was checked, within the body limits."""
@@ -231,11 +295,12 @@ class BatonServer:
         """The response. The request's id is the `X-Request-Id` header's: Serve's proxy sets one when the client
         did not, and echoes it on every response (so this code adds no second copy). Without a proxy in front
         (no header), a fresh id."""
-        request_id = client_id or self._serving.new_request_id(body)
+        serving = await self._connected()
+        request_id = client_id or serving.new_request_id(body)
         if body.stream:
-            chunks = await self._serving.generate_stream(body, request_id)  # raises before the 200 is sent
+            chunks = await serving.generate_stream(body, request_id)  # raises before the 200 is sent
             return StreamingResponse(_sse(chunks), media_type="text/event-stream")
-        result = await self._serving.generate(body, request_id)
+        result = await serving.generate(body, request_id)
         return JSONResponse(result.model_dump())
 
     def _authorize(self, request: Request) -> None:
@@ -257,55 +322,39 @@ class BatonServer:
     ) -> GenerateResponse:
         """The whole result of a completion or chat request. Raises `OpenAIError` like HTTP's 4xx/5xx.
         `request_id`: the caller's id for it (as HTTP's X-Request-Id); None: a fresh one."""
-        return await self._serving.generate(_parse_generate_request(request), _checked_id(request_id))
+        serving = await self._connected()
+        return await serving.generate(_parse_generate_request(request), _checked_id(request_id))
 
     async def generate_stream(
         self, request: GenerateRequest | dict[str, Any], request_id: str | None = None
     ) -> AsyncIterator[StreamChunk]:
         """Typed stream chunks; call with `handle.options(stream=True)`. Cancelling aborts the request."""
-        chunks = await self._serving.generate_stream(_parse_generate_request(request), _checked_id(request_id))
+        serving = await self._connected()
+        chunks = await serving.generate_stream(_parse_generate_request(request), _checked_id(request_id))
         async for chunk in chunks:
             yield chunk
 
     async def engine_status(self) -> EngineStatus:
+        """One engine replica's live view, with this ingress's admission counters."""
+        try:
+            engine: EngineReplicaStatus = await asyncio.wait_for(self._engine.status.remote(), HEALTH_TIMEOUT_S)
+        except Exception as e:  # noqa: BLE001 - timeout, or the replica asked died
+            raise errors.engine_unavailable(f"no engine replica is ready: {type(e).__name__}") from None
+        admission = self._serving.admission if self._serving is not None else None
         return EngineStatus(
-            healthy=self._front.is_healthy(),
-            model=self._serving.model_name,
-            replica=self._replica,
+            healthy=engine.healthy,
+            model=self._model_name,
+            replica=engine.replica,
+            node_id=engine.node_id,
+            pid=engine.pid,
             metrics={
-                **self._front.metrics(),
-                "server_requests_in_flight": float(self._serving.admission.in_flight),
-                "server_requests_refused_total": float(self._serving.admission.refused),
+                **engine.metrics,
+                "server_requests_in_flight": float(admission.in_flight if admission else 0),
+                "server_requests_refused_total": float(admission.refused if admission else 0),
+                "server_failovers_total": float(self._backend.failovers if self._backend else 0),
             },
-            config=self._front.config.model_dump(mode="json"),
+            config=engine.config,
         )
-
-    # -- Serve hooks -----------------------------------------------------------------------------------
-
-    def reconfigure(self, user_config: dict[str, Any]) -> None:
-        """Apply the live knobs of `user_config` (ControllerKnobs: every field marked live; unknown keys fail)."""
-        knobs = ControllerKnobs.model_validate(user_config or {})
-        updates = knobs.updates()
-        if updates:
-            self._front.update_controller(**updates)
-            log.info("BATON controller reconfigured: %s", updates)
-
-    def check_health(self) -> None:
-        if not self._front.is_healthy():
-            raise RuntimeError("the BATON engine loop has died")
-
-    async def record_autoscaling_stats(self) -> dict[str, float]:
-        """Signals for autoscaler/serve_policy.py: queue depth, rows, memory, preemption rate, TTFT."""
-        return self._signals.report(self._front.metrics())
 
     def _on_finish(self, timing: RequestTiming) -> None:
         self._metrics.observe_request(timing.ttft_s, timing.tpot_s, timing.e2e_s, timing.finish_reason)
-
-    def __del__(self) -> None:
-        # Serve calls this on graceful shutdown; a replica that failed in __init__ may lack the fields.
-        poller = getattr(self, "_poller", None)
-        if poller is not None:
-            poller.stop()
-        front = getattr(self, "_front", None)
-        if front is not None:
-            front.shutdown()

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from configs.errors import FieldError
 from configs.serve import ServerConfig
 from deployments import errors
-from deployments.front import EngineFront, RequestStream
+from deployments.front import GenerationBackend, RequestStream
 from deployments.logprobs import LogprobsShaper
 from deployments.protocol import (
     AssistantMessage,
@@ -47,7 +47,7 @@ from deployments.protocol import (
     new_id,
     now,
 )
-from engine.request import RequestOutput, SamplingParams, TokenLogprobs
+from engine.request import RequestOutput, SamplingParams, TokenLogprobs, Usage
 
 log = logging.getLogger("ray.serve")
 
@@ -113,18 +113,25 @@ class Generation:
     The request's stream owns its end: leaving `outputs()` early, cancelling the task that reads it, or
     dropping the generation unconsumed aborts the request through the front, and the stream's `on_close`
     (the admission slot's release) runs exactly once on every path, the normal end included. A request whose
-    engine loop dies gets an error output from the front, so reading never waits forever.
+    engine loop dies gets an error output from the front, so reading never waits forever. With `timeout_s`,
+    a request still running when it passes is aborted and ends as if it had reached its length limit
+    (finish_reason 'length'), with `warning` set.
     """
 
     def __init__(
         self,
-        front: EngineFront,
+        front: GenerationBackend,
         request_id: str,
         stream: RequestStream,
         on_finish: Callable[[RequestTiming], None],
         on_first_token: Callable[[float], None],
+        prompt_tokens: int = 0,
+        timeout_s: float | None = None,
     ) -> None:
         self.request_id = request_id
+        self._prompt_tokens = prompt_tokens
+        self._timeout_s = timeout_s
+        self.warning: str | None = None
         self._front = front
         self._stream = stream
         self._on_finish = on_finish
@@ -133,19 +140,41 @@ class Generation:
         self._t_first: float | None = None
         self._num_tokens = 0
         self.finished = False
+        self._engine_done = False  # the engine's own final output arrived
 
     async def outputs(self) -> AsyncGenerator[RequestOutput, None]:
         """The engine's deltas; the last one is `finished`. Leaving early aborts the request."""
         try:
-            async for out in self._stream:
+            it = self._stream.__aiter__()
+            while True:
+                try:
+                    out = await self._next(it)
+                except StopAsyncIteration:
+                    break
+                except TimeoutError:
+                    out = self._cut_short()
+                self._engine_done = out.finished and self.warning is None
                 self._observe(out)
                 yield out
                 if out.finished:
                     return
             raise errors.engine_unavailable("the engine ended the stream without a final output")
         finally:
-            if not self.finished:
+            if not self._engine_done:
                 await self._stream.aclose()
+
+    async def _next(self, it: AsyncIterator[RequestOutput]) -> RequestOutput:
+        if self._timeout_s is None:
+            return await it.__anext__()
+        left = self._t_submit + self._timeout_s - time.monotonic()
+        return await asyncio.wait_for(it.__anext__(), max(0.0, left))
+
+    def _cut_short(self) -> RequestOutput:
+        """The final output of a request whose deadline passed (the engine's request is aborted after it)."""
+        self.warning = (f"the request's deadline ({self._timeout_s:g} s) passed: the output is cut short "
+                        "(finish_reason 'length')")
+        return RequestOutput(self.request_id, [], "", finished=True, finish_reason="length",
+                             usage=Usage(self._prompt_tokens, self._num_tokens))
 
     def finish_reason(self, out: RequestOutput) -> FinishReason:
         """The OpenAI finish reason of a final output; engine-side failures become 5xx errors: 503 when the
@@ -207,7 +236,7 @@ class OpenAIServing:
 
     def __init__(
         self,
-        front: EngineFront,
+        front: GenerationBackend,
         config: ServerConfig,
         on_finish: Callable[[RequestTiming], None] = lambda timing: None,
         on_first_token: Callable[[float], None] = lambda ttft_s: None,
@@ -268,7 +297,8 @@ class OpenAIServing:
             choice = ChatChoice(message=message, logprobs=shaper.chat(logprobs) if wanted else None,
                                 finish_reason=reason)
             return ChatCompletionResponse(
-                id=gen.request_id, created=now(), model=self.model_name, choices=[choice], usage=usage
+                id=gen.request_id, created=now(), model=self.model_name, choices=[choice], usage=usage,
+                warning=gen.warning,
             )
         shaped = shaper.completion(logprobs) if wanted else None
         return CompletionResponse(
@@ -277,6 +307,7 @@ class OpenAIServing:
             model=self.model_name,
             choices=[CompletionChoice(text=text, logprobs=shaped, finish_reason=reason)],
             usage=usage,
+            warning=gen.warning,
         )
 
     async def generate_stream(
@@ -310,7 +341,13 @@ class OpenAIServing:
         except BaseException:
             release()  # idempotent: the stream, once started, releases on its own end
             raise
-        return Generation(self._front, engine_request.request_id, stream, self._on_finish, self._on_first_token)
+        return Generation(self._front, engine_request.request_id, stream, self._on_finish, self._on_first_token,
+                          len(engine_request.prompt_token_ids or ()), self._timeout(request))
+
+    def _timeout(self, request: GenerateRequest) -> float | None:
+        """The request's deadline in seconds: its own `timeout`, capped by the server's `request_timeout_s`."""
+        limits = [t for t in (request.timeout, self._config.request_timeout_s) if t is not None]
+        return min(limits) if limits else None
 
     def _check_priority(self, priority: int) -> None:
         low, high = self._config.priority_min, self._config.priority_max
@@ -472,6 +509,7 @@ class OpenAIServing:
                         created=created,
                         model=self.model_name,
                         choices=[CompletionChoice(text=out.text, logprobs=shaped, finish_reason=reason)],
+                        warning=gen.warning if out.finished else None,
                     )
                 if out.finished and include_usage:
                     yield CompletionStreamResponse(
@@ -491,7 +529,8 @@ class OpenAIServing:
             shaped = shaper.chat(logprobs) if logprobs else None
             choice = ChatStreamChoice(delta=delta, logprobs=shaped, finish_reason=reason)
             return ChatCompletionChunk(
-                id=gen.request_id, created=created, model=self.model_name, choices=[choice]
+                id=gen.request_id, created=created, model=self.model_name, choices=[choice],
+                warning=gen.warning if reason is not None else None,
             )
 
         yield chunk(DeltaMessage(role="assistant", content=""))

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -135,15 +135,17 @@ class AsyncBatonEngine:
     # ---- requests ----------------------------------------------------------------------------------------
     def submit(self, request_id: str, prompt: str | None = None, prompt_token_ids: list[int] | None = None,
                sampling_params: SamplingParams | None = None, priority: int = 0,
-               on_close: Callable[[], None] | None = None) -> RequestStream:
+               on_close: Callable[[], None] | None = None, resume_token_ids: Sequence[int] = ()) -> RequestStream:
         """Validate and queue a request; returns its output stream. Must be called from a running event loop.
+        `resume_token_ids`: see `BatonEngine.make_request` (a stream continued after a replica died).
 
         `on_close` runs exactly once when the stream is over: its final output was read, or it was closed,
         cancelled or dropped (never when this raises). FieldError for a bad request; RuntimeError when the
         loop is not running."""
         if not self.is_healthy():
             raise RuntimeError("the engine loop is not running" + (f": {self.last_error}" if self.last_error else ""))
-        req = self.engine.make_request(request_id, prompt, prompt_token_ids, sampling_params, priority)
+        req = self.engine.make_request(request_id, prompt, prompt_token_ids, sampling_params, priority,
+                                       resume_token_ids)
         return self._streams.open(request_id, self._abort, on_close, then=lambda: self._inbox.put(Add(req)))
 
     def abort(self, request_id: str, on_dropped: Callable[[], object] | None = None) -> None:

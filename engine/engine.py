@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -22,7 +23,7 @@ from engine.memory_controller import build_controller
 from engine.model_loader import LoadedModel, load_model
 from engine.model_runner import ModelRunner
 from engine.outputs import OutputTracker
-from engine.request import Request, RequestOutput, SamplingParams
+from engine.request import Request, RequestOutput, SamplingParams, check_token_ids
 from engine.scheduler import Scheduler
 from engine.stats import EngineStats, iteration_stats
 from engine.thread_tuner import ThreadTuner
@@ -65,8 +66,14 @@ class BatonEngine:
         self.enqueue(req)
 
     def make_request(self, request_id: str, prompt: str | None = None, prompt_token_ids: list[int] | None = None,
-                     sampling_params: SamplingParams | None = None, priority: int = 0) -> Request:
-        """Validate and tokenise without touching engine state (safe from another thread)."""
+                     sampling_params: SamplingParams | None = None, priority: int = 0,
+                     resume_token_ids: Sequence[int] = ()) -> Request:
+        """Validate and tokenise without touching engine state (safe from another thread).
+
+        `resume_token_ids`: output tokens this request already produced elsewhere (another replica that died
+        under it). The request continues after them exactly as an undisturbed run would: it re-prefills
+        prompt + those tokens, like recompute preemption, and its next draw is number len(resume_token_ids)
+        of its seed's stream; its streamed text starts after theirs."""
         params = sampling_params if sampling_params is not None else SamplingParams()
         if not isinstance(params, SamplingParams):
             raise FieldError("sampling_params",
@@ -76,19 +83,10 @@ class BatonEngine:
         if isinstance(priority, bool) or not isinstance(priority, int):
             raise FieldError("priority", f"priority must be an integer, got {priority!r}")
         ids = self._prompt_ids(prompt, prompt_token_ids)
-        params.check_vocabulary(self.vocab_size)
-        if len(ids) + params.max_tokens > self.max_model_len:
-            raise FieldError(
-                "prompt",
-                f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) = {len(ids) + params.max_tokens} "
-                f"exceeds the model's context length ({self.max_model_len})"
-            )
-        bad_stop = [t for t in params.stop_token_ids if t >= self.vocab_size]
-        if bad_stop:
-            raise FieldError("stop_token_ids",
-                             f"stop_token_ids {bad_stop} outside the vocabulary (size {self.vocab_size})")
+        check_token_ids(ids, params, resume_token_ids, self.vocab_size, self.max_model_len)
+        resumed = list(resume_token_ids)
         seed = params.seed if params.seed is not None else _derive_seed(self.config.seed, request_id)
-        return Request(request_id, ids, params, priority, arrival=-1, seed=seed)
+        return Request(request_id, ids, params, priority, arrival=-1, seed=seed, output_token_ids=resumed)
 
     def enqueue(self, req: Request) -> None:
         """Queue a request built by `make_request` (on the engine's thread). ValueError for a duplicate id."""
@@ -169,14 +167,7 @@ class BatonEngine:
             if not ids:
                 raise FieldError("prompt", f"prompt {prompt!r} tokenises to nothing")
             return ids
-        ids = list(prompt_token_ids or [])
-        if not ids:
-            raise FieldError("prompt_token_ids", "prompt_token_ids must not be empty")
-        bad = [t for t in ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.vocab_size]
-        if bad:
-            raise FieldError("prompt_token_ids",
-                             f"prompt_token_ids {bad[:5]} outside the vocabulary [0, {self.vocab_size})")
-        return ids
+        return list(prompt_token_ids or [])  # checked by check_token_ids
 
 
 def _thread_tuner(config: EngineConfig, loaded: LoadedModel) -> ThreadTuner | None:

@@ -28,8 +28,14 @@ class OutputTracker:
         self._finished: list[Request] = []
 
     def track(self, req: Request) -> None:
-        self._detok[req.request_id] = IncrementalDetokenizer(self.tokenizer, req.prompt_token_ids)
-        self._stops[req.request_id] = StopStringMatcher(req.params.stop)
+        """Start following `req`. A resumed request (output tokens already streamed by another replica) replays
+        them through its detokenizer and stop matcher, so its text deltas continue exactly where that
+        replica's stopped, the text held back for a possible stop string included."""
+        detok = IncrementalDetokenizer(self.tokenizer, req.prompt_token_ids)
+        stops = StopStringMatcher(req.params.stop)
+        for token in req.output_token_ids:
+            stops.feed(detok.push([token]))
+        self._detok[req.request_id], self._stops[req.request_id] = detok, stops
 
     def on_token(self, req: Request, token: int, logprobs: TokenLogprobs | None = None) -> None:
         """Record one sampled token (and its logprobs, when the request asked for them); finish the request if

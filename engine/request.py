@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -132,6 +132,37 @@ def _logit_bias_pairs(bias: Mapping[int, float] | tuple[tuple[int, float], ...])
             raise FieldError("logit_bias", f"logit_bias names token {tok} twice")
         out[tok] = float(b)
     return tuple(sorted(out.items()))
+
+
+def _outside_vocab(ids: Sequence[int], vocab_size: int) -> list[int]:
+    return [t for t in ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size]
+
+
+def check_token_ids(prompt_ids: Sequence[int], params: SamplingParams, resume_token_ids: Sequence[int],
+                    vocab_size: int, max_model_len: int) -> None:
+    """The checks of a request's token ids against the model's vocabulary and context (FieldError naming the
+    field). Pure, so the ingress runs the same checks as the engine before anything is streamed."""
+    if not prompt_ids:
+        raise FieldError("prompt_token_ids", "prompt_token_ids must not be empty")
+    bad = _outside_vocab(prompt_ids, vocab_size)
+    if bad:
+        raise FieldError("prompt_token_ids", f"prompt_token_ids {bad[:5]} outside the vocabulary [0, {vocab_size})")
+    if len(prompt_ids) + params.max_tokens > max_model_len:
+        raise FieldError(
+            "prompt",
+            f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) = "
+            f"{len(prompt_ids) + params.max_tokens} exceeds the model's context length ({max_model_len})"
+        )
+    bad_stop = [t for t in params.stop_token_ids if t >= vocab_size]
+    if bad_stop:
+        raise FieldError("stop_token_ids", f"stop_token_ids {bad_stop} outside the vocabulary (size {vocab_size})")
+    params.check_vocabulary(vocab_size)
+    bad = _outside_vocab(resume_token_ids, vocab_size)
+    if bad:
+        raise FieldError("resume_token_ids", f"resume_token_ids {bad[:5]} outside the vocabulary [0, {vocab_size})")
+    if len(resume_token_ids) >= params.max_tokens:
+        raise FieldError("resume_token_ids", f"{len(resume_token_ids)} tokens to resume after leave nothing to "
+                         f"generate (max_tokens {params.max_tokens})")
 
 
 class RequestState(enum.Enum):

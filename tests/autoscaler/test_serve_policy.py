@@ -74,8 +74,8 @@ def make_ctx(
     }
     n = len(replicas)
     return AutoscalingContext(
-        deployment_id=DeploymentID(name="BatonServer", app_name="baton"),
-        deployment_name="BatonServer",
+        deployment_id=DeploymentID(name="BatonEngine", app_name="baton"),
+        deployment_name="BatonEngine",
         app_name="baton",
         current_num_replicas=n,
         target_num_replicas=n if target is None else target,

@@ -15,10 +15,11 @@ from __future__ import annotations
 import heapq
 import itertools
 import math
+import os
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -92,11 +93,13 @@ class FakeAsyncEngine:
     """Stand-in for `engine.AsyncBatonEngine` (same constructor, methods and metrics keys)."""
 
     def __init__(
-        self, config: EngineConfig, step_delay_s: float = 0.005, crash_on_prompt: str | None = None
+        self, config: EngineConfig, step_delay_s: float = 0.005, crash_on_prompt: str | None = None,
+        refuse_start_if: str | None = None,
     ) -> None:
         self._config = config
         self._step_delay_s = step_delay_s
         self._crash_on_prompt = crash_on_prompt
+        self._refuse_start_if = refuse_start_if
         self.engine = _FakeCore(config.max_model_len or 2048)
         self._lock = threading.Lock()
         self._waiting: list[tuple[int, int, str]] = []  # heap of (priority, arrival, request_id)
@@ -127,6 +130,8 @@ class FakeAsyncEngine:
     # -- lifecycle -------------------------------------------------------------------------------------
 
     def start(self) -> None:
+        if self._refuse_start_if is not None and os.path.exists(self._refuse_start_if):
+            raise RuntimeError(f"test hook: {self._refuse_start_if} exists, so this engine does not start")
         if self._thread is None:
             self._thread = threading.Thread(target=self._loop, name="fake-baton-loop", daemon=True)
             self._thread.start()
@@ -154,6 +159,7 @@ class FakeAsyncEngine:
         sampling_params: SamplingParams | None = None,
         priority: int = 0,
         on_close: Callable[[], None] | None = None,
+        resume_token_ids: Sequence[int] = (),
     ) -> RequestStream:
         params = sampling_params or SamplingParams()
         if (prompt is None) == (prompt_token_ids is None):
@@ -179,6 +185,10 @@ class FakeAsyncEngine:
                 f"max_model_len ({self.engine.max_model_len})",
             )
         request = _FakeRequest(request_id, ids, params, priority)
+        for token in resume_token_ids:  # a continuation: as if these had been generated and streamed here
+            request.output_ids.append(token)
+            request.text += chr(token)
+            request.emitted = len(request.text) - _held(request)
 
         def queue_it() -> None:
             with self._lock:
@@ -308,10 +318,7 @@ class FakeAsyncEngine:
         if len(req.output_ids) >= req.params.max_tokens:
             return self._final(req, "length", self._flush(req, len(req.text)))
         # Hold back a tail that may be the start of a stop string: it must never be streamed.
-        held = max(
-            (k for s in req.params.stop for k in range(1, len(s)) if req.text.endswith(s[:k])), default=0
-        )
-        return RequestOutput(req.request_id, [token], self._flush(req, len(req.text) - held),
+        return RequestOutput(req.request_id, [token], self._flush(req, len(req.text) - _held(req)),
                              logprobs=_logprobs(req.params, [token]))
 
     @staticmethod
@@ -326,6 +333,11 @@ class FakeAsyncEngine:
         usage = Usage(prompt_tokens=len(req.prompt_ids), completion_tokens=len(req.output_ids))
         return RequestOutput(req.request_id, new, delta, True, reason, usage,  # type: ignore[arg-type]
                              logprobs=_logprobs(req.params, new))
+
+
+def _held(req: _FakeRequest) -> int:
+    """How much of the text's tail may be the start of a stop string (held back, not streamed yet)."""
+    return max((k for s in req.params.stop for k in range(1, len(s)) if req.text.endswith(s[:k])), default=0)
 
 
 def _logprobs(params: SamplingParams, tokens: list[int]) -> list[TokenLogprobs] | None:

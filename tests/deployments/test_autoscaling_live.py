@@ -45,14 +45,14 @@ def base_url(serve_instance: str) -> Iterator[str]:
     }
     engine = EngineConfig(model="fake", max_batch_size=2, max_model_len=4096)
     serve.run(
-        make_app(engine, ServerConfig(), fake_factory(step_delay_s=0.01), deployment_options=options),
+        make_app(engine, ServerConfig(), fake_factory(step_delay_s=0.01), engine_options=options),
         name="auto",
     )
     yield serve_instance
 
 
 def running_replicas() -> int:
-    status = serve.status().applications["auto"].deployments["BatonServer"]
+    status = serve.status().applications["auto"].deployments["BatonEngine"]
     return int(status.replica_states.get("RUNNING", 0))
 
 

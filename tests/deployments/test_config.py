@@ -152,8 +152,9 @@ def test_serve_config_yaml_is_valid_for_ray_and_for_us() -> None:
     assert app.import_path == "deployments.builder:build_app"
     args = BatonAppArgs.model_validate(app.args)
     assert args.engine_config.model == "default" and args.engine_config.device == "cpu"
-    (deployment,) = app.deployments
-    assert deployment.name == "BatonServer"
+    assert [d.name for d in app.deployments] == ["BatonIngress", "BatonEngine"]
+    ingress, deployment = app.deployments
+    assert ingress.ray_actor_options.num_cpus == 0  # the ingress takes no CPU from the engines
     assert isinstance(deployment.user_config, dict)
     assert set(ControllerKnobs.model_validate(deployment.user_config).updates()) == {
         "high_watermark",
@@ -167,14 +168,14 @@ def test_serve_config_yaml_is_valid_for_ray_and_for_us() -> None:
     policy = autoscaling["policy"]
     assert policy["policy_function"] == "autoscaler.serve_policy:BatonReplicaPolicy"
     ReplicaPolicyConfig.model_validate(policy["policy_kwargs"])
-    assert deployment.max_ongoing_requests >= args.engine_config.max_batch_size
-    assert_refusals_are_the_replicas(args.server, deployment)
+    assert deployment.max_ongoing_requests >= args.server.max_pending_requests  # the engine queues them all
+    assert_refusals_are_the_ingress(args.server, ingress)
     assert raw["http_options"]["host"] == "127.0.0.1"
 
 
-def assert_refusals_are_the_replicas(server: ServerConfig, deployment: Any) -> None:
-    """The replica's own limit binds before Ray's: Ray's proxy never refuses (its refusal is plain text),
-    and slots stay free above max_pending_requests for the replica's 429s and /health."""
+def assert_refusals_are_the_ingress(server: ServerConfig, deployment: Any) -> None:
+    """The ingress's own limit binds before Ray's: Ray's proxy never refuses (its refusal is plain text),
+    and slots stay free above max_pending_requests for the ingress's 429s and /health."""
     assert deployment.max_queued_requests == -1
     assert server.max_pending_requests is not None
     assert server.max_pending_requests + 4 <= deployment.max_ongoing_requests
@@ -186,8 +187,10 @@ def test_gpu_serve_config_is_valid_for_ray_and_for_us() -> None:
     args = BatonAppArgs.model_validate(app.args)
     cfg = args.engine_config
     assert (cfg.device, cfg.dtype, cfg.controller.probe) == ("cuda", "bfloat16", "nvml")
-    (deployment,) = app.deployments
+    ingress, deployment = app.deployments
+    assert (ingress.name, deployment.name) == ("BatonIngress", "BatonEngine")
     assert deployment.ray_actor_options.num_gpus == 1
     ControllerKnobs.model_validate(deployment.user_config)
-    assert_refusals_are_the_replicas(args.server, deployment)
+    assert deployment.max_ongoing_requests >= args.server.max_pending_requests  # type: ignore[operator]
+    assert_refusals_are_the_ingress(args.server, ingress)
     assert args.server.max_pending_requests >= cfg.max_batch_size  # type: ignore[operator]

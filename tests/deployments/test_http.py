@@ -25,6 +25,7 @@ from tests.deployments.serve_testing import fake_factory
 
 MODEL = "fake-model"
 API_KEY = "sk-test-key"
+ORIGIN = "https://app.example.com"
 
 
 @pytest.fixture(scope="module")
@@ -37,6 +38,11 @@ def base_url(serve_instance: str) -> Iterator[str]:
                 make_app(engine, ServerConfig(served_model_name=MODEL, api_key=API_KEY), fake_factory()),
                 "baton-auth",
                 "/auth",
+            ),
+            RunTarget(
+                make_app(engine, ServerConfig(served_model_name=MODEL, allowed_origins=[ORIGIN]), fake_factory()),
+                "baton-cors",
+                "/cors",
             ),
         ]
     )
@@ -609,3 +615,41 @@ def test_prometheus_metrics_are_exported(base_url: str, metrics_port: int) -> No
             break
         time.sleep(1)
     assert not missing
+
+
+def test_metrics_on_the_http_port(base_url: str) -> None:
+    """GET /metrics serves the replicas' ray_baton_* metrics in Prometheus text, each family's HELP/TYPE once."""
+    httpx.post(f"{base_url}/v1/completions", json={"prompt": "metrics", "max_tokens": 5}, timeout=10)
+    wanted = {"ray_baton_num_requests_running", "ray_baton_time_to_first_token_seconds_bucket",
+              "ray_baton_generation_tokens_total"}
+    text = ""
+    for _ in range(40):
+        r = httpx.get(f"{base_url}/metrics", timeout=10)
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+        text = r.text
+        if wanted <= {line.split("{")[0] for line in text.splitlines()}:
+            break
+        time.sleep(1)
+    names = {line.split("{")[0].split(" ")[0] for line in text.splitlines() if not line.startswith("#")}
+    assert wanted <= names, sorted(names)
+    assert all(name.startswith("ray_baton_") for name in names)
+    types = [line for line in text.splitlines() if line.startswith("# TYPE ")]
+    assert len(types) == len(set(types)) and types
+
+
+def test_cors_only_for_configured_origins(base_url: str) -> None:
+    preflight = {"Origin": ORIGIN, "Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "authorization, content-type"}
+    r = httpx.options(f"{base_url}/cors/v1/chat/completions", headers=preflight, timeout=10)
+    assert r.status_code == 200 and r.headers["access-control-allow-origin"] == ORIGIN
+    assert "POST" in r.headers["access-control-allow-methods"]
+    r = httpx.options(f"{base_url}/cors/v1/chat/completions", headers={**preflight, "Origin": "https://evil.example"},
+                      timeout=10)
+    assert r.status_code == 400 and "access-control-allow-origin" not in r.headers
+    body = {"prompt": "cors", "max_tokens": 2}
+    r = httpx.post(f"{base_url}/cors/v1/completions", json=body, headers={"Origin": ORIGIN}, timeout=10)
+    assert r.status_code == 200 and r.headers["access-control-allow-origin"] == ORIGIN
+    assert "x-request-id" in r.headers["access-control-expose-headers"].lower()
+    # Off by default: the app without allowed_origins sends no CORS headers.
+    r = httpx.post(f"{base_url}/v1/completions", json=body, headers={"Origin": ORIGIN}, timeout=10)
+    assert r.status_code == 200 and "access-control-allow-origin" not in r.headers

@@ -36,7 +36,7 @@ def shipped_app() -> tuple[ServerConfig, dict[str, Any]]:
     raw = yaml.safe_load((REPO / "serve_config.yaml").read_text())
     app = raw["applications"][0]
     server = BatonAppArgs.model_validate(app["args"]).server
-    (deployment,) = app["deployments"]
+    deployment = next(d for d in app["deployments"] if d["name"] == "BatonIngress")
     limits = ("max_ongoing_requests", "max_queued_requests", "backpressure_config")
     return server, {k: deployment[k] for k in limits}
 
@@ -54,7 +54,7 @@ def base_url(serve_instance: str, tmp_path_factory: pytest.TempPathFactory) -> I
     serve.run_many(
         [
             RunTarget(make_app(ENGINE, limited, fake_factory()), "limits", "/limits"),
-            RunTarget(make_app(ENGINE, server, fake_factory(), deployment_options=limits), "shipped", "/shipped"),
+            RunTarget(make_app(ENGINE, server, fake_factory(), ingress_options=limits), "shipped", "/shipped"),
             RunTarget(make_app(ENGINE, keyed_by_file, fake_factory()), "keyfile", "/keyfile"),
         ]
     )

@@ -20,7 +20,7 @@ from configs.serve import DEFAULT_MODEL_NAME, ServerConfig
 from deployments.builder import make_app
 from deployments.protocol import ChatCompletionRequest, ChatMessage, CompletionResponse
 from engine.request import SamplingParams
-from tests.deployments.serve_testing import wait_until
+from tests.deployments.serve_testing import ingress_metrics, run_and_kill, wait_until
 from tests.helpers import run_alone
 
 pytestmark = pytest.mark.skipif(
@@ -238,3 +238,27 @@ def test_a_logit_bias_outside_the_vocabulary_is_a_400(oai: openai.OpenAI) -> Non
     with pytest.raises(openai.BadRequestError, match="outside the vocabulary") as e:
         oai.completions.create(model=DEFAULT_MODEL_NAME, prompt="hi", max_tokens=2, logit_bias={"49152": 1})
     assert e.value.body["param"] == "logit_bias"  # type: ignore[index]
+
+
+def test_a_killed_engine_replica_continues_every_request_exactly(base_url: str) -> None:
+    """`kill -9` of the only engine replica while streams (greedy and seeded sampling) run and more streams
+    and 8 unary requests queue: the ingress waits for Serve's replacement (a fresh model load) and continues each request
+    where it stopped; every one gives exactly the tokens of an undisturbed run, and nothing stays in flight.
+    (Last in the module: it replaces the replica.)"""
+    def body(i: int, kind: str) -> dict[str, Any]:
+        sampled = {"temperature": 0.8, "top_p": 0.95, "seed": 100 + i} if i % 2 else {"temperature": 0}
+        return {"prompt": f"{kind} {i}: Here is a short story about a cat named", "max_tokens": 24,
+                "ignore_eos": True, "logprobs": 0, **sampled}
+
+    streams, unary = [body(i, "Stream") for i in range(8)], [body(i, "Request") for i in range(8)]
+    undisturbed, _ = run_and_kill(base_url, "", "baton", streams, unary, replicas=None)
+    failovers = ingress_metrics(base_url)["server_failovers_total"]
+    # The engine has 4 rows: the kill comes while the first 4 streams are mid-way and 12 requests queue.
+    killed, health = run_and_kill(base_url, "", "baton", streams, unary, replicas=1, kill_after=4)
+    for want, got in zip(undisturbed, killed, strict=True):
+        assert got["errors"] == [] and got["done"], got
+        assert got["text"] == want["text"] and got["reasons"] == want["reasons"] == ["length"]
+    assert ingress_metrics(base_url)["server_failovers_total"] >= failovers + 16  # every request moved
+    assert 503 in health
+    wait_until(lambda: ingress_metrics(base_url)["server_requests_in_flight"] == 0, timeout_s=10, what="in-flight 0")
+    assert running_and_waiting() == 0

@@ -53,7 +53,8 @@ def _config(tmp: Path, http_port: int, user_config: dict[str, Any] | None = None
     cfg = yaml.safe_load((REPO / "serve_config.yaml").read_text())
     cfg["http_options"]["port"] = http_port
     if user_config is not None:
-        cfg["applications"][0]["deployments"][0]["user_config"].update(user_config)
+        engine = next(d for d in cfg["applications"][0]["deployments"] if d["name"] == "BatonEngine")
+        engine["user_config"].update(user_config)
     path = tmp / f"serve_config_{http_port}_{len(list(tmp.iterdir()))}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path

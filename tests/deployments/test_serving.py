@@ -339,3 +339,52 @@ def test_a_client_request_id_is_the_engines_logged_and_a_running_one_is_a_409(fr
         logger.setLevel(old_level)
     about = [r for r in records if "client-42" in r]
     assert any("prompt tokens" in r for r in about) and any("finished" in r for r in about), records
+
+
+# --- per-request deadline: `timeout`, capped by the server's request_timeout_s ------------------------------
+
+ENDLESS = {"prompt": "abc", "max_tokens": 400, "ignore_eos": True}  # 400 fake steps of 2 ms: ~1 s or more
+
+
+@pytest.mark.parametrize("request_timeout, server_timeout", [(0.15, None), (None, 0.15), (5.0, 0.15)])
+def test_a_request_past_its_deadline_ends_as_length_with_a_warning(
+    front: FakeAsyncEngine, request_timeout: float | None, server_timeout: float | None
+) -> None:
+    s = OpenAIServing(front, ServerConfig(request_timeout_s=server_timeout))
+
+    async def run() -> None:
+        out = await s.generate(CompletionRequest.model_validate({**ENDLESS, "timeout": request_timeout}))
+        choice = out.choices[0]
+        assert choice.finish_reason == "length" and out.warning is not None and "0.15 s" in out.warning
+        assert out.usage is not None and 0 < out.usage.completion_tokens < 400
+        assert len(choice.text) == out.usage.completion_tokens  # the fake: one character per token
+        assert "warning" in out.model_dump()
+        await settle(front)  # the engine's request was aborted, not left running
+        assert s.admission.in_flight == 0
+
+        chunks = [c async for c in await s.generate_stream(
+            ChatCompletionRequest.model_validate({"messages": [{"role": "user", "content": "hi"}],
+                                                  "max_tokens": 400, "ignore_eos": True,
+                                                  "timeout": request_timeout}))]
+        last = chunks[-1]
+        assert last.choices[0].finish_reason == "length" and last.warning is not None
+        assert all(c.warning is None for c in chunks[:-1])
+        await settle(front)
+        assert s.admission.in_flight == 0
+
+    asyncio.run(run())
+
+
+def test_a_request_within_its_deadline_has_no_warning(front: FakeAsyncEngine) -> None:
+    s = OpenAIServing(front, ServerConfig(request_timeout_s=30))
+    out = asyncio.run(s.generate(CompletionRequest(prompt="hello", max_tokens=3, timeout=20)))
+    assert out.choices[0].text == "hel" and out.warning is None and "warning" not in out.model_dump()
+
+
+@pytest.mark.parametrize("bad", [0, -1, "5", True])
+def test_a_bad_timeout_is_a_400_naming_it(bad: Any) -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError) as e:
+        CompletionRequest.model_validate({**ENDLESS, "timeout": bad})
+    assert e.value.errors()[0]["loc"] == ("timeout",)

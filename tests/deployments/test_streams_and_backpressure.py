@@ -35,21 +35,21 @@ STEP_S = 0.01
 @pytest.fixture(scope="module")
 def base_url(serve_instance: str) -> Iterator[str]:
     targets = [RunTarget(make_app(ENGINE, ServerConfig(), fake_factory(step_delay_s=STEP_S)), "baton", "/")]
-    # Ray's proxy limits (the app's own limit, 24 by default, is above them here). BatonServer's default
+    # Ray's proxy limits (the app's own limit, 24 by default, is above them here). BatonIngress's default
     # answers 429 (serve_config.yaml too); Ray's default is 503.
     options: dict[str, Any] = {"max_ongoing_requests": 2, "max_queued_requests": 2}
     options["backpressure_config"] = {"status_code": 503, "retry_after_s": 2}
-    app = make_app(ENGINE, ServerConfig(), fake_factory(step_delay_s=STEP_S), deployment_options=options)
+    app = make_app(ENGINE, ServerConfig(), fake_factory(step_delay_s=STEP_S), ingress_options=options)
     targets.append(RunTarget(app, "bp503", "/bp503"))
     options["backpressure_config"] = {"status_code": 429, "retry_after_s": 2}
-    app = make_app(ENGINE, ServerConfig(), fake_factory(step_delay_s=STEP_S), deployment_options=options)
+    app = make_app(ENGINE, ServerConfig(), fake_factory(step_delay_s=STEP_S), ingress_options=options)
     targets.append(RunTarget(app, "bp429", "/bp429"))
     options = {"max_ongoing_requests": 16, "max_queued_requests": 16}
     app = make_app(
         ENGINE,
         ServerConfig(max_pending_requests=3, retry_after_s=3),
         fake_factory(step_delay_s=STEP_S),
-        deployment_options=options,
+        ingress_options=options,
     )
     targets.append(RunTarget(app, "applimit", "/applimit"))
     serve.run_many(targets)
