@@ -204,7 +204,8 @@ class ModelRunner:
         if len(live) < len(ordered):  # run-to-completion rows that are done are computed, not sampled
             logits = logits.index_select(0, torch.tensor(live, device=logits.device))
         sampled = self._sample_rows(logits, [(row.request_id, s) for row in ordered if (s := row.sample)], failed)
-        attended = cache.rows * attention_width(cache.length)  # the aligned window, its widening included
+        # Vector shaping's padding; the aligned window's extra masked columns are a kernel detail, not counted.
+        attended = cache.rows * cache.length
         shape = BatchShape(len(ordered), max(len(f) for f in feeds), attended, attended - sum(cache.real))
         return sampled, shape
 

@@ -58,8 +58,7 @@ def test_runner_executes_a_hand_built_baton_join(tiny_model) -> None:
     )
     result = engine.runner.execute(plan, engine.cache)
     assert engine.cache.ids == ["x"] and engine.cache.real == [len(prompt) + 1]
-    # 5 real columns; attention sees the window aligned to 32 columns (engine/kv_cache.py, attention_width).
-    assert result.batch == BatchShape(rows=1, width=1, attended_columns=32, padded_columns=27)
+    assert result.batch == BatchShape(rows=1, width=1, attended_columns=5, padded_columns=0)
     assert [result.prefill_tokens["x"], result.batch_tokens["x"]] == solo_greedy(tiny_model.model, prompt, 2)
     engine.cache.check_invariants()
 
