@@ -40,7 +40,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 KERNELS = ("linear", "transposed", "compiled")  # linear: the narrow-linear switch off, plain F.linear
 
 
-def _engine(loaded: LoadedModel, rows: int, context: int, kernel: str, seed: int) -> BatonEngine:
+def decode_engine(loaded: LoadedModel, rows: int, context: int, kernel: str, seed: int) -> BatonEngine:
     """An engine whose batch holds `rows` rows of `context` prompt tokens, every row already decoding."""
     narrow = dict(narrow_linear=False) if kernel == "linear" else dict(narrow_kernel=kernel)
     engine = BatonEngine(EngineConfig(model=loaded.name, policy="baton", max_batch_size=rows,
@@ -57,7 +57,7 @@ def _engine(loaded: LoadedModel, rows: int, context: int, kernel: str, seed: int
     return engine
 
 
-def _median_step_ms(engine: BatonEngine, steps: int) -> float:
+def median_step_ms(engine: BatonEngine, steps: int) -> float:
     times = []
     for _ in range(steps):
         t0 = time.perf_counter()
@@ -95,16 +95,16 @@ def run(model: str, batch_sizes: list[int], context: int, steps: int, repeats: i
     cells: dict[int, dict[str, list[float]]] = {b: {k: [] for k in kernels} for b in batch_sizes}
     bar = tqdm(total=len(batch_sizes) * repeats * len(kernels), desc="step profile", unit="run", file=sys.stderr)
     for b in batch_sizes:
-        engines = {k: _engine(loaded, b, context, k, seed) for k in kernels}
+        engines = {k: decode_engine(loaded, b, context, k, seed) for k in kernels}
         if engines["transposed"].runner.narrow is None:
             raise SystemExit("the narrow-linear kernels do not apply on this device; nothing to compare")
         for _ in range(repeats):
             for name, engine in engines.items():
-                cells[b][name].append(_median_step_ms(engine, steps))
+                cells[b][name].append(median_step_ms(engine, steps))
                 bar.update()
     bar.close()
     largest = max(batch_sizes)
-    profiled = {name: _breakdown(_engine(loaded, largest, context, name, seed), steps) for name in kernels}
+    profiled = {name: _breakdown(decode_engine(loaded, largest, context, name, seed), steps) for name in kernels}
     rows = []
     for b in batch_sizes:
         best = {k: min(cells[b][k]) for k in kernels}

@@ -7,10 +7,17 @@ The live batch is rows [0, rows) and the column window [start, end). It is **lef
 cached token sits in column end-1, so a decode step writes one new column at `end` for all rows at once.
 A row's position id is the number of real tokens it holds, so padding never shifts RoPE.
 
-Operations touch only the rows and columns they change: inserting writes the new row (and, when the query is
-longer than the batch, zero-fills the newly exposed left columns); removing moves the last row into the freed
-slot; trimming advances `start`. Only when the window runs out of headroom is it relaid into a (possibly
-larger) buffer, so the cost of that copy is amortised over many steps.
+Attention sees an **aligned window**: the live window widened on the left, with masked zero columns, to
+`attention_width(L)` columns (docs/architecture.md, "Batch invariance"). CPU attention kernels reduce over the
+columns in vector lanes and blocks counted from the window's left edge, so a row's result depends on where its
+columns sit relative to that edge; with the width aligned, a row's columns sit at the same offsets whatever
+the batch's window is, and its attention output is bit-identical alone or in any batch. So that the widening
+is free, everything outside the window is kept zero and masked: every column left of `start` in every row slot,
+and every column of a slot that holds no row. Columns from `end` on are written before they are read.
+
+Operations touch only the rows and columns they change: inserting writes the new row; removing moves the last
+row into the freed slot and zeroes the slot it left; trimming advances `start`. Only when the window runs out
+of headroom is it relaid into a (possibly larger) buffer, so the cost of that copy is amortised over many steps.
 """
 
 from __future__ import annotations
@@ -21,6 +28,23 @@ from dataclasses import dataclass
 import torch
 
 _ALIGN = 64  # column capacity granularity
+
+# Attention's column alignment (measured, torch 2.13 CPU: benchmarks/NOTES.md, "bf16 batch invariance"). SDPA's
+# CPU flash kernel sums a row's softmax weights in 16-lane vectors and runs the keys in blocks of 512 columns
+# from the window's left edge; its output for one row is bit-identical under left padding by a multiple of 16
+# while the window stays within one block, and by a multiple of 512 beyond. (AVX2's 8 lanes divide 16.)
+ATTENTION_ALIGN = 32
+ATTENTION_BLOCK = 512
+
+
+def attention_width(width: int) -> int:
+    """Columns attention sees for a window of `width`: a multiple of ATTENTION_ALIGN up to one block, else a
+    multiple of ATTENTION_BLOCK, so a row's columns keep their offsets within the kernel's lanes and blocks
+    whatever width the batch has. A row alone and in a batch then get the same bits (tests/engine/
+    test_batch_invariance.py)."""
+    if width <= ATTENTION_BLOCK:
+        return -(-width // ATTENTION_ALIGN) * ATTENTION_ALIGN
+    return -(-width // ATTENTION_BLOCK) * ATTENTION_BLOCK
 
 
 @dataclass
@@ -94,10 +118,15 @@ class BatchKVCache:
     def row_of(self, request_id: str) -> int:
         return self.ids.index(request_id)
 
+    def attention_start(self, extra: int = 0) -> int:
+        """First column of the aligned window attention sees in a step that adds `extra` columns."""
+        return self.end + extra - attention_width(self.length + extra)
+
     # ---- views used by the forward pass --------------------------------------------------------
-    def layer_view(self, layer: int, extra: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values of `layer` for the live rows over [start, end + extra): [rows, H, L+extra, D]."""
-        n, s, e = self.rows, self.start, self.end + extra
+    def layer_view(self, layer: int, extra: int = 0, aligned: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of `layer` for the live rows over [start, end + extra): [rows, H, L+extra, D]; with
+        `aligned`, over the aligned window [attention_start(extra), end + extra) that attention sees."""
+        n, s, e = self.rows, self.attention_start(extra) if aligned else self.start, self.end + extra
         return self.keys[layer, :n, :, s:e], self.values[layer, :n, :, s:e]
 
     def write_layer(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> None:
@@ -107,9 +136,10 @@ class BatchKVCache:
         self.keys[layer, : self.rows, :, self.end : self.end + t] = keys
         self.values[layer, : self.rows, :, self.end : self.end + t] = values
 
-    def mask_view(self, extra: int = 0) -> torch.Tensor:
-        """[rows, L + extra] bool, True where a row has a real token."""
-        return self.mask[: self.rows, self.start : self.end + extra]
+    def mask_view(self, extra: int = 0, aligned: bool = False) -> torch.Tensor:
+        """[rows, L + extra] bool, True where a row has a real token (with `aligned`, over the aligned window)."""
+        s = self.attention_start(extra) if aligned else self.start
+        return self.mask[: self.rows, s : self.end + extra]
 
     def positions(self) -> list[int]:
         return list(self.real)
@@ -118,12 +148,13 @@ class BatchKVCache:
     def reserve(self, new_cols: int, rows: int | None = None, left: int = 0) -> None:
         """Make room for `new_cols` columns on the right, `left` on the left, and `rows` rows."""
         rows = self.rows if rows is None else rows
-        if (self.end + new_cols <= self.col_capacity and self.start - left >= 0
+        need = self.length + new_cols + left
+        widen = attention_width(need) - need  # zero columns the aligned window adds on the left
+        if (self.end + new_cols <= self.col_capacity and self.start - left - widen >= 0
                 and rows <= self.row_capacity):
             return
-        need = self.length + new_cols + left
-        cols = max(self.col_capacity, _round_up(2 * need))
-        self._relayout(max(rows, self.row_capacity), cols, left_headroom=left + (cols - need) // 4)
+        cols = max(self.col_capacity, _round_up(2 * (need + widen)))
+        self._relayout(max(rows, self.row_capacity), cols, left_headroom=left + widen + (cols - need - widen) // 4)
 
     def advance(self, cols: int) -> None:
         """Commit `cols` columns written at `end` by the forward pass.
@@ -158,20 +189,12 @@ class BatchKVCache:
         p, n = kv.length, self.rows
         grow = max(p - self.length, 0)
         self.reserve(0, rows=n + 1, left=grow)
-        if grow:
-            # Left-pad every running row by `grow`: newly exposed columns are padding (zeroed, masked).
-            s = self.start - grow
-            self.keys[:, :n, :, s : self.start] = 0
-            self.values[:, :n, :, s : self.start] = 0
-            self.mask[:n, s : self.start] = False
-            self.start = s
-        s, e = self.start, self.end
-        # The new row: padding on the left (zeroed so masked columns can never leak NaN), its tokens on the right.
-        self.keys[:, n, :, s : e - p] = 0
-        self.values[:, n, :, s : e - p] = 0
+        # Left-pad every running row by `grow`: the exposed columns were outside the window, so already zero
+        # and masked, as is the new row's slot; only its tokens are written, on the right.
+        self.start -= grow
+        e = self.end
         self.keys[:, n, :, e - p : e] = kv.keys.to(self.device, self.dtype)
         self.values[:, n, :, e - p : e] = kv.values.to(self.device, self.dtype)
-        self.mask[n, s : e - p] = False
         self.mask[n, e - p : e] = True
         self.ids.append(request_id)
         self.real.append(p)
@@ -190,12 +213,16 @@ class BatchKVCache:
     def remove(self, request_id: str) -> None:
         """Remove a row (docs/architecture.md, "The cache"): the last row moves into its slot, then trim."""
         r, last = self.row_of(request_id), self.rows - 1
+        s, e = self.start, self.end
         if r != last:
-            s, e = self.start, self.end
             self.keys[:, r, :, s:e] = self.keys[:, last, :, s:e]
             self.values[:, r, :, s:e] = self.values[:, last, :, s:e]
             self.mask[r, s:e] = self.mask[last, s:e]
             self.ids[r], self.real[r], self.first[r] = self.ids[last], self.real[last], self.first[last]
+        # The slot left behind holds no row: zero it, so it can take a row, and its columns can leave the window.
+        self.keys[:, last, :, s:e] = 0
+        self.values[:, last, :, s:e] = 0
+        self.mask[last, s:e] = False
         self.ids.pop()
         self.real.pop()
         self.first.pop()
@@ -222,10 +249,12 @@ class BatchKVCache:
         n, s, e = self.rows, self.start, self.end
         if rows != self.row_capacity or cols != self.col_capacity:
             self._alloc(rows, cols)
-        else:  # same size: copy the window out first, since source and target may overlap
+        else:  # same size: copy the window out first, since source and target may overlap; then start from zeros
             old_k, old_v, old_m = (old_k[:, :n, :, s:e].clone(), old_v[:, :n, :, s:e].clone(),
                                    old_m[:n, s:e].clone())
             s, e = 0, e - s
+            for buf in (self.keys, self.values, self.mask):
+                buf.zero_()
         ns = left_headroom
         ne = ns + (e - s)
         self.keys[:, :n, :, ns:ne] = old_k[:, :n, :, s:e]
@@ -249,10 +278,14 @@ class BatchKVCache:
         assert bool(m[:, -1].all()), "every row's newest token must sit in the last column"
         first = (m.to(torch.int8).argmax(dim=1) + s).tolist()  # first True per row
         assert first == self.first, (first, self.first)
-        # Masked columns hold zeros, so no NaN/inf can leak through a zero attention weight.
+        # Masked columns hold zeros, so no NaN/inf can leak through a zero attention weight; that includes the
+        # columns the aligned window adds on the left of the next decode step (outside the window: zero, masked).
+        a = max(self.attention_start(extra=1), 0)  # (reserve() makes room for all of it before the step)
+        assert not bool(self.mask[:n, a:s].any()), "columns left of the window must be masked"
         for buf in (self.keys, self.values):
-            nonzero = (buf[:, :n, :, s:e] != 0).any(dim=4).any(dim=2).any(dim=0)  # [rows, L]
-            assert not bool((nonzero & ~m).any()), "padded cache columns must be zero"
+            nonzero = (buf[:, :n, :, a:e] != 0).any(dim=4).any(dim=2).any(dim=0)  # [rows, L + widening]
+            assert not bool((nonzero[:, s - a :] & ~m).any()), "padded cache columns must be zero"
+            assert not bool(nonzero[:, : s - a].any()), "columns left of the window must be zero"
         assert s == min(self.first), "leading columns no row uses must be trimmed"
 
 

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
 
-from engine.kv_cache import BatchKVCache, RowKV
+from engine.kv_cache import BatchKVCache, RowKV, attention_width
 from engine.narrow_linear import KernelName, NarrowLinear, RowKernel, resolve_kernel
 from engine.plan import BatchRow, BatchShape, IterationPlan, Prefill, SampleSpec, StepResult
 from engine.request import TokenLogprobs
@@ -48,10 +48,10 @@ class _ShapedLayer(CacheLayerMixin):
                ) -> tuple[torch.Tensor, torch.Tensor]:
         # key_states: [rows, kv_heads, T, head_dim] for the T new columns of this step
         self.cache.write_layer(self.layer, key_states, value_states)
-        return self.cache.layer_view(self.layer, extra=key_states.shape[2])
+        return self.cache.layer_view(self.layer, extra=key_states.shape[2], aligned=True)
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.cache.length + query_length, 0
+        return attention_width(self.cache.length + query_length), 0
 
     def get_seq_length(self) -> int:
         return self.cache.length
@@ -208,6 +208,7 @@ class ModelRunner:
         specs = [(row.request_id, s if row.feed is not None else s.after(feed[0]))
                  for row, feed in zip(ordered, feeds, strict=True) if (s := row.sample)]
         sampled = self._sample_rows(logits, specs, failed)
+        # Vector shaping's padding; the aligned window's extra masked columns are a kernel detail, not counted.
         attended = cache.rows * cache.length
         shape = BatchShape(len(ordered), max(len(f) for f in feeds), attended, attended - sum(cache.real))
         return sampled, shape
@@ -264,9 +265,9 @@ class ModelRunner:
         """
         t0 = time.perf_counter()
         t = input_ids.shape[1]
-        cache_len = cache.length
         cache.set_step_mask(real)
-        mask = build_step_mask(cache.mask_view(extra=t), cache_len)
+        window = cache.mask_view(extra=t, aligned=True)  # [rows, attention_width(L + t)]
+        mask = build_step_mask(window, window.shape[1] - t)
         narrow = self.narrow.active(self._row_kernel) if self.narrow and self._row_kernel else contextlib.nullcontext()
         with narrow:
             out = self.model(

@@ -32,7 +32,7 @@ def test_presets_are_valid_engine_configs() -> None:
     for name in available_presets():
         EngineConfig.model_validate(load_preset(name))
     cpu = BatonAppArgs().engine_config
-    assert (cpu.model, cpu.device, cpu.dtype) == ("default", "cpu", "float32")
+    assert (cpu.model, cpu.device, cpu.dtype) == ("default", "cpu", "auto")
 
 
 def test_engine_overrides_merge_into_the_preset() -> None:

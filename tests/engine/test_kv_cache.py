@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from engine.kv_cache import BatchKVCache, RowKV
+from engine.kv_cache import ATTENTION_ALIGN, BatchKVCache, RowKV, attention_width
 
 LAYERS, HEADS, DIM = 2, 2, 4
 DTYPE = torch.float64
@@ -123,8 +123,16 @@ class CacheMachine(RuleBasedStateMachine):
         new_v = rand(seed + 7, LAYERS, n, HEADS, t, DIM)
         for layer in range(LAYERS):
             self.cache.write_layer(layer, new_k[layer], new_v[layer])
-            k, v = self.cache.layer_view(layer, extra=t)  # what attention sees: old window + new columns
+            k, v = self.cache.layer_view(layer, extra=t)  # the old window + the new columns
             assert torch.equal(k[:, :, -t:], new_k[layer]) and torch.equal(v[:, :, -t:], new_v[layer])
+            # What attention sees: the same, widened on the left to an aligned width by masked zero columns.
+            ka, va = self.cache.layer_view(layer, extra=t, aligned=True)
+            width, wider = ka.shape[2], ka.shape[2] - k.shape[2]
+            assert width == attention_width(k.shape[2]) and width % ATTENTION_ALIGN == 0
+            assert torch.equal(ka[:, :, wider:], k) and torch.equal(va[:, :, wider:], v)
+            assert not ka[:, :, :wider].any() and not va[:, :, :wider].any()
+        aligned_mask = self.cache.mask_view(extra=t, aligned=True)
+        assert not aligned_mask[:, : aligned_mask.shape[1] - self.cache.length - t].any()
         ids = list(self.cache.ids)
         self.cache.advance(t)
         for r, rid in enumerate(ids):
@@ -300,3 +308,25 @@ def test_wide_step_holes_and_extract() -> None:
     assert cache.mask_view()[0].tolist() == [True] * 3 + [False] * 3 + [True]
     out = cache.extract("a")
     assert out.length == 4 and torch.equal(out.keys[:, :, 3], k[:, 0, :, 3])
+
+
+def test_attention_width_aligns_to_the_kernel_blocks() -> None:
+    assert [attention_width(w) for w in (1, 32, 33, 500, 512, 513, 1024, 1025)] == [
+        32, 32, 64, 512, 512, 1024, 1024, 1536]
+
+
+def test_aligned_window_past_one_kernel_block_is_zero_padded() -> None:
+    """Past 512 columns the aligned window grows by whole blocks; the columns it adds are masked zeros."""
+    cache, shadow = new_cache(row_capacity=2), Shadow()
+    for rid, length in (("long", 500), ("short", 20)):
+        kv = rand_row(len(rid), length)
+        cache.insert(rid, kv)
+        shadow.add(rid, kv)
+    for i in range(20):
+        _decode(cache, shadow, 50 + i)
+        check_against_shadow(cache, shadow)
+    assert cache.length == 520
+    k, _ = cache.layer_view(0, extra=1, aligned=True)
+    mask = cache.mask_view(extra=1, aligned=True)
+    assert k.shape[2] == mask.shape[1] == 1024
+    assert not k[:, :, : 1024 - 521].any() and not mask[:, : 1024 - 521].any()

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
+from engine import model_loader
 from engine.model_loader import load_model, resolve_device, resolve_dtype
 
 
@@ -46,8 +49,24 @@ def test_a_directory_without_a_model(tmp_path) -> None:
 def test_unknown_dtype(tiny_dir) -> None:
     with pytest.raises(ValueError, match=r"unknown dtype 'int8'"):
         load_model(str(tiny_dir), dtype="int8", device="cpu")
-    assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
     assert resolve_dtype("bfloat16", torch.device("cpu")) == torch.bfloat16
+
+
+def test_auto_dtype_follows_the_cpu_flags(tmp_path, monkeypatch) -> None:
+    def cpuinfo(flags: str) -> Path:
+        path = tmp_path / f"cpuinfo-{len(flags)}"
+        path.write_text(f"processor\t: 0\nflags\t\t: fpu sse2 {flags}\nbogomips\t: 4000\n" * 2)
+        return path
+
+    assert model_loader.cpu_has_native_bf16(cpuinfo("avx2 avx512f avx512_bf16"))
+    assert model_loader.cpu_has_native_bf16(cpuinfo("avx2 amx_tile amx_bf16"))
+    assert not model_loader.cpu_has_native_bf16(cpuinfo("avx2 avx512f avx512_vnni"))
+    for native, want in ((True, torch.bfloat16), (False, torch.float32)):
+        monkeypatch.setattr(model_loader, "cpu_has_native_bf16", lambda native=native: native)
+        assert resolve_dtype("auto", torch.device("cpu")) == want
+        assert resolve_dtype("float32", torch.device("cpu")) == torch.float32  # only auto looks at the CPU
+    if torch.cuda.is_available():
+        assert resolve_dtype("auto", torch.device("cuda")) == torch.bfloat16
 
 
 @pytest.mark.parametrize(("device", "match"), [("tpu", "unknown device 'tpu'"), ("gpu:0", "unknown device 'gpu:0'"),
