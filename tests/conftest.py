@@ -37,6 +37,14 @@ def default_model():
     return load_model("default", dtype="float32", device="cpu")
 
 
+@pytest.fixture(scope="session")
+def default_model_bf16():
+    """The default model in bfloat16 (what `dtype: auto` picks on a CPU with native bf16), loaded once."""
+    from engine.model_loader import load_model
+
+    return load_model("default", dtype="bfloat16", device="cpu")
+
+
 def _tiny_llama(tok, vocab_size: int | None):
     from transformers import LlamaConfig, LlamaForCausalLM
 

@@ -24,12 +24,8 @@ SHAPES = [(576, 576), (192, 576), (1536, 576), (576, 1536), (49152, 576)]
 
 
 @pytest.fixture(scope="module", params=["float32", "bfloat16"])
-def model(request, default_model):
-    if request.param == "float32":
-        return default_model
-    from engine.model_loader import load_model
-
-    return load_model("default", dtype="bfloat16", device="cpu")
+def model(request, default_model, default_model_bf16):
+    return default_model if request.param == "float32" else default_model_bf16
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -64,9 +64,12 @@ def test_one_slow_trial_step_decides_nothing() -> None:
     assert tuner.current == 2 and tuner.switches == 0
 
 
-def test_switching_threads_mid_run_changes_no_token(default_model) -> None:
+@pytest.mark.parametrize("model", ["default_model", "default_model_bf16"])
+def test_switching_threads_mid_run_changes_no_token(model: str, request: pytest.FixtureRequest) -> None:
     """Greedy generations with a tuner that switches between 1 and 2 threads every couple of steps equal the
-    same generations at a fixed 2 threads: a row's maths does not depend on the thread count."""
+    same generations at a fixed 2 threads, in float32 and in bfloat16 (the preset's `dtype: auto` here): a
+    row's maths does not depend on the thread count."""
+    default_model = request.getfixturevalue(model)
     prompts = {f"r{i}": [200 + 37 * i + k for k in range(5 + 7 * i)] for i in range(4)}
     params = SamplingParams(max_tokens=16, ignore_eos=True)
 
