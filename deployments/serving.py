@@ -216,6 +216,14 @@ def _finish_reason(out: RequestOutput) -> FinishReason:
     )
 
 
+def _bytes_per_token(tokenizer: object) -> int:
+    """The most UTF-8 bytes any vocabulary entry spells (0 when the tokenizer has no `get_vocab`)."""
+    get_vocab = getattr(tokenizer, "get_vocab", None)
+    if get_vocab is None:
+        return 0
+    return max((len(str(t).encode("utf-8", errors="surrogatepass")) for t in get_vocab()), default=0)
+
+
 def _prompt_param(request: GenerateRequest) -> str:
     """The request field a prompt-related error names."""
     return "messages" if isinstance(request, ChatCompletionRequest) else "prompt"
@@ -250,6 +258,7 @@ class OpenAIServing:
         self.model_name = config.model_name_for(engine_model)
         self._accepted_names = {self.model_name, engine_model}
         self.admission = Admission(config.max_pending_requests, config.retry_after_s)
+        self._bytes_per_token: int | None = None  # computed from the vocabulary on the first long prompt
 
     # -- models ----------------------------------------------------------------------------------------
 
@@ -390,6 +399,7 @@ class OpenAIServing:
         """Token ids and sampling parameters. Templating and tokenizing run in a worker thread: a prompt of
         megabytes takes seconds there, and must not stall every other stream on this replica's event loop."""
         param = _prompt_param(request)
+        await self._check_text_size(request, param)
         if isinstance(request, ChatCompletionRequest):
             prompt_ids = await asyncio.to_thread(self._chat_prompt_ids, request.messages)
             max_tokens = request.requested_max_tokens()
@@ -430,6 +440,27 @@ class OpenAIServing:
         except ValueError as e:
             raise errors.from_value_error(e) from None
         return EngineRequest(request_id, None, prompt_ids, params, request.priority)
+
+    async def _check_text_size(self, request: GenerateRequest, param: str) -> None:
+        """A 400 at once for a text so long it cannot fit the context whatever it tokenizes to: no token
+        covers more than `_bytes_per_token()` bytes of text, and a character is at least one byte (doubled,
+        for normalisers that expand text). Tokenizing megabytes costs seconds of CPU for nothing."""
+        if isinstance(request, ChatCompletionRequest):
+            chars = sum(len(m.text()) for m in request.messages)
+        else:
+            single = request.single_prompt()
+            chars = len(single) if isinstance(single, str) else 0
+        limit = self._front.engine.max_model_len
+        if chars <= limit:  # fits however it tokenizes: no need to know the bound
+            return
+        if self._bytes_per_token is None:
+            self._bytes_per_token = await asyncio.to_thread(_bytes_per_token, self._front.engine.tokenizer)
+        if self._bytes_per_token and chars > 2 * self._bytes_per_token * limit:
+            raise errors.bad_request(
+                f"{param}: {chars} characters are more than {limit} tokens (the context length) of this model "
+                f"can hold (a token covers at most {self._bytes_per_token} bytes)",
+                param,
+            )
 
     def _check_length(self, prompt_tokens: int, max_tokens: int, param: str) -> None:
         """A 400 before the engine sees a prompt that cannot fit (it would only refuse it, later and slower)."""

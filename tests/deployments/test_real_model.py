@@ -143,9 +143,10 @@ def test_disconnects_leave_the_engine(base_url: str) -> None:
 
 
 def test_a_huge_prompt_does_not_stall_other_streams(base_url: str) -> None:
-    """A 4 MiB prompt takes seconds to tokenize; done on the replica's event loop it stalled every stream
-    there for that long. Tokenized in a worker thread, a running stream keeps its pace, and the huge prompt
-    still gets its 400 (longer than the context)."""
+    """A 4 MiB prompt took seconds to tokenize; done on the replica's event loop it stalled every stream
+    there for that long. Now a text longer than the context could hold whatever it tokenizes to is refused
+    before tokenizing (at once), and a long one that must be tokenized to be judged (250 k characters) is
+    tokenized in a worker thread: a running stream keeps its pace, and both get their 400."""
 
     async def run() -> tuple[float, httpx.Response]:
         async with httpx.AsyncClient(base_url=base_url, timeout=120) as client:
@@ -154,20 +155,26 @@ def test_a_huge_prompt_does_not_stall_other_streams(base_url: str) -> None:
                 lines = aiter(stream.aiter_lines())
                 for _ in range(3):  # the stream is running
                     await anext(lines)
-                four_mib = "word " * (4 * 1024 * 1024 // 5)
-                huge = asyncio.create_task(
-                    client.post("/v1/completions", json={"prompt": four_mib, "max_tokens": 4})
+                t0 = time.monotonic()
+                four_mib = await client.post("/v1/completions", json={"prompt": "word " * (4 * 1024 * 1024 // 5),
+                                                                      "max_tokens": 4})
+                four_mib_s = time.monotonic() - t0
+                long = asyncio.create_task(
+                    client.post("/v1/completions", json={"prompt": "word " * 50_000, "max_tokens": 4})
                 )
                 gaps, last = [], time.monotonic()
                 async for _ in lines:
                     now = time.monotonic()
                     gaps.append(now - last)
                     last = now
-                return max(gaps), await huge
+                return max(gaps), four_mib, four_mib_s, await long
 
-    worst_gap, refused = asyncio.run(run())
-    assert refused.status_code == 400 and "context length" in refused.json()["error"]["message"]
-    assert worst_gap < 1.5, f"a stream stalled {worst_gap:.2f} s while a huge prompt was tokenized"
+    worst_gap, four_mib, four_mib_s, long = asyncio.run(run())
+    assert four_mib.status_code == 400 and "characters are more than" in four_mib.json()["error"]["message"]
+    assert four_mib_s < 1.0, f"the 4 MiB prompt took {four_mib_s:.2f} s to refuse"
+    assert long.status_code == 400 and "context length" in long.json()["error"]["message"]
+    assert "characters are more than" not in long.json()["error"]["message"]  # this one was tokenized
+    assert worst_gap < 1.5, f"a stream stalled {worst_gap:.2f} s while a long prompt was tokenized"
 
 
 def test_logprobs_and_tokenizer_routes_on_the_real_model(oai: openai.OpenAI, base_url: str) -> None:
@@ -247,7 +254,7 @@ def test_a_killed_engine_replica_continues_every_request_exactly(base_url: str) 
     (Last in the module: it replaces the replica.)"""
     def body(i: int, kind: str) -> dict[str, Any]:
         sampled = {"temperature": 0.8, "top_p": 0.95, "seed": 100 + i} if i % 2 else {"temperature": 0}
-        return {"prompt": f"{kind} {i}: Here is a short story about a cat named", "max_tokens": 24,
+        return {"prompt": f"{kind} {i}: Here is a short story about a cat named", "max_tokens": 12,
                 "ignore_eos": True, "logprobs": 0, **sampled}
 
     streams, unary = [body(i, "Stream") for i in range(8)], [body(i, "Request") for i in range(8)]
