@@ -180,6 +180,22 @@ def test_constrained_output_survives_preemption(default_model, chat_ids, mode):
     assert engine.grammars.live == 0
 
 
+@pytest.mark.parametrize("policy", ["static", "orca", "baton"])
+def test_every_policy_gives_the_same_constrained_output(tiny_model, policy):
+    """In-batch joins (static, orca) and baton's same-iteration join (its batch row draws right after its
+    prefill, from the matcher that draw advanced) give baton-pd's tokens; a one-token choice finishes at once."""
+    schema = {"type": "object", "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 999},
+                                               "b": {"type": "string", "maxLength": 5}}, "required": ["a", "b"],
+              "additionalProperties": False}
+    prompts = {"json": ([1, 2, 3, 4], SamplingParams(max_tokens=60, json_schema=schema, temperature=1.0, seed=3)),
+               "one": ([5, 6], SamplingParams(max_tokens=8, choice=["{"]))}
+    for rid, (ids, params) in prompts.items():
+        want = run_alone(tiny_model, ids, params)
+        got = run_alone(tiny_model, ids, params, policy=policy)
+        assert tokens_of(got) == tokens_of(want) and got[-1].finish_reason == "stop", (rid, text_of(got))
+    assert text_of(run_alone(tiny_model, [5, 6], prompts["one"][1], policy=policy)) == "{"
+
+
 def test_a_continuation_replays_its_tokens_through_the_grammar(default_model, chat_ids):
     """Failover: resuming after k tokens continues exactly as the undisturbed run, and the text parses."""
     full = run_alone(default_model, chat_ids, SEEDED)
