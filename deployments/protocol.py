@@ -8,11 +8,13 @@ naming the field rather than an exception inside the tokenizer. Fields OpenAI de
 does not do yet (n > 1, echo, tools, ...) are declared so the error can say *that* rather than "unknown
 field"; a value other than the no-op default fails validation naming the field. Extensions (vLLM's
 convention): `priority` (lower = more urgent), `top_k`, `ignore_eos`, `stop_token_ids`,
-`repetition_penalty`, `min_tokens`.
+`repetition_penalty`, `min_tokens`, and structured output's `guided_regex` and `guided_choice` beside OpenAI's
+`response_format` (at most one of the three per request).
 """
 
 from __future__ import annotations
 
+import json
 import re
 import time
 import uuid
@@ -33,6 +35,8 @@ from engine.request import MAX_LOGIT_BIAS, MAX_LOGIT_BIAS_ENTRIES, MAX_PENALTY
 
 FinishReason = Literal["stop", "length"]
 
+# The request field that a SamplingParams constraint field comes from (for the 400's `param`).
+CONSTRAINT_PARAMS = {"json_schema": "response_format", "regex": "guided_regex", "choice": "guided_choice"}
 MAX_LOGPROBS = 20  # the most alternatives per token a request may ask for (OpenAI's limit; vLLM's default)
 _TOKEN_ID = re.compile(r"0|[1-9][0-9]{0,9}")  # a logit_bias key: a token id in canonical decimal
 
@@ -88,6 +92,34 @@ class StreamOptions(BaseModel):
     include_usage: bool = Field(default=False, description="Send a last chunk with `usage` and no choices.")
 
 
+class JsonSchemaFormat(BaseModel):
+    """`response_format.json_schema` (OpenAI's shape). The output is generated to validate against `schema`,
+    whatever `strict` says."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
+
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$", description="The schema's name (OpenAI's rule: 1-64 of "
+                      "a-z, A-Z, 0-9, _ and -).")
+    description: str | None = None
+    schema_: dict[str, Any] = Field(alias="schema", description="A JSON schema (an object).")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's `response_format`: `text` (no constraint), `json_object` (any JSON object) or `json_schema`."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_iff_json_schema(self) -> ResponseFormat:
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("response_format.json_schema is required with type 'json_schema' and only then")
+        return self
+
+
 class _SamplingFields(BaseModel):
     """Fields common to completions and chat, with OpenAI's ranges and types (strict: no coercion)."""
 
@@ -135,6 +167,14 @@ class _SamplingFields(BaseModel):
     )
     min_tokens: int = Field(
         default=0, ge=0, description="vLLM's: EOS and stop_token_ids cannot end the output before this many tokens."
+    )
+    # Structured output: at most one of these three.
+    response_format: ResponseFormat | None = Field(
+        default=None, description="OpenAI's: json_object or json_schema constrain the output to valid JSON."
+    )
+    guided_regex: str | None = Field(default=None, description="vLLM's: the whole output matches this regex.")
+    guided_choice: list[str] | None = Field(
+        default=None, min_length=1, description="vLLM's: the output is exactly one of these strings."
     )
     timeout: float | None = Field(
         default=None,
@@ -185,11 +225,53 @@ class _SamplingFields(BaseModel):
             raise ValueError(f"stop_token_ids must be non-negative, got {v}")
         return v
 
+    @field_validator("guided_regex")
+    @classmethod
+    def _regex(cls, v: str | None) -> str | None:
+        return check_text(v, "guided_regex") if v is not None else v
+
+    @field_validator("guided_choice")
+    @classmethod
+    def _choices(cls, v: list[str] | None) -> list[str] | None:
+        for c in v or ():
+            if not c:
+                raise ValueError("guided_choice strings must not be empty")
+            check_text(c, "a guided_choice string")
+        return v
+
     @model_validator(mode="after")
     def _stream_options_need_stream(self) -> _SamplingFields:
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options is only allowed when stream=true")
         return self
+
+    @model_validator(mode="after")
+    def _one_constraint(self) -> _SamplingFields:
+        given = [name for name, on in (("response_format", self._json_schema() is not None),
+                                       ("guided_regex", self.guided_regex is not None),
+                                       ("guided_choice", self.guided_choice is not None)) if on]
+        if len(given) > 1:
+            raise ValueError(f"give at most one of response_format (json_object, json_schema), guided_regex and "
+                             f"guided_choice; got {' and '.join(given)}")
+        return self
+
+    def _json_schema(self) -> str | None:
+        """`response_format`'s schema as JSON text (json_object: any object); None for text or none."""
+        rf = self.response_format
+        if rf is None or rf.type == "text":
+            return None
+        return json.dumps(rf.json_schema.schema_) if rf.json_schema is not None else '{"type": "object"}'
+
+    def constraint(self) -> dict[str, Any]:
+        """The structured-output constraint as SamplingParams fields (`CONSTRAINT_PARAMS` maps them back)."""
+        schema = self._json_schema()
+        if schema is not None:
+            return {"json_schema": schema}
+        if self.guided_regex is not None:
+            return {"regex": self.guided_regex}
+        if self.guided_choice is not None:
+            return {"choice": tuple(self.guided_choice)}
+        return {}
 
     def stop_list(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -320,12 +402,6 @@ class ChatMessage(BaseModel):
         return "".join(part.text for part in self.content)
 
 
-class ResponseFormat(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-    type: str
-
-
 class ChatCompletionRequest(_SamplingFields):
     """POST /v1/chat/completions. The prompt is the tokenizer's chat template over `messages`."""
 
@@ -349,7 +425,6 @@ class ChatCompletionRequest(_SamplingFields):
     parallel_tool_calls: bool | None = None
     functions: list[Any] | None = None
     function_call: Any | None = None
-    response_format: ResponseFormat | None = None
 
     @field_validator("top_logprobs")
     @classmethod
@@ -370,13 +445,6 @@ class ChatCompletionRequest(_SamplingFields):
     def _tool_choice(cls, v: Any, info: Any) -> Any:
         if v is not None and v != "none":
             raise _unsupported(info.field_name, v, "tool calling is not implemented")
-        return v
-
-    @field_validator("response_format")
-    @classmethod
-    def _response_format(cls, v: ResponseFormat | None) -> ResponseFormat | None:
-        if v is not None and v.type != "text":
-            raise _unsupported("response_format", v.type, "only type 'text'")
         return v
 
     @model_validator(mode="after")

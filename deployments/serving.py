@@ -21,6 +21,7 @@ from deployments import errors
 from deployments.front import GenerationBackend, RequestStream
 from deployments.logprobs import LogprobsShaper
 from deployments.protocol import (
+    CONSTRAINT_PARAMS,
     AssistantMessage,
     ChatChoice,
     ChatCompletionChunk,
@@ -224,6 +225,13 @@ def _bytes_per_token(tokenizer: object) -> int:
     return max((len(str(t).encode("utf-8", errors="surrogatepass")) for t in get_vocab()), default=0)
 
 
+def _from_value_error(e: ValueError, default_param: str | None = None) -> errors.OpenAIError:
+    """`errors.from_value_error`, naming the request field a structured-output constraint came from."""
+    err = errors.from_value_error(e, default_param)
+    err.param = CONSTRAINT_PARAMS.get(err.param or "", err.param)
+    return err
+
+
 def _prompt_param(request: GenerateRequest) -> str:
     """The request field a prompt-related error names."""
     return "messages" if isinstance(request, ChatCompletionRequest) else "prompt"
@@ -390,7 +398,7 @@ class OpenAIServing:
 
     @staticmethod
     def _prompt_error(e: ValueError, param: str) -> errors.OpenAIError:
-        err = errors.from_value_error(e, param)
+        err = _from_value_error(e, param)
         if err.param in ("prompt", "prompt_token_ids"):
             err.param = param  # the engine sees token ids; the client sent `param`
         return err
@@ -436,9 +444,10 @@ class OpenAIServing:
                 repetition_penalty=request.repetition_penalty,
                 logit_bias=tuple(request.logit_bias_ids().items()),
                 min_tokens=request.min_tokens,
+                **request.constraint(),
             )
         except ValueError as e:
-            raise errors.from_value_error(e) from None
+            raise _from_value_error(e) from None
         return EngineRequest(request_id, None, prompt_ids, params, request.priority)
 
     async def _check_text_size(self, request: GenerateRequest, param: str) -> None:

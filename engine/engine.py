@@ -18,6 +18,7 @@ from configs import EngineConfig
 from configs.errors import FieldError
 from configs.knobs import with_live_knobs
 from engine.capacity import CapacityController
+from engine.grammar import Grammars
 from engine.kv_cache import BatchKVCache
 from engine.memory_controller import build_controller
 from engine.model_loader import LoadedModel, load_model
@@ -48,10 +49,11 @@ class BatonEngine:
         self.max_model_len = config.max_model_len or self.runner.shape.max_position_embeddings
         self.cache = self._new_cache()
         self.outputs = OutputTracker(self.tokenizer, _eos_ids(self.loaded))
+        self.grammars = Grammars(self.tokenizer, self.vocab_size, self.outputs.eos_token_ids)
         if controller is None:
             controller, probe = build_controller(config.controller), build_probe(config.controller)
         self.scheduler = Scheduler(config, self.cache, controller, probe, self.outputs,
-                                   _step_bytes_per_row(self.loaded.model.config, self.loaded.dtype))
+                                   _step_bytes_per_row(self.loaded.model.config, self.loaded.dtype), self.grammars)
         self.stats = EngineStats()
 
     @property
@@ -73,7 +75,8 @@ class BatonEngine:
         `resume_token_ids`: output tokens this request already produced elsewhere (another replica that died
         under it). The request continues after them exactly as an undisturbed run would: it re-prefills
         prompt + those tokens, like recompute preemption, and its next draw is number len(resume_token_ids)
-        of its seed's stream; its streamed text starts after theirs."""
+        of its seed's stream; its streamed text starts after theirs; a structured-output matcher starts after
+        them too."""
         params = sampling_params if sampling_params is not None else SamplingParams()
         if not isinstance(params, SamplingParams):
             raise FieldError("sampling_params",
@@ -86,7 +89,11 @@ class BatonEngine:
         check_token_ids(ids, params, resume_token_ids, self.vocab_size, self.max_model_len)
         resumed = list(resume_token_ids)
         seed = params.seed if params.seed is not None else _derive_seed(self.config.seed, request_id)
-        return Request(request_id, ids, params, priority, arrival=-1, seed=seed, output_token_ids=resumed)
+        field = params.constraint_field
+        # Structured output: the matcher, after the resumed tokens (a FieldError if they break the grammar).
+        grammar = self.grammars.matcher(field, params.grammar, resumed) if field and params.grammar else None
+        return Request(request_id, ids, params, priority, arrival=-1, seed=seed, output_token_ids=resumed,
+                       grammar=grammar)
 
     def enqueue(self, req: Request) -> None:
         """Queue a request built by `make_request` (on the engine's thread). ValueError for a duplicate id."""

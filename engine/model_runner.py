@@ -24,7 +24,7 @@ from engine.kv_cache import BatchKVCache, RowKV, attention_width
 from engine.narrow_linear import KernelName, NarrowLinear, RowKernel, resolve_kernel
 from engine.plan import BatchRow, BatchShape, IterationPlan, Prefill, SampleSpec, StepResult
 from engine.request import TokenLogprobs
-from engine.sampler import adjust_logits, nan_rows, sample, token_logprobs
+from engine.sampler import adjust_logits, mask_disallowed, nan_rows, sample, token_logprobs
 from engine.thread_tuner import ThreadTuner
 
 log = logging.getLogger(__name__)
@@ -217,9 +217,10 @@ class ModelRunner:
     def _sample_rows(logits: torch.Tensor, rows: list[tuple[str, SampleSpec]], failed: dict[str, str]
                      ) -> Sampled:
         """The one sampling entry point: a token per row of `logits` [rows, V] for (request id, draw) `rows`,
-        drawn after each row's logit adjustments (penalties, bias, min_tokens: `adjust_logits`), and its
-        logprobs for the rows that asked, from the raw logits (vLLM's default; batched: the other rows cost
-        nothing). A row whose logits hold NaN (a model or device fault) fails alone; the others are sampled."""
+        drawn after each row's logit adjustments (penalties, bias, min_tokens: `adjust_logits`) and its
+        grammar's mask (`mask_disallowed`), and its logprobs for the rows that asked, from the raw logits
+        (vLLM's default; batched: the other rows cost nothing). Each row with a grammar advances it with its
+        token. A row whose logits hold NaN (a model or device fault) fails alone; the others are sampled."""
         nan = nan_rows(logits)  # [rows]
         if bool(nan.any()):
             for r in nan.nonzero().flatten().tolist():
@@ -229,9 +230,14 @@ class ModelRunner:
         if not rows:
             return Sampled()
         specs = [s for _, s in rows]
-        tokens = sample(adjust_logits(logits, specs), [s.params for s in specs], [s.seed for s in specs],
-                        [s.index for s in specs])
+        adjusted = adjust_logits(logits, specs)
+        adjusted = mask_disallowed(adjusted, specs, own=adjusted is not logits)
+        tokens = sample(adjusted, [s.params for s in specs], [s.seed for s in specs], [s.index for s in specs])
         ids = [rid for rid, _ in rows]
+        for rid, spec, token in zip(ids, specs, tokens, strict=True):
+            refused = spec.grammar.advance(token) if spec.grammar is not None else None
+            if refused is not None:  # only a masked-out draw can get here: a fault, not the client's
+                failed[rid] = f"the sampled token {token} breaks the request's grammar: {refused}"
         want = [r for r, s in enumerate(specs) if s.top_logprobs is not None]
         logprobs: dict[str, TokenLogprobs] = {}
         if want:
@@ -239,7 +245,7 @@ class ModelRunner:
             top = [specs[r].top_logprobs or 0 for r in want]
             found = token_logprobs(picked, [tokens[r] for r in want], top)
             logprobs = dict(zip([ids[r] for r in want], found, strict=True))
-        return Sampled(dict(zip(ids, tokens, strict=True)), logprobs)
+        return Sampled({rid: t for rid, t in zip(ids, tokens, strict=True) if rid not in failed}, logprobs)
 
     @torch.no_grad()
     def prefill(self, token_ids: list[int]) -> tuple[RowKV, torch.Tensor]:

@@ -55,6 +55,8 @@ class OutputTracker:
         delta.text += text
         if hit:
             self.finish(req, "stop", stop_string_hit=True)
+        elif req.grammar is not None and req.grammar.complete:  # structured output: the match is complete
+            self.finish(req, "stop")
         elif req.remaining <= 0:
             self.finish(req, "length")
 

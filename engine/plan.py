@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, replace
 
 from autoscaler.probes.base import MemoryReading
 from engine.capacity import Preemption
+from engine.grammar import GrammarMatcher
 from engine.kv_cache import RowKV
 from engine.request import SamplingParams, TokenLogprobs
 
@@ -22,8 +23,11 @@ class SampleSpec:
     """How to draw one token of one request. The draw depends only on (seed, index) and the request's own
     tokens, never on the batch.
 
-    The last three fields feed the logit adjustments (engine/sampler.py:adjust_logits) and stay empty for a
-    request without them, so its draw costs nothing more.
+    `prompt_ids`, `output_ids` and `suppressed` feed the logit adjustments (engine/sampler.py:adjust_logits)
+    and stay empty for a request without them, so its draw costs nothing more. `grammar` is the request's
+    structured-output matcher (engine/grammar.py), shared with the request: the runner masks the draw with it
+    and advances it with the token drawn, so a later draw of the same iteration (a baton join's batch row,
+    after its prefill's) sees that token.
     """
 
     params: SamplingParams
@@ -32,6 +36,7 @@ class SampleSpec:
     prompt_ids: tuple[int, ...] = ()  # the prompt, when repetition_penalty counts its tokens
     output_ids: tuple[int, ...] = ()  # when a penalty is on: the output before this draw (len == index)
     suppressed: tuple[int, ...] = ()  # ids this draw may not produce (min_tokens: EOS, stop_token_ids)
+    grammar: GrammarMatcher | None = None  # structured output: only the tokens it allows may be drawn
 
     @property
     def top_logprobs(self) -> int | None:
@@ -51,7 +56,7 @@ class SampleSpec:
 
 
 def sample_spec(prompt: list[int], output: list[int], params: SamplingParams, seed: int, eos_token_ids: set[int],
-                ahead: int = 0) -> SampleSpec:
+                ahead: int = 0, grammar: GrammarMatcher | None = None) -> SampleSpec:
     """The draw of output token `len(output) + ahead` (`ahead` = 1: an earlier draw of the same iteration,
     not in `output` yet, precedes it; the runner completes `output_ids` with `SampleSpec.after`)."""
     index = len(output) + ahead
@@ -64,6 +69,7 @@ def sample_spec(prompt: list[int], output: list[int], params: SamplingParams, se
         prompt_ids=tuple(prompt) if params.repetition_penalty != 1 else (),
         output_ids=tuple(output) if params.counts_tokens else (),
         suppressed=suppressed,
+        grammar=grammar,
     )
 
 

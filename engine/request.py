@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import enum
+import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Literal
 
 from configs.errors import FieldError
+from engine.grammar import CONSTRAINT_FIELDS, GrammarMatcher, grammar_of
 
 FinishReason = Literal["stop", "length", "abort", "error"]
 
@@ -45,6 +48,11 @@ class SamplingParams:
     repetition_penalty: float = 1.0  # vLLM: a token of prompt or output has a positive logit / p, a negative * p
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit), by id; a mapping is accepted
     min_tokens: int = 0  # vLLM: EOS and stop_token_ids cannot be drawn before this many output tokens
+    # Structured output, at most one (engine/grammar.py): the output matches it, and ends ("stop") once the
+    # match is complete. Each is checked to compile (FieldError naming the field).
+    json_schema: str | None = None  # a JSON schema, as JSON text (a dict is accepted); '{"type": "object"}': any object
+    regex: str | None = None  # a regular expression the whole output matches
+    choice: tuple[str, ...] | None = None  # the output is exactly one of these strings
 
     def __post_init__(self) -> None:
         # Accept lists (e.g. from JSON) but keep the object hashable and immutable.
@@ -73,6 +81,37 @@ class SamplingParams:
         if lp is not None and (isinstance(lp, bool) or not isinstance(lp, int) or not 0 <= lp <= MAX_LOGPROBS):
             raise FieldError("logprobs", f"logprobs must be an integer in [0, {MAX_LOGPROBS}] or None, got {lp!r}")
         self._check_adjustments()
+        self._check_constraint()
+
+    def _check_constraint(self) -> None:
+        if isinstance(self.json_schema, Mapping):
+            object.__setattr__(self, "json_schema", json.dumps(self.json_schema))
+        if isinstance(self.choice, list):
+            object.__setattr__(self, "choice", tuple(self.choice))
+        given = [name for name in CONSTRAINT_FIELDS if getattr(self, name) is not None]
+        if len(given) > 1:
+            raise FieldError(given[1], f"give at most one of {', '.join(CONSTRAINT_FIELDS)}; got {' and '.join(given)}")
+        if not given:
+            return
+        name, value = given[0], getattr(self, given[0])
+        if name == "choice":
+            if not isinstance(value, tuple) or not value or not all(isinstance(c, str) and c for c in value):
+                raise FieldError(name, f"choice must be a non-empty list of non-empty strings, got {value!r}")
+        elif not isinstance(value, str) or not value:
+            raise FieldError(name, f"{name} must be a non-empty string, got {value!r}")
+        if self.grammar is None:  # compiled here, once: a FieldError naming the field if it cannot be
+            raise AssertionError(f"{name} gave no grammar")
+
+    @property
+    def constraint_field(self) -> str | None:
+        """The field holding this request's structured-output constraint; None: unconstrained."""
+        return next((name for name in CONSTRAINT_FIELDS if getattr(self, name) is not None), None)
+
+    @cached_property
+    def grammar(self) -> str | None:
+        """llguidance's grammar text for the constraint (None: unconstrained), built once, on construction."""
+        name = self.constraint_field
+        return None if name is None else grammar_of(name, getattr(self, name))
 
     def _check_adjustments(self) -> None:
         for name in ("presence_penalty", "frequency_penalty"):
@@ -223,6 +262,9 @@ class Request:
     preemptions: int = 0
     finish_reason: FinishReason | None = None
     error: str | None = None
+    # Structured output: where the request is in its grammar (None: unconstrained, or dropped with its KV by
+    # a recompute preemption until it is prefilled again, or finished).
+    grammar: GrammarMatcher | None = None
 
     @property
     def all_token_ids(self) -> list[int]:

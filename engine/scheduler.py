@@ -17,6 +17,7 @@ from typing import Literal
 from autoscaler.probes.base import MemoryProbe, MemoryReading
 from configs import EngineConfig
 from engine.capacity import CapacityController, CapacityDecision, CapacitySnapshot, QueuedInfo, RowInfo
+from engine.grammar import Grammars
 from engine.kv_cache import BatchKVCache, RowKV
 from engine.outputs import OutputTracker
 from engine.plan import BatchRow, IterationPlan, Join, Prefill, SampleSpec, StepResult, sample_spec
@@ -84,11 +85,13 @@ class Scheduler:
     """Owns the requests and their queues; plans each iteration and records its outcome."""
 
     def __init__(self, config: EngineConfig, cache: BatchKVCache, controller: CapacityController,
-                 probe: MemoryProbe | None, outputs: OutputTracker, step_bytes_per_row: int) -> None:
+                 probe: MemoryProbe | None, outputs: OutputTracker, step_bytes_per_row: int,
+                 grammars: Grammars) -> None:
         self.config = config  # replaced by the engine on reconfigure
         self.policy = get_policy(config.policy)
         self.cache = cache  # read only: rows, lengths and bytes
         self.controller, self.probe, self.outputs = controller, probe, outputs
+        self.grammars = grammars  # builds a request's structured-output matcher when it leaves the waiting queue
         self.step_bytes_per_row = step_bytes_per_row
         self.queues = RequestQueues()
         self.requests: dict[str, Request] = {}  # every unfinished request
@@ -192,6 +195,7 @@ class Scheduler:
             else:  # recompute: it is prefilled again from prompt + generated tokens
                 self.queues.waiting[req.request_id] = req
                 req.state = RequestState.WAITING
+                req.grammar = None  # like its KV, rebuilt from its tokens when it leaves the queue
             req.preemptions += 1
 
     def _admit(self, admit: tuple[str, ...]) -> tuple[list[Join], list[Prefill]]:
@@ -202,7 +206,7 @@ class Scheduler:
             req = self.requests[rid]
             kv = self.queues.swapped.pop(rid, None) or self.queues.pool.pop(rid, None)
             if kv is None:
-                del self.queues.waiting[rid]
+                self._leave_waiting(req)
             if kv is None and self.policy.join == "prefill_on_admit":
                 # A request whose first token is also its last never needs a row.
                 prefills.append(Prefill(rid, tuple(req.all_token_ids), self._spec(req), join=req.remaining > 1))
@@ -233,10 +237,19 @@ class Scheduler:
                 break
             if allowance is not None:
                 allowance -= n * self.cache.bytes_per_token
-            del self.queues.waiting[req.request_id]
+            self._leave_waiting(req)
             out.append(Prefill(req.request_id, tuple(req.all_token_ids), self._spec(req), join=False))
             budget, tokens, room = budget - n, tokens + n, room - 1
         return out
+
+    def _leave_waiting(self, req: Request) -> None:
+        """`req` leaves the waiting queue to be computed: a request with a grammar whose matcher was dropped
+        (recompute preemption) gets it back, rebuilt by replaying its output tokens."""
+        del self.queues.waiting[req.request_id]
+        field = req.params.constraint_field
+        if field is not None and req.grammar is None:
+            assert req.params.grammar is not None
+            req.grammar = self.grammars.matcher(field, req.params.grammar, req.output_token_ids)
 
     def _batch_rows(self, kept: list[str], joins: list[Join], prefills: list[Prefill]) -> tuple[BatchRow, ...]:
         rows = []
@@ -252,7 +265,7 @@ class Scheduler:
     def _spec(self, req: Request, ahead: int = 0) -> SampleSpec:
         """The draw of `req`'s next output token (`ahead` more if an earlier draw of this iteration precedes it)."""
         return sample_spec(req.prompt_token_ids, req.output_token_ids, req.params, req.seed,
-                           self.outputs.eos_token_ids, ahead)
+                           self.outputs.eos_token_ids, ahead, req.grammar)
 
     # ---- the outcome ------------------------------------------------------------------------------------
     def _on_token(self, req: Request, token: int, logprobs: TokenLogprobs | None) -> None:
@@ -264,6 +277,7 @@ class Scheduler:
         """Bookkeeping for a request that has finished, failed or been aborted. Its row, if any, stays in
         `running` until retired (or freed at once by `abort`)."""
         self.outputs.finish(req, reason, error)
+        req.grammar = None
         if self.requests.pop(req.request_id, None) is not None:
             self.queues.discard(req.request_id)
 

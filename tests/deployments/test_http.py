@@ -248,14 +248,19 @@ ADJUSTMENTS: list[dict[str, Any]] = [
 def test_openai_client_sends_each_logit_adjustment(oai: openai.OpenAI, fields: dict[str, Any]) -> None:
     """Accepted for completions and chat, unary and streamed (the fake engine ignores them: the effect of
     each on a real model is tested in test_real_model.py)."""
-    out = oai.completions.create(model=MODEL, prompt="hey", max_tokens=8, **fields)
+    assert_accepted(oai, fields, fields)
+
+
+def assert_accepted(oai: openai.OpenAI, completion_fields: dict[str, Any], chat_fields: dict[str, Any]) -> None:
+    """The fields are accepted by completions and chat, unary and streamed, and the fake echoes as usual."""
+    out = oai.completions.create(model=MODEL, prompt="hey", max_tokens=8, **completion_fields)
     assert out.choices[0].text == "hey"
-    streamed = oai.completions.create(model=MODEL, prompt="hey", max_tokens=8, stream=True, **fields)
+    streamed = oai.completions.create(model=MODEL, prompt="hey", max_tokens=8, stream=True, **completion_fields)
     assert "".join(c.choices[0].text for c in streamed if c.choices) == "hey"
     msgs: Any = [{"role": "user", "content": "ok"}]
-    chat = oai.chat.completions.create(model=MODEL, messages=msgs, max_tokens=4, **fields)
+    chat = oai.chat.completions.create(model=MODEL, messages=msgs, max_tokens=4, **chat_fields)
     assert chat.choices[0].message.content == "<use"
-    chunks = oai.chat.completions.create(model=MODEL, messages=msgs, max_tokens=4, stream=True, **fields)
+    chunks = oai.chat.completions.create(model=MODEL, messages=msgs, max_tokens=4, stream=True, **chat_fields)
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "<use"
 
 
@@ -279,6 +284,70 @@ def test_openai_client_bad_logit_adjustments_are_400s(
         oai.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=8,
                                     stream=stream, **fields)
     assert e.value.body["param"] == param  # type: ignore[index]
+
+
+# Structured output as the official client sends it: response_format as a keyword (chat; the client's legacy
+# completions have no such argument, so there it goes in extra_body, as vLLM's fields do).
+PERSON = {"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]}
+CONSTRAINTS: list[dict[str, Any]] = [
+    {"response_format": {"type": "json_object"}},
+    {"response_format": {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}}},
+    {"response_format": {"type": "text"}},
+    {"extra_body": {"guided_regex": "[a-z]+"}},
+    {"extra_body": {"guided_choice": ["yes", "no"]}},
+]
+
+
+@pytest.mark.parametrize("fields", CONSTRAINTS, ids=["json_object", "json_schema", "text", "regex", "choice"])
+def test_openai_client_sends_each_structured_output_constraint(oai: openai.OpenAI, fields: dict[str, Any]) -> None:
+    """Accepted for completions and chat, unary and streamed, and compiled at the ingress on the way (the
+    fake engine cannot honour a grammar: real outputs are tested in test_real_model.py)."""
+    assert_accepted(oai, _completions(fields), fields)
+
+
+def _completions(fields: dict[str, Any]) -> dict[str, Any]:
+    """`fields` as the client's completions call takes them: response_format moved into extra_body."""
+    if "response_format" not in fields:
+        return fields
+    rest = {k: v for k, v in fields.items() if k != "response_format"}
+    return {**rest, "extra_body": {**fields.get("extra_body", {}), "response_format": fields["response_format"]}}
+
+
+def _schema(schema: Any) -> dict[str, Any]:
+    return {"response_format": {"type": "json_schema", "json_schema": {"name": "s", "schema": schema}}}
+
+
+@pytest.mark.parametrize(("fields", "param", "words"), [
+    (_schema({"type": "objekt"}), "response_format", "does not compile"),
+    (_schema({"properties": {"a": {"$ref": "#/nowhere"}}}), "response_format", "does not compile"),
+    (_schema([1]), "response_format.json_schema.schema", "dictionary"),
+    ({"response_format": {"type": "json_schema"}}, "response_format", "json_schema is required"),
+    ({"response_format": {"type": "json_object", "json_schema": {"name": "s", "schema": {}}}}, "response_format",
+     "only then"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "a b", "schema": {}}}},
+     "response_format.json_schema.name", "pattern"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "s", "schema": {}, "extra": 1}}},
+     "response_format.json_schema.extra", "extra"),
+    ({"extra_body": {"guided_regex": "[a-"}}, "guided_regex", "does not compile"),
+    ({"extra_body": {"guided_choice": []}}, "guided_choice", "at least 1"),
+    ({"extra_body": {"guided_choice": ["a", ""]}}, "guided_choice", "must not be empty"),
+    ({"response_format": {"type": "json_object"}, "extra_body": {"guided_regex": "a"}}, None,
+     "got response_format and guided_regex"),
+    ({"extra_body": {"guided_regex": "a", "guided_choice": ["a"]}}, None, "got guided_regex and guided_choice"),
+])
+@pytest.mark.parametrize("stream", [False, True], ids=["unary", "stream"])
+def test_openai_client_bad_structured_output_is_a_400_naming_the_field(
+    oai: openai.OpenAI, fields: dict[str, Any], param: str | None, words: str, stream: bool
+) -> None:
+    with pytest.raises(openai.BadRequestError) as e:
+        oai.completions.create(model=MODEL, prompt="x", max_tokens=8, stream=stream, **_completions(fields))
+    body: Any = e.value.body
+    assert body["param"] == param and words in body["message"], body
+    with pytest.raises(openai.BadRequestError) as e:
+        oai.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=8,
+                                    stream=stream, **fields)
+    body = e.value.body
+    assert body["param"] == param and words in body["message"], body
 
 
 def test_openai_client_parses_logprobs(oai: openai.OpenAI) -> None:
@@ -400,9 +469,9 @@ BAD_REQUESTS = [
     ),
     (
         "/v1/chat/completions",
-        {"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}},
+        {"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "xml"}},
         400,
-        "response_format",
+        "response_format.type",
         "json_object",
     ),
     (

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import json
+import re
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -245,6 +246,71 @@ def test_a_logit_bias_outside_the_vocabulary_is_a_400(oai: openai.OpenAI) -> Non
     with pytest.raises(openai.BadRequestError, match="outside the vocabulary") as e:
         oai.completions.create(model=DEFAULT_MODEL_NAME, prompt="hi", max_tokens=2, logit_bias={"49152": 1})
     assert e.value.body["param"] == "logit_bias"  # type: ignore[index]
+
+
+PERSON = {
+    "type": "object",
+    "properties": {"name": {"type": "string", "maxLength": 24}, "age": {"type": "integer", "minimum": 0,
+                                                                        "maximum": 120}},
+    "required": ["name", "age"],
+    "additionalProperties": False,
+}
+DESCRIBE = [{"role": "user", "content": "Describe a famous scientist as a JSON object."}]
+
+
+@pytest.mark.parametrize("sampling", [{"temperature": 0}, {"temperature": 1.0, "seed": 11}], ids=["greedy", "seeded"])
+def test_structured_output_through_the_openai_client(oai: openai.OpenAI, sampling: dict[str, Any]) -> None:
+    """json_schema, json_object (greedy), guided_regex and guided_choice on the real model: each output parses
+    and matches, ends with "stop", and is the same text unary and streamed."""
+    import jsonschema
+
+    schema_format: Any = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}}
+    common: dict[str, Any] = {"model": DEFAULT_MODEL_NAME, "max_tokens": 60, **sampling}
+    formats: list[tuple[Any, Any]] = [(schema_format, lambda v: jsonschema.validate(v, PERSON))]
+    if not sampling["temperature"]:  # any object: unbounded, and sampled keys can run past max_tokens
+        formats.append(({"type": "json_object"}, lambda v: isinstance(v, dict) or pytest.fail(v)))
+    for response_format, check in formats:
+        chat = oai.chat.completions.create(messages=DESCRIBE, response_format=response_format, **common)  # type: ignore[arg-type]
+        text = chat.choices[0].message.content or ""
+        assert chat.choices[0].finish_reason == "stop", text
+        check(json.loads(text))
+        chunks = oai.chat.completions.create(messages=DESCRIBE, response_format=response_format, stream=True,  # type: ignore[arg-type]
+                                             **common)
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text
+    # completions: the client has no response_format argument there; vLLM's fields go in extra_body too
+    out = oai.completions.create(prompt="The year the first moon landing happened:", extra_body={
+        "response_format": schema_format}, **common)
+    jsonschema.validate(json.loads(out.choices[0].text), PERSON)
+    pattern = r"(19|20)[0-9]{2}"
+    out = oai.completions.create(prompt="The first moon landing was in the year", extra_body={"guided_regex": pattern},
+                                 **common)
+    assert re.fullmatch(pattern, out.choices[0].text) and out.choices[0].finish_reason == "stop", out
+    choices = ["Paris", "London", "Berlin"]
+    chat = oai.chat.completions.create(messages=PARIS, extra_body={"guided_choice": choices}, **common)  # type: ignore[arg-type]
+    assert chat.choices[0].message.content in choices and chat.choices[0].finish_reason == "stop"
+
+
+def test_the_openai_clients_parse_helper_gets_its_object(oai: openai.OpenAI) -> None:
+    """`chat.completions.parse` with a pydantic model: the client sends a strict json_schema and parses the
+    reply into the model."""
+    from pydantic import BaseModel, Field
+
+    class City(BaseModel):
+        name: str = Field(max_length=20)
+        country: str = Field(max_length=20)
+
+    parsed = oai.chat.completions.parse(model=DEFAULT_MODEL_NAME, messages=PARIS, response_format=City,  # type: ignore[arg-type]
+                                        max_tokens=60, temperature=0)
+    city = parsed.choices[0].message.parsed
+    assert isinstance(city, City) and city.name, parsed
+
+
+def test_a_bad_schema_is_a_400_before_the_engine(oai: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError, match="does not compile") as e:
+        oai.chat.completions.create(model=DEFAULT_MODEL_NAME, messages=PARIS, max_tokens=4,  # type: ignore[arg-type]
+                                    response_format={"type": "json_schema",  # type: ignore[typeddict-item]
+                                                     "json_schema": {"name": "x", "schema": {"type": "objekt"}}})
+    assert e.value.body["param"] == "response_format"  # type: ignore[index]
 
 
 def test_a_killed_engine_replica_continues_every_request_exactly(base_url: str) -> None:
