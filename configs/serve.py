@@ -114,17 +114,17 @@ class ServerConfig(BaseModel):
     metrics_interval_s: float = Field(
         default=1.0,
         gt=0.0,
-        description="How often the replica copies the engine's gauges into Prometheus metrics.",
+        description="How often an engine replica copies its engine's gauges into Prometheus metrics.",
     )
     max_pending_requests: int | None = Field(
         default=24,
         ge=1,
-        description="Requests one replica accepts at once (running, waiting and prefilled); one more gets an "
-        "OpenAI-shaped 429 with Retry-After at once, on HTTP and handles alike. Keep it below the deployment's "
+        description="Requests one ingress replica accepts at once (running, waiting and prefilled); one more gets "
+        "an OpenAI-shaped 429 with Retry-After at once, on HTTP and handles alike. Keep it below the ingress's "
         "max_ongoing_requests, or Ray's proxy refuses first (with its own plain-text body). null turns it off.",
     )
     retry_after_s: int = Field(
-        default=2, ge=1, description="The Retry-After (seconds) sent with this replica's own 429 (over max_pending_requests)."
+        default=2, ge=1, description="The Retry-After (seconds) sent with the ingress's own 429 (over max_pending_requests)."
     )
     priority_min: int = Field(
         default=-1000, description="The most urgent `priority` a request may ask for; below it is a 400."

@@ -134,9 +134,6 @@ class EngineServer:
                 if out.finished:
                     return
 
-    async def metrics(self) -> dict[str, float]:
-        return self._front.metrics()
-
     async def status(self) -> EngineReplicaStatus:
         return EngineReplicaStatus(self._replica, ray.get_runtime_context().get_node_id(), os.getpid(),
                                    self._front.is_healthy(), self._front.metrics(),

@@ -20,7 +20,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncGenerator, Callable, Sequence
-from typing import Any, cast
+from typing import cast
 
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 from ray.serve.exceptions import DeploymentUnavailableError, ReplicaUnavailableError
@@ -218,7 +218,9 @@ class RemoteEngine:
                on_close: Callable[[], None] | None = None, resume_token_ids: Sequence[int] = ()) -> FailoverStream:
         """Check the request as the engine would (FieldError naming the field), then start it on a replica."""
         params = sampling_params or SamplingParams()
-        ids = list(prompt_token_ids) if prompt_token_ids is not None else self._encode(prompt)
+        if prompt_token_ids is None:  # OpenAIServing tokenizes in the ingress; the engine gets ids
+            raise FieldError("prompt_token_ids", "the ingress submits token ids, not prompt text")
+        ids = list(prompt_token_ids)
         d = self._description
         check_token_ids(ids, params, resume_token_ids, d.vocab_size, d.max_model_len)
         if request_id in self._open:
@@ -236,11 +238,3 @@ class RemoteEngine:
 
     def _count(self) -> None:
         self.failovers += 1
-
-    def _encode(self, prompt: Any) -> list[int]:
-        if not isinstance(prompt, str) or not prompt:
-            raise FieldError("prompt", f"prompt must be a non-empty string, got {prompt!r}")
-        try:
-            return list(self._description.tokenizer.encode(prompt))
-        except (TypeError, ValueError) as e:
-            raise FieldError("prompt", f"prompt cannot be tokenized: {e}") from None
