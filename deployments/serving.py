@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from configs.errors import FieldError
 from configs.serve import ServerConfig
 from deployments import errors
+from deployments.echo import Echo
 from deployments.front import GenerationBackend, RequestStream
 from deployments.logprobs import LogprobsShaper
 from deployments.protocol import (
@@ -30,6 +31,7 @@ from deployments.protocol import (
     ChatMessage,
     ChatStreamChoice,
     CompletionChoice,
+    CompletionRequest,
     CompletionResponse,
     CompletionStreamResponse,
     DeltaMessage,
@@ -128,8 +130,10 @@ class Generation:
         on_first_token: Callable[[float], None],
         prompt_tokens: int = 0,
         timeout_s: float | None = None,
+        echo: Echo | None = None,
     ) -> None:
         self.request_id = request_id
+        self.echo = echo  # completions' echo: what the outputs become before they are shaped
         self._prompt_tokens = prompt_tokens
         self._timeout_s = timeout_s
         self.warning: str | None = None
@@ -296,16 +300,20 @@ class OpenAIServing:
         gen = await self._submit(request, request_id or self.new_request_id(request))
         text: list[str] = []
         logprobs: list[TokenLogprobs] = []
+        prompt_logprobs: list[TokenLogprobs | None] | None = None
         async with aclosing(gen.outputs()) as outputs:
             async for out in outputs:
+                out = gen.echo.apply(out) if gen.echo is not None else out
                 text.append(out.text)
                 logprobs.extend(out.logprobs or ())
+                prompt_logprobs = prompt_logprobs or out.prompt_logprobs
                 if out.finished:
-                    return self._response(request, gen, out, "".join(text), logprobs)
+                    return self._response(request, gen, out, "".join(text), logprobs, prompt_logprobs)
         raise errors.engine_unavailable("the engine ended the stream without a final output")
 
     def _response(self, request: GenerateRequest, gen: Generation, last: RequestOutput, text: str,
-                  logprobs: list[TokenLogprobs]) -> GenerateResponse:
+                  logprobs: list[TokenLogprobs], prompt_logprobs: list[TokenLogprobs | None] | None = None
+                  ) -> GenerateResponse:
         reason, usage = gen.finish_reason(last), _usage(last)
         wanted = request.logprobs_count() is not None
         shaper = LogprobsShaper(self._front.engine.tokenizer)
@@ -317,7 +325,10 @@ class OpenAIServing:
                 id=gen.request_id, created=now(), model=self.model_name, choices=[choice], usage=usage,
                 warning=gen.warning,
             )
-        shaped = shaper.completion(logprobs) if wanted else None
+        if gen.echo is not None:
+            shaped = gen.echo.shape(shaper, logprobs, prompt_logprobs)
+        else:
+            shaped = shaper.completion(logprobs) if wanted else None
         return CompletionResponse(
             id=gen.request_id,
             created=now(),
@@ -359,7 +370,18 @@ class OpenAIServing:
             release()  # idempotent: the stream, once started, releases on its own end
             raise
         return Generation(self._front, engine_request.request_id, stream, self._on_finish, self._on_first_token,
-                          len(engine_request.prompt_token_ids or ()), self._timeout(request))
+                          len(engine_request.prompt_token_ids or ()), self._timeout(request),
+                          await self._echo(request, engine_request))
+
+    async def _echo(self, request: GenerateRequest, engine_request: EngineRequest) -> Echo | None:
+        """A completion request's echo (None without): the prompt's text is the client's string, or the
+        decoding of its token ids (vLLM's)."""
+        if not isinstance(request, CompletionRequest) or not request.echo:
+            return None
+        ids = list(engine_request.prompt_token_ids or ())
+        single = request.single_prompt()
+        text = single if isinstance(single, str) else await asyncio.to_thread(self._decode, ids)
+        return Echo(text, ids, generate=request.max_tokens != 0, logprobs=request.logprobs_count())
 
     def _timeout(self, request: GenerateRequest) -> float | None:
         """The request's deadline in seconds: its own `timeout`, capped by the server's `request_timeout_s`."""
@@ -427,6 +449,9 @@ class OpenAIServing:
             else:
                 prompt_ids = list(single)
             max_tokens = request.max_tokens if request.max_tokens is not None else 16
+            # max_tokens=0 (only with echo: score the prompt): the engine draws one token, which the echo
+            # drops (vLLM's way); its prefill computes the prompt logprobs.
+            max_tokens = max(max_tokens, 1)
         self._check_length(len(prompt_ids), max_tokens, param)
         try:
             params = SamplingParams(
@@ -439,6 +464,7 @@ class OpenAIServing:
                 stop_token_ids=tuple(request.stop_token_ids or ()),
                 ignore_eos=request.ignore_eos,
                 logprobs=request.logprobs_count(),
+                prompt_logprobs=request.prompt_logprobs_count(),
                 presence_penalty=request.presence_penalty,
                 frequency_penalty=request.frequency_penalty,
                 repetition_penalty=request.repetition_penalty,
@@ -541,9 +567,13 @@ class OpenAIServing:
         shaper = LogprobsShaper(self._front.engine.tokenizer)
         async with aclosing(gen.outputs()) as outputs:
             async for out in outputs:
+                out = gen.echo.apply(out) if gen.echo is not None else out
                 reason = gen.finish_reason(out) if out.finished else None
                 if out.text or out.finished or out.logprobs:
-                    shaped = shaper.completion(out.logprobs) if out.logprobs is not None else None
+                    if gen.echo is not None:
+                        shaped = gen.echo.shape(shaper, out.logprobs, out.prompt_logprobs)
+                    else:
+                        shaped = shaper.completion(out.logprobs) if out.logprobs is not None else None
                     yield CompletionStreamResponse(
                         id=gen.request_id,
                         created=created,

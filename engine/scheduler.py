@@ -145,6 +145,8 @@ class Scheduler:
     def update(self, plan: IterationPlan, result: StepResult) -> list[RequestOutput]:
         """Record what the runner produced: tokens appended, stops checked, KV filed. Returns the outputs."""
         self.queues.swapped.update(result.swapped)
+        for rid, prompt_logprobs in result.prompt_logprobs.items():  # first: they lead the first token's output
+            self.outputs.on_prompt_logprobs(rid, prompt_logprobs)
         for p in plan.prefill:
             if p.request_id in result.prefill_tokens:
                 req = self.requests[p.request_id]

@@ -5,7 +5,8 @@ Tokens are characters (`token id = ord(char)`). A request "generates" its prompt
 iteration, then stops on EOS (id 0) unless `ignore_eos`; with `ignore_eos` it keeps cycling through the
 prompt until `max_tokens`. So completing "abc" gives "abc" (finish "stop"), or "ab" with max_tokens=2
 (finish "length"). With `logprobs=k`, token t has logprob log(1/2) and alternatives t, t+1, ... with
-logprobs log(1/2), log(1/4), ... (k of them). The loop runs in its own daemon thread, like the real engine's, and holds at most
+logprobs log(1/2), log(1/4), ... (k of them); with `prompt_logprobs=k` the prompt's tokens after the first get the same, on the first output.
+The loop runs in its own daemon thread, like the real engine's, and holds at most
 `max_batch_size` rows; the rest wait by (priority, arrival). Streams, aborts and the failure of every open
 stream when the loop dies are the real front's (engine/streams.py), so Serve tests exercise them.
 """
@@ -319,7 +320,7 @@ class FakeAsyncEngine:
             return self._final(req, "length", self._flush(req, len(req.text)))
         # Hold back a tail that may be the start of a stop string: it must never be streamed.
         return RequestOutput(req.request_id, [token], self._flush(req, len(req.text) - _held(req)),
-                             logprobs=_logprobs(req.params, [token]))
+                             logprobs=_logprobs(req.params, [token]), prompt_logprobs=_prompt_logprobs(req))
 
     @staticmethod
     def _flush(req: _FakeRequest, upto: int) -> str:
@@ -332,7 +333,8 @@ class FakeAsyncEngine:
         new = [req.output_ids[-1]] if req.output_ids and reason != "abort" else []
         usage = Usage(prompt_tokens=len(req.prompt_ids), completion_tokens=len(req.output_ids))
         return RequestOutput(req.request_id, new, delta, True, reason, usage,  # type: ignore[arg-type]
-                             logprobs=_logprobs(req.params, new))
+                             logprobs=_logprobs(req.params, new),
+                             prompt_logprobs=_prompt_logprobs(req) if new else None)
 
 
 def _held(req: _FakeRequest) -> int:
@@ -340,9 +342,18 @@ def _held(req: _FakeRequest) -> int:
     return max((k for s in req.params.stop for k in range(1, len(s)) if req.text.endswith(s[:k])), default=0)
 
 
-def _logprobs(params: SamplingParams, tokens: list[int]) -> list[TokenLogprobs] | None:
+def _logprobs(params: SamplingParams, tokens: list[int], top: int | None = None) -> list[TokenLogprobs] | None:
     """The fake's logprobs (see the module docstring): a halving distribution from the token up."""
-    if params.logprobs is None:
+    top = params.logprobs if top is None else top
+    if top is None:
         return None
     half = math.log(0.5)
-    return [TokenLogprobs(t, half, tuple((t + i, half * (i + 1)) for i in range(params.logprobs))) for t in tokens]
+    return [TokenLogprobs(t, half, tuple((t + i, half * (i + 1)) for i in range(top))) for t in tokens]
+
+
+def _prompt_logprobs(req: _FakeRequest) -> list[TokenLogprobs | None] | None:
+    """With the first token drawn here (not a continuation's), the prompt logprobs when asked."""
+    top = req.params.prompt_logprobs
+    if top is None or len(req.output_ids) != 1:
+        return None
+    return [None, *(_logprobs(req.params, req.prompt_ids[1:], top) or [])]
