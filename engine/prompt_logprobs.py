@@ -53,7 +53,8 @@ def last_position_alone(model: Any) -> Iterator[None]:
         hidden = args[0]  # [batch, positions, hidden]
         if hidden.shape[1] < 2:
             return out
-        return torch.cat([out[:, :-1], module.forward(hidden[:, -1:])], dim=1)  # forward: no hook again
+        last = hidden[:, [-1]]  # gathered, not a view: see model_runner.last_position
+        return torch.cat([out[:, :-1], module.forward(last)], dim=1)  # forward: no hook again
 
     handle = head.register_forward_hook(split)
     try:
