@@ -5,7 +5,9 @@ Tokens are characters (`token id = ord(char)`). A request "generates" its prompt
 iteration, then stops on EOS (id 0) unless `ignore_eos`; with `ignore_eos` it keeps cycling through the
 prompt until `max_tokens`. So completing "abc" gives "abc" (finish "stop"), or "ab" with max_tokens=2
 (finish "length"). With `logprobs=k`, token t has logprob log(1/2) and alternatives t, t+1, ... with
-logprobs log(1/2), log(1/4), ... (k of them). The loop runs in its own daemon thread, like the real engine's, and holds at most
+logprobs log(1/2), log(1/4), ... (k of them). With n choices, choice i generates the prompt rotated by i
+characters ("abc": "abc", "bca", "cab"), its tokens' logprob log(1/2) / (1 + i) (so later choices rank
+higher for best_of). The loop runs in its own daemon thread, like the real engine's, and holds at most
 `max_batch_size` rows; the rest wait by (priority, arrival). Streams, aborts and the failure of every open
 stream when the loop dies are the real front's (engine/streams.py), so Serve tests exercise them.
 """
@@ -19,13 +21,14 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from configs import EngineConfig
 from configs.errors import FieldError
 from configs.knobs import with_live_knobs
+from engine.choices import Resume, choice_id, choices_to_run
 from engine.request import RequestOutput, SamplingParams, TokenLogprobs, Usage
 from engine.streams import OpenStreams, RequestStream, StreamSink
 
@@ -72,6 +75,8 @@ class _FakeRequest:
     prompt_ids: list[int]
     params: SamplingParams
     priority: int
+    output_id: str = ""  # the id its outputs carry (the submitted request's)
+    index: int = 0  # which choice
     output_ids: list[int] = field(default_factory=list)
     text: str = ""  # generated text so far (stop strings cut off)
     emitted: int = 0  # how much of `text` has been streamed
@@ -159,7 +164,8 @@ class FakeAsyncEngine:
         sampling_params: SamplingParams | None = None,
         priority: int = 0,
         on_close: Callable[[], None] | None = None,
-        resume_token_ids: Sequence[int] = (),
+        resume_token_ids: Resume = (),
+        n: int = 1,
     ) -> RequestStream:
         params = sampling_params or SamplingParams()
         if (prompt is None) == (prompt_token_ids is None):
@@ -184,19 +190,24 @@ class FakeAsyncEngine:
                 f"this request needs {len(ids)} prompt tokens + max_tokens ({params.max_tokens}), more than "
                 f"max_model_len ({self.engine.max_model_len})",
             )
-        request = _FakeRequest(request_id, ids, params, priority)
-        for token in resume_token_ids:  # a continuation: as if these had been generated and streamed here
-            request.output_ids.append(token)
-            request.text += chr(token)
-            request.emitted = len(request.text) - _held(request)
+        requests = []
+        for i, resumed in choices_to_run(n, resume_token_ids).items():
+            request = _FakeRequest(choice_id(request_id, i), ids, params, priority, request_id, i)
+            for token in resumed:  # a continuation: as if these had been generated and streamed here
+                request.output_ids.append(token)
+                request.text += chr(token)
+                request.emitted = len(request.text) - _held(request)
+            requests.append(request)
 
         def queue_it() -> None:
             with self._lock:
-                self._requests[request_id] = request
-                heapq.heappush(self._waiting, (priority, next(self._arrivals), request_id))
+                for r in requests:
+                    self._requests[r.request_id] = r
+                    heapq.heappush(self._waiting, (priority, next(self._arrivals), r.request_id))
                 self._prompt_tokens += len(ids)
 
-        return self._streams.open(request_id, self._abort, on_close, then=queue_it)
+        return self._streams.open(request_id, self._abort, on_close, then=queue_it,
+                                  choices=tuple(r.index for r in requests))
 
     def abort(self, request_id: str) -> None:
         self._abort(request_id, None, None)
@@ -278,10 +289,8 @@ class FakeAsyncEngine:
     def _step(self, aborted: set[str]) -> None:
         with self._lock:
             outputs: list[RequestOutput] = []
-            for rid in aborted:
-                req = self._requests.pop(rid, None)
-                if req is None:
-                    continue
+            for rid in [r.request_id for r in self._requests.values() if r.output_id in aborted]:
+                req = self._requests.pop(rid)
                 if rid in self._running:
                     self._running.remove(rid)
                 self._waiting = [w for w in self._waiting if w[2] != rid]
@@ -302,7 +311,7 @@ class FakeAsyncEngine:
 
     def _decode_one(self, req: _FakeRequest) -> RequestOutput:
         i = len(req.output_ids)
-        token = req.prompt_ids[i % len(req.prompt_ids)]
+        token = req.prompt_ids[(i + req.index) % len(req.prompt_ids)]
         if i >= len(req.prompt_ids) and not req.params.ignore_eos:
             token = EOS_TOKEN_ID
         req.output_ids.append(token)
@@ -318,8 +327,8 @@ class FakeAsyncEngine:
         if len(req.output_ids) >= req.params.max_tokens:
             return self._final(req, "length", self._flush(req, len(req.text)))
         # Hold back a tail that may be the start of a stop string: it must never be streamed.
-        return RequestOutput(req.request_id, [token], self._flush(req, len(req.text) - _held(req)),
-                             logprobs=_logprobs(req.params, [token]))
+        return RequestOutput(req.output_id, [token], self._flush(req, len(req.text) - _held(req)),
+                             logprobs=_logprobs(req, [token]), index=req.index)
 
     @staticmethod
     def _flush(req: _FakeRequest, upto: int) -> str:
@@ -331,8 +340,8 @@ class FakeAsyncEngine:
         req.finished = True
         new = [req.output_ids[-1]] if req.output_ids and reason != "abort" else []
         usage = Usage(prompt_tokens=len(req.prompt_ids), completion_tokens=len(req.output_ids))
-        return RequestOutput(req.request_id, new, delta, True, reason, usage,  # type: ignore[arg-type]
-                             logprobs=_logprobs(req.params, new))
+        return RequestOutput(req.output_id, new, delta, True, reason, usage,  # type: ignore[arg-type]
+                             logprobs=_logprobs(req, new), index=req.index)
 
 
 def _held(req: _FakeRequest) -> int:
@@ -340,9 +349,10 @@ def _held(req: _FakeRequest) -> int:
     return max((k for s in req.params.stop for k in range(1, len(s)) if req.text.endswith(s[:k])), default=0)
 
 
-def _logprobs(params: SamplingParams, tokens: list[int]) -> list[TokenLogprobs] | None:
+def _logprobs(req: _FakeRequest, tokens: list[int]) -> list[TokenLogprobs] | None:
     """The fake's logprobs (see the module docstring): a halving distribution from the token up."""
-    if params.logprobs is None:
+    k = req.params.logprobs
+    if k is None:
         return None
     half = math.log(0.5)
-    return [TokenLogprobs(t, half, tuple((t + i, half * (i + 1)) for i in range(params.logprobs))) for t in tokens]
+    return [TokenLogprobs(t, half / (1 + req.index), tuple((t + i, half * (i + 1)) for i in range(k))) for t in tokens]
