@@ -202,3 +202,17 @@ def test_bad_n_and_resume_are_field_errors(tiny_small_vocab_model):
             engine.make_choices("r", prompt_token_ids=[300], n=3, resume_token_ids=resume)
         assert e.value.param == "resume_token_ids"
     assert choices_to_run(2) == {0: [], 1: []} and choices_to_run(1, [4, 5]) == {0: [4, 5]}
+
+
+@pytest.mark.parametrize("policy", ["baton-pd", "baton"])
+def test_structured_output_choices_each_follow_their_own_grammar(tiny_model, policy):
+    """Each choice has its own matcher, advanced by its own draws from the shared prefill's logits."""
+    params = SamplingParams(max_tokens=12, temperature=1.5, seed=2, regex=r"(yes|no|maybe)( [0-9]{1,3})?")
+    prompt = tiny_model.tokenizer.encode("Answer:")
+    got = run_choices(make_engine(tiny_model, policy=policy), "r", prompt, params, 4)
+    texts = []
+    for i in range(4):
+        alone = solo(tiny_model, "x", prompt, choice_params(params, i), policy=policy)
+        assert tokens(got[("r", i)]) == tokens(alone), i
+        texts.append("".join(o.text for o in got[("r", i)]))
+    assert len(set(texts)) > 1, texts
