@@ -216,3 +216,26 @@ def test_structured_output_choices_each_follow_their_own_grammar(tiny_model, pol
         assert tokens(got[("r", i)]) == tokens(alone), i
         texts.append("".join(o.text for o in got[("r", i)]))
     assert len(set(texts)) > 1, texts
+
+
+def test_a_stream_of_choices_ends_after_each_and_a_closing_front_fails_the_rest():
+    """engine/streams.py: a finished choice does not end the stream; closing the front (its loop died) ends
+    every unfinished choice with an error, so no consumer waits forever; on_close runs once."""
+    import asyncio
+
+    from engine.request import RequestOutput
+    from engine.streams import OpenStreams
+
+    async def run():
+        streams, closed, aborted = OpenStreams(), [], []
+        stream = streams.open("r", lambda *a: aborted.append(a), lambda: closed.append(1), choices=(0, 1, 2))
+        streams.deliver([RequestOutput("r", [5], "a", index=0),
+                         RequestOutput("r", [6], "b", True, "length", index=1)])
+        streams.close("the engine loop died")
+        outs = [o async for o in stream]
+        return outs, closed, aborted
+
+    outs, closed, aborted = asyncio.run(run())
+    assert [(o.index, o.finished, o.finish_reason) for o in outs] == [
+        (0, False, None), (1, True, "length"), (0, True, "error"), (2, True, "error")]
+    assert closed == [1] and aborted == []
