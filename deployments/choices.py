@@ -19,6 +19,7 @@ class ChoiceOutput:
     index: int
     text: list[str] = field(default_factory=list)
     logprobs: list[TokenLogprobs] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprobs | None] | None = None  # echo's: the output that carried them
     last: RequestOutput | None = None
 
     @property
@@ -36,6 +37,7 @@ class ChoiceOutputs:
         choice = self._by_index.setdefault(out.index, ChoiceOutput(out.index))
         choice.text.append(out.text)
         choice.logprobs.extend(out.logprobs or ())
+        choice.prompt_logprobs = choice.prompt_logprobs or out.prompt_logprobs
         if out.finished:
             choice.last = out
 

@@ -45,12 +45,32 @@ class LogprobsShaper:
             content.append(ChatTokenLogprob(**chosen.model_dump(), top_logprobs=top))
         return ChatLogprobs(content=content)
 
-    def completion(self, logprobs: list[TokenLogprobs]) -> CompletionLogprobs:
-        tokens = [self._text(lp.token_id) for lp in logprobs]
+    def _offsets(self, tokens: list[str]) -> list[int]:
         offsets = []
         for text in tokens:
             offsets.append(self._offset)
             self._offset += len(text)
+        return offsets
+
+    def continue_at(self, offset: int) -> None:
+        """The next token's text starts at `offset` (after an echoed prompt's text)."""
+        self._offset = offset
+
+    def prompt(self, token_ids: list[int], logprobs: list[TokenLogprobs | None], top: int) -> CompletionLogprobs:
+        """An echoed prompt's logprobs: an entry per token, null for a token with none (the first), each with
+        at most `top` alternatives (the engine may have computed more)."""
+        tokens = [self._text(t) for t in token_ids]
+        return CompletionLogprobs(
+            tokens=tokens,
+            token_logprobs=[None if lp is None else _finite(lp.logprob) for lp in logprobs],
+            top_logprobs=[None if lp is None else {self._text(t): _finite(v) for t, v in lp.top[:top]}
+                          for lp in logprobs],
+            text_offset=self._offsets(tokens),
+        )
+
+    def completion(self, logprobs: list[TokenLogprobs]) -> CompletionLogprobs:
+        tokens = [self._text(lp.token_id) for lp in logprobs]
+        offsets = self._offsets(tokens)
         return CompletionLogprobs(
             tokens=tokens,
             token_logprobs=[_finite(lp.logprob) for lp in logprobs],

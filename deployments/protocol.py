@@ -5,7 +5,7 @@ is: `"stream": "yes"` is not a boolean, `[true, false]` is not a list of token i
 integer (an integer is still a number for float fields). Text the tokenizer is given (prompt, message
 content, stop strings) must be valid Unicode: a lone UTF-16 surrogate, legal in JSON as `"\\ud800"`, is a 400
 naming the field rather than an exception inside the tokenizer. Fields OpenAI defines but the engine
-does not do yet (echo, tools, ...) are declared so the error can say *that* rather than "unknown
+does not do yet (chat echo, tools, ...) are declared so the error can say *that* rather than "unknown
 field"; a value other than the no-op default fails validation naming the field. Extensions (vLLM's
 convention): `priority` (lower = more urgent), `top_k`, `ignore_eos`, `stop_token_ids`,
 `repetition_penalty`, `min_tokens`, and structured output's `guided_regex` and `guided_choice` beside OpenAI's
@@ -278,6 +278,10 @@ class _SamplingFields(BaseModel):
         """`logit_bias` keyed by token id (the keys are checked to be decimal integers)."""
         return {int(key): bias for key, bias in (self.logit_bias or {}).items()}
 
+    def prompt_logprobs_count(self) -> int | None:
+        """How many alternatives each prompt token's logprob comes with; None: no prompt logprobs asked."""
+        return None
+
     @property
     def include_usage_in_stream(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
@@ -297,7 +301,14 @@ class CompletionRequest(_SamplingFields):
     prompt: str | list[int] | list[str] | list[list[int]] = Field(
         description="One prompt: a string or a list of token ids (a list of one of either is accepted)."
     )
-    max_tokens: int | None = Field(default=16, ge=1, description="OpenAI's default is 16; null means 16 too.")
+    echo: bool = Field(
+        default=False,
+        description="Put the prompt before the completion in the choice's text; with `logprobs`, the prompt "
+        "tokens' logprobs come first too (the first token's null). With max_tokens=0: only the prompt.",
+    )
+    max_tokens: int | None = Field(
+        default=16, ge=0, description="OpenAI's default is 16; null means 16 too. 0 only with echo (score the prompt)."
+    )
     logprobs: int | None = Field(
         default=None, ge=0, le=MAX_LOGPROBS,
         description="Return each token's logprob with its `logprobs` most likely alternatives (0-20).",
@@ -308,7 +319,6 @@ class CompletionRequest(_SamplingFields):
         "(of the sampled tokens under the raw logits), best first; not with stream=true.",
     )
     # Not supported yet.
-    echo: bool = False
     suffix: str | None = None
 
     @field_validator("prompt")
@@ -325,11 +335,11 @@ class CompletionRequest(_SamplingFields):
             check_text(text, "the prompt")
         return v
 
-    @field_validator("echo")
+    @field_validator("max_tokens")
     @classmethod
-    def _echo(cls, v: bool) -> bool:
-        if v:
-            raise _unsupported("echo", v, "the prompt is not echoed")
+    def _zero_only_with_echo(cls, v: int | None, info: ValidationInfo) -> int | None:
+        if v == 0 and not info.data.get("echo"):
+            raise ValueError("max_tokens=0 generates nothing: it is only allowed with echo=true (to score the prompt)")
         return v
 
     @field_validator("best_of")
@@ -368,6 +378,10 @@ class CompletionRequest(_SamplingFields):
     def logprobs_count(self) -> int | None:
         """How many alternatives each token's logprob comes with; None: no logprobs asked."""
         return self.logprobs
+
+    def prompt_logprobs_count(self) -> int | None:
+        """echo with logprobs: the prompt tokens' logprobs too, with as many alternatives; None: not asked."""
+        return self.logprobs if self.echo else None
 
 
 class TextPart(BaseModel):
@@ -447,6 +461,15 @@ class ChatCompletionRequest(_SamplingFields):
     parallel_tool_calls: bool | None = None
     functions: list[Any] | None = None
     function_call: Any | None = None
+    echo: bool = False  # vLLM's chat extension (the last message before the reply): not supported
+
+    @field_validator("echo")
+    @classmethod
+    def _no_chat_echo(cls, v: bool) -> bool:
+        if v:
+            raise _unsupported("echo", v, "chat completions do not echo; /v1/completions does, with a prompt "
+                               "(POST /tokenize with these messages gives the templated prompt's token ids)")
+        return v
 
     @field_validator("top_logprobs")
     @classmethod
@@ -542,8 +565,8 @@ class CompletionLogprobs(BaseModel):
     """A completion choice's logprobs (OpenAI's legacy shape): one entry per token in each list."""
 
     tokens: list[str]
-    token_logprobs: list[float]
-    top_logprobs: list[dict[str, float]]
+    token_logprobs: list[float | None]  # None: an echoed prompt's first token (nothing precedes it)
+    top_logprobs: list[dict[str, float] | None]
     text_offset: list[int] = Field(description="Where each token starts in the choice's text (characters).")
 
 

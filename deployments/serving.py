@@ -19,6 +19,7 @@ from configs.errors import FieldError
 from configs.serve import ServerConfig
 from deployments import errors
 from deployments.choices import ChoiceOutputs, summed_usage
+from deployments.echo import Echo
 from deployments.front import GenerationBackend, RequestStream
 from deployments.logprobs import LogprobsShaper
 from deployments.protocol import (
@@ -31,6 +32,8 @@ from deployments.protocol import (
     ChatMessage,
     ChatStreamChoice,
     CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
     CompletionResponse,
     CompletionStreamResponse,
     DeltaMessage,
@@ -137,9 +140,11 @@ class Generation:
         prompt_tokens: int = 0,
         timeout_s: float | None = None,
         choices: int = 1,
+        echo: Echo | None = None,
     ) -> None:
         self.request_id = request_id
         self.choices = choices
+        self.echo = echo  # completions' echo (each choice's): what the outputs become before they are shaped
         self._prompt_tokens = prompt_tokens
         self._timeout_s = timeout_s
         self.warning: str | None = None
@@ -313,7 +318,7 @@ class OpenAIServing:
         gathered = ChoiceOutputs()
         async with aclosing(gen.outputs()) as outputs:
             async for out in outputs:
-                gathered.add(out)
+                gathered.add(gen.echo.apply(out) if gen.echo is not None else out)
         return self._response(request, gen, gathered)
 
     def _response(self, request: GenerateRequest, gen: Generation, gathered: ChoiceOutputs) -> GenerateResponse:
@@ -333,9 +338,9 @@ class OpenAIServing:
                 id=gen.request_id, created=now(), model=self.model_name, choices=chat, usage=gathered.usage(),
                 warning=gen.warning,
             )
-        completion = [CompletionChoice(index=i, text="".join(c.text),
-                                       logprobs=LogprobsShaper(tokenizer).completion(c.logprobs) if wanted else None,
-                                       finish_reason=reason)
+        completion = [CompletionChoice(index=i, text="".join(c.text), finish_reason=reason,
+                                       logprobs=self._completion_logprobs(gen, LogprobsShaper(tokenizer), wanted,
+                                                                          c.logprobs, c.prompt_logprobs))
                       for i, (c, reason) in enumerate(zip(kept, reasons, strict=True))]
         return CompletionResponse(
             id=gen.request_id,
@@ -345,6 +350,16 @@ class OpenAIServing:
             usage=gathered.usage(),
             warning=gen.warning,
         )
+
+    @staticmethod
+    def _completion_logprobs(gen: Generation, shaper: LogprobsShaper, wanted: bool,
+                             generated: list[TokenLogprobs] | None,
+                             prompt: list[TokenLogprobs | None] | None) -> CompletionLogprobs | None:
+        """One choice's completion logprobs (of one chunk, or the whole choice), through its own `shaper`:
+        with echo, the prompt's first (`Echo.shape`)."""
+        if gen.echo is not None:
+            return gen.echo.shape(shaper, generated, prompt)
+        return shaper.completion(generated or []) if wanted else None
 
     async def generate_stream(
         self, request: GenerateRequest, request_id: str | None = None
@@ -379,7 +394,18 @@ class OpenAIServing:
             release()  # idempotent: the stream, once started, releases on its own end
             raise
         return Generation(self._front, engine_request.request_id, stream, self._on_finish, self._on_first_token,
-                          len(engine_request.prompt_token_ids or ()), self._timeout(request), engine_request.n)
+                          len(engine_request.prompt_token_ids or ()), self._timeout(request), engine_request.n,
+                          await self._echo(request, engine_request))
+
+    async def _echo(self, request: GenerateRequest, engine_request: EngineRequest) -> Echo | None:
+        """A completion request's echo (None without): the prompt's text is the client's string, or the
+        decoding of its token ids (vLLM's)."""
+        if not isinstance(request, CompletionRequest) or not request.echo:
+            return None
+        ids = list(engine_request.prompt_token_ids or ())
+        single = request.single_prompt()
+        text = single if isinstance(single, str) else await asyncio.to_thread(self._decode, ids)
+        return Echo(text, ids, generate=request.max_tokens != 0, logprobs=request.logprobs_count())
 
     def _timeout(self, request: GenerateRequest) -> float | None:
         """The request's deadline in seconds: its own `timeout`, capped by the server's `request_timeout_s`."""
@@ -448,6 +474,9 @@ class OpenAIServing:
             else:
                 prompt_ids = list(single)
             max_tokens = request.max_tokens if request.max_tokens is not None else 16
+            # max_tokens=0 (only with echo: score the prompt): the engine draws one token, which the echo
+            # drops (vLLM's way); its prefill computes the prompt logprobs.
+            max_tokens = max(max_tokens, 1)
         self._check_length(len(prompt_ids), max_tokens, param)
         try:
             params = SamplingParams(
@@ -460,6 +489,7 @@ class OpenAIServing:
                 stop_token_ids=tuple(request.stop_token_ids or ()),
                 ignore_eos=request.ignore_eos,
                 logprobs=_engine_logprobs(request),
+                prompt_logprobs=request.prompt_logprobs_count(),
                 presence_penalty=request.presence_penalty,
                 frequency_penalty=request.frequency_penalty,
                 repetition_penalty=request.repetition_penalty,
@@ -563,9 +593,11 @@ class OpenAIServing:
         finals: list[RequestOutput] = []
         async with aclosing(gen.outputs()) as outputs:
             async for out in outputs:
+                out = gen.echo.apply(out) if gen.echo is not None else out
                 reason = gen.finish_reason(out) if out.finished else None
                 if out.text or out.finished or out.logprobs:
-                    shaped = shapers[out.index].completion(out.logprobs) if out.logprobs is not None else None
+                    shaped = self._completion_logprobs(gen, shapers[out.index], out.logprobs is not None,
+                                                       out.logprobs, out.prompt_logprobs)
                     choice = CompletionChoice(index=out.index, text=out.text, logprobs=shaped, finish_reason=reason)
                     yield CompletionStreamResponse(
                         id=gen.request_id,

@@ -5,7 +5,9 @@ request with n = 1 is exactly a plain request. Each choice equals a solo run of 
 seed: with an explicit seed s, choice i samples with seed s + i (`choice_params`); without one, the engine
 derives choice i's seed from its id, as for a solo request with that id. The scheduler prefills the waiting
 choices whose tokens are identical once and gives each a copy of the KV (engine/scheduler.py, `Prefill.siblings`);
-the front merges their outputs into one stream tagged with `RequestOutput.index` (engine/streams.py).
+the front merges their outputs into one stream tagged with `RequestOutput.index` (engine/streams.py). The
+prompt logprobs (`SamplingParams.prompt_logprobs`) are computed once, by choice 0's first prefill, and go out
+to every choice that has no token yet (each choice's stream gets them once, before or with its first token).
 
 A continuation after a failover (deployments/remote_engine.py) runs only the unfinished choices, each after the
 tokens it already streamed: `resume_token_ids` given as {choice index: tokens}.
@@ -31,11 +33,13 @@ def choice_id(request_id: str, index: int) -> str:
 
 
 def choice_params(params: SamplingParams, index: int) -> SamplingParams:
-    """Choice `index`'s parameters: seed s + index for an explicit seed s; otherwise unchanged (the engine
-    derives each choice's seed from its own id)."""
-    if params.seed is None or index == 0:
+    """Choice `index`'s parameters: seed s + index for an explicit seed s; otherwise the same seed (the engine
+    derives each choice's seed from its own id). Only choice 0 asks for the prompt logprobs: they are the
+    prompt's, computed once for the request, and the scheduler hands them to every choice (`Scheduler.update`)."""
+    if index == 0:
         return params
-    return replace(params, seed=params.seed + index)
+    seed = None if params.seed is None else params.seed + index
+    return replace(params, seed=seed, prompt_logprobs=None)
 
 
 def check_n(n: object) -> int:

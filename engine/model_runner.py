@@ -3,7 +3,8 @@
 `execute(plan, cache)` applies the plan's cache changes, runs its forward passes and samples every token
 (one sampling entry point for prefill and decode), and returns a `StepResult`. Two kinds of pass:
 * `prefill(ids)`: one request alone, batch 1, no padding; returns its KV (for the prefilled pool) and the
-  logits of its last position.
+  logits of its last position (of every position for a request that asked for prompt logprobs,
+  engine/prompt_logprobs.py).
 * `batch_forward(cache, ...)`: the decode batch. The model sees our left-padded `BatchKVCache` through a
   `transformers.Cache` adapter, a 4-D boolean mask we build ourselves (padding + causality), and per-row
   position ids, so every row computes exactly what it would alone.
@@ -23,6 +24,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
 from engine.kv_cache import BatchKVCache, RowKV, attention_width
 from engine.narrow_linear import KernelName, NarrowLinear, RowKernel, resolve_kernel
 from engine.plan import BatchRow, BatchShape, IterationPlan, Prefill, SampleSpec, StepResult
+from engine.prompt_logprobs import last_position_alone, prompt_logprobs
 from engine.request import TokenLogprobs
 from engine.sampler import adjust_logits, mask_disallowed, nan_rows, sample, token_logprobs
 from engine.thread_tuner import ThreadTuner
@@ -112,6 +114,7 @@ class Sampled:
 
     tokens: dict[str, int] = field(default_factory=dict)
     logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)
+    prompt_logprobs: dict[str, list[TokenLogprobs | None]] = field(default_factory=dict)  # prefills that asked
 
 
 class ModelRunner:
@@ -148,9 +151,11 @@ class ModelRunner:
         failed: dict[str, str] = {}
         prefill, pooled = self._prefills(plan.prefill, cache, failed)
         batch, shape = self._batch(plan.batch, prefill.tokens, cache, failed)
+        prompts = {**prefill.prompt_logprobs, **self._in_batch_prompt_logprobs(plan.batch, batch.tokens, failed)}
         return StepResult(
             prefill_tokens=prefill.tokens, pooled=pooled, batch_tokens=batch.tokens, swapped=swapped,
-            prefill_logprobs=prefill.logprobs, batch_logprobs=batch.logprobs, failed=failed, batch=shape,
+            prefill_logprobs=prefill.logprobs, batch_logprobs=batch.logprobs, prompt_logprobs=prompts,
+            failed=failed, batch=shape,
             prefill_computed=sum(len(p.token_ids) for p in plan.prefill
                                  if any(d.request_id in prefill.tokens for d in p.draws())),
             forward_s=self.forward_s - f0, cache_columns=cache.length,
@@ -164,7 +169,10 @@ class ModelRunner:
         for p in prefills:
             draws = p.draws()
             try:
-                kv, logits = self.prefill(list(p.token_ids))
+                kv, logits = self.prefill(list(p.token_ids), every_position=p.prompt_logprobs is not None)
+                if p.prompt_logprobs is not None:  # logits [P, V]: the prompt's, then the last draws
+                    sampled.prompt_logprobs[p.request_id] = prompt_logprobs(logits, p.token_ids, p.prompt_logprobs)
+                    logits = logits[-1]
             except Exception as e:
                 log.exception("prefill of %s failed", p.request_id)
                 failed.update((d.request_id, f"prefill failed: {e}") for d in draws)
@@ -172,6 +180,9 @@ class ModelRunner:
             # Siblings (other choices with the same tokens) draw from the same logits, each with its own spec.
             rows = logits[None].expand(len(draws), -1)  # [draws, V]
             drawn = self._sample_rows(rows, [(d.request_id, d.sample) for d in draws], failed)
+            if not drawn.tokens:
+                sampled.prompt_logprobs.pop(p.request_id, None)
+                continue
             sampled.tokens.update(drawn.tokens)
             sampled.logprobs.update(drawn.logprobs)
             for d in draws:
@@ -218,6 +229,25 @@ class ModelRunner:
         shape = BatchShape(len(ordered), max(len(f) for f in feeds), attended, attended - sum(cache.real))
         return sampled, shape
 
+    def _in_batch_prompt_logprobs(self, rows: tuple[BatchRow, ...], sampled: dict[str, int],
+                                  failed: dict[str, str]) -> dict[str, list[TokenLogprobs | None]]:
+        """static/orca: the prompt logprobs of a prompt that joined inside the batch forward and asked for them,
+        from a forward of that prompt alone (every position; its KV is dropped). The batch forward keeps only
+        each row's last position, so no other row pays for them or sees its logits computed differently."""
+        out: dict[str, list[TokenLogprobs | None]] = {}
+        for row in rows:
+            top = row.sample.prompt_logprobs if row.sample is not None else None
+            if top is None or row.request_id not in sampled:
+                continue
+            assert row.feed is not None, "the first draw of a batch row that computes its prompt"
+            try:
+                _, logits = self.prefill(list(row.feed), every_position=True)
+                out[row.request_id] = prompt_logprobs(logits, row.feed, top)
+            except Exception as e:
+                log.exception("prompt logprobs of %s failed", row.request_id)
+                failed[row.request_id] = f"prompt logprobs failed: {e}"
+        return out
+
     @staticmethod
     def _sample_rows(logits: torch.Tensor, rows: list[tuple[str, SampleSpec]], failed: dict[str, str]
                      ) -> Sampled:
@@ -253,16 +283,19 @@ class ModelRunner:
         return Sampled({rid: t for rid, t in zip(ids, tokens, strict=True) if rid not in failed}, logprobs)
 
     @torch.no_grad()
-    def prefill(self, token_ids: list[int]) -> tuple[RowKV, torch.Tensor]:
-        """Run one prompt alone. Returns its KV [layers, H, p, D] and the last position's logits [V]."""
+    def prefill(self, token_ids: list[int], every_position: bool = False) -> tuple[RowKV, torch.Tensor]:
+        """Run one prompt alone. Returns its KV [layers, H, p, D] and the last position's logits [V] (with
+        `every_position`: every position's [p, V], for prompt logprobs)."""
         t0 = time.perf_counter()
         ids = torch.tensor([token_ids], dtype=torch.long, device=self.device)
         kv = DynamicCache(config=self.model.config)
-        out = self.model(input_ids=ids, past_key_values=kv, use_cache=True, logits_to_keep=1)
+        keep = 0 if every_position else 1  # transformers: 0 keeps every position
+        with last_position_alone(self.model) if every_position else contextlib.nullcontext():
+            out = self.model(input_ids=ids, past_key_values=kv, use_cache=True, logits_to_keep=keep)
         layers: list[Any] = list(kv.layers)
         keys = torch.stack([layer.keys[0] for layer in layers])
         values = torch.stack([layer.values[0] for layer in layers])
-        logits = out.logits[0, -1].float()
+        logits = out.logits[0].float() if every_position else out.logits[0, -1].float()
         self.forward_s += time.perf_counter() - t0
         return RowKV(keys, values), logits
 

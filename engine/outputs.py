@@ -16,6 +16,7 @@ class _Delta:
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
     logprobs: list[TokenLogprobs] | None = None  # one per token id when the request asked for logprobs
+    prompt_logprobs: list[TokenLogprobs | None] | None = None  # once, with the first token, when asked
 
 
 class OutputTracker:
@@ -38,6 +39,11 @@ class OutputTracker:
         for token in req.output_token_ids:
             stops.feed(detok.push([token]))
         self._detok[req.request_id], self._stops[req.request_id] = detok, stops
+
+    def on_prompt_logprobs(self, req: Request, logprobs: list[TokenLogprobs | None]) -> None:
+        """Record a request's prompt logprobs (computed once, with its first token): they go out with it (a
+        choice not drawn in that step gets them in an output of their own, before its first token)."""
+        self._delta(req).prompt_logprobs = logprobs
 
     def on_token(self, req: Request, token: int, logprobs: TokenLogprobs | None = None) -> None:
         """Record one sampled token (and its logprobs, when the request asked for them); finish the request if
@@ -95,9 +101,10 @@ class OutputTracker:
     @staticmethod
     def _output(d: _Delta, req: Request | None) -> RequestOutput:
         if req is None:
-            return RequestOutput(d.output_id, d.token_ids, d.text, logprobs=d.logprobs, index=d.index)
+            return RequestOutput(d.output_id, d.token_ids, d.text, logprobs=d.logprobs,
+                                 prompt_logprobs=d.prompt_logprobs, index=d.index)
         return RequestOutput(
             d.output_id, d.token_ids, d.text, finished=True, finish_reason=req.finish_reason,
             usage=Usage(len(req.prompt_token_ids), len(req.output_token_ids)), error=req.error,
-            logprobs=d.logprobs, index=d.index,
+            logprobs=d.logprobs, prompt_logprobs=d.prompt_logprobs, index=d.index,
         )

@@ -44,6 +44,16 @@ class SampleSpec:
         return self.params.logprobs
 
     @property
+    def prompt_logprobs(self) -> int | None:
+        """How many top alternatives to report with each prompt token's logprob; None: none for this draw.
+
+        Only the draw of the first output token (index 0) computes them: that draw's forward is the
+        request's first computation of its prompt (a prefill, or a static/orca prompt joining the batch). A
+        recompute preemption or a failover continuation re-prefills with output tokens already drawn (index >
+        0), so the prompt logprobs, delivered with the first token, are never computed or sent twice."""
+        return self.params.prompt_logprobs if self.index == 0 else None
+
+    @property
     def adjusts_logits(self) -> bool:
         """The draw changes the raw logits before sampling (a penalty, a bias or suppressed ids)."""
         return bool(self.params.counts_tokens or self.params.logit_bias or self.suppressed)
@@ -100,6 +110,14 @@ class Prefill:
     def draws(self) -> tuple[Draw, ...]:
         """Every draw from this prefill's logits: the request's own, then its siblings'."""
         return (Draw(self.request_id, self.sample, self.join), *self.siblings)
+
+    @property
+    def prompt_logprobs(self) -> int | None:
+        """Not None: this prefill computes the logits of every position (not only the last), for the prompt
+        logprobs (top k = the value). Such a prefill must compute every position itself: a prefix cache must not
+        serve any part of it. Of a request's n choices only choice 0 asks (engine/choices.py), so a prefill its
+        siblings share computes them once, whichever draw leads it; the request's id keys them in the result."""
+        return next((d.sample.prompt_logprobs for d in self.draws() if d.sample.prompt_logprobs is not None), None)
 
 
 @dataclass(frozen=True)
@@ -164,6 +182,9 @@ class StepResult:
     # The logprobs of those tokens, only for the requests that asked (SampleSpec.top_logprobs is not None).
     prefill_logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)
     batch_logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)
+    # The prompt logprobs of the requests whose first token was drawn now and that asked for them
+    # (SampleSpec.prompt_logprobs is not None): one per prompt token, the first None.
+    prompt_logprobs: dict[str, list[TokenLogprobs | None]] = field(default_factory=dict)
     swapped: dict[str, RowKV] = field(default_factory=dict)  # host KV of rows preempted by swap
     failed: dict[str, str] = field(default_factory=dict)  # request id -> why its forward pass failed
     batch: BatchShape | None = None  # None: no batch forward ran

@@ -41,6 +41,9 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: int | None = None  # None: no log-probabilities; k: each token's, with its top k alternatives
+    # None: none; k: every prompt token's logprob (but the first's) with its top k alternatives, computed by the
+    # request's first prefill and returned once, with its first output (vLLM's `prompt_logprobs`).
+    prompt_logprobs: int | None = None
     # Logit adjustments, applied to the raw logits before temperature, top-k and top-p, in vLLM's order:
     # min_tokens, logit_bias, then the penalties (engine/sampler.py:adjust_logits). Defaults are off.
     presence_penalty: float = 0.0  # OpenAI: subtracted once from each token already in the output
@@ -77,9 +80,10 @@ class SamplingParams:
         for t in self.stop_token_ids:
             if isinstance(t, bool) or not isinstance(t, int) or t < 0:
                 raise FieldError("stop_token_ids", f"stop_token_ids must be non-negative integers, got {t!r}")
-        lp = self.logprobs
-        if lp is not None and (isinstance(lp, bool) or not isinstance(lp, int) or not 0 <= lp <= MAX_LOGPROBS):
-            raise FieldError("logprobs", f"logprobs must be an integer in [0, {MAX_LOGPROBS}] or None, got {lp!r}")
+        for name in ("logprobs", "prompt_logprobs"):
+            lp = getattr(self, name)
+            if lp is not None and (isinstance(lp, bool) or not isinstance(lp, int) or not 0 <= lp <= MAX_LOGPROBS):
+                raise FieldError(name, f"{name} must be an integer in [0, {MAX_LOGPROBS}] or None, got {lp!r}")
         self._check_adjustments()
         self._check_constraint()
 
@@ -245,6 +249,10 @@ class RequestOutput:
     error: str | None = None  # set when finish_reason == "error"
     # One per new token id, in order, when the request asked for logprobs; None when it did not.
     logprobs: list[TokenLogprobs] | None = None
+    # With `SamplingParams.prompt_logprobs`, once: on the output carrying the first token (for a choice of n
+    # (engine/choices.py) drawn later than choice 0, on an output before it): one per prompt token, the first
+    # None (nothing precedes it), then token i's logprob given tokens [0, i).
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
     index: int = 0  # which of the request's n choices this is (engine/choices.py); `finished`: that choice's end
 
 

@@ -120,6 +120,12 @@ class Scheduler:
         """The unfinished engine requests submitted as `request_id`: itself, or its n choices."""
         return [rid for rid, r in self.requests.items() if r.output_id == request_id]
 
+    def _fresh_choices(self, req: Request) -> list[Request]:
+        """The unfinished choices of `req`'s request with no token yet, `req` among them: the prompt logprobs
+        computed for `req` (choice 0, engine/choices.py) go out to each. A choice resumed after the tokens it
+        already streamed (a continuation) had them then."""
+        return [r for r in self.requests.values() if r.output_id == req.output_id and not r.output_token_ids]
+
     def release_rows(self) -> list[str]:
         """With nothing left to serve, every remaining (finished) row; the caller frees them."""
         assert not self.requests, "rows of unfinished requests are never released"
@@ -149,6 +155,9 @@ class Scheduler:
     def update(self, plan: IterationPlan, result: StepResult) -> list[RequestOutput]:
         """Record what the runner produced: tokens appended, stops checked, KV filed. Returns the outputs."""
         self.queues.swapped.update(result.swapped)
+        for rid, prompt_logprobs in result.prompt_logprobs.items():  # first: they lead the first token's output
+            for choice in self._fresh_choices(self.requests[rid]):
+                self.outputs.on_prompt_logprobs(choice, prompt_logprobs)
         for d in (d for p in plan.prefill for d in p.draws()):
             if d.request_id in result.prefill_tokens:
                 req = self.requests[d.request_id]

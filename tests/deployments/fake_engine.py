@@ -7,8 +7,9 @@ prompt until `max_tokens`. So completing "abc" gives "abc" (finish "stop"), or "
 (finish "length"). With `logprobs=k`, token t has logprob log(1/2) and alternatives t, t+1, ... with
 logprobs log(1/2), log(1/4), ... (k of them). With n choices, choice i generates the prompt rotated by i
 characters ("abc": "abc", "bca", "cab"), its tokens' logprob log(1/2) / (1 + i) (so later choices rank
-higher for best_of). The loop runs in its own daemon thread, like the real engine's, and holds at most
-`max_batch_size` rows; the rest wait by (priority, arrival). Streams, aborts and the failure of every open
+higher for best_of). With `prompt_logprobs=k` the prompt's tokens after the first get log(1/2) and the same
+alternatives, on each choice's first output. The loop runs in its own daemon thread, like the real engine's,
+and holds at most `max_batch_size` rows; the rest wait by (priority, arrival). Streams, aborts and the failure of every open
 stream when the loop dies are the real front's (engine/streams.py), so Serve tests exercise them.
 """
 
@@ -328,7 +329,7 @@ class FakeAsyncEngine:
             return self._final(req, "length", self._flush(req, len(req.text)))
         # Hold back a tail that may be the start of a stop string: it must never be streamed.
         return RequestOutput(req.output_id, [token], self._flush(req, len(req.text) - _held(req)),
-                             logprobs=_logprobs(req, [token]), index=req.index)
+                             logprobs=_logprobs(req, [token]), prompt_logprobs=_prompt_logprobs(req), index=req.index)
 
     @staticmethod
     def _flush(req: _FakeRequest, upto: int) -> str:
@@ -341,7 +342,8 @@ class FakeAsyncEngine:
         new = [req.output_ids[-1]] if req.output_ids and reason != "abort" else []
         usage = Usage(prompt_tokens=len(req.prompt_ids), completion_tokens=len(req.output_ids))
         return RequestOutput(req.output_id, new, delta, True, reason, usage,  # type: ignore[arg-type]
-                             logprobs=_logprobs(req, new), index=req.index)
+                             logprobs=_logprobs(req, new), prompt_logprobs=_prompt_logprobs(req) if new else None,
+                             index=req.index)
 
 
 def _held(req: _FakeRequest) -> int:
@@ -354,5 +356,18 @@ def _logprobs(req: _FakeRequest, tokens: list[int]) -> list[TokenLogprobs] | Non
     k = req.params.logprobs
     if k is None:
         return None
+    return _halving(tokens, k, math.log(0.5) / (1 + req.index))
+
+
+def _halving(tokens: list[int], top: int, logprob: float) -> list[TokenLogprobs]:
     half = math.log(0.5)
-    return [TokenLogprobs(t, half / (1 + req.index), tuple((t + i, half * (i + 1)) for i in range(k))) for t in tokens]
+    return [TokenLogprobs(t, logprob, tuple((t + i, half * (i + 1)) for i in range(top))) for t in tokens]
+
+
+def _prompt_logprobs(req: _FakeRequest) -> list[TokenLogprobs | None] | None:
+    """With the first token drawn here (not a continuation's), the prompt logprobs when asked (every choice's
+    the same)."""
+    top = req.params.prompt_logprobs
+    if top is None or len(req.output_ids) != 1:
+        return None
+    return [None, *_halving(req.prompt_ids[1:], top, math.log(0.5))]

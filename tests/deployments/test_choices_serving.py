@@ -175,3 +175,33 @@ def test_each_choice_equals_the_request_alone_with_its_seed(real_front: Any, str
     texts, alone = asyncio.run(run())
     assert texts == {i: a.choices[0].text for i, a in enumerate(alone)}
     assert len(set(texts.values())) > 1  # really different draws
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_echo_with_n_gives_each_choice_the_prompt_and_its_logprobs(real_front: Any, stream: bool) -> None:
+    """echo + logprobs with n = 2 over the real engine: each choice is the echoed request alone with its seed,
+    text and logprobs (the prompt's, computed once in the engine, then its own tokens')."""
+    s = OpenAIServing(real_front, ServerConfig(served_model_name="tiny"))
+    fields = dict(prompt="The weather today", max_tokens=4, temperature=1.2, seed=7, logprobs=1, echo=True)
+
+    async def run() -> tuple[dict[int, str], dict[int, list[Any]], list[Any]]:
+        if stream:
+            chunks = await drain(await s.generate_stream(CompletionRequest(n=2, stream=True, **fields)))
+            texts, _ = by_index(chunks, lambda ch: ch.text)
+            tokens: dict[int, list[Any]] = {}
+            for c in chunks:
+                for ch in c.choices:
+                    if ch.logprobs is not None:
+                        tokens.setdefault(ch.index, []).extend(ch.logprobs.token_logprobs)
+        else:
+            out = await s.generate(CompletionRequest(n=2, **fields))
+            texts = {c.index: c.text for c in out.choices}
+            tokens = {c.index: c.logprobs.token_logprobs for c in out.choices if c.logprobs is not None}
+        alone = [await s.generate(CompletionRequest(**{**fields, "seed": 7 + i})) for i in range(2)]
+        return texts, tokens, alone
+
+    texts, tokens, alone = asyncio.run(run())
+    assert all(t.startswith("The weather today") for t in texts.values())
+    assert texts == {i: a.choices[0].text for i, a in enumerate(alone)}
+    assert tokens == {i: a.choices[0].logprobs.token_logprobs for i, a in enumerate(alone)}
+    assert tokens[0][0] is None and len(tokens[0]) > 4

@@ -59,7 +59,8 @@ COMMON = {
 }
 COMPLETION = st.fixed_dictionaries(
     {"prompt": st.one_of(TEXT, TOKEN_IDS, st.lists(TEXT, max_size=2), st.lists(TOKEN_IDS, max_size=2), JUNK)},
-    optional=COMMON,
+    optional={**COMMON, "echo": st.one_of(st.booleans(), JUNK),
+              "logprobs": st.one_of(st.sampled_from([0, 1, 5, 20, 21]), JUNK)},
 )
 PART = st.fixed_dictionaries({"type": st.sampled_from(["text", "image_url"]), "text": TEXT})
 MESSAGE = st.fixed_dictionaries(

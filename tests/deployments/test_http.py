@@ -403,6 +403,31 @@ def test_openai_client_parses_logprobs(oai: openai.OpenAI) -> None:
     assert plain.choices[0].logprobs is None
 
 
+def test_openai_client_echo(oai: openai.OpenAI) -> None:
+    """echo: the prompt before the completion, with its tokens' logprobs first (the first null); max_tokens=0
+    scores the prompt alone (what lm-eval-harness sends); streamed, the first chunk carries the prompt."""
+    half = pytest.approx(-0.6931, abs=1e-3)
+    out = oai.completions.create(model=MODEL, prompt="pq", max_tokens=1, echo=True, logprobs=1)
+    lp = out.choices[0].logprobs
+    assert out.choices[0].text == "pqp" and out.choices[0].finish_reason == "length"
+    assert lp is not None and lp.tokens == ["p", "q", "p"] and lp.text_offset == [0, 1, 2]
+    assert lp.token_logprobs == [None, half, half] and lp.top_logprobs == [None, {"q": half}, {"p": half}]
+    scored = oai.completions.create(model=MODEL, prompt=[ord("r"), ord("s")], max_tokens=0, echo=True, logprobs=0)
+    assert scored.choices[0].text == "rs" and scored.choices[0].finish_reason == "length"
+    assert scored.choices[0].logprobs is not None and scored.choices[0].logprobs.token_logprobs == [None, half]
+    assert scored.usage is not None and scored.usage.completion_tokens == 0
+    plain = oai.completions.create(model=MODEL, prompt="pq", max_tokens=2, echo=True)
+    assert plain.choices[0].text == "pqpq" and plain.choices[0].logprobs is None
+    chunks = [c for c in oai.completions.create(model=MODEL, prompt="pq", max_tokens=2, echo=True, logprobs=0,
+                                                stream=True) if c.choices]
+    assert chunks[0].choices[0].text.startswith("pq") and "".join(c.choices[0].text for c in chunks) == "pqpq"
+    first = chunks[0].choices[0].logprobs
+    assert first is not None and first.tokens[:2] == ["p", "q"] and first.token_logprobs[0] is None
+    only = [c for c in oai.completions.create(model=MODEL, prompt="pq", max_tokens=0, echo=True, stream=True)
+            if c.choices]
+    assert "".join(c.choices[0].text for c in only) == "pq" and only[-1].choices[0].finish_reason == "length"
+
+
 # --- errors: 4xx in the OpenAI shape, and the server keeps serving -----------------------------------------
 
 BAD_REQUESTS = [
@@ -413,11 +438,12 @@ BAD_REQUESTS = [
     ("/v1/completions", {"prompt": "x", "n": 3, "best_of": 2}, 400, "best_of", "must be >= n"),
     ("/v1/completions", {"prompt": "x", "best_of": 3, "stream": True}, 400, "best_of", "stream=true"),
     ("/v1/completions", {"prompt": "x", "best_of": 17}, 400, "best_of", "less than or equal to 16"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": 0}, 400, "max_tokens", "only allowed with echo"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "echo": True}, 400, "echo",
+     "/v1/completions"),
     ("/v1/completions", {"prompt": "x", "logprobs": 21}, 400, "logprobs", "less than or equal to 20"),
     ("/v1/completions", {"prompt": "x", "logprobs": -1}, 400, "logprobs", "greater than or equal to 0"),
     ("/v1/completions", {"prompt": "x", "logprobs": True}, 400, "logprobs", "integer"),
-    ("/v1/completions", {"prompt": "x", "logprobs": 2, "echo": True}, 400, "echo", "echo"),
-    ("/v1/completions", {"prompt": "x", "echo": True}, 400, "echo", "echo"),
     ("/v1/completions", {"prompt": "x", "presence_penalty": 2.5}, 400, "presence_penalty", "less than or equal to 2"),
     ("/v1/completions", {"prompt": "x", "frequency_penalty": -3}, 400, "frequency_penalty", "greater than or equal"),
     ("/v1/completions", {"prompt": "x", "frequency_penalty": "1"}, 400, "frequency_penalty", "number"),
@@ -435,7 +461,7 @@ BAD_REQUESTS = [
     ("/v1/completions", {"prompt": "x", "frobnicate": 1}, 400, "frobnicate", "unknown field"),
     ("/v1/completions", {"prompt": "x", "temperature": 3}, 400, "temperature", "less than or equal"),
     ("/v1/completions", {"prompt": "x", "top_p": 0}, 400, "top_p", "greater than"),
-    ("/v1/completions", {"prompt": "x", "max_tokens": 0}, 400, "max_tokens", "greater than"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": -1}, 400, "max_tokens", "greater than"),
     ("/v1/completions", {"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop", "at most 4"),
     ("/v1/completions", {"prompt": "x", "stream_options": {"include_usage": True}}, 400, "", "stream"),
     ("/v1/completions", {"max_tokens": 3}, 400, "prompt", "required"),

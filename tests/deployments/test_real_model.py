@@ -194,6 +194,28 @@ def test_logprobs_and_tokenizer_routes_on_the_real_model(oai: openai.OpenAI, bas
     assert PARIS[0]["content"] in text
 
 
+def test_echo_scores_a_prompt_on_the_real_model(oai: openai.OpenAI) -> None:
+    """lm-eval-harness's loglikelihood request: echo, logprobs, max_tokens 0 (and 1): the prompt's tokens with
+    their logprobs (the first null), the alternatives most likely first, the same whether or not a token follows."""
+    text = "The capital of France is Paris"
+    scored = oai.completions.create(model=DEFAULT_MODEL_NAME, prompt=text, max_tokens=0, echo=True, logprobs=3)
+    choice = scored.choices[0]
+    lp = choice.logprobs
+    assert choice.text == text and choice.finish_reason == "length" and lp is not None
+    assert scored.usage is not None and scored.usage.completion_tokens == 0
+    assert len(lp.tokens) == scored.usage.prompt_tokens and "".join(lp.tokens) == text
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    for token, value, top in zip(lp.tokens[1:], lp.token_logprobs[1:], lp.top_logprobs[1:], strict=True):
+        values = list(top.values())
+        assert value is not None and value <= 0 and len(values) == 3 and values == sorted(values, reverse=True)
+        assert value <= values[0] + 1e-6 and (token not in top or top[token] == pytest.approx(value))
+    assert lp.token_logprobs[-1] > -3, "' Paris' is likely after 'The capital of France is'"
+    more = oai.completions.create(model=DEFAULT_MODEL_NAME, prompt=text, max_tokens=1, echo=True, logprobs=3,
+                                  temperature=0)
+    assert more.choices[0].logprobs is not None and more.choices[0].text.startswith(text)
+    assert more.choices[0].logprobs.token_logprobs[:len(lp.tokens)] == lp.token_logprobs
+
+
 REPEATING = "I like apples. I like"  # the three penalties each change its greedy continuation
 EOS = {"2": 100}  # the default model's EOS (<|im_end|>) all but certain
 

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from configs.controller import ControllerConfig
 from configs.errors import FieldError
+from engine import model_runner
 from engine.choices import choice_id, choice_params, choices_to_run
 from engine.request import SamplingParams
 from tests.helpers import make_engine
@@ -138,6 +139,32 @@ def test_siblings_that_do_not_fit_the_pool_are_prefilled_later_and_stay_exact(ti
     assert sum(h.prefill_tokens for h in engine.stats.history) == 2 * len(prompt)
     for i in range(3):
         assert tokens(got[("r", i)]) == tokens(solo(tiny_small_vocab_model, "x", prompt, choice_params(params, i)))
+
+
+@pytest.mark.parametrize("cfg", [dict(policy="baton-pd", max_batch_size=8), dict(policy="baton", max_batch_size=8),
+                                 dict(policy="orca", max_batch_size=8), dict(policy="static", max_batch_size=8),
+                                 dict(policy="baton-pd", prefill_pool_size=2, max_batch_size=1)])
+def test_prompt_logprobs_are_computed_once_and_go_to_every_choice(tiny_small_vocab_model, cfg, monkeypatch):
+    """echo with n: the prompt logprobs are computed once (choice 0's first forward of the prompt; a pool of
+    2 prefills the third choice later) and each choice's stream carries them once, no later than its first
+    token, equal to n = 1's; each choice's tokens are still its solo run's."""
+    scored = []
+    real = model_runner.prompt_logprobs
+    monkeypatch.setattr(model_runner, "prompt_logprobs", lambda *a: scored.append(a[1]) or real(*a))
+    prompt = list(range(500, 511))
+    params = SamplingParams(max_tokens=4, temperature=0.9, seed=7, ignore_eos=True, logprobs=1, prompt_logprobs=2)
+    got = run_choices(make_engine(tiny_small_vocab_model, **cfg), "r", prompt, params, 3)
+    assert [list(ids) for ids in scored] == [prompt], "computed once"
+    scored.clear()
+    expected = solo(tiny_small_vocab_model, "r", prompt, params, **cfg)[0].prompt_logprobs
+    assert expected is not None and len(expected) == len(prompt)
+    for i in range(3):
+        mine = got[("r", i)]
+        carrying = [k for k, o in enumerate(mine) if o.prompt_logprobs is not None]
+        assert len(carrying) == 1 and mine[carrying[0]].prompt_logprobs == expected, i
+        assert carrying[0] <= next(k for k, o in enumerate(mine) if o.new_token_ids), "before or with the first token"
+        alone = solo(tiny_small_vocab_model, choice_id("r", i), prompt, choice_params(params, i), **cfg)
+        assert tokens(mine) == tokens(alone) and logprobs(mine) == logprobs(alone)
 
 
 @pytest.mark.parametrize("mode", ["swap", "recompute"])
