@@ -120,7 +120,8 @@ class ServerConfig(BaseModel):
         default=24,
         ge=1,
         description="Requests one ingress replica accepts at once (running, waiting and prefilled); one more gets "
-        "an OpenAI-shaped 429 with Retry-After at once, on HTTP and handles alike. Keep it below the ingress's "
+        "an OpenAI-shaped 429 with Retry-After at once, on HTTP and handles alike. A request with n choices "
+        "(max(n, best_of)) counts as n; more than this is a 400 naming `n`. Keep it below the ingress's "
         "max_ongoing_requests, or Ray's proxy refuses first (with its own plain-text body). null turns it off.",
     )
     retry_after_s: int = Field(

@@ -1,18 +1,19 @@
 """Completions' `echo`: the prompt before the completion, as OpenAI's legacy completions and vLLM return it.
 
-* The choice's text starts with the prompt's text (the client's string, or the decoding of its token ids);
-  streamed, the first chunk carries it.
+* Each choice's text starts with the prompt's text (the client's string, or the decoding of its token ids);
+  streamed, the choice's first chunk carries it.
 * With `logprobs: k` the engine is asked for the prompt logprobs too (`SamplingParams.prompt_logprobs`,
-  engine/prompt_logprobs.py), which arrive once, with the first token; the choice's logprobs list the prompt
-  tokens first (the first with a null logprob and null alternatives), then the generated ones, and
-  `text_offset` indexes the echoed text: the generated tokens' offsets continue after the prompt's text.
+  engine/prompt_logprobs.py), computed once for the request and sent to each of its n choices once, with or
+  before the choice's first token (engine/choices.py); each choice's logprobs list the prompt tokens first
+  (the first with a null logprob and null alternatives), then the generated ones, and `text_offset` indexes
+  the echoed text: the generated tokens' offsets continue after the prompt's text.
 * `max_tokens: 0` (evaluation harnesses score a prompt so): the engine draws one token, as vLLM does, which is
   dropped; the choice is the prompt alone, finish_reason "length", and usage counts no completion token.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from deployments.logprobs import LogprobsShaper
 from deployments.protocol import CompletionLogprobs
@@ -21,18 +22,20 @@ from engine.request import RequestOutput, TokenLogprobs, Usage
 
 @dataclass
 class Echo:
-    """One completion request's echo; `apply` each engine output to it in order."""
+    """One completion request's echo, for each of its choices; `apply` each engine output to it in order, and
+    `shape` each choice's logprobs through that choice's own shaper."""
 
     prompt_text: str
     prompt_token_ids: list[int]
     generate: bool  # False: max_tokens=0, only the prompt is returned
     logprobs: int | None  # the request's `logprobs` (None: no logprobs at all)
-    _sent: bool = False  # the prompt has gone out (with the first output)
+    _sent: set[int] = field(default_factory=set)  # the choices whose prompt has gone out (with their first output)
 
     def apply(self, out: RequestOutput) -> RequestOutput:
-        """`out` as the client sees it: the first output is prefixed with the prompt's text; without
+        """`out` as the client sees it: each choice's first output is prefixed with the prompt's text; without
         generation, nothing generated is kept and the final output says "length" and 0 completion tokens."""
-        first, self._sent = not self._sent, True
+        first = out.index not in self._sent
+        self._sent.add(out.index)
         text = out.text if self.generate else ""
         if first:
             text = self.prompt_text + text

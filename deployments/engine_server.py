@@ -13,9 +13,9 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Collection, Mapping, Sequence
 from contextlib import aclosing
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import ray
@@ -25,6 +25,7 @@ from configs import EngineConfig
 from configs.serve import ControllerKnobs
 from deployments.front import EngineFront, FrontFactory, build_engine_front
 from deployments.metrics import AutoscalingSignals, MetricsPoller, ServerMetrics
+from engine.choices import Resume
 from engine.request import RequestOutput, SamplingParams
 
 log = logging.getLogger("ray.serve")
@@ -32,19 +33,40 @@ log = logging.getLogger("ray.serve")
 
 @dataclass(frozen=True)
 class EngineJob:
-    """One request as the engine deployment takes it: token ids, already validated by the ingress.
+    """One request as the engine deployment takes it: token ids, already validated by the ingress; its `n`
+    choices go to the engine together (engine/choices.py), their outputs come back tagged with their index.
 
-    `resume_token_ids`: output tokens the client has already received from a replica that died; the engine
-    continues after them (`BatonEngine.make_request`)."""
+    `resume`: after a replica died, the choices still to run, each with the output tokens the client has
+    already received of it; the engine continues each after them (`BatonEngine.make_choices`). None: a
+    fresh request, every choice from the start."""
 
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
     priority: int = 0
-    resume_token_ids: tuple[int, ...] = ()
+    resume: dict[int, tuple[int, ...]] | None = None
+    n: int = 1
 
-    def resumed_after(self, token_ids: Sequence[int]) -> EngineJob:
-        return EngineJob(self.request_id, self.prompt_token_ids, self.params, self.priority, tuple(token_ids))
+    @property
+    def choices(self) -> list[int]:
+        """The indices of the choices this job runs."""
+        return sorted(self.resume) if self.resume is not None else list(range(self.n))
+
+    @property
+    def resume_token_ids(self) -> tuple[int, ...]:
+        """Choice 0's tokens to continue after (a plain request's)."""
+        return self.resume.get(0, ()) if self.resume is not None else ()
+
+    def resumed(self, received: Mapping[int, Sequence[int]], finished: Collection[int] = ()) -> EngineJob:
+        """This job continued on another replica: every choice not `finished`, after the tokens it had and
+        those `received` since."""
+        had = self.resume or {}
+        return replace(self, resume={i: (*had.get(i, ()), *received.get(i, ())) for i in self.choices
+                                     if i not in finished})
+
+    def front_resume(self) -> Resume:
+        """`resume` as the front's `submit` takes it."""
+        return self.resume if self.resume is not None else ()
 
 
 @dataclass(frozen=True)
@@ -113,13 +135,14 @@ class EngineServer:
         return self._front.is_healthy()
 
     async def generate(self, job: EngineJob) -> AsyncIterator[RequestOutput]:
-        """The request's deltas (call with `handle.options(stream=True)`); the last is `finished`. Raises
+        """The request's deltas (call with `handle.options(stream=True)`), every choice's, tagged with its
+        index; it ends after each choice's `finished` one. Raises
         `EngineUnavailable` when this replica cannot serve it; cancelling the call aborts the request."""
         t0 = time.monotonic()
         try:
             stream = self._front.submit(job.request_id, prompt_token_ids=list(job.prompt_token_ids),
                                         sampling_params=job.params, priority=job.priority,
-                                        resume_token_ids=job.resume_token_ids)
+                                        resume_token_ids=job.front_resume(), n=job.n)
         except RuntimeError as e:  # the loop has stopped: not this request's fault
             raise EngineUnavailable(f"replica {self._replica}: {e}", at_submit=True) from None
         first = True
@@ -130,9 +153,7 @@ class EngineServer:
                 if first and out.new_token_ids:
                     first = False
                     self._signals.observe_ttft(time.monotonic() - t0)
-                yield out
-                if out.finished:
-                    return
+                yield out  # the stream ends after the last choice's final output
 
     async def status(self) -> EngineReplicaStatus:
         return EngineReplicaStatus(self._replica, ray.get_runtime_context().get_node_id(), os.getpid(),

@@ -6,10 +6,11 @@ config by the app builder) or a fake in tests. Nothing here imports torch or the
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable
 from typing import Any, Protocol
 
 from configs import EngineConfig
+from engine.choices import Resume
 from engine.request import RequestOutput, SamplingParams
 
 
@@ -59,11 +60,13 @@ class GenerationBackend(Protocol):
         sampling_params: SamplingParams | None = None,
         priority: int = 0,
         on_close: Callable[[], None] | None = None,
-        resume_token_ids: Sequence[int] = (),
+        resume_token_ids: Resume = (),
+        n: int = 1,
     ) -> RequestStream:
         """Validate (ValueError, a `FieldError` naming the field) and queue a request. `on_close` runs exactly
         once when its stream is over, however it ends; never when this raises. `resume_token_ids`: output
-        tokens already streamed elsewhere, to continue after (`BatonEngine.make_request`)."""
+        tokens already streamed elsewhere, to continue after (`BatonEngine.make_request`); by choice index
+        for a request with `n` > 1 choices (`BatonEngine.make_choices`), whose outputs carry their index."""
         ...
 
 

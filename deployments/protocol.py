@@ -5,7 +5,7 @@ is: `"stream": "yes"` is not a boolean, `[true, false]` is not a list of token i
 integer (an integer is still a number for float fields). Text the tokenizer is given (prompt, message
 content, stop strings) must be valid Unicode: a lone UTF-16 surrogate, legal in JSON as `"\\ud800"`, is a 400
 naming the field rather than an exception inside the tokenizer. Fields OpenAI defines but the engine
-does not do yet (n > 1, chat echo, tools, ...) are declared so the error can say *that* rather than "unknown
+does not do yet (chat echo, tools, ...) are declared so the error can say *that* rather than "unknown
 field"; a value other than the no-op default fails validation naming the field. Extensions (vLLM's
 convention): `priority` (lower = more urgent), `top_k`, `ignore_eos`, `stop_token_ids`,
 `repetition_penalty`, `min_tokens`, and structured output's `guided_regex` and `guided_choice` beside OpenAI's
@@ -31,6 +31,7 @@ from pydantic import (
     model_validator,
 )
 
+from engine.choices import MAX_CHOICES
 from engine.request import MAX_LOGIT_BIAS, MAX_LOGIT_BIAS_ENTRIES, MAX_PENALTY
 
 FinishReason = Literal["stop", "length"]
@@ -149,8 +150,12 @@ class _SamplingFields(BaseModel):
         default=None,
         description="Token id (a decimal string) -> bias added to its logit (-100 to 100); at most 300 entries.",
     )
-    # Not supported yet (declared so the 400 says so).
-    n: int = Field(default=1, ge=1)
+    n: int = Field(
+        default=1, ge=1, le=MAX_CHOICES,
+        description=f"Choices to generate (1-{MAX_CHOICES}), each its own seed stream: with `seed` s, choice i "
+        "samples with seed s + i. The prompt is computed once; each choice counts against the server's "
+        "admission limit.",
+    )
     # Extensions.
     priority: int = Field(
         default=0,
@@ -182,13 +187,6 @@ class _SamplingFields(BaseModel):
         description="Seconds this request may take (capped by the server's `request_timeout_s`). When it "
         "passes, the request ends with finish_reason 'length' and a `warning` saying so.",
     )
-
-    @field_validator("n")
-    @classmethod
-    def _n(cls, v: int) -> int:
-        if v != 1:
-            raise _unsupported("n", v, "one choice per request; send several requests")
-        return v
 
     @field_validator("logit_bias")
     @classmethod
@@ -288,6 +286,14 @@ class _SamplingFields(BaseModel):
     def include_usage_in_stream(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
 
+    def choices_to_generate(self) -> int:
+        """How many choices the engine generates: `n` (completions' `best_of` may ask for more)."""
+        return self.n
+
+    def choices_param(self) -> str:
+        """The field that sets `choices_to_generate()`, for a 400 about it."""
+        return "n"
+
 
 class CompletionRequest(_SamplingFields):
     """POST /v1/completions."""
@@ -307,8 +313,12 @@ class CompletionRequest(_SamplingFields):
         default=None, ge=0, le=MAX_LOGPROBS,
         description="Return each token's logprob with its `logprobs` most likely alternatives (0-20).",
     )
+    best_of: int | None = Field(
+        default=None, ge=1, le=MAX_CHOICES,
+        description="Generate this many choices (>= n) and return the n with the highest cumulative logprob "
+        "(of the sampled tokens under the raw logits), best first; not with stream=true.",
+    )
     # Not supported yet.
-    best_of: int | None = None
     suffix: str | None = None
 
     @field_validator("prompt")
@@ -325,13 +335,6 @@ class CompletionRequest(_SamplingFields):
             check_text(text, "the prompt")
         return v
 
-    @field_validator("echo")
-    @classmethod
-    def _echo(cls, v: bool, info: ValidationInfo) -> bool:
-        if v and info.data.get("n", 1) != 1:
-            raise _unsupported("echo", v, "echo with n > 1 is not supported yet")
-        return v
-
     @field_validator("max_tokens")
     @classmethod
     def _zero_only_with_echo(cls, v: int | None, info: ValidationInfo) -> int | None:
@@ -341,10 +344,22 @@ class CompletionRequest(_SamplingFields):
 
     @field_validator("best_of")
     @classmethod
-    def _best_of(cls, v: int | None) -> int | None:
-        if v is not None and v != 1:
-            raise _unsupported("best_of", v, "only best_of=1")
+    def _best_of(cls, v: int | None, info: ValidationInfo) -> int | None:
+        n = info.data.get("n", 1)
+        if v is None or v == n:
+            return v
+        if v < n:
+            raise ValueError(f"best_of ({v}) must be >= n ({n})")
+        if info.data.get("stream"):
+            raise ValueError(f"best_of ({v}) > n ({n}) is not supported with stream=true: which choices are the "
+                             "best is known only once all have finished")
         return v
+
+    def choices_to_generate(self) -> int:
+        return max(self.n, self.best_of or 1)
+
+    def choices_param(self) -> str:
+        return "best_of" if self.choices_to_generate() > self.n else "n"
 
     @field_validator("suffix")
     @classmethod

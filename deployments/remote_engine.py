@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncGenerator, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable
 from typing import cast
 
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
@@ -30,6 +30,7 @@ from configs import EngineConfig
 from configs.errors import FieldError
 from deployments import errors
 from deployments.engine_server import EngineDescription, EngineJob, EngineUnavailable
+from engine.choices import Resume, choices_to_run
 from engine.request import RequestOutput, SamplingParams, check_token_ids
 
 log = logging.getLogger("ray.serve")
@@ -87,7 +88,11 @@ class FailoverStream:
         return cast(DeploymentResponseGenerator, self._handle.options(stream=True).generate.remote(job))
 
     async def _run(self) -> AsyncGenerator[RequestOutput, None]:
-        received: list[int] = []  # output tokens the client has been given
+        # By choice: output tokens the client has been given, and the choices it has seen finish (a
+        # continuation runs only the others, each after its own tokens).
+        received: dict[int, list[int]] = {}
+        finished: set[int] = set()
+        choices = set(self._job.choices)
         deadline: float | None = None  # set while recovering from a lost replica
         suspicions = 0  # replicas that died while this request was on them without making progress
         try:
@@ -95,9 +100,11 @@ class FailoverStream:
                 progressed = False
                 try:
                     async for out in self._outputs_until(deadline):
-                        received.extend(out.new_token_ids)
+                        received.setdefault(out.index, []).extend(out.new_token_ids)
                         deadline, progressed = None, True
                         if out.finished:
+                            finished.add(out.index)
+                        if finished >= choices:
                             self._finish()  # the slot is free once the final output is handed over
                             yield out
                             return
@@ -112,10 +119,10 @@ class FailoverStream:
                 suspicions += not (progressed or refused)
                 self._check_retry(suspicions, deadline, reason)
                 log.warning("request %s: engine replica lost after %d tokens (%s); continuing on another",
-                            self._job.request_id, len(received), reason)
+                            self._job.request_id, sum(map(len, received.values())), reason)
                 await self._before_retry(progressed, suspicions, deadline)
                 self._on_failover()
-                self._response = self._call(self._job.resumed_after(self._job.resume_token_ids + tuple(received)))
+                self._response = self._call(self._job.resumed(received, finished))
         finally:
             self._finish()
 
@@ -215,14 +222,18 @@ class RemoteEngine:
 
     def submit(self, request_id: str, prompt: str | None = None, prompt_token_ids: list[int] | None = None,
                sampling_params: SamplingParams | None = None, priority: int = 0,
-               on_close: Callable[[], None] | None = None, resume_token_ids: Sequence[int] = ()) -> FailoverStream:
-        """Check the request as the engine would (FieldError naming the field), then start it on a replica."""
+               on_close: Callable[[], None] | None = None, resume_token_ids: Resume = (),
+               n: int = 1) -> FailoverStream:
+        """Check the request as the engine would (FieldError naming the field), then start it on a replica:
+        one job for its `n` choices (engine/choices.py)."""
         params = sampling_params or SamplingParams()
         if prompt_token_ids is None:  # OpenAIServing tokenizes in the ingress; the engine gets ids
             raise FieldError("prompt_token_ids", "the ingress submits token ids, not prompt text")
         ids = list(prompt_token_ids)
         d = self._description
-        check_token_ids(ids, params, resume_token_ids, d.vocab_size, d.max_model_len)
+        run = choices_to_run(n, resume_token_ids)
+        for resumed in run.values():
+            check_token_ids(ids, params, resumed, d.vocab_size, d.max_model_len)
         if request_id in self._open:
             raise FieldError("request_id", f"request id {request_id!r} is in use by a running request")
         self._open.add(request_id)
@@ -232,7 +243,9 @@ class RemoteEngine:
             if on_close is not None:
                 on_close()
 
-        job = EngineJob(request_id, ids, params, priority, tuple(resume_token_ids))
+        fresh = all(not t for t in run.values()) and len(run) == n
+        resume = None if fresh else {i: tuple(t) for i, t in run.items()}
+        job = EngineJob(request_id, ids, params, priority, resume, n)
         return FailoverStream(self._handle, job, closed, self._failover_timeout_s, self._max_failovers,
                               on_failover=self._count)
 

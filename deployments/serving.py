@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from configs.errors import FieldError
 from configs.serve import ServerConfig
 from deployments import errors
+from deployments.choices import ChoiceOutputs, summed_usage
 from deployments.echo import Echo
 from deployments.front import GenerationBackend, RequestStream
 from deployments.logprobs import LogprobsShaper
@@ -31,6 +32,7 @@ from deployments.protocol import (
     ChatMessage,
     ChatStreamChoice,
     CompletionChoice,
+    CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
     CompletionStreamResponse,
@@ -46,7 +48,6 @@ from deployments.protocol import (
     TokenizeChatRequest,
     TokenizeRequest,
     TokenizeResponse,
-    UsageInfo,
     new_id,
     now,
 )
@@ -64,13 +65,16 @@ class EngineRequest:
     prompt_token_ids: list[int] | None
     params: SamplingParams
     priority: int
+    n: int = 1  # choices to generate (engine/choices.py): `n`, or `best_of` when it is larger
 
 
 class Admission:
     """The replica's own queue limit: how many requests it holds at once (`ServerConfig.max_pending_requests`).
 
     Enforced here, before the engine, so the client gets an OpenAI-shaped 429 with Retry-After (Ray's proxy
-    answers its own plain-text 429/503 only past `max_ongoing_requests` + `max_queued_requests`).
+    answers its own plain-text 429/503 only past `max_ongoing_requests` + `max_queued_requests`). A request
+    with n choices takes n slots: each choice is a sequence of its own in the engine (a row, a KV copy), as
+    vLLM counts each against its sequence limit; one that could never fit is a 400 naming `n`.
     """
 
     def __init__(self, limit: int | None, retry_after_s: int) -> None:
@@ -81,13 +85,17 @@ class Admission:
         # which can run on this very thread while it holds the lock.
         self._lock = threading.RLock()
 
-    def acquire(self) -> Callable[[], None]:
-        """Take a slot or raise a 429; returns the slot's release (idempotent)."""
+    def acquire(self, slots: int = 1, param: str = "n") -> Callable[[], None]:
+        """Take `slots` slots (a request's choices) or raise a 429 (a 400 naming `param` when they exceed the
+        limit itself); returns the slots' release (idempotent)."""
+        if self.limit is not None and slots > self.limit:
+            raise errors.bad_request(f"{param}: {slots} choices are more than this server holds at once "
+                                     f"({self.limit}, max_pending_requests)", param)
         with self._lock:
-            if self.limit is not None and self.in_flight >= self.limit:
+            if self.limit is not None and self.in_flight + slots > self.limit:
                 self.refused += 1
                 raise errors.overloaded(self.limit, self.retry_after_s)
-            self.in_flight += 1
+            self.in_flight += slots
         released = False
 
         def release() -> None:
@@ -95,7 +103,7 @@ class Admission:
             with self._lock:
                 if not released:
                     released = True
-                    self.in_flight -= 1
+                    self.in_flight -= slots
 
         return release
 
@@ -118,7 +126,8 @@ class Generation:
     (the admission slot's release) runs exactly once on every path, the normal end included. A request whose
     engine loop dies gets an error output from the front, so reading never waits forever. With `timeout_s`,
     a request still running when it passes is aborted and ends as if it had reached its length limit
-    (finish_reason 'length'), with `warning` set.
+    (finish_reason 'length'), with `warning` set. A request with `choices` > 1 streams each choice's outputs
+    (`RequestOutput.index`); it is finished once every choice is.
     """
 
     def __init__(
@@ -130,10 +139,12 @@ class Generation:
         on_first_token: Callable[[float], None],
         prompt_tokens: int = 0,
         timeout_s: float | None = None,
+        choices: int = 1,
         echo: Echo | None = None,
     ) -> None:
         self.request_id = request_id
-        self.echo = echo  # completions' echo: what the outputs become before they are shaped
+        self.choices = choices
+        self.echo = echo  # completions' echo (each choice's): what the outputs become before they are shaped
         self._prompt_tokens = prompt_tokens
         self._timeout_s = timeout_s
         self.warning: str | None = None
@@ -144,26 +155,28 @@ class Generation:
         self._t_submit = time.monotonic()
         self._t_first: float | None = None
         self._num_tokens = 0
+        self._tokens_by_choice = [0] * choices
+        self._unfinished = set(range(choices))
         self.finished = False
-        self._engine_done = False  # the engine's own final output arrived
+        self._engine_done = False  # the engine's own final outputs arrived
 
     async def outputs(self) -> AsyncGenerator[RequestOutput, None]:
         """The engine's deltas; the last one is `finished`. Leaving early aborts the request."""
         try:
             it = self._stream.__aiter__()
-            while True:
+            while not self.finished:
                 try:
                     out = await self._next(it)
                 except StopAsyncIteration:
-                    break
+                    raise errors.engine_unavailable("the engine ended the stream without a final output") from None
                 except TimeoutError:
-                    out = self._cut_short()
-                self._engine_done = out.finished and self.warning is None
-                self._observe(out)
-                yield out
-                if out.finished:
+                    for cut in self._cut_short():
+                        self._observe(cut)
+                        yield cut
                     return
-            raise errors.engine_unavailable("the engine ended the stream without a final output")
+                self._observe(out)
+                self._engine_done = self.finished
+                yield out
         finally:
             if not self._engine_done:
                 await self._stream.aclose()
@@ -174,12 +187,14 @@ class Generation:
         left = self._t_submit + self._timeout_s - time.monotonic()
         return await asyncio.wait_for(it.__anext__(), max(0.0, left))
 
-    def _cut_short(self) -> RequestOutput:
-        """The final output of a request whose deadline passed (the engine's request is aborted after it)."""
+    def _cut_short(self) -> list[RequestOutput]:
+        """The final output of each unfinished choice of a request whose deadline passed (the engine's request
+        is aborted after them)."""
         self.warning = (f"the request's deadline ({self._timeout_s:g} s) passed: the output is cut short "
                         "(finish_reason 'length')")
-        return RequestOutput(self.request_id, [], "", finished=True, finish_reason="length",
-                             usage=Usage(self._prompt_tokens, self._num_tokens))
+        return [RequestOutput(self.request_id, [], "", finished=True, finish_reason="length",
+                              usage=Usage(self._prompt_tokens, self._tokens_by_choice[i]), index=i)
+                for i in sorted(self._unfinished)]
 
     def finish_reason(self, out: RequestOutput) -> FinishReason:
         """The OpenAI finish reason of a final output; engine-side failures become 5xx errors: 503 when the
@@ -195,7 +210,10 @@ class Generation:
                 self._t_first = t
                 self._on_first_token(t - self._t_submit)
             self._num_tokens += len(out.new_token_ids)
+            self._tokens_by_choice[out.index] += len(out.new_token_ids)
         if out.finished:
+            self._unfinished.discard(out.index)
+        if out.finished and not self._unfinished:
             self.finished = True
             ttft = None if self._t_first is None else self._t_first - self._t_submit
             tpot = (
@@ -241,14 +259,13 @@ def _prompt_param(request: GenerateRequest) -> str:
     return "messages" if isinstance(request, ChatCompletionRequest) else "prompt"
 
 
-def _usage(out: RequestOutput) -> UsageInfo | None:
-    if out.usage is None:
-        return None
-    return UsageInfo(
-        prompt_tokens=out.usage.prompt_tokens,
-        completion_tokens=out.usage.completion_tokens,
-        total_tokens=out.usage.prompt_tokens + out.usage.completion_tokens,
-    )
+def _engine_logprobs(request: GenerateRequest) -> int | None:
+    """The logprobs the engine computes: what the client asked for; with `best_of` ranking more choices than
+    it returns, at least the sampled tokens' own (the ranking's cumulative logprob), even if not shown."""
+    asked = request.logprobs_count()
+    if asked is None and request.choices_to_generate() > request.n:
+        return 0
+    return asked
 
 
 class OpenAIServing:
@@ -298,45 +315,51 @@ class OpenAIServing:
         """The whole result of a completion or chat request (its `stream` flag is ignored). `request_id`: the
         client's (X-Request-Id), used as the engine's id and the response's `id`; None: a fresh one."""
         gen = await self._submit(request, request_id or self.new_request_id(request))
-        text: list[str] = []
-        logprobs: list[TokenLogprobs] = []
-        prompt_logprobs: list[TokenLogprobs | None] | None = None
+        gathered = ChoiceOutputs()
         async with aclosing(gen.outputs()) as outputs:
             async for out in outputs:
-                out = gen.echo.apply(out) if gen.echo is not None else out
-                text.append(out.text)
-                logprobs.extend(out.logprobs or ())
-                prompt_logprobs = prompt_logprobs or out.prompt_logprobs
-                if out.finished:
-                    return self._response(request, gen, out, "".join(text), logprobs, prompt_logprobs)
-        raise errors.engine_unavailable("the engine ended the stream without a final output")
+                gathered.add(gen.echo.apply(out) if gen.echo is not None else out)
+        return self._response(request, gen, gathered)
 
-    def _response(self, request: GenerateRequest, gen: Generation, last: RequestOutput, text: str,
-                  logprobs: list[TokenLogprobs], prompt_logprobs: list[TokenLogprobs | None] | None = None
-                  ) -> GenerateResponse:
-        reason, usage = gen.finish_reason(last), _usage(last)
+    def _response(self, request: GenerateRequest, gen: Generation, gathered: ChoiceOutputs) -> GenerateResponse:
+        """The whole response: the request's `n` choices (with `best_of`, the best `n` of those generated,
+        renumbered best first), the usage of every choice generated."""
         wanted = request.logprobs_count() is not None
-        shaper = LogprobsShaper(self._front.engine.tokenizer)
+        tokenizer = self._front.engine.tokenizer
+        kept = gathered.best(request.n)
+        reasons = [gen.finish_reason(c.last) for c in kept if c.last is not None]
+        assert len(reasons) == len(kept), "every choice has finished"
         if isinstance(request, ChatCompletionRequest):
-            message = AssistantMessage(content=text)
-            choice = ChatChoice(message=message, logprobs=shaper.chat(logprobs) if wanted else None,
-                                finish_reason=reason)
+            chat = [ChatChoice(index=i, message=AssistantMessage(content="".join(c.text)),
+                               logprobs=LogprobsShaper(tokenizer).chat(c.logprobs) if wanted else None,
+                               finish_reason=reason)
+                    for i, (c, reason) in enumerate(zip(kept, reasons, strict=True))]
             return ChatCompletionResponse(
-                id=gen.request_id, created=now(), model=self.model_name, choices=[choice], usage=usage,
+                id=gen.request_id, created=now(), model=self.model_name, choices=chat, usage=gathered.usage(),
                 warning=gen.warning,
             )
-        if gen.echo is not None:
-            shaped = gen.echo.shape(shaper, logprobs, prompt_logprobs)
-        else:
-            shaped = shaper.completion(logprobs) if wanted else None
+        completion = [CompletionChoice(index=i, text="".join(c.text), finish_reason=reason,
+                                       logprobs=self._completion_logprobs(gen, LogprobsShaper(tokenizer), wanted,
+                                                                          c.logprobs, c.prompt_logprobs))
+                      for i, (c, reason) in enumerate(zip(kept, reasons, strict=True))]
         return CompletionResponse(
             id=gen.request_id,
             created=now(),
             model=self.model_name,
-            choices=[CompletionChoice(text=text, logprobs=shaped, finish_reason=reason)],
-            usage=usage,
+            choices=completion,
+            usage=gathered.usage(),
             warning=gen.warning,
         )
+
+    @staticmethod
+    def _completion_logprobs(gen: Generation, shaper: LogprobsShaper, wanted: bool,
+                             generated: list[TokenLogprobs] | None,
+                             prompt: list[TokenLogprobs | None] | None) -> CompletionLogprobs | None:
+        """One choice's completion logprobs (of one chunk, or the whole choice), through its own `shaper`:
+        with echo, the prompt's first (`Echo.shape`)."""
+        if gen.echo is not None:
+            return gen.echo.shape(shaper, generated, prompt)
+        return shaper.completion(generated or []) if wanted else None
 
     async def generate_stream(
         self, request: GenerateRequest, request_id: str | None = None
@@ -360,17 +383,18 @@ class OpenAIServing:
         self._check_priority(request.priority)
         if not self._front.is_healthy():
             raise errors.engine_unavailable("the engine is not running on this replica")
-        release = self.admission.acquire()
+        release = self.admission.acquire(request.choices_to_generate(), request.choices_param())
         try:
             engine_request = await self._to_engine_request(request, request_id)
             stream = self._start(engine_request, _prompt_param(request), release)
-            log.info("request %s: %d prompt tokens, max_tokens=%d, priority=%d", request_id,
-                     len(engine_request.prompt_token_ids or ()), engine_request.params.max_tokens, request.priority)
+            log.info("request %s: %d prompt tokens, max_tokens=%d, n=%d, priority=%d", request_id,
+                     len(engine_request.prompt_token_ids or ()), engine_request.params.max_tokens, engine_request.n,
+                     request.priority)
         except BaseException:
             release()  # idempotent: the stream, once started, releases on its own end
             raise
         return Generation(self._front, engine_request.request_id, stream, self._on_finish, self._on_first_token,
-                          len(engine_request.prompt_token_ids or ()), self._timeout(request),
+                          len(engine_request.prompt_token_ids or ()), self._timeout(request), engine_request.n,
                           await self._echo(request, engine_request))
 
     async def _echo(self, request: GenerateRequest, engine_request: EngineRequest) -> Echo | None:
@@ -405,6 +429,7 @@ class OpenAIServing:
                 sampling_params=engine_request.params,
                 priority=engine_request.priority,
                 on_close=release,
+                n=engine_request.n,
             )
         except FieldError as e:
             if e.param == "request_id":  # a client's X-Request-Id that a running request holds
@@ -463,7 +488,7 @@ class OpenAIServing:
                 stop=tuple(request.stop_list()),
                 stop_token_ids=tuple(request.stop_token_ids or ()),
                 ignore_eos=request.ignore_eos,
-                logprobs=request.logprobs_count(),
+                logprobs=_engine_logprobs(request),
                 prompt_logprobs=request.prompt_logprobs_count(),
                 presence_penalty=request.presence_penalty,
                 frequency_penalty=request.frequency_penalty,
@@ -474,7 +499,7 @@ class OpenAIServing:
             )
         except ValueError as e:
             raise _from_value_error(e) from None
-        return EngineRequest(request_id, None, prompt_ids, params, request.priority)
+        return EngineRequest(request_id, None, prompt_ids, params, request.priority, request.choices_to_generate())
 
     async def _check_text_size(self, request: GenerateRequest, param: str) -> None:
         """A 400 at once for a text so long it cannot fit the context whatever it tokenizes to: no token
@@ -564,57 +589,74 @@ class OpenAIServing:
 
     async def _completion_chunks(self, gen: Generation, include_usage: bool) -> AsyncIterator[StreamChunk]:
         created = now()
-        shaper = LogprobsShaper(self._front.engine.tokenizer)
+        shapers = _Shapers(self._front.engine.tokenizer)  # per choice: text offsets run on across its chunks
+        finals: list[RequestOutput] = []
         async with aclosing(gen.outputs()) as outputs:
             async for out in outputs:
                 out = gen.echo.apply(out) if gen.echo is not None else out
                 reason = gen.finish_reason(out) if out.finished else None
                 if out.text or out.finished or out.logprobs:
-                    if gen.echo is not None:
-                        shaped = gen.echo.shape(shaper, out.logprobs, out.prompt_logprobs)
-                    else:
-                        shaped = shaper.completion(out.logprobs) if out.logprobs is not None else None
+                    shaped = self._completion_logprobs(gen, shapers[out.index], out.logprobs is not None,
+                                                       out.logprobs, out.prompt_logprobs)
+                    choice = CompletionChoice(index=out.index, text=out.text, logprobs=shaped, finish_reason=reason)
                     yield CompletionStreamResponse(
                         id=gen.request_id,
                         created=created,
                         model=self.model_name,
-                        choices=[CompletionChoice(text=out.text, logprobs=shaped, finish_reason=reason)],
+                        choices=[choice],
                         warning=gen.warning if out.finished else None,
                     )
-                if out.finished and include_usage:
+                if out.finished:
+                    finals.append(out)
+                if gen.finished and include_usage:
                     yield CompletionStreamResponse(
                         id=gen.request_id,
                         created=created,
                         model=self.model_name,
                         choices=[],
-                        usage=_usage(out),
+                        usage=summed_usage(finals),
                     )
 
     async def _chat_chunks(self, gen: Generation, include_usage: bool) -> AsyncIterator[StreamChunk]:
         created = now()
         shaper = LogprobsShaper(self._front.engine.tokenizer)
+        finals: list[RequestOutput] = []
 
-        def chunk(delta: DeltaMessage, reason: FinishReason | None = None,
+        def chunk(index: int, delta: DeltaMessage, reason: FinishReason | None = None,
                   logprobs: list[TokenLogprobs] | None = None) -> ChatCompletionChunk:
             shaped = shaper.chat(logprobs) if logprobs else None
-            choice = ChatStreamChoice(delta=delta, logprobs=shaped, finish_reason=reason)
+            choice = ChatStreamChoice(index=index, delta=delta, logprobs=shaped, finish_reason=reason)
             return ChatCompletionChunk(
                 id=gen.request_id, created=created, model=self.model_name, choices=[choice],
                 warning=gen.warning if reason is not None else None,
             )
 
-        yield chunk(DeltaMessage(role="assistant", content=""))
+        for index in range(gen.choices):
+            yield chunk(index, DeltaMessage(role="assistant", content=""))
         async with aclosing(gen.outputs()) as outputs:
             async for out in outputs:
                 if out.text or out.logprobs:  # a token held back by a stop string still has its logprob
-                    yield chunk(DeltaMessage(content=out.text), logprobs=out.logprobs)
+                    yield chunk(out.index, DeltaMessage(content=out.text), logprobs=out.logprobs)
                 if out.finished:
-                    yield chunk(DeltaMessage(), gen.finish_reason(out))
-                    if include_usage:
-                        yield ChatCompletionChunk(
-                            id=gen.request_id,
-                            created=created,
-                            model=self.model_name,
-                            choices=[],
-                            usage=_usage(out),
-                        )
+                    finals.append(out)
+                    yield chunk(out.index, DeltaMessage(), gen.finish_reason(out))
+                if gen.finished and include_usage:
+                    yield ChatCompletionChunk(
+                        id=gen.request_id,
+                        created=created,
+                        model=self.model_name,
+                        choices=[],
+                        usage=summed_usage(finals),
+                    )
+
+
+class _Shapers(dict[int, LogprobsShaper]):
+    """One completions logprobs shaper per choice, made on first use."""
+
+    def __init__(self, tokenizer: object) -> None:
+        super().__init__()
+        self._tokenizer = tokenizer
+
+    def __missing__(self, index: int) -> LogprobsShaper:
+        shaper = self[index] = LogprobsShaper(self._tokenizer)
+        return shaper

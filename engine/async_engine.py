@@ -13,11 +13,12 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from configs import EngineConfig
+from engine.choices import Resume
 from engine.engine import BatonEngine
 from engine.request import Request, RequestOutput, SamplingParams
 from engine.streams import OpenStreams, RequestStream, StreamSink
@@ -34,9 +35,9 @@ IDLE_WAIT_S = 0.5  # an idle loop wakes at least this often to notice shutdown
 # ---- messages into the loop thread ---------------------------------------------------------------------
 @dataclass(frozen=True)
 class Add:
-    """Queue a validated request (its stream is already open)."""
+    """Queue a validated request: its choices (engine/choices.py), together (its stream is already open)."""
 
-    request: Request
+    requests: tuple[Request, ...]
 
 
 @dataclass(frozen=True)
@@ -135,18 +136,22 @@ class AsyncBatonEngine:
     # ---- requests ----------------------------------------------------------------------------------------
     def submit(self, request_id: str, prompt: str | None = None, prompt_token_ids: list[int] | None = None,
                sampling_params: SamplingParams | None = None, priority: int = 0,
-               on_close: Callable[[], None] | None = None, resume_token_ids: Sequence[int] = ()) -> RequestStream:
+               on_close: Callable[[], None] | None = None, resume_token_ids: Resume = (),
+               n: int = 1) -> RequestStream:
         """Validate and queue a request; returns its output stream. Must be called from a running event loop.
         `resume_token_ids`: see `BatonEngine.make_request` (a stream continued after a replica died).
+        `n`: that many choices (`BatonEngine.make_choices`), queued together; the stream carries each one's
+        outputs (`RequestOutput.index`) and ends once every choice has finished.
 
         `on_close` runs exactly once when the stream is over: its final output was read, or it was closed,
         cancelled or dropped (never when this raises). FieldError for a bad request; RuntimeError when the
         loop is not running."""
         if not self.is_healthy():
             raise RuntimeError("the engine loop is not running" + (f": {self.last_error}" if self.last_error else ""))
-        req = self.engine.make_request(request_id, prompt, prompt_token_ids, sampling_params, priority,
-                                       resume_token_ids)
-        return self._streams.open(request_id, self._abort, on_close, then=lambda: self._inbox.put(Add(req)))
+        reqs = tuple(self.engine.make_choices(request_id, prompt, prompt_token_ids, sampling_params, priority, n,
+                                              resume_token_ids))
+        return self._streams.open(request_id, self._abort, on_close, then=lambda: self._inbox.put(Add(reqs)),
+                                  choices=tuple(r.index for r in reqs))
 
     def abort(self, request_id: str, on_dropped: Callable[[], object] | None = None) -> None:
         """Thread-safe; the request leaves the batch before the next iteration. `on_dropped` is called once
@@ -248,11 +253,12 @@ class AsyncBatonEngine:
 
     def _handle(self, msg: Message) -> None:
         match msg:
-            case Add(request=req):
+            case Add(requests=reqs):
                 try:
-                    self.engine.enqueue(req)
+                    self.engine.enqueue_all(reqs)
                 except ValueError as e:
-                    self._deliver([RequestOutput(req.request_id, [], "", True, "error", error=str(e))])
+                    self._deliver([RequestOutput(r.output_id, [], "", True, "error", error=str(e), index=r.index)
+                                   for r in reqs])
             case Abort(request_id=rid, sink=sink, on_dropped=on_dropped):
                 if sink is None or self._streams.holds(rid, sink):
                     self.engine.abort_request(rid)

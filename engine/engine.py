@@ -18,6 +18,7 @@ from configs import EngineConfig
 from configs.errors import FieldError
 from configs.knobs import with_live_knobs
 from engine.capacity import CapacityController
+from engine.choices import Resume, choice_id, choice_params, choices_to_run
 from engine.grammar import Grammars
 from engine.kv_cache import BatchKVCache
 from engine.memory_controller import build_controller
@@ -95,18 +96,47 @@ class BatonEngine:
         return Request(request_id, ids, params, priority, arrival=-1, seed=seed, output_token_ids=resumed,
                        grammar=grammar)
 
+    def make_choices(self, request_id: str, prompt: str | None = None, prompt_token_ids: list[int] | None = None,
+                     sampling_params: SamplingParams | None = None, priority: int = 0, n: int = 1,
+                     resume_token_ids: Resume = ()) -> list[Request]:
+        """`make_request` for each of a request's `n` choices (engine/choices.py); with n = 1 and a plain
+        `resume_token_ids`, exactly `[make_request(...)]`. A mapping `resume_token_ids` runs only the choices
+        it names, each after its tokens (a continuation). Their outputs carry `request_id` and the choice's
+        index. FieldError naming the field (`n` among them)."""
+        run = choices_to_run(n, resume_token_ids)
+        if n == 1:
+            return [self.make_request(request_id, prompt, prompt_token_ids, sampling_params, priority, run[0])]
+        params = sampling_params if sampling_params is not None else SamplingParams()
+        ids = self._prompt_ids(prompt, prompt_token_ids)  # tokenised once for every choice
+        reqs = []
+        for i, resumed in run.items():
+            params_i = choice_params(params, i) if isinstance(params, SamplingParams) else params
+            req = self.make_request(choice_id(request_id, i), None, ids, params_i, priority, resumed)
+            req.parent, req.index = request_id, i
+            reqs.append(req)
+        return reqs
+
     def enqueue(self, req: Request) -> None:
         """Queue a request built by `make_request` (on the engine's thread). ValueError for a duplicate id."""
-        self.scheduler.add(req)
+        self.enqueue_all([req])
+
+    def enqueue_all(self, reqs: Sequence[Request]) -> None:
+        """Queue requests built by `make_choices` together, in the same iteration: all or, when one's id is
+        still running (ValueError), none."""
+        running = [r.request_id for r in reqs if r.request_id in self.scheduler.requests]
+        if running:
+            raise ValueError(f"duplicate request id {running[0]!r}: a request with that id is still running")
+        for req in reqs:
+            self.scheduler.add(req)
         self._update_gauges()
 
     def abort_request(self, request_id: str) -> None:
-        """Finish a request with reason `abort`; it leaves the batch at once. Unknown ids are ignored."""
-        if request_id not in self.scheduler.requests:
-            return
-        if self.scheduler.abort(request_id):
-            self._free_rows([request_id])
-        self.stats.aborted_requests += 1
+        """Finish a request (every choice of it) with reason `abort`; it leaves the batch at once. Unknown ids
+        are ignored."""
+        for rid in self.scheduler.choices_of(request_id):
+            if self.scheduler.abort(rid):
+                self._free_rows([rid])
+            self.stats.aborted_requests += 1
         self._update_gauges()
 
     def has_unfinished_requests(self) -> bool:

@@ -156,7 +156,8 @@ class ModelRunner:
             prefill_tokens=prefill.tokens, pooled=pooled, batch_tokens=batch.tokens, swapped=swapped,
             prefill_logprobs=prefill.logprobs, batch_logprobs=batch.logprobs, prompt_logprobs=prompts,
             failed=failed, batch=shape,
-            prefill_computed=sum(len(p.token_ids) for p in plan.prefill if p.request_id in prefill.tokens),
+            prefill_computed=sum(len(p.token_ids) for p in plan.prefill
+                                 if any(d.request_id in prefill.tokens for d in p.draws())),
             forward_s=self.forward_s - f0, cache_columns=cache.length,
         )
 
@@ -166,6 +167,7 @@ class ModelRunner:
         sampled = Sampled()
         pooled: dict[str, RowKV] = {}
         for p in prefills:
+            draws = p.draws()
             try:
                 kv, logits = self.prefill(list(p.token_ids), every_position=p.prompt_logprobs is not None)
                 if p.prompt_logprobs is not None:  # logits [P, V]: the prompt's, then the last draws
@@ -173,18 +175,23 @@ class ModelRunner:
                     logits = logits[-1]
             except Exception as e:
                 log.exception("prefill of %s failed", p.request_id)
-                failed[p.request_id] = f"prefill failed: {e}"
+                failed.update((d.request_id, f"prefill failed: {e}") for d in draws)
                 continue
-            one = self._sample_rows(logits[None], [(p.request_id, p.sample)], failed)
-            if not one.tokens:
+            # Siblings (other choices with the same tokens) draw from the same logits, each with its own spec.
+            rows = logits[None].expand(len(draws), -1)  # [draws, V]
+            drawn = self._sample_rows(rows, [(d.request_id, d.sample) for d in draws], failed)
+            if not drawn.tokens:
                 sampled.prompt_logprobs.pop(p.request_id, None)
                 continue
-            sampled.tokens.update(one.tokens)
-            sampled.logprobs.update(one.logprobs)
-            if p.join:
-                cache.insert(p.request_id, kv)
-            else:
-                pooled[p.request_id] = kv
+            sampled.tokens.update(drawn.tokens)
+            sampled.logprobs.update(drawn.logprobs)
+            for d in draws:
+                if d.request_id not in drawn.tokens:
+                    continue
+                if d.join:
+                    cache.insert(d.request_id, kv)  # copies the KV into the row
+                else:
+                    pooled[d.request_id] = kv  # read only until it joins (then copied into its row)
         return sampled, pooled
 
     def _batch(self, rows: tuple[BatchRow, ...], prefill_tokens: dict[str, int], cache: BatchKVCache,

@@ -11,6 +11,8 @@ from engine.request import FinishReason, Request, RequestOutput, RequestState, T
 
 @dataclass
 class _Delta:
+    output_id: str  # the id the output carries (a choice's: its request's, `Request.output_id`)
+    index: int  # the choice
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
     logprobs: list[TokenLogprobs] | None = None  # one per token id when the request asked for logprobs
@@ -38,15 +40,16 @@ class OutputTracker:
             stops.feed(detok.push([token]))
         self._detok[req.request_id], self._stops[req.request_id] = detok, stops
 
-    def on_prompt_logprobs(self, request_id: str, logprobs: list[TokenLogprobs | None]) -> None:
-        """Record a request's prompt logprobs (computed once, with its first token): they go out with it."""
-        self._pending.setdefault(request_id, _Delta()).prompt_logprobs = logprobs
+    def on_prompt_logprobs(self, req: Request, logprobs: list[TokenLogprobs | None]) -> None:
+        """Record a request's prompt logprobs (computed once, with its first token): they go out with it (a
+        choice not drawn in that step gets them in an output of their own, before its first token)."""
+        self._delta(req).prompt_logprobs = logprobs
 
     def on_token(self, req: Request, token: int, logprobs: TokenLogprobs | None = None) -> None:
         """Record one sampled token (and its logprobs, when the request asked for them); finish the request if
         it hit a stop condition."""
         req.output_token_ids.append(token)
-        delta = self._pending.setdefault(req.request_id, _Delta())
+        delta = self._delta(req)
         delta.token_ids.append(token)
         if req.params.logprobs is not None:
             assert logprobs is not None and logprobs.token_id == token, "the runner computes what was asked"
@@ -69,7 +72,7 @@ class OutputTracker:
                stop_string_hit: bool = False) -> None:
         if req.state is RequestState.FINISHED:
             return
-        delta = self._pending.setdefault(req.request_id, _Delta())
+        delta = self._delta(req)
         detok, stops = self._detok.pop(req.request_id), self._stops.pop(req.request_id)
         if not stop_string_hit and reason in ("stop", "length"):
             tail, hit = stops.feed(detok.flush())
@@ -78,26 +81,30 @@ class OutputTracker:
         req.finish_reason, req.error = reason, error
         self._finished.append(req)
 
+    def _delta(self, req: Request) -> _Delta:
+        return self._pending.setdefault(req.request_id, _Delta(req.output_id, req.index))
+
     def drain(self) -> list[RequestOutput]:
-        """Everything that happened since the last drain, one output per request."""
+        """Everything that happened since the last drain, one output per request (per choice)."""
         finished = {r.request_id: r for r in self._finished}
         outs = []
         for rid, d in self._pending.items():
             req = finished.get(rid)
-            outs.append(self._output(rid, d, req))
+            outs.append(self._output(d, req))
         for rid, req in finished.items():
             if rid not in self._pending:
-                outs.append(self._output(rid, _Delta(), req))
+                outs.append(self._output(_Delta(req.output_id, req.index), req))
         self._pending.clear()
         self._finished.clear()
         return outs
 
     @staticmethod
-    def _output(rid: str, d: _Delta, req: Request | None) -> RequestOutput:
+    def _output(d: _Delta, req: Request | None) -> RequestOutput:
         if req is None:
-            return RequestOutput(rid, d.token_ids, d.text, logprobs=d.logprobs, prompt_logprobs=d.prompt_logprobs)
+            return RequestOutput(d.output_id, d.token_ids, d.text, logprobs=d.logprobs,
+                                 prompt_logprobs=d.prompt_logprobs, index=d.index)
         return RequestOutput(
-            rid, d.token_ids, d.text, finished=True, finish_reason=req.finish_reason,
+            d.output_id, d.token_ids, d.text, finished=True, finish_reason=req.finish_reason,
             usage=Usage(len(req.prompt_token_ids), len(req.output_token_ids)), error=req.error,
-            logprobs=d.logprobs, prompt_logprobs=d.prompt_logprobs,
+            logprobs=d.logprobs, prompt_logprobs=d.prompt_logprobs, index=d.index,
         )

@@ -84,21 +84,40 @@ def sample_spec(prompt: list[int], output: list[int], params: SamplingParams, se
 
 
 @dataclass(frozen=True)
+class Draw:
+    """One request's next token drawn from a prefill's last logits, and where its copy of the KV goes."""
+
+    request_id: str
+    sample: SampleSpec
+    join: bool  # True: its KV takes a row of the batch at once (baton); False: it goes to the prefilled pool
+
+
+@dataclass(frozen=True)
 class Prefill:
     """One request's tokens (its prompt, plus what it generated before a recompute preemption) computed
-    alone, without padding, and its next token sampled."""
+    alone, without padding, and its next token sampled.
+
+    `siblings`: other choices of the same request (engine/choices.py) whose tokens are exactly these. The
+    tokens are computed once; each sibling draws from the same last logits with its own `SampleSpec` and
+    takes its own copy of the KV (a row, or a pool entry, each counted by the capacity controller)."""
 
     request_id: str
     token_ids: tuple[int, ...]
     sample: SampleSpec
     join: bool  # True: its KV takes a row of the batch at once (baton); False: it goes to the prefilled pool
+    siblings: tuple[Draw, ...] = ()
+
+    def draws(self) -> tuple[Draw, ...]:
+        """Every draw from this prefill's logits: the request's own, then its siblings'."""
+        return (Draw(self.request_id, self.sample, self.join), *self.siblings)
 
     @property
     def prompt_logprobs(self) -> int | None:
         """Not None: this prefill computes the logits of every position (not only the last), for the prompt
         logprobs (top k = the value). Such a prefill must compute every position itself: a prefix cache must not
-        serve any part of it."""
-        return self.sample.prompt_logprobs
+        serve any part of it. Of a request's n choices only choice 0 asks (engine/choices.py), so a prefill its
+        siblings share computes them once, whichever draw leads it; the request's id keys them in the result."""
+        return next((d.sample.prompt_logprobs for d in self.draws() if d.sample.prompt_logprobs is not None), None)
 
 
 @dataclass(frozen=True)

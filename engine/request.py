@@ -249,9 +249,11 @@ class RequestOutput:
     error: str | None = None  # set when finish_reason == "error"
     # One per new token id, in order, when the request asked for logprobs; None when it did not.
     logprobs: list[TokenLogprobs] | None = None
-    # With `SamplingParams.prompt_logprobs`, on the output carrying the first token (and only there): one per
-    # prompt token, the first None (nothing precedes it), then token i's logprob given tokens [0, i).
+    # With `SamplingParams.prompt_logprobs`, once: on the output carrying the first token (for a choice of n
+    # (engine/choices.py) drawn later than choice 0, on an output before it): one per prompt token, the first
+    # None (nothing precedes it), then token i's logprob given tokens [0, i).
     prompt_logprobs: list[TokenLogprobs | None] | None = None
+    index: int = 0  # which of the request's n choices this is (engine/choices.py); `finished`: that choice's end
 
 
 @dataclass
@@ -272,6 +274,14 @@ class Request:
     # Structured output: where the request is in its grammar (None: unconstrained, or dropped with its KV by
     # a recompute preemption until it is prefilled again, or finished).
     grammar: GrammarMatcher | None = None
+    # One of the n choices of a request (engine/choices.py): the id it was submitted as, and which choice.
+    parent: str | None = None
+    index: int = 0
+
+    @property
+    def output_id(self) -> str:
+        """The id its outputs carry: the submitted request's (a choice's own id is the engine's)."""
+        return self.parent if self.parent is not None else self.request_id
 
     @property
     def all_token_ids(self) -> list[int]:

@@ -20,7 +20,7 @@ from engine.capacity import CapacityController, CapacityDecision, CapacitySnapsh
 from engine.grammar import Grammars
 from engine.kv_cache import BatchKVCache, RowKV
 from engine.outputs import OutputTracker
-from engine.plan import BatchRow, IterationPlan, Join, Prefill, SampleSpec, StepResult, sample_spec
+from engine.plan import BatchRow, Draw, IterationPlan, Join, Prefill, SampleSpec, StepResult, sample_spec
 from engine.request import FinishReason, Request, RequestOutput, RequestState, TokenLogprobs
 
 JoinMode = Literal["in_batch", "prefill_on_admit", "from_pool"]
@@ -116,6 +116,16 @@ class Scheduler:
         self._end(req, "abort")
         return self.running.pop(request_id, None) is not None
 
+    def choices_of(self, request_id: str) -> list[str]:
+        """The unfinished engine requests submitted as `request_id`: itself, or its n choices."""
+        return [rid for rid, r in self.requests.items() if r.output_id == request_id]
+
+    def _fresh_choices(self, req: Request) -> list[Request]:
+        """The unfinished choices of `req`'s request with no token yet, `req` among them: the prompt logprobs
+        computed for `req` (choice 0, engine/choices.py) go out to each. A choice resumed after the tokens it
+        already streamed (a continuation) had them then."""
+        return [r for r in self.requests.values() if r.output_id == req.output_id and not r.output_token_ids]
+
     def release_rows(self) -> list[str]:
         """With nothing left to serve, every remaining (finished) row; the caller frees them."""
         assert not self.requests, "rows of unfinished requests are never released"
@@ -146,13 +156,14 @@ class Scheduler:
         """Record what the runner produced: tokens appended, stops checked, KV filed. Returns the outputs."""
         self.queues.swapped.update(result.swapped)
         for rid, prompt_logprobs in result.prompt_logprobs.items():  # first: they lead the first token's output
-            self.outputs.on_prompt_logprobs(rid, prompt_logprobs)
-        for p in plan.prefill:
-            if p.request_id in result.prefill_tokens:
-                req = self.requests[p.request_id]
-                self._on_token(req, result.prefill_tokens[p.request_id], result.prefill_logprobs.get(p.request_id))
-                if not p.join and not req.finished:
-                    self.queues.pool[p.request_id] = result.pooled[p.request_id]
+            for choice in self._fresh_choices(self.requests[rid]):
+                self.outputs.on_prompt_logprobs(choice, prompt_logprobs)
+        for d in (d for p in plan.prefill for d in p.draws()):
+            if d.request_id in result.prefill_tokens:
+                req = self.requests[d.request_id]
+                self._on_token(req, result.prefill_tokens[d.request_id], result.prefill_logprobs.get(d.request_id))
+                if not d.join and not req.finished:
+                    self.queues.pool[d.request_id] = result.pooled[d.request_id]
                     req.state = RequestState.PREFILLED
         for rid, token in result.batch_tokens.items():
             req = self.running[rid]
@@ -204,17 +215,24 @@ class Scheduler:
         """Joins from the pool and host; waiting requests join empty (in_batch) or prefilled now (baton)."""
         joins: list[Join] = []
         prefills: list[Prefill] = []
+        admitted, taken = set(admit), set()
         for rid in admit:
+            if rid in taken:  # prefilled with a sibling choice
+                continue
             req = self.requests[rid]
             kv = self.queues.swapped.pop(rid, None) or self.queues.pool.pop(rid, None)
             if kv is None:
                 self._leave_waiting(req)
             if kv is None and self.policy.join == "prefill_on_admit":
-                # A request whose first token is also its last never needs a row.
-                prefills.append(Prefill(rid, tuple(req.all_token_ids), self._spec(req), join=req.remaining > 1))
-                if req.remaining > 1:
-                    self.running[rid] = req
-                    req.state = RequestState.RUNNING
+                group = [req] + [s for s in self._waiting_siblings(req) if s.request_id in admitted]
+                for s in group[1:]:
+                    self._leave_waiting(s)
+                    taken.add(s.request_id)
+                prefills.append(self._prefill(group, join=True))
+                for r in group:
+                    if r.remaining > 1:  # a request whose first token is also its last never needs a row
+                        self.running[r.request_id] = r
+                        r.state = RequestState.RUNNING
                 continue
             joins.append(Join(rid, kv))
             self.running[rid] = req
@@ -232,17 +250,43 @@ class Scheduler:
         empty = not self.running and not self.queues.pool
         out: list[Prefill] = []
         for req in self.queues.waiting_by_urgency():
+            if req.request_id not in self.queues.waiting:  # prefilled with a sibling choice
+                continue
             n = len(req.all_token_ids)
+            entry = n * self.cache.bytes_per_token  # each pool entry is counted, siblings' copies too
             must = empty and tokens == 0
-            over_memory = allowance is not None and n * self.cache.bytes_per_token > allowance
+            over_memory = allowance is not None and entry > allowance
             if room <= 0 or (not must and ((n > budget and tokens > 0) or over_memory)):
                 break
+            group = [req]
+            for s in self._waiting_siblings(req):  # computed once: they cost pool room and memory, no tokens
+                if len(group) >= room or (allowance is not None and (len(group) + 1) * entry > allowance):
+                    break
+                group.append(s)
             if allowance is not None:
-                allowance -= n * self.cache.bytes_per_token
-            self._leave_waiting(req)
-            out.append(Prefill(req.request_id, tuple(req.all_token_ids), self._spec(req), join=False))
-            budget, tokens, room = budget - n, tokens + n, room - 1
+                allowance -= len(group) * entry
+            for r in group:
+                self._leave_waiting(r)
+            out.append(self._prefill(group, join=False))
+            budget, tokens, room = budget - n, tokens + n, room - len(group)
         return out
+
+    def _waiting_siblings(self, req: Request) -> list[Request]:
+        """The other choices of `req`'s request still waiting with exactly its tokens (engine/choices.py):
+        one prefill computes them all."""
+        if req.parent is None:
+            return []
+        same = [r for r in self.queues.waiting.values()
+                if r is not req and r.parent == req.parent and r.all_token_ids == req.all_token_ids]
+        return sorted(same, key=lambda r: r.index)
+
+    def _prefill(self, group: list[Request], join: bool) -> Prefill:
+        """One prefill of `group[0]`'s tokens for every request of `group` (siblings with the same tokens).
+        With `join` (baton), each whose first token is not also its last takes a row at once."""
+        draws = [Draw(r.request_id, self._spec(r), join and r.remaining > 1) for r in group]
+        first = draws[0]
+        return Prefill(first.request_id, tuple(group[0].all_token_ids), first.sample, first.join,
+                       siblings=tuple(draws[1:]))
 
     def _leave_waiting(self, req: Request) -> None:
         """`req` leaves the waiting queue to be computed: a request with a grammar whose matcher was dropped
@@ -260,8 +304,8 @@ class Scheduler:
             req = self.running[rid]
             feed = tuple(req.all_token_ids) if rid in in_batch else (req.all_token_ids[-1],)
             rows.append(BatchRow(rid, feed, None if req.finished else self._spec(req)))
-        rows += [BatchRow(p.request_id, None, self._spec(self.requests[p.request_id], ahead=1))
-                 for p in prefills if p.join]
+        rows += [BatchRow(d.request_id, None, self._spec(self.requests[d.request_id], ahead=1))
+                 for p in prefills for d in p.draws() if d.join]
         return tuple(rows)
 
     def _spec(self, req: Request, ahead: int = 0) -> SampleSpec:

@@ -22,9 +22,10 @@ from engine.request import RequestOutput
 class StreamSink:
     """The loop thread's end of a stream: puts outputs on the consumer's event loop."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, choices: tuple[int, ...] = (0,)) -> None:
         self.loop = loop
         self.queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        self.unfinished = set(choices)  # the choices (engine/choices.py) whose final output is still to come
 
     def put(self, out: RequestOutput) -> bool:
         """Thread-safe. False when the consumer's event loop is closed (nobody can read the stream)."""
@@ -48,16 +49,19 @@ def _abandon(abort: AbortFn, request_id: str, sink: StreamSink, on_close: Callab
 
 
 class RequestStream:
-    """Async iterator over one request's `RequestOutput`s; the last one has `finished=True`.
+    """Async iterator over one request's `RequestOutput`s; the last one has `finished=True`. A request with
+    n choices streams each choice's outputs (`RequestOutput.index`), each ending with its own `finished` one;
+    the stream ends after the last choice's.
 
     Leaving early aborts the request: `aclose()`, cancelling the task that awaits the next output, or
     dropping the stream unconsumed (its finalizer).
     """
 
     def __init__(self, request_id: str, sink: StreamSink, abort: AbortFn,
-                 on_close: Callable[[], None] | None = None) -> None:
+                 on_close: Callable[[], None] | None = None, choices: tuple[int, ...] = (0,)) -> None:
         self.request_id = request_id
         self._queue = sink.queue
+        self._unfinished = set(choices)  # the choices whose final output it has not handed out yet
         self._abort, self._sink, self._on_close = abort, sink, on_close
         # Holds no reference to the stream itself, so it runs when the consumer lets go of the stream.
         self._early_end = weakref.finalize(self, _abandon, abort, request_id, sink, on_close)
@@ -79,7 +83,9 @@ class RequestStream:
         except asyncio.CancelledError:
             self._early_end()
             raise
-        if out.finished and self._early_end.detach() is not None and self._on_close is not None:
+        if out.finished:
+            self._unfinished.discard(out.index)
+        if not self._unfinished and self._early_end.detach() is not None and self._on_close is not None:
             self._on_close()
         return out
 
@@ -127,12 +133,13 @@ class OpenStreams:
         self._closed = False
 
     def open(self, request_id: str, abort: AbortFn, on_close: Callable[[], None] | None = None,
-             then: Callable[[], None] = lambda: None) -> RequestStream:
+             then: Callable[[], None] = lambda: None, choices: tuple[int, ...] = (0,)) -> RequestStream:
         """Register a stream for `request_id` on the running event loop and call `then()` (e.g. queue the
-        request) under the same lock, so `close()` sees either both or neither.
+        request) under the same lock, so `close()` sees either both or neither. `choices`: the indices of
+        the choices whose outputs it carries; it closes after each has had its final output.
 
         Raises FieldError for an id that is still open, RuntimeError once the front is closed."""
-        sink = StreamSink(asyncio.get_running_loop())
+        sink = StreamSink(asyncio.get_running_loop(), choices)
         with self._lock:
             if self._closed:
                 raise RuntimeError("the engine loop is not running")
@@ -141,7 +148,7 @@ class OpenStreams:
                                  f"duplicate request id {request_id!r}: a request with that id is still running")
             self._sinks[request_id] = sink
             then()
-        return RequestStream(request_id, sink, abort, on_close)
+        return RequestStream(request_id, sink, abort, on_close, choices)
 
     def reopen(self) -> None:
         """Accept streams again (the front's loop restarted)."""
@@ -160,7 +167,11 @@ class OpenStreams:
         orphans = []
         for out in outs:
             with self._lock:
-                sink = self._sinks.pop(out.request_id, None) if out.finished else self._sinks.get(out.request_id)
+                sink = self._sinks.get(out.request_id)
+                if sink is not None and out.finished:
+                    sink.unfinished.discard(out.index)
+                    if not sink.unfinished:
+                        del self._sinks[out.request_id]
             if sink is not None and not sink.put(out):
                 orphans.append(out.request_id)
         return orphans
@@ -171,7 +182,8 @@ class OpenStreams:
             self._closed = True
             sinks, self._sinks = self._sinks, {}
         for request_id, sink in sinks.items():
-            sink.put(RequestOutput(request_id, [], "", True, "error", error=message))
+            for index in sorted(sink.unfinished):
+                sink.put(RequestOutput(request_id, [], "", True, "error", error=message, index=index))
 
     @property
     def closed(self) -> bool:

@@ -5,9 +5,11 @@ Tokens are characters (`token id = ord(char)`). A request "generates" its prompt
 iteration, then stops on EOS (id 0) unless `ignore_eos`; with `ignore_eos` it keeps cycling through the
 prompt until `max_tokens`. So completing "abc" gives "abc" (finish "stop"), or "ab" with max_tokens=2
 (finish "length"). With `logprobs=k`, token t has logprob log(1/2) and alternatives t, t+1, ... with
-logprobs log(1/2), log(1/4), ... (k of them); with `prompt_logprobs=k` the prompt's tokens after the first get the same, on the first output.
-The loop runs in its own daemon thread, like the real engine's, and holds at most
-`max_batch_size` rows; the rest wait by (priority, arrival). Streams, aborts and the failure of every open
+logprobs log(1/2), log(1/4), ... (k of them). With n choices, choice i generates the prompt rotated by i
+characters ("abc": "abc", "bca", "cab"), its tokens' logprob log(1/2) / (1 + i) (so later choices rank
+higher for best_of). With `prompt_logprobs=k` the prompt's tokens after the first get log(1/2) and the same
+alternatives, on each choice's first output. The loop runs in its own daemon thread, like the real engine's,
+and holds at most `max_batch_size` rows; the rest wait by (priority, arrival). Streams, aborts and the failure of every open
 stream when the loop dies are the real front's (engine/streams.py), so Serve tests exercise them.
 """
 
@@ -20,13 +22,14 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from configs import EngineConfig
 from configs.errors import FieldError
 from configs.knobs import with_live_knobs
+from engine.choices import Resume, choice_id, choices_to_run
 from engine.request import RequestOutput, SamplingParams, TokenLogprobs, Usage
 from engine.streams import OpenStreams, RequestStream, StreamSink
 
@@ -73,6 +76,8 @@ class _FakeRequest:
     prompt_ids: list[int]
     params: SamplingParams
     priority: int
+    output_id: str = ""  # the id its outputs carry (the submitted request's)
+    index: int = 0  # which choice
     output_ids: list[int] = field(default_factory=list)
     text: str = ""  # generated text so far (stop strings cut off)
     emitted: int = 0  # how much of `text` has been streamed
@@ -160,7 +165,8 @@ class FakeAsyncEngine:
         sampling_params: SamplingParams | None = None,
         priority: int = 0,
         on_close: Callable[[], None] | None = None,
-        resume_token_ids: Sequence[int] = (),
+        resume_token_ids: Resume = (),
+        n: int = 1,
     ) -> RequestStream:
         params = sampling_params or SamplingParams()
         if (prompt is None) == (prompt_token_ids is None):
@@ -185,19 +191,24 @@ class FakeAsyncEngine:
                 f"this request needs {len(ids)} prompt tokens + max_tokens ({params.max_tokens}), more than "
                 f"max_model_len ({self.engine.max_model_len})",
             )
-        request = _FakeRequest(request_id, ids, params, priority)
-        for token in resume_token_ids:  # a continuation: as if these had been generated and streamed here
-            request.output_ids.append(token)
-            request.text += chr(token)
-            request.emitted = len(request.text) - _held(request)
+        requests = []
+        for i, resumed in choices_to_run(n, resume_token_ids).items():
+            request = _FakeRequest(choice_id(request_id, i), ids, params, priority, request_id, i)
+            for token in resumed:  # a continuation: as if these had been generated and streamed here
+                request.output_ids.append(token)
+                request.text += chr(token)
+                request.emitted = len(request.text) - _held(request)
+            requests.append(request)
 
         def queue_it() -> None:
             with self._lock:
-                self._requests[request_id] = request
-                heapq.heappush(self._waiting, (priority, next(self._arrivals), request_id))
+                for r in requests:
+                    self._requests[r.request_id] = r
+                    heapq.heappush(self._waiting, (priority, next(self._arrivals), r.request_id))
                 self._prompt_tokens += len(ids)
 
-        return self._streams.open(request_id, self._abort, on_close, then=queue_it)
+        return self._streams.open(request_id, self._abort, on_close, then=queue_it,
+                                  choices=tuple(r.index for r in requests))
 
     def abort(self, request_id: str) -> None:
         self._abort(request_id, None, None)
@@ -279,10 +290,8 @@ class FakeAsyncEngine:
     def _step(self, aborted: set[str]) -> None:
         with self._lock:
             outputs: list[RequestOutput] = []
-            for rid in aborted:
-                req = self._requests.pop(rid, None)
-                if req is None:
-                    continue
+            for rid in [r.request_id for r in self._requests.values() if r.output_id in aborted]:
+                req = self._requests.pop(rid)
                 if rid in self._running:
                     self._running.remove(rid)
                 self._waiting = [w for w in self._waiting if w[2] != rid]
@@ -303,7 +312,7 @@ class FakeAsyncEngine:
 
     def _decode_one(self, req: _FakeRequest) -> RequestOutput:
         i = len(req.output_ids)
-        token = req.prompt_ids[i % len(req.prompt_ids)]
+        token = req.prompt_ids[(i + req.index) % len(req.prompt_ids)]
         if i >= len(req.prompt_ids) and not req.params.ignore_eos:
             token = EOS_TOKEN_ID
         req.output_ids.append(token)
@@ -319,8 +328,8 @@ class FakeAsyncEngine:
         if len(req.output_ids) >= req.params.max_tokens:
             return self._final(req, "length", self._flush(req, len(req.text)))
         # Hold back a tail that may be the start of a stop string: it must never be streamed.
-        return RequestOutput(req.request_id, [token], self._flush(req, len(req.text) - _held(req)),
-                             logprobs=_logprobs(req.params, [token]), prompt_logprobs=_prompt_logprobs(req))
+        return RequestOutput(req.output_id, [token], self._flush(req, len(req.text) - _held(req)),
+                             logprobs=_logprobs(req, [token]), prompt_logprobs=_prompt_logprobs(req), index=req.index)
 
     @staticmethod
     def _flush(req: _FakeRequest, upto: int) -> str:
@@ -332,9 +341,9 @@ class FakeAsyncEngine:
         req.finished = True
         new = [req.output_ids[-1]] if req.output_ids and reason != "abort" else []
         usage = Usage(prompt_tokens=len(req.prompt_ids), completion_tokens=len(req.output_ids))
-        return RequestOutput(req.request_id, new, delta, True, reason, usage,  # type: ignore[arg-type]
-                             logprobs=_logprobs(req.params, new),
-                             prompt_logprobs=_prompt_logprobs(req) if new else None)
+        return RequestOutput(req.output_id, new, delta, True, reason, usage,  # type: ignore[arg-type]
+                             logprobs=_logprobs(req, new), prompt_logprobs=_prompt_logprobs(req) if new else None,
+                             index=req.index)
 
 
 def _held(req: _FakeRequest) -> int:
@@ -342,18 +351,23 @@ def _held(req: _FakeRequest) -> int:
     return max((k for s in req.params.stop for k in range(1, len(s)) if req.text.endswith(s[:k])), default=0)
 
 
-def _logprobs(params: SamplingParams, tokens: list[int], top: int | None = None) -> list[TokenLogprobs] | None:
+def _logprobs(req: _FakeRequest, tokens: list[int]) -> list[TokenLogprobs] | None:
     """The fake's logprobs (see the module docstring): a halving distribution from the token up."""
-    top = params.logprobs if top is None else top
-    if top is None:
+    k = req.params.logprobs
+    if k is None:
         return None
+    return _halving(tokens, k, math.log(0.5) / (1 + req.index))
+
+
+def _halving(tokens: list[int], top: int, logprob: float) -> list[TokenLogprobs]:
     half = math.log(0.5)
-    return [TokenLogprobs(t, half, tuple((t + i, half * (i + 1)) for i in range(top))) for t in tokens]
+    return [TokenLogprobs(t, logprob, tuple((t + i, half * (i + 1)) for i in range(top))) for t in tokens]
 
 
 def _prompt_logprobs(req: _FakeRequest) -> list[TokenLogprobs | None] | None:
-    """With the first token drawn here (not a continuation's), the prompt logprobs when asked."""
+    """With the first token drawn here (not a continuation's), the prompt logprobs when asked (every choice's
+    the same)."""
     top = req.params.prompt_logprobs
     if top is None or len(req.output_ids) != 1:
         return None
-    return [None, *(_logprobs(req.params, req.prompt_ids[1:], top) or [])]
+    return [None, *_halving(req.prompt_ids[1:], top, math.log(0.5))]

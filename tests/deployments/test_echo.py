@@ -93,10 +93,40 @@ def test_echo_without_logprobs_asks_the_engine_for_none(front: FakeAsyncEngine) 
     assert out.choices[0].text == "ab" and out.choices[0].logprobs is None
 
 
+def test_echo_with_n_choices_echoes_the_prompt_in_each(front: FakeAsyncEngine) -> None:
+    """n = 2 (the fake's choice i generates the prompt rotated by i, its tokens' logprob log(1/2) / (1 + i)):
+    each choice's text starts with the prompt and lists the prompt's logprobs first, the same in each;
+    streamed, each choice's first chunk carries them and its offsets run on from the echoed text."""
+    out, chunks = complete(front, prompt="abc", max_tokens=2, echo=True, logprobs=1, n=2)
+    assert [c.text for c in out.choices] == ["abcab", "abcbc"]
+    for c in out.choices:
+        lp = c.logprobs
+        assert lp is not None and lp.tokens == list(c.text) and lp.text_offset == [0, 1, 2, 3, 4]
+        assert lp.token_logprobs[:3] == [None, pytest.approx(HALF), pytest.approx(HALF)]
+        assert lp.top_logprobs[:3] == [None, {"b": pytest.approx(HALF)}, {"c": pytest.approx(HALF)}]
+        assert lp.token_logprobs[3:] == [pytest.approx(HALF / (1 + c.index))] * 2
+    assert out.usage is not None and (out.usage.prompt_tokens, out.usage.completion_tokens) == (3, 4)
+    for i, c in enumerate(out.choices):
+        mine = [x.choices[0] for x in chunks if x.choices and x.choices[0].index == i]
+        assert mine[0].text.startswith("abc") and "".join(x.text for x in mine) == c.text
+        shaped = [x.logprobs for x in mine if x.logprobs]
+        assert shaped[0].tokens[:3] == ["a", "b", "c"], "the choice's first chunk carries the prompt's logprobs"
+        assert c.logprobs is not None and [o for x in shaped for o in x.text_offset] == c.logprobs.text_offset
+
+
+def test_echo_with_best_of_ranks_the_generated_tokens(front: FakeAsyncEngine) -> None:
+    """best_of=3, n=1 (unary only): the choice returned is the best ranked (the fake's choice 2), echoed."""
+    s = OpenAIServing(front, ServerConfig())
+    out = asyncio.run(s.generate(CompletionRequest(prompt="abc", max_tokens=2, echo=True, logprobs=0, best_of=3)))
+    assert isinstance(out, CompletionResponse) and [c.text for c in out.choices] == ["abcca"]
+    lp = out.choices[0].logprobs
+    assert lp is not None and lp.tokens == list("abcca") and lp.token_logprobs[0] is None
+    assert out.usage is not None and out.usage.completion_tokens == 6
+
+
 @pytest.mark.parametrize(("body", "param", "words"), [
     ({"prompt": "a", "max_tokens": 0}, "max_tokens", "only allowed with echo"),
     ({"prompt": "a", "max_tokens": -1, "echo": True}, "max_tokens", "greater than or equal to 0"),
-    ({"prompt": "a", "echo": True, "n": 2}, "n", "one choice"),
     ({"prompt": "a", "echo": True, "logprobs": 21}, "logprobs", "20"),
 ])
 def test_bad_echo_combinations_name_the_field(body: dict[str, Any], param: str, words: str) -> None:

@@ -90,7 +90,7 @@ def test_streaming_handle_yields_typed_chunks(base_url: str) -> None:
 def test_handle_errors_are_openai_errors(base_url: str) -> None:
     handle = serve.get_app_handle("baton")
     with pytest.raises(OpenAIError) as e:
-        handle.generate.remote({"prompt": "x", "n": 4}).result()
+        handle.generate.remote({"prompt": "x", "n": 17}).result()
     assert e.value.status_code == 400 and e.value.param == "n"
     with pytest.raises(OpenAIError) as e:
         handle.generate.remote(CompletionRequest(prompt="x", model="other")).result()

@@ -221,8 +221,8 @@ def test_openai_client_extra_priority_and_models(oai: openai.OpenAI) -> None:
 
 def test_openai_client_errors(oai: openai.OpenAI) -> None:
     with pytest.raises(openai.BadRequestError) as e:
-        oai.completions.create(model=MODEL, prompt="x", n=2)
-    assert "n=2" in str(e.value) and e.value.body["param"] == "n"  # type: ignore[index]
+        oai.completions.create(model=MODEL, prompt="x", n=17)
+    assert "less than or equal to 16" in str(e.value) and e.value.body["param"] == "n"  # type: ignore[index]
     with pytest.raises(openai.BadRequestError) as e:
         oai.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], top_logprobs=3)
     assert e.value.body["param"] == "top_logprobs"  # type: ignore[index]
@@ -232,6 +232,38 @@ def test_openai_client_errors(oai: openai.OpenAI) -> None:
     with pytest.raises(openai.BadRequestError):  # a streaming request fails before the stream starts
         oai.completions.create(model=MODEL, prompt="x", stream=True, temperature=7)
     assert oai.completions.create(model=MODEL, prompt="ok", max_tokens=2).choices[0].text == "ok"
+
+
+def test_openai_client_n_choices_streamed_and_not(oai: openai.OpenAI) -> None:
+    """n choices in OpenAI's shapes (the fake's choice i echoes the prompt rotated by i): choices[index], each
+    with its own finish_reason; stream chunks carry the index; usage counts the prompt once."""
+    out = oai.completions.create(model=MODEL, prompt="hey", max_tokens=8, n=3, seed=4)
+    assert [(c.index, c.text, c.finish_reason) for c in out.choices] == [
+        (0, "hey", "stop"), (1, "eyh", "stop"), (2, "yhe", "stop")]
+    assert out.usage is not None and (out.usage.prompt_tokens, out.usage.completion_tokens) == (3, 12)
+    texts: dict[int, str] = {}
+    reasons: dict[int, str] = {}
+    usage = None
+    for c in oai.completions.create(model=MODEL, prompt="hey", max_tokens=2, n=3, stream=True,
+                                    stream_options={"include_usage": True}):
+        usage = c.usage or usage
+        for ch in c.choices:
+            texts[ch.index] = texts.get(ch.index, "") + ch.text
+            if ch.finish_reason:
+                assert ch.index not in reasons
+                reasons[ch.index] = ch.finish_reason
+    assert texts == {0: "he", 1: "ey", 2: "yh"} and reasons == {0: "length", 1: "length", 2: "length"}
+    assert usage is not None and usage.completion_tokens == 6 and usage.prompt_tokens == 3
+    msgs: Any = [{"role": "user", "content": "ok"}]
+    chat = oai.chat.completions.create(model=MODEL, messages=msgs, max_tokens=3, n=2)
+    assert [(c.index, c.message.content) for c in chat.choices] == [(0, "<us"), (1, "use")]
+    deltas: dict[int, str] = {}
+    for c in oai.chat.completions.create(model=MODEL, messages=msgs, max_tokens=3, n=2, stream=True):
+        for ch in c.choices:
+            deltas[ch.index] = deltas.get(ch.index, "") + (ch.delta.content or "")
+    assert deltas == {0: "<us", 1: "use"}
+    best = oai.completions.create(model=MODEL, prompt="hey", max_tokens=3, n=1, best_of=3)
+    assert [(c.index, c.text) for c in best.choices] == [(0, "yhe")]  # the fake's most likely choice
 
 
 # Each logit adjustment as the official client sends it: OpenAI's as keyword arguments, vLLM's in extra_body.
@@ -400,8 +432,12 @@ def test_openai_client_echo(oai: openai.OpenAI) -> None:
 
 BAD_REQUESTS = [
     # (path, json body or raw bytes, status, param, words in the message)
-    ("/v1/completions", {"prompt": "x", "n": 2}, 400, "n", "n=2"),
-    ("/v1/completions", {"prompt": "x", "best_of": 3}, 400, "best_of", "best_of"),
+    ("/v1/completions", {"prompt": "x", "n": 17}, 400, "n", "less than or equal to 16"),
+    ("/v1/completions", {"prompt": "x", "n": 0}, 400, "n", "greater than or equal to 1"),
+    ("/v1/completions", {"prompt": "x", "n": 2.0}, 400, "n", "integer"),
+    ("/v1/completions", {"prompt": "x", "n": 3, "best_of": 2}, 400, "best_of", "must be >= n"),
+    ("/v1/completions", {"prompt": "x", "best_of": 3, "stream": True}, 400, "best_of", "stream=true"),
+    ("/v1/completions", {"prompt": "x", "best_of": 17}, 400, "best_of", "less than or equal to 16"),
     ("/v1/completions", {"prompt": "x", "max_tokens": 0}, 400, "max_tokens", "only allowed with echo"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "echo": True}, 400, "echo",
      "/v1/completions"),
@@ -443,7 +479,9 @@ BAD_REQUESTS = [
         "messages.0.role",
         "user",
     ),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "n": 3}, 400, "n", "n=3"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "n": 17}, 400, "n", "16"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "best_of": 2}, 400, "best_of",
+     "unknown field"),
     (
         "/v1/chat/completions",
         {"messages": [{"role": "user", "content": "x"}], "logprobs": True, "top_logprobs": 21},
@@ -612,7 +650,7 @@ def test_client_request_id_is_the_engines_and_is_echoed(http: httpx.Client) -> N
     assert {e["id"] for e in events if e != "[DONE]"} == {"s-1"}
     fresh = http.post("/v1/completions", json={"prompt": "ab", "max_tokens": 2})
     assert fresh.headers["x-request-id"] == fresh.json()["id"]  # one id, whoever made it
-    refused = http.post("/v1/completions", json={"prompt": "x", "n": 2}, headers={"X-Request-Id": "bad-n"})
+    refused = http.post("/v1/completions", json={"prompt": "x", "n": 17}, headers={"X-Request-Id": "bad-n"})
     assert refused.status_code == 400 and refused.headers["x-request-id"] == "bad-n"
 
 

@@ -151,3 +151,30 @@ def test_closing_before_reading_cancels_the_call_and_releases_once() -> None:
 
     asyncio.run(close_early())
     assert closed == [1] and handle.calls[0].cancelled
+
+
+def test_each_unfinished_choice_continues_after_its_own_tokens_and_finished_ones_are_not_rerun() -> None:
+    """n = 3: choice 1 finishes on the first replica; the continuation runs choices 0 and 2 only, each after
+    the tokens the client already has of it; the stream ends once every choice has finished."""
+    def o(index: int, *tokens: int, finished: bool = False) -> RequestOutput:
+        return RequestOutput("r1", list(tokens), "", finished, "length" if finished else None, index=index)
+
+    lost = ActorDiedError()
+    job = EngineJob("r1", [5, 6, 7], SamplingParams(max_tokens=4, seed=9, temperature=1.0), n=3)
+    first = [o(0, 1), o(1, 11), o(2, 21), o(1, 12, 13, 14, finished=True), o(0, 2)]
+    second = [o(2, 22), o(0, 3, 4, finished=True)]
+    third = [o(2, 23, 24, finished=True)]
+    handle = ScriptedHandle([(first, lost), (second, lost), (third, None)])
+    closed = [0]
+
+    async def consume() -> list[RequestOutput]:
+        stream = FailoverStream(handle, job, lambda: closed.__setitem__(0, closed[0] + 1), 5.0, 3,
+                                retry_interval_s=0.01)
+        return [x async for x in stream]
+
+    outputs = asyncio.run(consume())
+    got = {i: [t for x in outputs if x.index == i for t in x.new_token_ids] for i in range(3)}
+    assert got == {0: [1, 2, 3, 4], 1: [11, 12, 13, 14], 2: [21, 22, 23, 24]}  # nothing lost or repeated
+    assert [j.resume for j in handle.jobs] == [None, {0: (1, 2), 2: (21,)}, {2: (21, 22)}]
+    assert all(j.n == 3 and j.params == job.params and j.request_id == "r1" for j in handle.jobs)  # same seeds
+    assert [x.index for x in outputs if x.finished] == [1, 0, 2] and outputs[-1].finished and closed == [1]
