@@ -52,6 +52,19 @@ class EngineConfig(BaseModel):
         ge=1,
         description="baton-pd: most prefilled requests waiting in the pool (default: max_batch_size).",
     )
+    prefix_caching: bool = Field(
+        default=False,
+        description="Reuse the KV of prompt prefixes across requests (engine/prefix_cache.py; policies that "
+        "prefill alone: baton, baton-pd). Cached blocks count as held memory and are evicted first under memory "
+        "pressure. Off by default: a cached-prefix prefill computes the same values as a full one up to "
+        "rounding, not bit for bit (docs/architecture.md, 'Prefix caching'), so a near tie may flip a token.",
+    )
+    prefix_cache_max_tokens: int = Field(
+        default=16384, ge=0, description="Most tokens of KV the prefix cache holds (least recently used evicted)."
+    )
+    prefix_block_size: int = Field(
+        default=32, ge=1, description="Tokens per prefix-cache block: prefixes are reused in whole blocks."
+    )
     num_threads: int | None = Field(default=None, ge=1, description="torch intra-op threads on CPU (default: torch's).")
     adaptive_threads: bool = Field(
         default=True,

@@ -155,6 +155,7 @@ class BatonEngine:
         s, q = self.stats, self.scheduler.queues
         s.running = sum(1 for r in self.scheduler.running.values() if not r.finished)
         s.waiting, s.prefilled, s.swapped = len(q.waiting), len(q.pool), len(q.swapped)
+        s.prefix_cache_bytes = self.scheduler.prefixes.nbytes() if self.scheduler.prefixes is not None else 0
 
     def _new_cache(self) -> BatchKVCache:
         shape = self.runner.shape

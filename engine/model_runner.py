@@ -146,23 +146,28 @@ class ModelRunner:
         for j in plan.join:
             cache.insert(j.request_id, j.kv if j.kv is not None else RowKV.empty_like(cache))
         failed: dict[str, str] = {}
-        prefill, pooled = self._prefills(plan.prefill, cache, failed)
+        prefilled: dict[str, RowKV] = {}
+        prefill, pooled = self._prefills(plan.prefill, cache, failed, prefilled)
         batch, shape = self._batch(plan.batch, prefill.tokens, cache, failed)
         return StepResult(
-            prefill_tokens=prefill.tokens, pooled=pooled, batch_tokens=batch.tokens, swapped=swapped,
+            prefill_tokens=prefill.tokens, pooled=pooled, prefilled=prefilled, batch_tokens=batch.tokens,
+            swapped=swapped,
             prefill_logprobs=prefill.logprobs, batch_logprobs=batch.logprobs, failed=failed, batch=shape,
-            prefill_computed=sum(len(p.token_ids) for p in plan.prefill if p.request_id in prefill.tokens),
+            prefill_computed=sum(len(p.token_ids) - p.cached_tokens for p in plan.prefill
+                                 if p.request_id in prefill.tokens),
             forward_s=self.forward_s - f0, cache_columns=cache.length,
         )
 
-    def _prefills(self, prefills: tuple[Prefill, ...], cache: BatchKVCache, failed: dict[str, str]
-                  ) -> tuple[Sampled, dict[str, RowKV]]:
-        """Each prompt alone; its first token sampled; its KV embedded at once (a baton join) or pooled."""
+    def _prefills(self, prefills: tuple[Prefill, ...], cache: BatchKVCache, failed: dict[str, str],
+                  prefilled: dict[str, RowKV]) -> tuple[Sampled, dict[str, RowKV]]:
+        """Each prompt alone (on top of its cached prefix, if any); its first token sampled; its KV embedded at
+        once (a baton join) or pooled, and filed in `prefilled` for the prefix cache."""
         sampled = Sampled()
         pooled: dict[str, RowKV] = {}
         for p in prefills:
             try:
-                kv, logits = self.prefill(list(p.token_ids))
+                ids = list(p.token_ids)
+                kv, logits = self.prefill(ids) if p.prefix is None else self.prefill_on(p.prefix, ids)
             except Exception as e:
                 log.exception("prefill of %s failed", p.request_id)
                 failed[p.request_id] = f"prefill failed: {e}"
@@ -172,6 +177,7 @@ class ModelRunner:
                 continue
             sampled.tokens.update(one.tokens)
             sampled.logprobs.update(one.logprobs)
+            prefilled[p.request_id] = kv
             if p.join:
                 cache.insert(p.request_id, kv)
             else:
@@ -254,12 +260,28 @@ class ModelRunner:
         ids = torch.tensor([token_ids], dtype=torch.long, device=self.device)
         kv = DynamicCache(config=self.model.config)
         out = self.model(input_ids=ids, past_key_values=kv, use_cache=True, logits_to_keep=1)
-        layers: list[Any] = list(kv.layers)
-        keys = torch.stack([layer.keys[0] for layer in layers])
-        values = torch.stack([layer.values[0] for layer in layers])
         logits = out.logits[0, -1].float()
         self.forward_s += time.perf_counter() - t0
-        return RowKV(keys, values), logits
+        return row_kv(kv), logits
+
+    @torch.no_grad()
+    def prefill_on(self, prefix: RowKV, token_ids: list[int]) -> tuple[RowKV, torch.Tensor]:
+        """Run one prompt alone on top of the KV of its first `prefix.length` tokens (prefix caching; later
+        chunked prefill): only the rest is computed. Returns the KV of all of `token_ids` [layers, H, p, D], as
+        `prefill` would, and the last position's logits [V]."""
+        t0 = time.perf_counter()
+        c = prefix.length
+        assert 0 < c < len(token_ids), (c, len(token_ids))
+        kv = DynamicCache(config=self.model.config)
+        for layer in range(self.shape.num_layers):
+            kv.update(prefix.keys[layer][None].to(self.device), prefix.values[layer][None].to(self.device), layer)
+        positions, mask = prefix_inputs(c, len(token_ids))
+        out = self.model(input_ids=torch.tensor([token_ids[c:]], dtype=torch.long, device=self.device),
+                         position_ids=positions.to(self.device), attention_mask=mask.to(self.device),
+                         past_key_values=kv, use_cache=True, logits_to_keep=1)
+        logits = out.logits[0, -1].float()
+        self.forward_s += time.perf_counter() - t0
+        return row_kv(kv), logits
 
     @torch.no_grad()
     def batch_forward(self, cache: BatchKVCache, input_ids: torch.Tensor, positions: torch.Tensor,
@@ -288,6 +310,19 @@ class ModelRunner:
         logits = out.logits[:, -1].float()
         self.forward_s += time.perf_counter() - t0
         return logits
+
+
+def row_kv(kv: DynamicCache) -> RowKV:
+    """The one row of a batch-1 `DynamicCache` as a `RowKV` [layers, H, p, D]."""
+    layers: list[Any] = list(kv.layers)
+    return RowKV(torch.stack([layer.keys[0] for layer in layers]), torch.stack([layer.values[0] for layer in layers]))
+
+
+def prefix_inputs(cached: int, total: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Position ids [1, total - cached] and 2-D mask [1, total] of a prefill on top of `cached` tokens of KV:
+    the new tokens continue the positions after the cached ones and see every cached column (the model adds
+    causality among the new ones)."""
+    return torch.arange(cached, total)[None], torch.ones(1, total, dtype=torch.long)
 
 
 def batch_inputs(feeds: list[tuple[int, ...]], cached: list[int]

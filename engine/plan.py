@@ -76,12 +76,22 @@ def sample_spec(prompt: list[int], output: list[int], params: SamplingParams, se
 @dataclass(frozen=True)
 class Prefill:
     """One request's tokens (its prompt, plus what it generated before a recompute preemption) computed
-    alone, without padding, and its next token sampled."""
+    alone, without padding, and its next token sampled.
+
+    With a `prefix` (from the prefix cache, engine/prefix_cache.py), only the tokens after it are computed, on
+    top of its KV; the KV returned covers all `token_ids` either way (prefill on top of existing KV)."""
 
     request_id: str
     token_ids: tuple[int, ...]
     sample: SampleSpec
     join: bool  # True: its KV takes a row of the batch at once (baton); False: it goes to the prefilled pool
+    prefix: RowKV | None = None  # KV of token_ids[:cached_tokens], [layers, kv_heads, cached_tokens, head_dim]
+    looked_up: bool = False  # the prefix cache was asked for these tokens (the hit rate's denominator)
+
+    @property
+    def cached_tokens(self) -> int:
+        """Leading tokens whose KV comes from the prefix cache (always fewer than len(token_ids))."""
+        return self.prefix.length if self.prefix is not None else 0
 
 
 @dataclass(frozen=True)
@@ -142,6 +152,7 @@ class StepResult:
 
     prefill_tokens: dict[str, int] = field(default_factory=dict)  # each prefill's sampled token
     pooled: dict[str, RowKV] = field(default_factory=dict)  # KV of prefills bound for the pool
+    prefilled: dict[str, RowKV] = field(default_factory=dict)  # every prefill's KV (for the prefix cache)
     batch_tokens: dict[str, int] = field(default_factory=dict)  # each sampled batch row's token
     # The logprobs of those tokens, only for the requests that asked (SampleSpec.top_logprobs is not None).
     prefill_logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)
@@ -149,6 +160,6 @@ class StepResult:
     swapped: dict[str, RowKV] = field(default_factory=dict)  # host KV of rows preempted by swap
     failed: dict[str, str] = field(default_factory=dict)  # request id -> why its forward pass failed
     batch: BatchShape | None = None  # None: no batch forward ran
-    prefill_computed: int = 0  # tokens computed by the prefills that ran
+    prefill_computed: int = 0  # tokens computed by the prefills that ran (their cached prefixes not included)
     forward_s: float = 0.0  # time inside model forward passes
     cache_columns: int = 0  # window length L after the step

@@ -21,6 +21,7 @@ from engine.grammar import Grammars
 from engine.kv_cache import BatchKVCache, RowKV
 from engine.outputs import OutputTracker
 from engine.plan import BatchRow, IterationPlan, Join, Prefill, SampleSpec, StepResult, sample_spec
+from engine.prefix_cache import PrefixCache
 from engine.request import FinishReason, Request, RequestOutput, RequestState, TokenLogprobs
 
 JoinMode = Literal["in_batch", "prefill_on_admit", "from_pool"]
@@ -94,6 +95,7 @@ class Scheduler:
         self.grammars = grammars  # builds a request's structured-output matcher when it leaves the waiting queue
         self.step_bytes_per_row = step_bytes_per_row
         self.queues = RequestQueues()
+        self.prefixes = _prefix_cache(config, self.policy)  # None: prefix caching off
         self.requests: dict[str, Request] = {}  # every unfinished request
         self.running: dict[str, Request] = {}  # requests holding a row (finished ones until retired)
         self.iteration = 0
@@ -134,8 +136,11 @@ class Scheduler:
         for rid in retire:
             del self.running[rid]
         self._preempt(decision, kept)
+        self._evict_prefixes(decision.evict_bytes)
         joins, prefills = self._admit(decision.admit)
-        prefills += self._prefill_ahead(decision.prefill_bytes, sum(len(p.token_ids) for p in prefills))
+        ahead = self._prefill_ahead(decision.prefill_bytes, sum(len(p.token_ids) - p.cached_tokens for p in prefills))
+        self._make_room_for_pool(decision.prefill_bytes, ahead)
+        prefills += ahead
         return IterationPlan(
             iteration=self.iteration, capacity=decision.capacity, retire=tuple(retire), preempt=decision.preempt,
             join=tuple(joins), prefill=tuple(prefills), batch=self._batch_rows(kept, joins, prefills),
@@ -145,6 +150,10 @@ class Scheduler:
     def update(self, plan: IterationPlan, result: StepResult) -> list[RequestOutput]:
         """Record what the runner produced: tokens appended, stops checked, KV filed. Returns the outputs."""
         self.queues.swapped.update(result.swapped)
+        if self.prefixes is not None:
+            for p in plan.prefill:
+                if p.request_id in result.prefilled:
+                    self.prefixes.insert(p.token_ids, result.prefilled[p.request_id])
         for p in plan.prefill:
             if p.request_id in result.prefill_tokens:
                 req = self.requests[p.request_id]
@@ -175,6 +184,8 @@ class Scheduler:
         self.requests.clear()
         self.running.clear()
         self.queues = RequestQueues()
+        if self.prefixes is not None:
+            self.prefixes.clear()
 
     # ---- planning, in order -----------------------------------------------------------------------------
     def _retiring(self) -> list[str]:
@@ -209,7 +220,7 @@ class Scheduler:
                 self._leave_waiting(req)
             if kv is None and self.policy.join == "prefill_on_admit":
                 # A request whose first token is also its last never needs a row.
-                prefills.append(Prefill(rid, tuple(req.all_token_ids), self._spec(req), join=req.remaining > 1))
+                prefills.append(self._prefill(req, join=req.remaining > 1))
                 if req.remaining > 1:
                     self.running[rid] = req
                     req.state = RequestState.RUNNING
@@ -230,17 +241,42 @@ class Scheduler:
         empty = not self.running and not self.queues.pool
         out: list[Prefill] = []
         for req in self.queues.waiting_by_urgency():
-            n = len(req.all_token_ids)
+            if room <= 0:
+                break
+            prefill = self._prefill(req, join=False)
+            n = len(prefill.token_ids)  # the pool holds them all
+            computed = n - prefill.cached_tokens  # the budget counts only what is computed
             must = empty and tokens == 0
             over_memory = allowance is not None and n * self.cache.bytes_per_token > allowance
-            if room <= 0 or (not must and ((n > budget and tokens > 0) or over_memory)):
+            if not must and ((computed > budget and tokens > 0) or over_memory):
                 break
             if allowance is not None:
                 allowance -= n * self.cache.bytes_per_token
             self._leave_waiting(req)
-            out.append(Prefill(req.request_id, tuple(req.all_token_ids), self._spec(req), join=False))
-            budget, tokens, room = budget - n, tokens + n, room - 1
+            out.append(prefill)
+            budget, tokens, room = budget - computed, tokens + computed, room - 1
         return out
+
+    def _prefill(self, req: Request, join: bool) -> Prefill:
+        """The prefill of `req`'s tokens, on top of their longest cached prefix when the prefix cache has one.
+        A request that needs its prompt's logprobs computes every prompt token (the cache holds only KV)."""
+        ids = tuple(req.all_token_ids)
+        lookup = self.prefixes is not None and getattr(req.params, "prompt_logprobs", None) is None
+        prefix = self.prefixes.lookup(ids) if lookup and self.prefixes is not None else None
+        return Prefill(req.request_id, ids, self._spec(req), join=join, prefix=prefix, looked_up=lookup)
+
+    def _evict_prefixes(self, nbytes: int) -> None:
+        """Memory pressure: the prefix cache gives back `nbytes` (least recently used first), before any row."""
+        if self.prefixes is not None and nbytes > 0:
+            self.prefixes.evict(nbytes)
+
+    def _make_room_for_pool(self, allowance: int | None, prefills: list[Prefill]) -> None:
+        """The controller's pool allowance counts the prefix cache as free: evict what the pool now takes."""
+        if self.prefixes is None or allowance is None:
+            return
+        planned = sum(len(p.token_ids) for p in prefills) * self.cache.bytes_per_token
+        free = max(0, allowance - self.prefixes.nbytes())
+        self._evict_prefixes(planned - free)
 
     def _leave_waiting(self, req: Request) -> None:
         """`req` leaves the waiting queue to be computed: a request with a grammar whose matcher was dropped
@@ -283,8 +319,12 @@ class Scheduler:
 
     # ---- what the controller sees -------------------------------------------------------------------------
     def _held_bytes(self, cache_bytes: int) -> int:
-        """Device bytes the engine holds between steps: the batch cache window and the prefilled pool."""
-        return cache_bytes + self.queues.held_bytes()[0]
+        """Device bytes the engine holds between steps: the batch cache window, the prefilled pool and the
+        prefix cache."""
+        return cache_bytes + self.queues.held_bytes()[0] + self._prefix_bytes()
+
+    def _prefix_bytes(self) -> int:
+        return self.prefixes.nbytes() if self.prefixes is not None else 0
 
     def _step_row_bytes(self, length: int) -> int:
         """Transient bytes one row adds during a decode step (activations, logits, attention scores)."""
@@ -317,7 +357,7 @@ class Scheduler:
             iteration=self.iteration, max_rows=self.config.max_batch_size, rows=rows,
             candidates=self._candidates(len(rows)), waiting=len(self.queues.waiting), batch_length=length,
             bytes_per_token=self.cache.bytes_per_token, step_bytes_per_row=self._step_row_bytes(length),
-            swapped_bytes=self.queues.held_bytes()[1], memory=memory,
+            swapped_bytes=self.queues.held_bytes()[1], memory=memory, reclaimable_bytes=self._prefix_bytes(),
         )
 
     def _candidates(self, batch_rows: int) -> tuple[QueuedInfo, ...]:
@@ -328,3 +368,11 @@ class Scheduler:
         if self.policy.join != "from_pool":
             ids += list(self.queues.waiting)
         return tuple(queued_info(self.requests[i]) for i in ids)
+
+
+def _prefix_cache(config: EngineConfig, policy: Policy) -> PrefixCache | None:
+    """The prefix cache, when it is on and the policy prefills prompts alone (static and orca compute them
+    inside the batch forward, where no prefix can be skipped)."""
+    if not config.prefix_caching or policy.join == "in_batch":
+        return None
+    return PrefixCache(config.prefix_block_size, config.prefix_cache_max_tokens)
