@@ -216,6 +216,20 @@ def test_a_concurrent_batch_with_hits_matches_the_run_without_the_cache(tiny_mod
     assert on == off and engine.stats.prefix_hit_tokens > 0
 
 
+def test_the_front_reports_the_counters_for_stats_and_metrics(tiny_model) -> None:
+    from deployments import metrics
+    from engine import AsyncBatonEngine
+
+    prompts = _workload(3, seed=5)
+    _, engine = _serve(tiny_model, prompts, False, prefix_caching=True)
+    report = AsyncBatonEngine(engine=engine).metrics()
+    assert report["prefix_cache_hit_tokens_total"] == 2 * 64
+    assert report["prefix_cache_query_tokens_total"] == sum(len(p) for p in prompts)
+    assert report["prefix_cache_bytes"] == engine.scheduler.prefixes.nbytes() > 0
+    exported = {key for key, _ in (*metrics._GAUGES.values(), *metrics._COUNTERS.values())}
+    assert {"prefix_cache_hit_tokens_total", "prefix_cache_query_tokens_total", "prefix_cache_bytes"} <= exported
+
+
 def test_no_cache_for_policies_that_compute_prompts_in_the_batch(tiny_model) -> None:
     assert make_engine(tiny_model, policy="orca", prefix_caching=True).scheduler.prefixes is None
 
