@@ -299,3 +299,37 @@ def test_default_model_hits_give_the_tokens_without_the_cache(model, sampled: bo
     on, engine = _serve(model, prompts, sampled, max_tokens=8, prefix_caching=True)
     assert engine.stats.prefix_hit_tokens == 2 * (len(system) // 32) * 32 > 0
     assert on == off
+
+
+
+def test_a_recomputed_request_hits_the_cache_and_keeps_its_tokens(tiny_model) -> None:
+    """An urgent arrival displaces a running row by recompute; its re-prefill (prompt + output so far) starts
+    from the cached blocks of its prompt, and every request still gets its own tokens."""
+    controller = ControllerConfig(probe="simulated", memory_budget_bytes=1 << 40, preemption_mode="recompute",
+                                  min_priority_gap=1)
+    config = EngineConfig(max_batch_size=2, prefix_caching=True, controller=controller)
+    engine = BatonEngine(config, loaded=tiny_model, controller=MemoryController(controller),
+                         probe=ScriptedProbe(1 << 40))
+    work = {f"w{i}": ids for i, ids in enumerate(_workload(3, seed=6))}
+    tokens: dict[str, list[int]] = {rid: [] for rid in work}
+
+    def step() -> None:
+        for o in engine.step():
+            tokens[o.request_id].extend(o.new_token_ids)
+        _check(engine)
+
+    for rid in ("w0", "w1"):
+        engine.add_request(rid, prompt_token_ids=work[rid], priority=5,
+                           sampling_params=SamplingParams(max_tokens=20, ignore_eos=True))
+    while len(engine.cache.ids) < 2 or len(tokens["w1"]) < 5:
+        step()
+    hits_before = engine.stats.prefix_hit_tokens
+    engine.add_request("w2", prompt_token_ids=work["w2"], priority=0,
+                       sampling_params=SamplingParams(max_tokens=20, ignore_eos=True))
+    while engine.has_unfinished_requests():
+        step()
+    assert engine.stats.preemptions_by_mode["recompute"] == 1
+    # w2's prefill and w1's re-prefill both start after the shared blocks (at least)
+    assert engine.stats.prefix_hit_tokens >= hits_before + 2 * 64
+    alone = {rid: _serve(tiny_model, [ids], False, max_tokens=20)[0]["r0"] for rid, ids in work.items()}
+    assert tokens == alone
