@@ -52,6 +52,22 @@ class EngineConfig(BaseModel):
         ge=1,
         description="baton-pd: most prefilled requests waiting in the pool (default: max_batch_size).",
     )
+    prefix_caching: bool = Field(
+        default=True,
+        description="Reuse the KV of prompt prefixes across requests, in whole chunks of prefill_chunk_tokens "
+        "(engine/prefix_cache.py; policies that prefill alone: baton, baton-pd). Exact: a hit runs the very "
+        "forwards a miss runs after the cached chunks (docs/architecture.md, 'Prefix caching'). Cached chunks "
+        "count as held memory and are evicted first under memory pressure.",
+    )
+    prefix_cache_max_tokens: int = Field(
+        default=16384, ge=0, description="Most tokens of KV the prefix cache holds (least recently used evicted)."
+    )
+    prefill_chunk_tokens: int = Field(
+        default=256, ge=16,
+        description="A prompt is computed in chunks ending at multiples of this many tokens (absolute "
+        "positions), whether or not its first chunks come from the prefix cache, which reuses prefixes in whole "
+        "chunks. Smaller: finer reuse, slower prefill.",
+    )
     num_threads: int | None = Field(default=None, ge=1, description="torch intra-op threads on CPU (default: torch's).")
     adaptive_threads: bool = Field(
         default=True,

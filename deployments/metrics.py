@@ -47,6 +47,7 @@ _GAUGES = {
         "idle_fraction",
         "Token slots computed that produced nothing useful.",
     ),
+    "baton_prefix_cache_bytes": ("prefix_cache_bytes", "Device bytes the prefix cache holds (evicted first)."),
 }
 # Engine totals exported as counters (incremented by the change since the last poll).
 _COUNTERS = {
@@ -56,6 +57,15 @@ _COUNTERS = {
     "baton_admissions_refused_for_memory": (
         "admissions_refused_for_memory",
         "Admissions the controller refused.",
+    ),
+    # Hit rate = hits / queries (vLLM: prefix_cache_hits / prefix_cache_queries, in tokens).
+    "baton_prefix_cache_hit_tokens": (
+        "prefix_cache_hit_tokens_total",
+        "Prompt tokens whose KV came from the prefix cache (not computed).",
+    ),
+    "baton_prefix_cache_query_tokens": (
+        "prefix_cache_query_tokens_total",
+        "Prompt tokens of the prefills that asked the prefix cache.",
     ),
 }
 _LATENCY_BUCKETS = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0]

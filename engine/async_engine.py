@@ -187,6 +187,9 @@ class AsyncBatonEngine:
             "iterations": float(s.iterations),
             "generated_tokens_total": float(s.generated_tokens),
             "prompt_tokens_total": float(s.prefill_tokens),
+            "prefix_cache_hit_tokens_total": float(s.prefix_hit_tokens),
+            "prefix_cache_query_tokens_total": float(s.prefix_query_tokens),
+            "prefix_cache_bytes": float(s.prefix_cache_bytes),
         }
 
     # ---- the loop thread ---------------------------------------------------------------------------------

@@ -55,6 +55,8 @@ class CapacitySnapshot:
     step_bytes_per_row: int  # activation + logits peak of one decode step, per row
     swapped_bytes: int  # host bytes held by swapped-out KV
     memory: MemoryReading | None  # None for the fixed controller (no probe)
+    # Device bytes (counted in the reading) the engine can drop at will: the prefix cache. Spent before any row.
+    reclaimable_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -73,8 +75,10 @@ class CapacityDecision:
     refused_for_memory: int = 0  # candidates that would have fit by rows but not by memory
     predicted_fraction: float | None = field(default=None)  # predicted peak / budget, when known
     # Device bytes the prefill-ahead pool may add this iteration (None: no memory limit). The engine still
-    # prefills one prompt when both the batch and the pool are empty, so work always progresses.
+    # prefills one prompt when both the batch and the pool are empty, so work always progresses. Counts the
+    # reclaimable bytes as free: the engine evicts them for the pool's growth.
     prefill_bytes: int | None = None
+    evict_bytes: int = 0  # reclaimable bytes (prefix cache) to drop before this step, so its peak fits
 
 
 class CapacityController(Protocol):

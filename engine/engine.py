@@ -45,7 +45,8 @@ class BatonEngine:
                                            config.tokenizer)
         self.tokenizer = self.loaded.tokenizer
         self.runner = ModelRunner(self.loaded.model, self.loaded.device, narrow_linear=config.narrow_linear,
-                                  narrow_kernel=config.narrow_kernel, tuner=_thread_tuner(config, self.loaded))
+                                  narrow_kernel=config.narrow_kernel, tuner=_thread_tuner(config, self.loaded),
+                                  prefill_chunk=config.prefill_chunk_tokens)
         self.vocab_size = int(self.loaded.model.get_input_embeddings().num_embeddings)
         self.max_model_len = config.max_model_len or self.runner.shape.max_position_embeddings
         self.cache = self._new_cache()
@@ -185,6 +186,7 @@ class BatonEngine:
         s, q = self.stats, self.scheduler.queues
         s.running = sum(1 for r in self.scheduler.running.values() if not r.finished)
         s.waiting, s.prefilled, s.swapped = len(q.waiting), len(q.pool), len(q.swapped)
+        s.prefix_cache_bytes = self.scheduler.prefixes.nbytes() if self.scheduler.prefixes is not None else 0
 
     def _new_cache(self) -> BatchKVCache:
         shape = self.runner.shape

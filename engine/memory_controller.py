@@ -17,6 +17,13 @@ Predicted peak of the next step (bytes), for the batch this decision leaves behi
 while its KV is copied into the batch, before the pool entry is freed. `engine_bytes` should be what the
 engine holds resident (weights, cache, pool), not a step peak: the controller adds the next step's peak.
 
+Reclaimable bytes (the prefix cache, `snapshot.reclaimable_bytes`) are counted in `used` but are the first
+thing given back: every rule below runs on `used - reclaimable`, so no row is preempted and no admission
+refused while evicting cached prefixes suffices, and the decision's `evict_bytes` says how much of the cache
+to drop before the step so that the real peak stays under the high watermark:
+
+    evict_bytes = clamp(predicted + reclaimable - high, 0, reclaimable)
+
 Capacity has hysteresis: it grows (one row per candidate admitted beyond it) only while the predicted peak
 is under the low watermark *and* the grown batch's sustained peak stays under the high one; it shrinks only
 when the prediction crosses the high watermark (preempting rows). Between the two it holds: freed rows are
@@ -166,9 +173,10 @@ def decide_capacity(
     high = config.high_watermark * reading.total_bytes
     low = config.low_watermark * reading.total_bytes
     choose_mode = PREEMPTION_MODES[config.preemption_mode]
+    reclaimable = max(0, s.reclaimable_bytes)
     plan = _Plan(
         snapshot=s,
-        used=max(reading.used_bytes, reading.engine_bytes),
+        used=max(reading.used_bytes, reading.engine_bytes) - reclaimable,
         total=reading.total_bytes,
         host_used=s.swapped_bytes,
         kept=list(s.rows),
@@ -243,14 +251,17 @@ def _decision(plan: _Plan, capacity: int, refused_for_memory: int, high: float) 
         plan.admit(by_urgency(plan.snapshot.candidates)[0])
         capacity = max(capacity, 1)
         refused_for_memory = max(0, refused_for_memory - 1)
-    peak = plan.peak()
+    peak = plan.peak()  # without the reclaimable bytes
+    reclaimable = max(0, plan.snapshot.reclaimable_bytes)
+    evict = min(reclaimable, max(0, int(peak + reclaimable - high)))
     return CapacityDecision(
         capacity=capacity,
         admit=tuple(q.request_id for q in plan.admitted),
         preempt=tuple(plan.preempted),
         refused_for_memory=refused_for_memory,
-        predicted_fraction=peak / plan.total,
+        predicted_fraction=(peak + reclaimable - evict) / plan.total,
         prefill_bytes=max(0, int(high - peak)),
+        evict_bytes=evict,
     )
 
 

@@ -121,8 +121,10 @@ class ModelRunner:
     """Owns the model; times every forward pass."""
 
     def __init__(self, model: Any, device: torch.device, narrow_linear: bool = True,
-                 narrow_kernel: KernelName = "auto", tuner: ThreadTuner | None = None) -> None:
+                 narrow_kernel: KernelName = "auto", tuner: ThreadTuner | None = None, prefill_chunk: int = 256
+                 ) -> None:
         self.model, self.device = model, device
+        self.prefill_chunk = prefill_chunk  # prompts are computed in chunks ending at its multiples
         self.tuner = tuner  # CPU: picks the decode steps' torch threads by measuring (engine/thread_tuner.py)
         self.shape = model_shape(model.config)
         self.forward_s = 0.0  # cumulative; the engine reads deltas
@@ -149,27 +151,30 @@ class ModelRunner:
         for j in plan.join:
             cache.insert(j.request_id, j.kv if j.kv is not None else RowKV.empty_like(cache))
         failed: dict[str, str] = {}
-        prefill, pooled = self._prefills(plan.prefill, cache, failed)
+        prefilled: dict[str, RowKV] = {}
+        prefill, pooled = self._prefills(plan.prefill, cache, failed, prefilled)
         batch, shape = self._batch(plan.batch, prefill.tokens, cache, failed)
         prompts = {**prefill.prompt_logprobs, **self._in_batch_prompt_logprobs(plan.batch, batch.tokens, failed)}
         return StepResult(
-            prefill_tokens=prefill.tokens, pooled=pooled, batch_tokens=batch.tokens, swapped=swapped,
-            prefill_logprobs=prefill.logprobs, batch_logprobs=batch.logprobs, prompt_logprobs=prompts,
-            failed=failed, batch=shape,
-            prefill_computed=sum(len(p.token_ids) for p in plan.prefill
+            prefill_tokens=prefill.tokens, pooled=pooled, prefilled=prefilled, batch_tokens=batch.tokens,
+            swapped=swapped, prefill_logprobs=prefill.logprobs, batch_logprobs=batch.logprobs,
+            prompt_logprobs=prompts, failed=failed, batch=shape,
+            prefill_computed=sum(len(p.token_ids) - p.cached_tokens for p in plan.prefill
                                  if any(d.request_id in prefill.tokens for d in p.draws())),
             forward_s=self.forward_s - f0, cache_columns=cache.length,
         )
 
-    def _prefills(self, prefills: tuple[Prefill, ...], cache: BatchKVCache, failed: dict[str, str]
-                  ) -> tuple[Sampled, dict[str, RowKV]]:
-        """Each prompt alone; its first token sampled; its KV embedded at once (a baton join) or pooled."""
+    def _prefills(self, prefills: tuple[Prefill, ...], cache: BatchKVCache, failed: dict[str, str],
+                  prefilled: dict[str, RowKV]) -> tuple[Sampled, dict[str, RowKV]]:
+        """Each prompt alone (on top of its cached prefix, if any); its first token sampled; its KV embedded at
+        once (a baton join) or pooled, and filed in `prefilled` for the prefix cache."""
         sampled = Sampled()
         pooled: dict[str, RowKV] = {}
         for p in prefills:
             draws = p.draws()
             try:
-                kv, logits = self.prefill(list(p.token_ids), every_position=p.prompt_logprobs is not None)
+                every = p.prompt_logprobs is not None
+                kv, logits = self.prefill(list(p.token_ids), prefix=p.prefix, every_position=every)
                 if p.prompt_logprobs is not None:  # logits [P, V]: the prompt's, then the last draws
                     sampled.prompt_logprobs[p.request_id] = prompt_logprobs(logits, p.token_ids, p.prompt_logprobs)
                     logits = logits[-1]
@@ -185,6 +190,7 @@ class ModelRunner:
                 continue
             sampled.tokens.update(drawn.tokens)
             sampled.logprobs.update(drawn.logprobs)
+            prefilled[p.request_id] = kv
             for d in draws:
                 if d.request_id not in drawn.tokens:
                     continue
@@ -283,21 +289,33 @@ class ModelRunner:
         return Sampled({rid: t for rid, t in zip(ids, tokens, strict=True) if rid not in failed}, logprobs)
 
     @torch.no_grad()
-    def prefill(self, token_ids: list[int], every_position: bool = False) -> tuple[RowKV, torch.Tensor]:
-        """Run one prompt alone. Returns its KV [layers, H, p, D] and the last position's logits [V] (with
-        `every_position`: every position's [p, V], for prompt logprobs)."""
+    def prefill(self, token_ids: list[int], prefix: RowKV | None = None, every_position: bool = False
+                ) -> tuple[RowKV, torch.Tensor]:
+        """Run one prompt alone, on top of the KV of its first `prefix.length` tokens when given (the prefix
+        cache's; only the rest is computed). Returns its KV [layers, H, p, D] (all of `token_ids`, as a full
+        prefill) and the last position's logits [V] (with `every_position`: every computed position's [p, V],
+        for prompt logprobs). Computed in chunks ending at multiples of `prefill_chunk` (`prefill_chunks`), so
+        a prefill on a cached prefix gives exactly the bits of a full one."""
         t0 = time.perf_counter()
-        ids = torch.tensor([token_ids], dtype=torch.long, device=self.device)
         kv = DynamicCache(config=self.model.config)
-        keep = 0 if every_position else last_position(len(token_ids))  # transformers: 0 keeps every position
-        with last_position_alone(self.model) if every_position else contextlib.nullcontext():
-            out = self.model(input_ids=ids, past_key_values=kv, use_cache=True, logits_to_keep=keep)
-        layers: list[Any] = list(kv.layers)
-        keys = torch.stack([layer.keys[0] for layer in layers])
-        values = torch.stack([layer.values[0] for layer in layers])
-        logits = out.logits[0].float() if every_position else out.logits[0, -1].float()
+        start = 0
+        if prefix is not None:  # the cached prefix's KV, then only the rest is computed
+            start = prefix.length
+            assert 0 < start < len(token_ids) and start % self.prefill_chunk == 0, (start, len(token_ids))
+            for layer in range(self.shape.num_layers):
+                kv.update(prefix.keys[layer][None].to(self.device), prefix.values[layer][None].to(self.device), layer)
+        parts: list[torch.Tensor] = []
+        for lo, hi in prefill_chunks(start, len(token_ids), self.prefill_chunk):
+            positions, mask = prefix_inputs(lo, hi)
+            keep = 0 if every_position else last_position(hi - lo)  # transformers: 0 keeps every position
+            with last_position_alone(self.model) if every_position else contextlib.nullcontext():
+                out = self.model(input_ids=torch.tensor([token_ids[lo:hi]], dtype=torch.long, device=self.device),
+                                 position_ids=positions.to(self.device), attention_mask=mask.to(self.device),
+                                 past_key_values=kv, use_cache=True, logits_to_keep=keep)
+            parts.append(out.logits[0] if every_position else out.logits[0, -1:])
+        logits = torch.cat(parts).float() if every_position else parts[-1][0].float()
         self.forward_s += time.perf_counter() - t0
-        return RowKV(keys, values), logits
+        return row_kv(kv), logits
 
     @torch.no_grad()
     def batch_forward(self, cache: BatchKVCache, input_ids: torch.Tensor, positions: torch.Tensor,
@@ -335,6 +353,27 @@ def last_position(width: int) -> int | torch.Tensor:
     the whole [hidden, vocab] weight (~0.2-0.3 s per prefill for the default model, against ~10 ms). The
     logits are the same bits either way."""
     return 1 if width == 1 else torch.tensor([width - 1])
+
+
+def row_kv(kv: DynamicCache) -> RowKV:
+    """The one row of a batch-1 `DynamicCache` as a `RowKV` [layers, H, p, D]."""
+    layers: list[Any] = list(kv.layers)
+    return RowKV(torch.stack([layer.keys[0] for layer in layers]), torch.stack([layer.values[0] for layer in layers]))
+
+
+def prefill_chunks(start: int, total: int, chunk: int) -> list[tuple[int, int]]:
+    """The [lo, hi) token ranges a prefill computes from `start` to `total`: ends at multiples of `chunk`
+    (absolute positions), so a prompt is cut at the same places whether its first tokens came from the prefix
+    cache or were computed: a hit runs the very forwards a miss runs after it, bit for bit."""
+    cuts = [*range((start // chunk + 1) * chunk, total, chunk), total]
+    return list(zip([start, *cuts[:-1]], cuts, strict=True))
+
+
+def prefix_inputs(cached: int, total: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Position ids [1, total - cached] and 2-D mask [1, total] of a prefill chunk on top of `cached` tokens of
+    KV: the new tokens continue the positions after the cached ones and see every cached column (the model adds
+    causality among the new ones)."""
+    return torch.arange(cached, total)[None], torch.ones(1, total, dtype=torch.long)
 
 
 def batch_inputs(feeds: list[tuple[int, ...]], cached: list[int]

@@ -99,13 +99,18 @@ class Prefill:
 
     `siblings`: other choices of the same request (engine/choices.py) whose tokens are exactly these. The
     tokens are computed once; each sibling draws from the same last logits with its own `SampleSpec` and
-    takes its own copy of the KV (a row, or a pool entry, each counted by the capacity controller)."""
+    takes its own copy of the KV (a row, or a pool entry, each counted by the capacity controller).
+
+    With a `prefix` (from the prefix cache, engine/prefix_cache.py), only the tokens after it are computed, on
+    top of its KV; the KV returned covers all `token_ids` either way (prefill on top of existing KV)."""
 
     request_id: str
     token_ids: tuple[int, ...]
     sample: SampleSpec
     join: bool  # True: its KV takes a row of the batch at once (baton); False: it goes to the prefilled pool
     siblings: tuple[Draw, ...] = ()
+    prefix: RowKV | None = None  # KV of token_ids[:cached_tokens], [layers, kv_heads, cached_tokens, head_dim]
+    looked_up: bool = False  # the prefix cache was asked for these tokens (the hit rate's denominator)
 
     def draws(self) -> tuple[Draw, ...]:
         """Every draw from this prefill's logits: the request's own, then its siblings'."""
@@ -118,6 +123,11 @@ class Prefill:
         serve any part of it. Of a request's n choices only choice 0 asks (engine/choices.py), so a prefill its
         siblings share computes them once, whichever draw leads it; the request's id keys them in the result."""
         return next((d.sample.prompt_logprobs for d in self.draws() if d.sample.prompt_logprobs is not None), None)
+
+    @property
+    def cached_tokens(self) -> int:
+        """Leading tokens whose KV comes from the prefix cache (always fewer than len(token_ids))."""
+        return self.prefix.length if self.prefix is not None else 0
 
 
 @dataclass(frozen=True)
@@ -178,6 +188,7 @@ class StepResult:
 
     prefill_tokens: dict[str, int] = field(default_factory=dict)  # each prefill's sampled token
     pooled: dict[str, RowKV] = field(default_factory=dict)  # KV of prefills bound for the pool
+    prefilled: dict[str, RowKV] = field(default_factory=dict)  # every prefill's KV (for the prefix cache)
     batch_tokens: dict[str, int] = field(default_factory=dict)  # each sampled batch row's token
     # The logprobs of those tokens, only for the requests that asked (SampleSpec.top_logprobs is not None).
     prefill_logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)
@@ -188,6 +199,6 @@ class StepResult:
     swapped: dict[str, RowKV] = field(default_factory=dict)  # host KV of rows preempted by swap
     failed: dict[str, str] = field(default_factory=dict)  # request id -> why its forward pass failed
     batch: BatchShape | None = None  # None: no batch forward ran
-    prefill_computed: int = 0  # tokens computed by the prefills that ran
+    prefill_computed: int = 0  # tokens computed by the prefills that ran (their cached prefixes not included)
     forward_s: float = 0.0  # time inside model forward passes
     cache_columns: int = 0  # window length L after the step

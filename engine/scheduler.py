@@ -21,6 +21,7 @@ from engine.grammar import Grammars
 from engine.kv_cache import BatchKVCache, RowKV
 from engine.outputs import OutputTracker
 from engine.plan import BatchRow, Draw, IterationPlan, Join, Prefill, SampleSpec, StepResult, sample_spec
+from engine.prefix_cache import PrefixCache
 from engine.request import FinishReason, Request, RequestOutput, RequestState, TokenLogprobs
 
 JoinMode = Literal["in_batch", "prefill_on_admit", "from_pool"]
@@ -94,6 +95,7 @@ class Scheduler:
         self.grammars = grammars  # builds a request's structured-output matcher when it leaves the waiting queue
         self.step_bytes_per_row = step_bytes_per_row
         self.queues = RequestQueues()
+        self.prefixes = _prefix_cache(config, self.policy)  # None: prefix caching off
         self.requests: dict[str, Request] = {}  # every unfinished request
         self.running: dict[str, Request] = {}  # requests holding a row (finished ones until retired)
         self.iteration = 0
@@ -144,8 +146,11 @@ class Scheduler:
         for rid in retire:
             del self.running[rid]
         self._preempt(decision, kept)
+        self._evict_prefixes(decision.evict_bytes)
         joins, prefills = self._admit(decision.admit)
-        prefills += self._prefill_ahead(decision.prefill_bytes, sum(len(p.token_ids) for p in prefills))
+        ahead = self._prefill_ahead(decision.prefill_bytes, sum(len(p.token_ids) - p.cached_tokens for p in prefills))
+        self._make_room_for_pool(decision.prefill_bytes, ahead)
+        prefills += ahead
         return IterationPlan(
             iteration=self.iteration, capacity=decision.capacity, retire=tuple(retire), preempt=decision.preempt,
             join=tuple(joins), prefill=tuple(prefills), batch=self._batch_rows(kept, joins, prefills),
@@ -158,6 +163,10 @@ class Scheduler:
         for rid, prompt_logprobs in result.prompt_logprobs.items():  # first: they lead the first token's output
             for choice in self._fresh_choices(self.requests[rid]):
                 self.outputs.on_prompt_logprobs(choice, prompt_logprobs)
+        if self.prefixes is not None:
+            for p in plan.prefill:
+                if p.request_id in result.prefilled:
+                    self.prefixes.insert(p.token_ids, result.prefilled[p.request_id])
         for d in (d for p in plan.prefill for d in p.draws()):
             if d.request_id in result.prefill_tokens:
                 req = self.requests[d.request_id]
@@ -188,6 +197,8 @@ class Scheduler:
         self.requests.clear()
         self.running.clear()
         self.queues = RequestQueues()
+        if self.prefixes is not None:
+            self.prefixes.clear()
 
     # ---- planning, in order -----------------------------------------------------------------------------
     def _retiring(self) -> list[str]:
@@ -252,11 +263,15 @@ class Scheduler:
         for req in self.queues.waiting_by_urgency():
             if req.request_id not in self.queues.waiting:  # prefilled with a sibling choice
                 continue
-            n = len(req.all_token_ids)
+            if room <= 0:
+                break
+            prefill = self._prefill([req], join=False)
+            n = len(prefill.token_ids)  # the pool holds them all
+            computed = n - prefill.cached_tokens  # the budget counts only what is computed
             entry = n * self.cache.bytes_per_token  # each pool entry is counted, siblings' copies too
             must = empty and tokens == 0
             over_memory = allowance is not None and entry > allowance
-            if room <= 0 or (not must and ((n > budget and tokens > 0) or over_memory)):
+            if not must and ((computed > budget and tokens > 0) or over_memory):
                 break
             group = [req]
             for s in self._waiting_siblings(req):  # computed once: they cost pool room and memory, no tokens
@@ -267,8 +282,8 @@ class Scheduler:
                 allowance -= len(group) * entry
             for r in group:
                 self._leave_waiting(r)
-            out.append(self._prefill(group, join=False))
-            budget, tokens, room = budget - n, tokens + n, room - len(group)
+            out.append(self._prefill(group, join=False, prefix=prefill.prefix, looked_up=prefill.looked_up))
+            budget, tokens, room = budget - computed, tokens + computed, room - len(group)
         return out
 
     def _waiting_siblings(self, req: Request) -> list[Request]:
@@ -280,13 +295,35 @@ class Scheduler:
                 if r is not req and r.parent == req.parent and r.all_token_ids == req.all_token_ids]
         return sorted(same, key=lambda r: r.index)
 
-    def _prefill(self, group: list[Request], join: bool) -> Prefill:
-        """One prefill of `group[0]`'s tokens for every request of `group` (siblings with the same tokens).
-        With `join` (baton), each whose first token is not also its last takes a row at once."""
+    def _prefill(self, group: list[Request], join: bool, prefix: RowKV | None = None, looked_up: bool | None = None
+                 ) -> Prefill:
+        """One prefill of `group[0]`'s tokens for every request of `group` (siblings with the same tokens), on
+        top of their longest cached prefix when the prefix cache has one (`prefix`/`looked_up`: the lookup
+        already made for them). A prefill that computes its prompt's logprobs computes every prompt token (the
+        cache holds only KV). With `join` (baton), each whose first token is not also its last takes a row."""
         draws = [Draw(r.request_id, self._spec(r), join and r.remaining > 1) for r in group]
         first = draws[0]
-        return Prefill(first.request_id, tuple(group[0].all_token_ids), first.sample, first.join,
-                       siblings=tuple(draws[1:]))
+        ids = tuple(group[0].all_token_ids)
+        prefill = Prefill(first.request_id, ids, first.sample, first.join, siblings=tuple(draws[1:]))
+        if looked_up is None:
+            looked_up = self.prefixes is not None
+            prefix = self.prefixes.lookup(ids) if self.prefixes is not None else None
+        if prefill.prompt_logprobs is not None:  # it computes every prompt position itself
+            prefix, looked_up = None, False
+        return replace(prefill, prefix=prefix, looked_up=looked_up)
+
+    def _evict_prefixes(self, nbytes: int) -> None:
+        """Memory pressure: the prefix cache gives back `nbytes` (least recently used first), before any row."""
+        if self.prefixes is not None and nbytes > 0:
+            self.prefixes.evict(nbytes)
+
+    def _make_room_for_pool(self, allowance: int | None, prefills: list[Prefill]) -> None:
+        """The controller's pool allowance counts the prefix cache as free: evict what the pool now takes."""
+        if self.prefixes is None or allowance is None:
+            return
+        planned = sum(len(p.token_ids) * len(p.draws()) for p in prefills) * self.cache.bytes_per_token
+        free = max(0, allowance - self.prefixes.nbytes())
+        self._evict_prefixes(planned - free)
 
     def _leave_waiting(self, req: Request) -> None:
         """`req` leaves the waiting queue to be computed: a request with a grammar whose matcher was dropped
@@ -329,8 +366,12 @@ class Scheduler:
 
     # ---- what the controller sees -------------------------------------------------------------------------
     def _held_bytes(self, cache_bytes: int) -> int:
-        """Device bytes the engine holds between steps: the batch cache window and the prefilled pool."""
-        return cache_bytes + self.queues.held_bytes()[0]
+        """Device bytes the engine holds between steps: the batch cache window, the prefilled pool and the
+        prefix cache."""
+        return cache_bytes + self.queues.held_bytes()[0] + self._prefix_bytes()
+
+    def _prefix_bytes(self) -> int:
+        return self.prefixes.nbytes() if self.prefixes is not None else 0
 
     def _step_row_bytes(self, length: int) -> int:
         """Transient bytes one row adds during a decode step (activations, logits, attention scores)."""
@@ -363,7 +404,7 @@ class Scheduler:
             iteration=self.iteration, max_rows=self.config.max_batch_size, rows=rows,
             candidates=self._candidates(len(rows)), waiting=len(self.queues.waiting), batch_length=length,
             bytes_per_token=self.cache.bytes_per_token, step_bytes_per_row=self._step_row_bytes(length),
-            swapped_bytes=self.queues.held_bytes()[1], memory=memory,
+            swapped_bytes=self.queues.held_bytes()[1], memory=memory, reclaimable_bytes=self._prefix_bytes(),
         )
 
     def _candidates(self, batch_rows: int) -> tuple[QueuedInfo, ...]:
@@ -374,3 +415,11 @@ class Scheduler:
         if self.policy.join != "from_pool":
             ids += list(self.queues.waiting)
         return tuple(queued_info(self.requests[i]) for i in ids)
+
+
+def _prefix_cache(config: EngineConfig, policy: Policy) -> PrefixCache | None:
+    """The prefix cache, when it is on and the policy prefills prompts alone (static and orca compute them
+    inside the batch forward, where no prefix can be skipped)."""
+    if not config.prefix_caching or policy.join == "in_batch":
+        return None
+    return PrefixCache(config.prefill_chunk_tokens, config.prefix_cache_max_tokens)

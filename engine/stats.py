@@ -35,6 +35,8 @@ class IterationStats:
     memory_fraction: float | None = None  # measured-or-accounted use over the budget
     preemptions: dict[str, int] = field(default_factory=dict)  # by mode
     refused_for_memory: int = 0  # admission candidates that fit by rows but not by memory
+    prefix_query_tokens: int = 0  # tokens of the prefills that asked the prefix cache
+    prefix_hit_tokens: int = 0  # of which served from it (not computed)
 
 
 def iteration_stats(plan: IterationPlan, result: StepResult, accounted_bytes: int, total_s: float
@@ -53,6 +55,7 @@ def iteration_stats(plan: IterationPlan, result: StepResult, accounted_bytes: in
     if plan.memory is not None:  # the rest of the device as the iteration's reading saw it, plus our peak
         others = max(0, plan.memory.used_bytes - plan.memory.engine_bytes)
         memory_fraction = (others + accounted_bytes) / plan.memory.total_bytes
+    ran = [p for p in plan.prefill if p.request_id in result.prefill_tokens and p.looked_up]
     preemptions: dict[str, int] = {}
     for p in plan.preempt:
         preemptions[p.mode] = preemptions.get(p.mode, 0) + 1
@@ -63,6 +66,7 @@ def iteration_stats(plan: IterationPlan, result: StepResult, accounted_bytes: in
         controller_s=plan.controller_s, total_s=total_s, capacity=plan.capacity,
         cache_columns=result.cache_columns, accounted_bytes=accounted_bytes, memory_fraction=memory_fraction,
         preemptions=preemptions, refused_for_memory=plan.refused_for_memory,
+        prefix_query_tokens=sum(len(p.token_ids) for p in ran), prefix_hit_tokens=sum(p.cached_tokens for p in ran),
     )
 
 
@@ -96,6 +100,10 @@ class EngineStats:
     capacity_changes: int = 0
     memory_used_fraction: float = 0.0
     peak_memory_fraction: float = 0.0
+    # prefix cache (engine/prefix_cache.py): tokens asked for and served, and the bytes it holds (a gauge)
+    prefix_query_tokens: int = 0
+    prefix_hit_tokens: int = 0
+    prefix_cache_bytes: int = 0
     history: list[IterationStats] = field(default_factory=list)
     keep_history: int = 100_000  # iterations kept for benchmarks/plots
 
@@ -109,6 +117,11 @@ class EngineStats:
         return self.padded_columns / self.attended_columns if self.attended_columns else 0.0
 
     @property
+    def prefix_hit_rate(self) -> float:
+        """Prompt tokens served from the prefix cache over the prompt tokens that asked it."""
+        return self.prefix_hit_tokens / self.prefix_query_tokens if self.prefix_query_tokens else 0.0
+
+    @property
     def outside_forward_fraction(self) -> float:
         return 1.0 - self.forward_s / self.total_s if self.total_s else 0.0
 
@@ -118,6 +131,8 @@ class EngineStats:
         self.generated_tokens += sum(len(o.new_token_ids) for o in outputs)
         self.finished_requests += sum(1 for o in outputs if o.finished and o.finish_reason != "abort")
         self.admissions_refused_for_memory += it.refused_for_memory
+        self.prefix_query_tokens += it.prefix_query_tokens
+        self.prefix_hit_tokens += it.prefix_hit_tokens
         for mode, n in it.preemptions.items():
             self.preemptions += n
             self.preemptions_by_mode[mode] += n
@@ -169,4 +184,8 @@ class EngineStats:
             "peak_memory_fraction": self.peak_memory_fraction,
             "finished_requests": self.finished_requests,
             "aborted_requests": self.aborted_requests,
+            "prefix_query_tokens": self.prefix_query_tokens,
+            "prefix_hit_tokens": self.prefix_hit_tokens,
+            "prefix_hit_rate": self.prefix_hit_rate,
+            "prefix_cache_bytes": self.prefix_cache_bytes,
         }

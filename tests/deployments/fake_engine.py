@@ -243,6 +243,9 @@ class FakeAsyncEngine:
             "iterations": float(self._iterations),
             "generated_tokens_total": float(self._generated),
             "prompt_tokens_total": float(self._prompt_tokens),
+            "prefix_cache_hit_tokens_total": 0.0,  # no prefix cache
+            "prefix_cache_query_tokens_total": 0.0,
+            "prefix_cache_bytes": 0.0,
         }
 
     # -- the loop --------------------------------------------------------------------------------------
