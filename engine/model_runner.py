@@ -159,8 +159,7 @@ class ModelRunner:
             prefill_tokens=prefill.tokens, pooled=pooled, prefilled=prefilled, batch_tokens=batch.tokens,
             swapped=swapped, prefill_logprobs=prefill.logprobs, batch_logprobs=batch.logprobs,
             prompt_logprobs=prompts, failed=failed, batch=shape,
-            prefill_computed=sum(len(p.token_ids) - p.cached_tokens for p in plan.prefill
-                                 if any(d.request_id in prefill.tokens for d in p.draws())),
+            prefill_computed=sum(p.computed_tokens for p in plan.prefill if p.request_id in prefilled),
             forward_s=self.forward_s - f0, cache_columns=cache.length,
         )
 
@@ -173,6 +172,9 @@ class ModelRunner:
         for p in prefills:
             draws = p.draws()
             try:
+                if p.until is not None:  # a chunk of a long prompt: its KV waits for the next iteration
+                    prefilled[p.request_id], _ = self.prefill(list(p.token_ids[:p.until]), prefix=p.prefix)
+                    continue
                 every = p.prompt_logprobs is not None
                 kv, logits = self.prefill(list(p.token_ids), prefix=p.prefix, every_position=every)
                 if p.prompt_logprobs is not None:  # logits [P, V]: the prompt's, then the last draws
@@ -180,7 +182,7 @@ class ModelRunner:
                     logits = logits[-1]
             except Exception as e:
                 log.exception("prefill of %s failed", p.request_id)
-                failed.update((d.request_id, f"prefill failed: {e}") for d in draws)
+                failed.update((rid, f"prefill failed: {e}") for rid in [d.request_id for d in draws] or [p.request_id])
                 continue
             # Siblings (other choices with the same tokens) draw from the same logits, each with its own spec.
             rows = logits[None].expand(len(draws), -1)  # [draws, V]

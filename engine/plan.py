@@ -111,10 +111,9 @@ class Prefill:
     siblings: tuple[Draw, ...] = ()
     prefix: RowKV | None = None  # KV of token_ids[:cached_tokens], [layers, kv_heads, cached_tokens, head_dim]
     looked_up: bool = False  # the prefix cache was asked for these tokens (the hit rate's denominator)
-
-    def draws(self) -> tuple[Draw, ...]:
-        """Every draw from this prefill's logits: the request's own, then its siblings'."""
-        return (Draw(self.request_id, self.sample, self.join), *self.siblings)
+    # Chunked across iterations: compute only token_ids[:until] (a chunk boundary) and draw nothing; the KV
+    # waits in the scheduler's queues and is the next iteration's `prefix` for these tokens. None: all of them.
+    until: int | None = None
 
     @property
     def prompt_logprobs(self) -> int | None:
@@ -126,8 +125,20 @@ class Prefill:
 
     @property
     def cached_tokens(self) -> int:
-        """Leading tokens whose KV comes from the prefix cache (always fewer than len(token_ids))."""
+        """Leading tokens whose KV is given (the prefix cache's, or this request's own earlier chunks)."""
         return self.prefix.length if self.prefix is not None else 0
+
+    @property
+    def computed_tokens(self) -> int:
+        """Tokens this prefill computes."""
+        return (len(self.token_ids) if self.until is None else self.until) - self.cached_tokens
+
+    def draws(self) -> tuple[Draw, ...]:
+        """Every draw from this prefill's logits: the request's own, then its siblings' (none for a chunk that
+        stops short of the last token)."""
+        if self.until is not None:
+            return ()
+        return (Draw(self.request_id, self.sample, self.join), *self.siblings)
 
 
 @dataclass(frozen=True)

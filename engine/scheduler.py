@@ -59,18 +59,21 @@ class RequestQueues:
         self.waiting: dict[str, Request] = {}
         self.pool: dict[str, RowKV] = {}
         self.swapped: dict[str, RowKV] = {}
+        self.partial: dict[str, RowKV] = {}  # waiting requests' first chunks, computed (chunked prefill)
 
     def waiting_by_urgency(self) -> list[Request]:
         return sorted(self.waiting.values(), key=lambda r: (r.priority, r.arrival))
 
     def held_bytes(self) -> tuple[int, int]:
-        """(device bytes of the prefilled pool, host bytes of swapped KV)."""
-        return sum(kv.nbytes() for kv in self.pool.values()), sum(kv.nbytes() for kv in self.swapped.values())
+        """(device bytes of the prefilled pool and of partial prefills, host bytes of swapped KV)."""
+        device = sum(kv.nbytes() for kv in (*self.pool.values(), *self.partial.values()))
+        return device, sum(kv.nbytes() for kv in self.swapped.values())
 
     def discard(self, request_id: str) -> None:
         self.waiting.pop(request_id, None)
         self.pool.pop(request_id, None)
         self.swapped.pop(request_id, None)
+        self.partial.pop(request_id, None)
 
 
 def queued_info(req: Request) -> QueuedInfo:
@@ -148,7 +151,7 @@ class Scheduler:
         self._preempt(decision, kept)
         self._evict_prefixes(decision.evict_bytes)
         joins, prefills = self._admit(decision.admit)
-        ahead = self._prefill_ahead(decision.prefill_bytes, sum(len(p.token_ids) - p.cached_tokens for p in prefills))
+        ahead = self._prefill_ahead(decision.prefill_bytes, sum(p.computed_tokens for p in prefills))
         self._make_room_for_pool(decision.prefill_bytes, ahead)
         prefills += ahead
         return IterationPlan(
@@ -163,10 +166,14 @@ class Scheduler:
         for rid, prompt_logprobs in result.prompt_logprobs.items():  # first: they lead the first token's output
             for choice in self._fresh_choices(self.requests[rid]):
                 self.outputs.on_prompt_logprobs(choice, prompt_logprobs)
-        if self.prefixes is not None:
-            for p in plan.prefill:
-                if p.request_id in result.prefilled:
-                    self.prefixes.insert(p.token_ids, result.prefilled[p.request_id])
+        for p in plan.prefill:
+            kv = result.prefilled.get(p.request_id)
+            if kv is None:
+                continue
+            if self.prefixes is not None:
+                self.prefixes.insert(p.token_ids[:p.until], kv)  # until None: all of them
+            if p.until is not None and p.request_id in self.queues.waiting:
+                self.queues.partial[p.request_id] = kv
         for d in (d for p in plan.prefill for d in p.draws()):
             if d.request_id in result.prefill_tokens:
                 req = self.requests[d.request_id]
@@ -271,6 +278,10 @@ class Scheduler:
             entry = n * self.cache.bytes_per_token  # each pool entry is counted, siblings' copies too
             must = empty and tokens == 0
             over_memory = allowance is not None and entry > allowance
+            chunk = None if must or over_memory or computed <= budget else self._first_chunks(prefill, budget)
+            if chunk is not None:  # a long prompt: as many whole chunks as the budget allows, the rest later
+                out.append(chunk)
+                break
             if not must and ((computed > budget and tokens > 0) or over_memory):
                 break
             group = [req]
@@ -285,6 +296,16 @@ class Scheduler:
             out.append(self._prefill(group, join=False, prefix=prefill.prefix, looked_up=prefill.looked_up))
             budget, tokens, room = budget - computed, tokens + computed, room - len(group)
         return out
+
+    def _first_chunks(self, prefill: Prefill, budget: int) -> Prefill | None:
+        """Chunked prefill: `prefill` stopped after the whole chunks (`prefill_chunk_tokens`) that fit `budget`,
+        so a long prompt never holds the batch's decode step back for more than the budget's worth; None when
+        not one chunk fits, or for a prefill that needs every position's logits (prompt logprobs)."""
+        chunk = self.config.prefill_chunk_tokens
+        until = prefill.cached_tokens + budget // chunk * chunk
+        if until <= prefill.cached_tokens or until >= len(prefill.token_ids) or prefill.prompt_logprobs is not None:
+            return None
+        return replace(prefill, until=until, join=False, siblings=())
 
     def _waiting_siblings(self, req: Request) -> list[Request]:
         """The other choices of `req`'s request still waiting with exactly its tokens (engine/choices.py):
@@ -305,7 +326,10 @@ class Scheduler:
         first = draws[0]
         ids = tuple(group[0].all_token_ids)
         prefill = Prefill(first.request_id, ids, first.sample, first.join, siblings=tuple(draws[1:]))
-        if looked_up is None:
+        own = self.queues.partial.get(first.request_id)
+        if own is not None:  # its own first chunks, computed in earlier iterations
+            prefix, looked_up = own, False
+        elif looked_up is None:
             looked_up = self.prefixes is not None
             prefix = self.prefixes.lookup(ids) if self.prefixes is not None else None
         if prefill.prompt_logprobs is not None:  # it computes every prompt position itself
@@ -329,6 +353,7 @@ class Scheduler:
         """`req` leaves the waiting queue to be computed: a request with a grammar whose matcher was dropped
         (recompute preemption) gets it back, rebuilt by replaying its output tokens."""
         del self.queues.waiting[req.request_id]
+        self.queues.partial.pop(req.request_id, None)
         field = req.params.constraint_field
         if field is not None and req.grammar is None:
             assert req.params.grammar is not None

@@ -55,7 +55,7 @@ def iteration_stats(plan: IterationPlan, result: StepResult, accounted_bytes: in
     if plan.memory is not None:  # the rest of the device as the iteration's reading saw it, plus our peak
         others = max(0, plan.memory.used_bytes - plan.memory.engine_bytes)
         memory_fraction = (others + accounted_bytes) / plan.memory.total_bytes
-    ran = [p for p in plan.prefill if p.request_id in result.prefill_tokens and p.looked_up]
+    ran = [p for p in plan.prefill if p.request_id in result.prefilled and p.looked_up]
     preemptions: dict[str, int] = {}
     for p in plan.preempt:
         preemptions[p.mode] = preemptions.get(p.mode, 0) + 1
