@@ -115,9 +115,10 @@ def ours(plan: Plan, loaded: Any, work: Workload, prefix_caching: bool) -> dict[
     from benchmarks.meters import CpuMeter
     from benchmarks.systems import run_engine
 
-    run_engine("baton-pd", loaded, warmup_workload(work), plan.rows, lambda n: None, prefix_caching=prefix_caching)
+    chunk = {"prefill_chunk_tokens": plan.block_size, "prefix_caching": prefix_caching}
+    run_engine("baton-pd", loaded, warmup_workload(work), plan.rows, lambda n: None, **chunk)
     with CpuMeter() as cpu:
-        run = run_engine("baton-pd", loaded, work, plan.rows, lambda n: None, prefix_caching=prefix_caching)
+        run = run_engine("baton-pd", loaded, work, plan.rows, lambda n: None, **chunk)
     stats = run.details["engine_stats"]
     records = {k: {"arrival_s": r.arrival_s, "first_token_s": r.first_token_s, "finish_s": r.finish_s,
                    "tokens": r.tokens} for k, r in run.records.items()}
@@ -195,11 +196,11 @@ def markdown(report: dict[str, Any]) -> str:
     s = m["workload"]["summary"]
     lines = [f"# Prefix caching: shared system prompt (CPU, {p['dtype']}, {p['rows']} rows)", "",
              f"`{m['command']}` on {m['started']} ({m['machine']}; load average before {m['load_before']}, "
-             f"after {m['load_after']}: other helpers share this machine).", "",
+             f"after {m["load_after"]}).", "",
              f"- {s['requests']} requests, {p['rate']}/s Poisson arrivals, prompts {s['prompt_tokens']['min']}-"
              f"{s['prompt_tokens']['max']} tokens of which {m['workload']['system_prompt_tokens']} shared (the "
-             f"chat-templated system prompt), exactly {p['max_tokens']} output tokens each, greedy; prefix "
-             f"blocks of {p['block_size']} tokens.", "",
+             f"chat-templated system prompt), exactly {p['max_tokens']} output tokens each, greedy; prefill chunks "
+             f"(= prefix-cache blocks) of {p['block_size']} tokens.", "",
              "| system | useful tok/s | TTFT p50 s | TTFT p99 s | prompt tokens computed | hit rate "
              "| same tokens as cache off | other CPU |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
@@ -241,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     from benchmarks.peers import vllm_env
     from configs import EngineConfig
 
-    block = EngineConfig().prefill_chunk_tokens
+    block = 32 if a.smoke else EngineConfig().prefill_chunk_tokens  # the tiny model's system prompt is short
     plan = Plan(requests=6 if a.smoke else a.requests, rate=20.0 if a.smoke else a.rate,
                 max_tokens=4 if a.smoke else a.max_tokens, rows=a.rows, threads=a.threads, dtype=a.dtype,
                 block_size=block, seed=a.seed, vllm=not a.no_vllm, kv_fraction=a.kv_fraction, max_model_len=2048)
