@@ -196,7 +196,7 @@ def markdown(report: dict[str, Any]) -> str:
     s = m["workload"]["summary"]
     lines = [f"# Prefix caching: shared system prompt (CPU, {p['dtype']}, {p['rows']} rows)", "",
              f"`{m['command']}` on {m['started']} ({m['machine']}; load average before {m['load_before']}, "
-             f"after {m["load_after"]}).", "",
+             f"after {m['load_after']}).", "",
              f"- {s['requests']} requests, {p['rate']}/s Poisson arrivals, prompts {s['prompt_tokens']['min']}-"
              f"{s['prompt_tokens']['max']} tokens of which {m['workload']['system_prompt_tokens']} shared (the "
              f"chat-templated system prompt), exactly {p['max_tokens']} output tokens each, greedy; prefill chunks "
