@@ -114,10 +114,10 @@ def test_one_decode_step_gives_a_row_the_same_logits_alone_and_in_a_batch(model,
 
 
 def test_sixteen_requests_get_their_solo_tokens(model) -> None:
-    """16 requests (prompts 16-256 token ids, 1-24 new tokens, greedy, EOS ignored) arrive over 30 iterations
+    """16 requests (prompts 16-256 token ids, 1-12 new tokens, greedy, EOS ignored) arrive over 16 iterations
     into one engine, joining and leaving; each gets exactly the tokens the engine gives it alone."""
     work = random_workload(seed=21, n=16, vocab=model.model.config.vocab_size, prompt_len=(16, 256),
-                           max_tokens=(1, 24), arrival_span=30)
+                           max_tokens=(1, 12), arrival_span=16)
     together = run_workload(make_engine(model, max_batch_size=16), work,
                             check=lambda engine: engine.cache.check_invariants())
     alone = {}

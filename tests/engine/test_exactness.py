@@ -25,7 +25,7 @@ def _check_cache(engine: BatonEngine) -> None:
 def default_workload(default_model):
     """12 requests: prompts 1-300 tokens, 1-64 new tokens (skewed short, as real outputs are: the solo
     reference costs one forward per token), arrivals over 20 iterations; and their solo outputs. Rows still
-    join, leave, pad and trim all through the run (the float64 test below runs 150 requests per policy)."""
+    join, leave, pad and trim all through the run (the float64 test below runs 100 requests per policy)."""
     work = random_workload(seed=7, n=12, vocab=default_model.model.config.vocab_size,
                            prompt_len=(1, 300), max_tokens=(1, 64), arrival_span=20, skew_outputs=True)
     assert max(len(w["prompt"]) for w in work) >= 250 and max(w["max_tokens"] for w in work) == 64
@@ -48,8 +48,8 @@ def test_default_model_matches_solo_generate(default_model, default_workload, po
 @pytest.mark.parametrize("policy", POLICIES)
 def test_float64_many_requests_match_solo_generate(tiny_small_vocab_model, policy):
     tiny_model = tiny_small_vocab_model
-    work = random_workload(seed=11, n=150, vocab=tiny_model.model.config.vocab_size,
-                           prompt_len=(1, 80), max_tokens=(1, 40), arrival_span=150)
+    work = random_workload(seed=11, n=100, vocab=tiny_model.model.config.vocab_size,
+                           prompt_len=(1, 80), max_tokens=(1, 40), arrival_span=100)
     ref = {w["id"]: solo_greedy(tiny_model.model, w["prompt"], w["max_tokens"]) for w in work}
     for rows in (2, 24):
         engine = make_engine(tiny_model, policy=policy, max_batch_size=rows, prefill_token_budget=64)
