@@ -1,8 +1,10 @@
-"""The compiled CPU kernel for a decode batch's linear layers (engine/kernels/skinny_linear.cpp).
+"""The compiled CPU kernels for a decode batch's linear layers (engine/kernels/).
 
-`skinny_linear()` returns the kernel, the torch operator `torch.ops.baton.skinny_linear` (`y = x @ w.T` for
-float32 `x` [n, in], `w` [out, in], both contiguous), or None where it cannot run here: not an x86 CPU with
-AVX2 and FMA, no C++ compiler, or the build failed. Callers then use another kernel; nothing else changes.
+`skinny_linear()` returns the float32 kernel, the torch operator `torch.ops.baton.skinny_linear` (`y = x @ w.T`
+for float32 `x` [n, in], `w` [out, in], both contiguous; skinny_linear.cpp), or None where it cannot run here:
+not an x86 CPU with AVX2 and FMA, no C++ compiler, or the build failed. `skinny_linear_bf16()` is the same for
+bfloat16 (`torch.ops.baton_bf16.skinny_linear`, skinny_linear_bf16.cpp), on CPUs with AVX512-BF16 (where
+`dtype: auto` picks bfloat16). Callers then use another kernel; nothing else changes.
 
 The extension is built once per environment with torch's own toolchain (`torch.utils.cpp_extension`), into
 `BATON_KERNEL_DIR` (default: `baton-kernels/` inside the active virtual environment, else
@@ -21,6 +23,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -33,9 +36,27 @@ FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp"]
 
 Kernel = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
+
+@dataclass(frozen=True)
+class KernelBuild:
+    """One compiled kernel: its extension, its source, the flags it is built with and the operator it defines."""
+
+    name: str
+    source: Path
+    flags: tuple[str, ...]
+    namespace: str  # torch.ops.<namespace>.skinny_linear
+    needs: str  # what the CPU must have, for messages
+
+
+FLOAT32 = KernelBuild(NAME, SOURCE, tuple(FLAGS), "baton", "AVX2/FMA")
+BFLOAT16 = KernelBuild("baton_skinny_linear_bf16", SOURCE.with_name("skinny_linear_bf16.cpp"),
+                       ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mamx-tile", "-mamx-bf16",
+                        "-fopenmp"), "baton_bf16", "AVX512-BF16")
+
 _lock = threading.Lock()
-_loaded: dict[str, Kernel | None] = {}  # NAME -> the kernel, or None once it is known not to load here
+_loaded: dict[str, Kernel | None] = {}  # KernelBuild.name -> the kernel, or None once it is known not to load here
 _why_not: list[str] = []
+_why_not_bf16: list[str] = []
 
 
 def build_dir() -> Path:
@@ -56,15 +77,45 @@ def cpu_supports_it() -> bool:
     return capability in ("AVX2", "AVX512")
 
 
+def cpu_supports_bf16() -> bool:
+    """AVX512-BF16 on this CPU (the `avx512_bf16` flag; the bfloat16 kernel multiplies with vdpbf16ps)."""
+    from engine.model_loader import cpu_flags
+
+    return torch.backends.cpu.get_cpu_capability() == "AVX512" and "avx512_bf16" in cpu_flags()
+
+
 def skinny_linear() -> Kernel | None:
-    """The compiled kernel, building it on first use if needed; None (with the reason in `why_not()`) where it
+    """The float32 kernel, building it on first use if needed; None (with the reason in `why_not()`) where it
     cannot run on this machine."""
-    if NAME in _loaded:
-        return _loaded[NAME]
-    with _lock:
-        if NAME not in _loaded:
-            _loaded[NAME] = _load()
-        return _loaded[NAME]
+    return _kernel(FLOAT32, cpu_supports_it, _why_not)
+
+
+def skinny_linear_bf16() -> Kernel | None:
+    """The bfloat16 kernel, as `skinny_linear()` (the reason in `why_not_bf16()`). On CPUs with AMX-BF16 it
+    runs its AMX path (`amx_in_use()`) once the OS grants the process the AMX tile state."""
+    if BFLOAT16.name in _loaded:
+        return _loaded[BFLOAT16.name]
+    kernel = _kernel(BFLOAT16, cpu_supports_bf16, _why_not_bf16)
+    if kernel is not None:
+        use_amx(True)
+    return kernel
+
+
+def use_amx(on: bool) -> bool:
+    """Switch the bfloat16 kernel's AMX path on (where this CPU and OS allow it) or off; returns whether it is on.
+    Both paths give a row the same bits in any batch; they differ from each other, so one process keeps one."""
+    from engine.model_loader import cpu_flags
+
+    allowed = on and os.environ.get("BATON_AMX", "1") != "0" and {"amx_tile", "amx_bf16"} <= cpu_flags()
+    if allowed:
+        init = getattr(torch._C._cpu, "_init_amx", None)  # asks Linux for the AMX tile state (arch_prctl)
+        allowed = bool(init is not None and init())
+    return bool(torch.ops.baton_bf16.enable_amx(allowed))
+
+
+def amx_in_use() -> bool:
+    """Whether the bfloat16 kernel runs its AMX path in this process."""
+    return _loaded.get(BFLOAT16.name) is not None and bool(torch.ops.baton_bf16.amx_enabled())
 
 
 def why_not() -> str | None:
@@ -72,11 +123,25 @@ def why_not() -> str | None:
     return _why_not[-1] if _why_not else None
 
 
-def _load() -> Kernel | None:
+def why_not_bf16() -> str | None:
+    """Why `skinny_linear_bf16()` returned None, once it has."""
+    return _why_not_bf16[-1] if _why_not_bf16 else None
+
+
+def _kernel(build: KernelBuild, supported: Callable[[], bool], reasons: list[str]) -> Kernel | None:
+    if build.name in _loaded:
+        return _loaded[build.name]
+    with _lock:
+        if build.name not in _loaded:
+            _loaded[build.name] = _load(build, supported, reasons)
+        return _loaded[build.name]
+
+
+def _load(build: KernelBuild, supported: Callable[[], bool], reasons: list[str]) -> Kernel | None:
     if os.environ.get("BATON_CPU_KERNEL", "1") == "0":
-        return _fail("disabled by BATON_CPU_KERNEL=0")
-    if not cpu_supports_it():
-        return _fail(f"this CPU lacks AVX2/FMA (torch reports {torch.backends.cpu.get_cpu_capability()})")
+        return _fail(reasons, "disabled by BATON_CPU_KERNEL=0")
+    if not supported():
+        return _fail(reasons, f"this CPU lacks {build.needs} (torch reports {torch.backends.cpu.get_cpu_capability()})")
     from torch.utils import cpp_extension
 
     directory = build_dir()
@@ -84,17 +149,20 @@ def _load() -> Kernel | None:
     try:
         directory.mkdir(parents=True, exist_ok=True)
         _clear_stale_lock(directory)
-        built_before = any(directory.glob(f"{NAME}*.so"))
+        built_before = any(directory.glob(f"{build.name}*.so"))
         if not built_before:
-            log.warning("building the CPU decode kernel into %s (once per environment, about a minute)", directory)
-        if not hasattr(torch.ops.baton, "skinny_linear"):  # (another copy of this module may have loaded it)
-            cpp_extension.load(name=NAME, sources=[str(SOURCE)], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"],
-                               build_directory=str(directory), is_python_module=False, verbose=False)
-        kernel: Kernel = torch.ops.baton.skinny_linear
+            log.warning("building the CPU decode kernel %s into %s (once per environment, about a minute)",
+                        build.name, directory)
+        ops = getattr(torch.ops, build.namespace)
+        if not hasattr(ops, "skinny_linear"):  # (another copy of this module may have loaded it)
+            cpp_extension.load(name=build.name, sources=[str(build.source)], extra_cflags=list(build.flags),
+                               extra_ldflags=["-fopenmp"], build_directory=str(directory), is_python_module=False,
+                               verbose=False)
+        kernel: Kernel = ops.skinny_linear
     except Exception as exc:  # no compiler, no headers, a read-only directory: fall back, say why
-        return _fail(f"build failed in {directory}: {type(exc).__name__}: {str(exc).strip()[-400:]}")
+        return _fail(reasons, f"build failed in {directory}: {type(exc).__name__}: {str(exc).strip()[-400:]}")
     if not built_before:
-        log.warning("CPU decode kernel ready (%.0f s)", time.perf_counter() - t0)
+        log.warning("CPU decode kernel %s ready (%.0f s)", build.name, time.perf_counter() - t0)
     return kernel
 
 
@@ -112,9 +180,10 @@ def _clear_stale_lock(directory: Path) -> None:
             lock.unlink()
 
 
-def _fail(reason: str) -> Kernel | None:
-    _why_not.append(reason)
-    log.warning("compiled CPU decode kernel unavailable, using the transposed-matmul kernel: %s", reason)
+def _fail(reasons: list[str], reason: str) -> Kernel | None:
+    reasons.append(reason)
+    fallback = "the transposed-matmul kernel" if reasons is _why_not else "F.linear for bfloat16"
+    log.warning("a compiled CPU decode kernel is unavailable, using %s: %s", fallback, reason)
     return None
 
 
@@ -130,6 +199,15 @@ def main() -> int:
     err = (kernel(x, w) - torch.nn.functional.linear(x, w)).abs().max().item()
     assert err < 1e-4, f"compiled kernel disagrees with F.linear by {err}"
     print(f"[setup] compiled CPU decode kernel: ready in {build_dir()}", file=sys.stderr)
+    bf16 = skinny_linear_bf16()
+    if bf16 is None:
+        print(f"[setup] bfloat16 CPU decode kernel: not available ({why_not_bf16()}); bfloat16 uses F.linear",
+              file=sys.stderr)
+        return 0
+    xb, wb = x.bfloat16(), w.bfloat16()
+    err = (bf16(xb, wb).float() - (xb.double() @ wb.double().T).float()).abs().max().item()
+    assert err < 0.1, f"bfloat16 kernel disagrees with the exact product by {err}"
+    print(f"[setup] bfloat16 CPU decode kernel: ready in {build_dir()}", file=sys.stderr)
     return 0
 
 

@@ -39,14 +39,21 @@ class LoadedModel:
 BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo flags of native bf16 arithmetic on x86
 
 
+def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:
+    """The CPU's feature flags as the Linux kernel lists them; empty where /proc/cpuinfo cannot be read."""
+    try:
+        return {f for line in cpuinfo.read_text().splitlines() if line.startswith("flags")
+                for f in line.split(":", 1)[1].split()}
+    except OSError:
+        return set()
+
+
 def cpu_has_native_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
     """True where the CPU computes in bfloat16 natively (AVX512-BF16 or AMX-BF16): there bf16 decodes ~1.66x
     faster than float32 (benchmarks/NOTES.md); elsewhere bf16 is emulated and slower. Read from the kernel's
     CPU flags; without /proc/cpuinfo (not Linux), from torch's own CPU capability probe where it has one."""
-    try:
-        flags = {f for line in cpuinfo.read_text().splitlines() if line.startswith("flags")
-                 for f in line.split(":", 1)[1].split()}
-    except OSError:
+    flags = cpu_flags(cpuinfo)
+    if not flags:
         probe = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
         return bool(probe and probe())
     return any(f in flags for f in BF16_CPU_FLAGS)

@@ -7,7 +7,9 @@ measures on (one thread for one row; slower still for 2-16 rows). Two kernels do
 
 * `compiled` (engine/kernels/skinny_linear.cpp, built by engine/cpu_kernel.py): an AVX2/FMA kernel that splits
   the weight's rows over torch's threads, 1-16 rows, float32; ~20-24 GB/s. A row's result does not depend on
-  the other rows of its batch (fixed summation order per element).
+  the other rows of its batch (fixed summation order per element). In bfloat16, on CPUs with AVX512-BF16, its
+  sibling skinny_linear_bf16.cpp (1-32 rows, the same fixed order per element); elsewhere bfloat16 keeps
+  F.linear, whose bits are row-invariant up to 32 rows on the CPUs measured.
 * `transposed`: `(W @ x.T).T`, the same product in the orientation MKL runs fast for 2-16 rows; no build
   needed, the fallback where the compiled kernel cannot run (no AVX2, no compiler).
 
@@ -38,6 +40,9 @@ from engine import cpu_kernel
 _LINEAR = torch.nn.functional.linear
 _ATTR = "_baton_narrow_linear"  # where a model keeps its switch, so engines sharing it share one
 MAX_ROWS = 16  # measured from 1 to 16 rows (benchmarks/step_profile.py); wider inputs keep F.linear
+# bfloat16: up to 32 rows, the range where F.linear (which it replaces) was row-invariant, so that batch
+# invariance holds over the same batch sizes as before (benchmarks/NOTES.md, bf16 batch invariance).
+MAX_ROWS_BF16 = 32
 
 KernelName = Literal["auto", "compiled", "transposed"]
 # (x [..., in], weight [out, in], bias [out] | None) -> x @ weight.T + bias, or None where it does not apply
@@ -65,10 +70,11 @@ def transposed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
 
 
 def compiled_linear(kernel: cpu_kernel.Kernel, x: torch.Tensor, weight: torch.Tensor,
-                    bias: torch.Tensor | None = None, *, max_rows: int = MAX_ROWS) -> torch.Tensor | None:
-    """`F.linear(x, weight, bias)` through the compiled kernel for 1..max_rows float32 rows on CPU; None where
-    it does not apply."""
-    if x.dtype is not torch.float32 or weight.dtype is not torch.float32:
+                    bias: torch.Tensor | None = None, *, max_rows: int = MAX_ROWS,
+                    dtype: torch.dtype = torch.float32) -> torch.Tensor | None:
+    """`F.linear(x, weight, bias)` through the compiled kernel for 1..max_rows rows of `dtype` (the kernel's)
+    on CPU; None where it does not apply."""
+    if x.dtype is not dtype or weight.dtype is not dtype:
         return None
     rows = _rows(x, max_rows, 1)
     if rows is None or weight.dim() != 2 or not weight.is_contiguous():
@@ -87,10 +93,24 @@ def resolve_kernel(name: KernelName, max_rows: int = MAX_ROWS) -> tuple[str, Row
     if name != "transposed":
         compiled = cpu_kernel.skinny_linear()
         if compiled is not None:
-            return "compiled", functools.partial(compiled_linear, compiled, max_rows=max_rows)
+            return "compiled", _by_dtype(functools.partial(compiled_linear, compiled, max_rows=max_rows))
         if name == "compiled":
             raise ValueError(f"narrow_kernel='compiled' cannot run here: {cpu_kernel.why_not()}")
     return "transposed", functools.partial(transposed_linear, max_rows=max_rows)
+
+
+def _by_dtype(float32: RowKernel) -> RowKernel:
+    """`float32`'s kernel for float32 inputs; for bfloat16 the compiled bfloat16 kernel where it runs here
+    (else None: F.linear)."""
+    bf16 = cpu_kernel.skinny_linear_bf16()
+    if bf16 is None:
+        return float32
+    bfloat16 = functools.partial(compiled_linear, bf16, max_rows=MAX_ROWS_BF16, dtype=torch.bfloat16)
+
+    def kernel(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
+        return bfloat16(x, weight, bias) if x.dtype is torch.bfloat16 else float32(x, weight, bias)
+
+    return kernel
 
 
 class _Active(threading.local):

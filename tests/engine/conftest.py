@@ -14,3 +14,26 @@ def kernel() -> cpu_kernel.Kernel:
     if compiled is None:
         pytest.skip(f"compiled kernel unavailable: {cpu_kernel.why_not()}")
     return compiled
+
+
+@pytest.fixture(scope="session")
+def kernel_bf16() -> cpu_kernel.Kernel:
+    """The compiled bfloat16 decode kernel (CPUs with AVX512-BF16); tests that need it skip elsewhere."""
+    compiled = cpu_kernel.skinny_linear_bf16()
+    if compiled is None:
+        pytest.skip(f"bfloat16 kernel unavailable: {cpu_kernel.why_not_bf16()}")
+    return compiled
+
+
+@pytest.fixture(params=["amx", "avx512"])
+def bf16_path(request, kernel_bf16):
+    """Each path of the bfloat16 kernel in turn (AMX where this CPU has it, then vdpbf16ps); the process's
+    choice is restored afterwards."""
+    before = cpu_kernel.amx_in_use()
+    if request.param == "amx" and not cpu_kernel.use_amx(True):
+        cpu_kernel.use_amx(before)
+        pytest.skip("no AMX-BF16 on this CPU (or the OS refused the tile state)")
+    if request.param == "avx512":
+        cpu_kernel.use_amx(False)
+    yield request.param
+    cpu_kernel.use_amx(before)

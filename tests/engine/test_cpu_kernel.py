@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from engine import cpu_kernel
-from engine.narrow_linear import MAX_ROWS, compiled_linear, resolve_kernel
+from engine.narrow_linear import MAX_ROWS, MAX_ROWS_BF16, compiled_linear, resolve_kernel
 
 
 def test_the_compiled_kernel_builds_wherever_it_can_run() -> None:
@@ -84,3 +84,53 @@ def test_build_dir_is_configurable_and_never_an_unwritable_environment(monkeypat
     assert cpu_kernel.build_dir() == read_only_env / "baton-kernels"  # a writable environment: inside it
     monkeypatch.setattr(cpu_kernel.os, "access", lambda path, mode: False)
     assert cpu_kernel.build_dir() == Path.home() / ".cache" / "baton-kernels"  # read-only: the user's cache
+
+
+def test_the_bfloat16_kernel_builds_wherever_the_cpu_has_avx512_bf16() -> None:
+    """On a CPU with AVX512-BF16 (where `dtype: auto` picks bfloat16) and a compiler, the bf16 kernel loads and
+    `auto` routes bfloat16 decode rows through it; elsewhere bfloat16 keeps F.linear."""
+    if not cpu_kernel.cpu_supports_bf16() or shutil.which("c++") is None:
+        pytest.skip("no AVX512-BF16 or no C++ compiler: bfloat16 decode rows use F.linear here")
+    bf16 = cpu_kernel.skinny_linear_bf16()
+    assert bf16 is not None, cpu_kernel.why_not_bf16()
+    name, row_kernel = resolve_kernel("auto")
+    assert name == "compiled"
+    x, w = torch.randn(3, 1, 64).bfloat16(), torch.randn(32, 64).bfloat16()
+    assert torch.equal(row_kernel(x, w, None), bf16(x.reshape(3, 64), w).view(3, 1, 32))
+    assert row_kernel(torch.randn(MAX_ROWS_BF16 + 1, 64).bfloat16(), w, None) is None  # wider: F.linear
+
+
+@pytest.mark.parametrize(("out", "inp"), [(1536, 576), (576, 1536), (48, 64), (300, 64), (9, 70), (6, 3)])
+def test_bfloat16_kernel_is_the_product_up_to_rounding(kernel_bf16, bf16_path: str, out: int, inp: int) -> None:
+    """Each path against the exact product: no further from it than F.linear's own bfloat16 result (plus one
+    bfloat16 rounding step). Covers the AMX tile shapes (in % 32, out % 16), the vdpbf16ps tail (in % 32 != 0,
+    out % 4 != 0), row counts below, at and past a 16-row tile and a 32-row pair of tiles."""
+    torch.manual_seed(out + inp)
+    w = torch.randn(out, inp).bfloat16()
+    for rows in (1, 2, 3, 5, 15, 16, 17, 32, 33, 50):
+        x = torch.randn(rows, inp).bfloat16()
+        exact = x.double() @ w.double().T
+        got = kernel_bf16(x, w)
+        assert got.shape == (rows, out) and got.dtype is torch.bfloat16
+        err = (got.double() - exact).abs().max().item()
+        ref = (torch.nn.functional.linear(x, w).double() - exact).abs().max().item()
+        assert err <= 2 * ref + 1e-2, (bf16_path, rows, err, ref)
+
+
+def test_bfloat16_kernel_gives_a_row_the_same_bits_alone_and_in_any_batch(kernel_bf16, bf16_path: str) -> None:
+    """What keeps bfloat16 decode batch-invariant: a row's bits do not depend on the rows beside it (1-32, any
+    position, across the AMX 16-row tiles), nor on the thread split."""
+    torch.manual_seed(2)
+    rows = MAX_ROWS_BF16
+    for out, inp in ((576, 1536), (303, 77)):
+        w, x = torch.randn(out, inp).bfloat16(), torch.randn(rows, inp).bfloat16()
+        alone = torch.cat([kernel_bf16(x[r:r + 1].contiguous(), w) for r in range(rows)])
+        for n in range(1, rows + 1):
+            for start in (0, rows - n):
+                assert torch.equal(kernel_bf16(x[start:start + n].contiguous(), w), alone[start:start + n]), (n, start)
+        old = torch.get_num_threads()
+        try:
+            torch.set_num_threads(1)
+            assert torch.equal(kernel_bf16(x, w), alone)
+        finally:
+            torch.set_num_threads(old)

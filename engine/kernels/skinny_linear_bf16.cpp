@@ -1,0 +1,200 @@
+// y[n, out] = x[n, in] . w[out, in]^T for a decode batch's rows, bfloat16, on CPU with AVX512-BF16.
+//
+// Why: a decode step streams every weight once, so with few rows it is bound by memory bandwidth. On the
+// 2-core Xeon this project measures on (AVX512-BF16, AMX), F.linear in bfloat16 streams the model's layer
+// weights at only ~7-8.5 GB/s for 1-16 rows, where the machine reads ~12-16 GB/s (benchmarks/NOTES.md). This
+// kernel splits the weight's rows over torch's own OpenMP threads (at::parallel_for) and multiplies bfloat16
+// pairs straight into float32 lanes (vdpbf16ps: 32 products per instruction, no conversion of the weight).
+//
+// Two paths, chosen by the weight's shape only (never by n):
+// * AMX (CPUs with AMX-BF16, `in` a multiple of 32 and `out` of 16, every linear of the default model): the
+//   tile product C[16 outputs, 16 rows] += W[16 outputs, 32 k] . X[32 k, 16 rows], the rows of x packed in
+//   pairs of k and zero-padded to 16. Each element of C is its own chain of pair products over k in order; the
+//   hardware never mixes columns, so a row's bits do not depend on the other rows (or on the zero padding).
+// * vdpbf16ps otherwise: 16 float lanes, each taking the pairs k = 32j + 2i, 32j + 2i + 1 for j = 0, 1, ... in
+//   order (the in % 32 tail as a zero-padded last chunk), then the 16 lanes summed by one fixed reduction.
+// Either way every output element y[r, o] is one dot product of x[r, :] and w[o, :] in a fixed order, rounded
+// once to bfloat16. Nothing in that order depends on n, on the other rows or on the thread split, so a row gets
+// the same bits alone or beside any others: the decode batch's linears stay batch-invariant.
+#include <torch/library.h>
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+// ---- AMX ----
+struct alignas(64) TileConfig {
+  uint8_t palette_id = 1;
+  uint8_t start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// tmm0/tmm3: C, 16 outputs x 16 rows of float32 (two groups of rows); tmm1: A, 16 weight rows x 32 bf16;
+// tmm2/tmm4: B, 16 k-pairs x 16 rows x 2 bf16.
+inline void load_tiles() {
+  TileConfig cfg;
+  for (int t = 0; t < 5; ++t) { cfg.colsb[t] = 64; cfg.rows[t] = 16; }
+  _tile_loadconfig(&cfg);
+}
+
+// x [n, in] (n <= 16) as B tiles: for each k-pair p, 16 rows x (x[r, 2p], x[r, 2p + 1]); rows >= n are zero.
+std::vector<uint16_t> pack_rows(const uint16_t* x, int64_t n, int64_t in) {
+  std::vector<uint16_t> packed(static_cast<size_t>(in / 2) * 32, 0);
+  for (int64_t p = 0; p < in / 2; ++p)
+    for (int64_t r = 0; r < n; ++r) {
+      packed[p * 32 + r * 2] = x[r * in + 2 * p];
+      packed[p * 32 + r * 2 + 1] = x[r * in + 2 * p + 1];
+    }
+  return packed;
+}
+
+inline void store_rows(const float* c, int64_t rows, float* y, int64_t out, int64_t o) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int m = 0; m < 16; ++m) y[r * out + o + m] = c[m * 16 + r];
+}
+
+// Weight rows [o0, o1) (multiples of 16) against one or two groups of up to 16 packed rows (rows0 of b0 at y,
+// rows1 of b1 at y + 16 * out; b1 null when there is one): each weight tile is read once for both groups.
+void amx_rows(const uint16_t* w, int64_t in, int64_t out, const uint16_t* b0, int64_t rows0, const uint16_t* b1,
+              int64_t rows1, float* y, int64_t o0, int64_t o1) {
+  alignas(64) float c[16 * 16];
+  for (int64_t o = o0; o < o1; o += 16) {
+    _tile_zero(0);
+    if (b1 != nullptr) {
+      _tile_zero(3);
+      for (int64_t k = 0; k < in; k += 32) {
+        _tile_loadd(1, w + o * in + k, in * 2);
+        _tile_loadd(2, b0 + (k / 2) * 32, 64);
+        _tile_loadd(4, b1 + (k / 2) * 32, 64);
+        _tile_dpbf16ps(0, 1, 2);
+        _tile_dpbf16ps(3, 1, 4);
+      }
+      _tile_stored(3, c, 64);
+      store_rows(c, rows1, y + 16 * out, out, o);
+    } else {
+      for (int64_t k = 0; k < in; k += 32) {
+        _tile_loadd(1, w + o * in + k, in * 2);
+        _tile_loadd(2, b0 + (k / 2) * 32, 64);
+        _tile_dpbf16ps(0, 1, 2);
+      }
+    }
+    _tile_stored(0, c, 64);
+    store_rows(c, rows0, y, out, o);
+  }
+}
+
+bool amx_fits(int64_t in, int64_t out) { return in % 32 == 0 && out % 16 == 0; }
+
+at::Tensor amx_linear(const at::Tensor& x, const at::Tensor& w) {
+  const int64_t n = x.size(0), in = x.size(1), out = w.size(0);
+  at::Tensor acc = at::empty({n, out}, x.options().dtype(at::kFloat));
+  const auto* X = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
+  const auto* W = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
+  float* Y = acc.data_ptr<float>();
+  std::vector<std::vector<uint16_t>> groups;  // the rows in groups of 16
+  for (int64_t r = 0; r < n; r += 16) groups.push_back(pack_rows(X + r * in, std::min<int64_t>(16, n - r), in));
+  at::parallel_for(0, out / 16, 8, [&](int64_t b0, int64_t b1) {
+    load_tiles();
+    for (size_t g = 0; g < groups.size(); g += 2) {  // rows 32 at a time
+      const int64_t r = static_cast<int64_t>(g) * 16;
+      const bool pair = g + 1 < groups.size();
+      amx_rows(W, in, out, groups[g].data(), std::min<int64_t>(16, n - r), pair ? groups[g + 1].data() : nullptr,
+               pair ? std::min<int64_t>(16, n - r - 16) : 0, Y + r * out, b0 * 16, b1 * 16);
+    }
+    _tile_release();
+  });
+  return acc.to(at::kBFloat16);
+}
+
+bool amx_ready = false;  // set once by baton_bf16::enable_amx (the process has AMX permission from the OS)
+
+// ---- vdpbf16ps ----
+
+// J consecutive weight rows against R input rows: R x J accumulators; each weight load is used R times.
+template <int R, int J>
+inline void block(const uint16_t* w, int64_t in, const uint16_t* x, int64_t x_stride, float* y, int64_t y_stride) {
+  __m512 acc[R][J];
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < J; ++j) acc[r][j] = _mm512_setzero_ps();
+  const int64_t in32 = in - in % 32;
+  for (int64_t k = 0; k < in32; k += 32) {
+    __m512bh wv[J];
+    for (int j = 0; j < J; ++j) wv[j] = (__m512bh)_mm512_loadu_si512(w + j * in + k);
+    for (int r = 0; r < R; ++r) {
+      const __m512bh xv = (__m512bh)_mm512_loadu_si512(x + r * x_stride + k);
+      for (int j = 0; j < J; ++j) acc[r][j] = _mm512_dpbf16_ps(acc[r][j], xv, wv[j]);
+    }
+  }
+  if (in32 < in) {  // the tail as one more chunk, zero beyond `in`
+    const __mmask32 m = (__mmask32)((1ULL << (in - in32)) - 1);
+    __m512bh wv[J];
+    for (int j = 0; j < J; ++j) wv[j] = (__m512bh)_mm512_maskz_loadu_epi16(m, w + j * in + in32);
+    for (int r = 0; r < R; ++r) {
+      const __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(m, x + r * x_stride + in32);
+      for (int j = 0; j < J; ++j) acc[r][j] = _mm512_dpbf16_ps(acc[r][j], xv, wv[j]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < J; ++j) y[r * y_stride + j] = _mm512_reduce_add_ps(acc[r][j]);
+}
+
+// Every input row against J weight rows starting at w, in groups of 4 rows (then the n % 4 rest).
+template <int J>
+inline void rows(const uint16_t* w, int64_t in, const uint16_t* x, int64_t n, float* y, int64_t out) {
+  int64_t r = 0;
+  for (; r + 4 <= n; r += 4) block<4, J>(w, in, x + r * in, in, y + r * out, out);
+  switch (n - r) {
+    case 3: block<3, J>(w, in, x + r * in, in, y + r * out, out); break;
+    case 2: block<2, J>(w, in, x + r * in, in, y + r * out, out); break;
+    case 1: block<1, J>(w, in, x + r * in, in, y + r * out, out); break;
+    default: break;
+  }
+}
+
+}  // namespace
+
+at::Tensor skinny_linear_bf16(const at::Tensor& x, const at::Tensor& w) {
+  TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), "skinny_linear_bf16: CPU tensors only");
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16,
+              "skinny_linear_bf16: bfloat16 only");
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "skinny_linear_bf16: x [n, in] and w [out, in]");
+  TORCH_CHECK(x.is_contiguous() && w.is_contiguous(), "skinny_linear_bf16: contiguous tensors only");
+  const int64_t n = x.size(0), in = x.size(1), out = w.size(0);
+  if (amx_ready && amx_fits(in, out)) return amx_linear(x, w);
+  at::Tensor acc = at::empty({n, out}, x.options().dtype(at::kFloat));
+  const auto* X = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
+  const auto* W = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
+  float* Y = acc.data_ptr<float>();
+  const int64_t blocks = out / 4;
+  // Threads split the weight's rows (blocks of 4): each weight byte is read once per call, by one thread.
+  at::parallel_for(0, blocks + (out % 4 ? 1 : 0), 16, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t o = b * 4;
+      if (b == blocks) {  // the last out % 4 weight rows, one at a time
+        for (int64_t oo = o; oo < out; ++oo) rows<1>(W + oo * in, in, X, n, Y + oo, out);
+        continue;
+      }
+      rows<4>(W + o * in, in, X, n, Y + o, out);
+    }
+  });
+  return acc.to(at::kBFloat16);  // one rounding per element, to nearest even
+}
+
+// Use the AMX path from now on (call once the process has AMX permission: torch's _init_amx). Returns its state.
+bool enable_amx(bool on) { amx_ready = on; return amx_ready; }
+bool amx_enabled() { return amx_ready; }
+
+// Torch operators (torch.ops.baton_bf16.*), so the profiler and the dispatcher see them.
+TORCH_LIBRARY(baton_bf16, m) {
+  m.def("skinny_linear(Tensor x, Tensor w) -> Tensor");
+  m.def("enable_amx(bool on) -> bool", &enable_amx);
+  m.def("amx_enabled() -> bool", &amx_enabled);
+}
+TORCH_LIBRARY_IMPL(baton_bf16, CPU, m) { m.impl("skinny_linear", &skinny_linear_bf16); }
