@@ -2,9 +2,10 @@
 
 `skinny_linear()` returns the float32 kernel, the torch operator `torch.ops.baton.skinny_linear` (`y = x @ w.T`
 for float32 `x` [n, in], `w` [out, in], both contiguous; skinny_linear.cpp), or None where it cannot run here:
-not an x86 CPU with AVX2 and FMA, no C++ compiler, or the build failed. `skinny_linear_bf16()` is the same for
-bfloat16 (`torch.ops.baton_bf16.skinny_linear`, skinny_linear_bf16.cpp), on CPUs with AVX512-BF16 (where
-`dtype: auto` picks bfloat16). Callers then use another kernel; nothing else changes.
+not an x86 CPU with AVX2 and FMA, no C++ compiler, or the build failed. `skinny_linear_avx512()` is the same for
+bfloat16 and float32 on CPUs with AVX512-BF16 (where `dtype: auto` picks bfloat16):
+`torch.ops.baton_avx512.skinny_linear`, skinny_linear_avx512.cpp, with an AMX path for bfloat16. Callers then
+use another kernel; nothing else changes.
 
 The extension is built once per environment with torch's own toolchain (`torch.utils.cpp_extension`), into
 `BATON_KERNEL_DIR` (default: `baton-kernels/` inside the active virtual environment, else
@@ -49,14 +50,14 @@ class KernelBuild:
 
 
 FLOAT32 = KernelBuild(NAME, SOURCE, tuple(FLAGS), "baton", "AVX2/FMA")
-BFLOAT16 = KernelBuild("baton_skinny_linear_bf16", SOURCE.with_name("skinny_linear_bf16.cpp"),
+AVX512 = KernelBuild("baton_skinny_linear_avx512", SOURCE.with_name("skinny_linear_avx512.cpp"),
                        ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mamx-tile", "-mamx-bf16",
-                        "-fopenmp"), "baton_bf16", "AVX512-BF16")
+                        "-fopenmp"), "baton_avx512", "AVX512-BF16")
 
 _lock = threading.Lock()
 _loaded: dict[str, Kernel | None] = {}  # KernelBuild.name -> the kernel, or None once it is known not to load here
 _why_not: list[str] = []
-_why_not_bf16: list[str] = []
+_why_not_avx512: list[str] = []
 
 
 def build_dir() -> Path:
@@ -77,8 +78,8 @@ def cpu_supports_it() -> bool:
     return capability in ("AVX2", "AVX512")
 
 
-def cpu_supports_bf16() -> bool:
-    """AVX512-BF16 on this CPU (the `avx512_bf16` flag; the bfloat16 kernel multiplies with vdpbf16ps)."""
+def cpu_supports_avx512() -> bool:
+    """AVX-512 with BF16 on this CPU (the `avx512_bf16` flag; the bfloat16 path multiplies with vdpbf16ps)."""
     from engine.model_loader import cpu_flags
 
     return torch.backends.cpu.get_cpu_capability() == "AVX512" and "avx512_bf16" in cpu_flags()
@@ -90,19 +91,20 @@ def skinny_linear() -> Kernel | None:
     return _kernel(FLOAT32, cpu_supports_it, _why_not)
 
 
-def skinny_linear_bf16() -> Kernel | None:
-    """The bfloat16 kernel, as `skinny_linear()` (the reason in `why_not_bf16()`). On CPUs with AMX-BF16 it
-    runs its AMX path (`amx_in_use()`) once the OS grants the process the AMX tile state."""
-    if BFLOAT16.name in _loaded:
-        return _loaded[BFLOAT16.name]
-    kernel = _kernel(BFLOAT16, cpu_supports_bf16, _why_not_bf16)
+def skinny_linear_avx512() -> Kernel | None:
+    """The AVX-512 kernel (bfloat16 and float32), as `skinny_linear()` (the reason in `why_not_avx512()`). On
+    CPUs with AMX-BF16 its bfloat16 path uses AMX tiles (`amx_in_use()`) once the OS grants the process the
+    AMX tile state."""
+    if AVX512.name in _loaded:
+        return _loaded[AVX512.name]
+    kernel = _kernel(AVX512, cpu_supports_avx512, _why_not_avx512)
     if kernel is not None:
         use_amx(True)
     return kernel
 
 
 def use_amx(on: bool) -> bool:
-    """Switch the bfloat16 kernel's AMX path on (where this CPU and OS allow it) or off; returns whether it is on.
+    """Switch the AVX-512 kernel's bfloat16 AMX path on (where this CPU and OS allow it) or off; returns whether it is on.
     Both paths give a row the same bits in any batch; they differ from each other, so one process keeps one."""
     from engine.model_loader import cpu_flags
 
@@ -110,12 +112,12 @@ def use_amx(on: bool) -> bool:
     if allowed:
         init = getattr(torch._C._cpu, "_init_amx", None)  # asks Linux for the AMX tile state (arch_prctl)
         allowed = bool(init is not None and init())
-    return bool(torch.ops.baton_bf16.enable_amx(allowed))
+    return bool(torch.ops.baton_avx512.enable_amx(allowed))
 
 
 def amx_in_use() -> bool:
-    """Whether the bfloat16 kernel runs its AMX path in this process."""
-    return _loaded.get(BFLOAT16.name) is not None and bool(torch.ops.baton_bf16.amx_enabled())
+    """Whether the AVX-512 kernel runs its bfloat16 AMX path in this process."""
+    return _loaded.get(AVX512.name) is not None and bool(torch.ops.baton_avx512.amx_enabled())
 
 
 def why_not() -> str | None:
@@ -123,9 +125,9 @@ def why_not() -> str | None:
     return _why_not[-1] if _why_not else None
 
 
-def why_not_bf16() -> str | None:
-    """Why `skinny_linear_bf16()` returned None, once it has."""
-    return _why_not_bf16[-1] if _why_not_bf16 else None
+def why_not_avx512() -> str | None:
+    """Why `skinny_linear_avx512()` returned None, once it has."""
+    return _why_not_avx512[-1] if _why_not_avx512 else None
 
 
 def _kernel(build: KernelBuild, supported: Callable[[], bool], reasons: list[str]) -> Kernel | None:
@@ -199,15 +201,17 @@ def main() -> int:
     err = (kernel(x, w) - torch.nn.functional.linear(x, w)).abs().max().item()
     assert err < 1e-4, f"compiled kernel disagrees with F.linear by {err}"
     print(f"[setup] compiled CPU decode kernel: ready in {build_dir()}", file=sys.stderr)
-    bf16 = skinny_linear_bf16()
-    if bf16 is None:
-        print(f"[setup] bfloat16 CPU decode kernel: not available ({why_not_bf16()}); bfloat16 uses F.linear",
+    wide = skinny_linear_avx512()
+    if wide is None:
+        print(f"[setup] AVX-512 CPU decode kernel: not available ({why_not_avx512()}); bfloat16 uses F.linear",
               file=sys.stderr)
         return 0
     xb, wb = x.bfloat16(), w.bfloat16()
-    err = (bf16(xb, wb).float() - (xb.double() @ wb.double().T).float()).abs().max().item()
-    assert err < 0.1, f"bfloat16 kernel disagrees with the exact product by {err}"
-    print(f"[setup] bfloat16 CPU decode kernel: ready in {build_dir()}", file=sys.stderr)
+    err = (wide(xb, wb).float() - (xb.double() @ wb.double().T).float()).abs().max().item()
+    assert err < 0.1, f"AVX-512 kernel (bfloat16) disagrees with the exact product by {err}"
+    err = (wide(x, w) - torch.nn.functional.linear(x, w)).abs().max().item()
+    assert err < 1e-4, f"AVX-512 kernel (float32) disagrees with F.linear by {err}"
+    print(f"[setup] AVX-512 CPU decode kernel: ready in {build_dir()} (AMX: {amx_in_use()})", file=sys.stderr)
     return 0
 
 

@@ -7,9 +7,10 @@ measures on (one thread for one row; slower still for 2-16 rows). Two kernels do
 
 * `compiled` (engine/kernels/skinny_linear.cpp, built by engine/cpu_kernel.py): an AVX2/FMA kernel that splits
   the weight's rows over torch's threads, 1-16 rows, float32; ~20-24 GB/s. A row's result does not depend on
-  the other rows of its batch (fixed summation order per element). In bfloat16, on CPUs with AVX512-BF16, its
-  sibling skinny_linear_bf16.cpp (1-32 rows, the same fixed order per element); elsewhere bfloat16 keeps
-  F.linear, whose bits are row-invariant up to 32 rows on the CPUs measured.
+  the other rows of its batch (fixed summation order per element). On CPUs with AVX512-BF16 its sibling
+  skinny_linear_avx512.cpp takes both dtypes: float32 (1-16 rows, 4 x 4 blocks of 16 lanes) and bfloat16 (1-32
+  rows; AMX tiles where the CPU has them, else vdpbf16ps), each with a fixed order per element; elsewhere
+  bfloat16 keeps F.linear, whose bits are row-invariant up to 32 rows on the CPUs measured.
 * `transposed`: `(W @ x.T).T`, the same product in the orientation MKL runs fast for 2-16 rows; no build
   needed, the fallback where the compiled kernel cannot run (no AVX2, no compiler).
 
@@ -91,21 +92,22 @@ def resolve_kernel(name: KernelName, max_rows: int = MAX_ROWS) -> tuple[str, Row
     if name not in ("auto", "compiled", "transposed"):
         raise ValueError(f"narrow_kernel must be auto, compiled or transposed, got {name!r}")
     if name != "transposed":
-        compiled = cpu_kernel.skinny_linear()
-        if compiled is not None:
-            return "compiled", _by_dtype(functools.partial(compiled_linear, compiled, max_rows=max_rows))
+        avx2 = cpu_kernel.skinny_linear()
+        if avx2 is not None:
+            return "compiled", _compiled(avx2, max_rows)
         if name == "compiled":
             raise ValueError(f"narrow_kernel='compiled' cannot run here: {cpu_kernel.why_not()}")
     return "transposed", functools.partial(transposed_linear, max_rows=max_rows)
 
 
-def _by_dtype(float32: RowKernel) -> RowKernel:
-    """`float32`'s kernel for float32 inputs; for bfloat16 the compiled bfloat16 kernel where it runs here
-    (else None: F.linear)."""
-    bf16 = cpu_kernel.skinny_linear_bf16()
-    if bf16 is None:
-        return float32
-    bfloat16 = functools.partial(compiled_linear, bf16, max_rows=MAX_ROWS_BF16, dtype=torch.bfloat16)
+def _compiled(avx2: cpu_kernel.Kernel, max_rows: int) -> RowKernel:
+    """The AVX-512 kernel for both dtypes where it runs here (float32 up to `max_rows` rows, bfloat16 up to
+    `MAX_ROWS_BF16`); else the AVX2 kernel for float32 and None (F.linear) for bfloat16."""
+    wide = cpu_kernel.skinny_linear_avx512()
+    if wide is None:
+        return functools.partial(compiled_linear, avx2, max_rows=max_rows)
+    float32 = functools.partial(compiled_linear, wide, max_rows=max_rows)
+    bfloat16 = functools.partial(compiled_linear, wide, max_rows=MAX_ROWS_BF16, dtype=torch.bfloat16)
 
     def kernel(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
         return bfloat16(x, weight, bias) if x.dtype is torch.bfloat16 else float32(x, weight, bias)

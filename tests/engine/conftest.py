@@ -18,11 +18,18 @@ def kernel() -> cpu_kernel.Kernel:
 
 @pytest.fixture(scope="session")
 def kernel_bf16() -> cpu_kernel.Kernel:
-    """The compiled bfloat16 decode kernel (CPUs with AVX512-BF16); tests that need it skip elsewhere."""
-    compiled = cpu_kernel.skinny_linear_bf16()
+    """The AVX-512 decode kernel (CPUs with AVX512-BF16; bfloat16 and float32); tests that need it skip
+    elsewhere."""
+    compiled = cpu_kernel.skinny_linear_avx512()
     if compiled is None:
-        pytest.skip(f"bfloat16 kernel unavailable: {cpu_kernel.why_not_bf16()}")
+        pytest.skip(f"AVX-512 kernel unavailable: {cpu_kernel.why_not_avx512()}")
     return compiled
+
+
+@pytest.fixture(params=["avx2", "avx512"])
+def kernel_f32(request) -> cpu_kernel.Kernel:
+    """Each compiled float32 kernel in turn: the AVX2 one, then the AVX-512 one where this CPU has it."""
+    return request.getfixturevalue("kernel" if request.param == "avx2" else "kernel_bf16")
 
 
 @pytest.fixture(params=["amx", "avx512"])

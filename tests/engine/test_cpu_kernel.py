@@ -24,9 +24,11 @@ def test_the_compiled_kernel_builds_wherever_it_can_run() -> None:
 
 
 @pytest.mark.parametrize(("out", "inp"), [(300, 64), (9, 70), (1, 8), (6, 3), (49, 576)])
-def test_compiled_kernel_is_f_linear_up_to_summation_order(kernel, out: int, inp: int) -> None:
+def test_compiled_kernel_is_f_linear_up_to_summation_order(kernel_f32, out: int, inp: int) -> None:
     """Every branch of the kernel: weight rows in blocks of 4 and the out % 4 rest, input rows in pairs and
-    an odd last one, the in % 8 tail; a bias, a 3-D input and a non-contiguous one."""
+    an odd last one, the in % 8 tail (AVX2; AVX-512: rows in fours, the in % 16 tail); a bias, a 3-D input and
+    a non-contiguous one."""
+    kernel = kernel_f32
     torch.manual_seed(out * 1000 + inp)
     w, b = torch.randn(out, inp), torch.randn(out)
     for rows in range(1, MAX_ROWS + 1):
@@ -41,9 +43,10 @@ def test_compiled_kernel_is_f_linear_up_to_summation_order(kernel, out: int, inp
     assert torch.allclose(compiled_linear(kernel, strided, w), torch.nn.functional.linear(strided, w), atol=1e-4)
 
 
-def test_compiled_kernel_gives_a_row_the_same_bits_alone_and_in_any_batch(kernel) -> None:
+def test_compiled_kernel_gives_a_row_the_same_bits_alone_and_in_any_batch(kernel_f32) -> None:
     """A row's output is the same bits whatever rows share its batch: what makes the decode batch's linears
     batch-invariant. Fails if the kernel mixed rows or its summation order depended on the row count."""
+    kernel = kernel_f32
     torch.manual_seed(1)
     w = torch.randn(303, 77)  # out % 4 != 0 and in % 8 != 0: every branch
     x = torch.randn(MAX_ROWS, 77)
@@ -86,18 +89,21 @@ def test_build_dir_is_configurable_and_never_an_unwritable_environment(monkeypat
     assert cpu_kernel.build_dir() == Path.home() / ".cache" / "baton-kernels"  # read-only: the user's cache
 
 
-def test_the_bfloat16_kernel_builds_wherever_the_cpu_has_avx512_bf16() -> None:
-    """On a CPU with AVX512-BF16 (where `dtype: auto` picks bfloat16) and a compiler, the bf16 kernel loads and
-    `auto` routes bfloat16 decode rows through it; elsewhere bfloat16 keeps F.linear."""
-    if not cpu_kernel.cpu_supports_bf16() or shutil.which("c++") is None:
+def test_the_avx512_kernel_builds_wherever_the_cpu_has_avx512_bf16() -> None:
+    """On a CPU with AVX512-BF16 (where `dtype: auto` picks bfloat16) and a compiler, the AVX-512 kernel loads
+    and `auto` routes bfloat16 and float32 decode rows through it; elsewhere bfloat16 keeps F.linear."""
+    if not cpu_kernel.cpu_supports_avx512() or shutil.which("c++") is None:
         pytest.skip("no AVX512-BF16 or no C++ compiler: bfloat16 decode rows use F.linear here")
-    bf16 = cpu_kernel.skinny_linear_bf16()
-    assert bf16 is not None, cpu_kernel.why_not_bf16()
+    bf16 = cpu_kernel.skinny_linear_avx512()
+    assert bf16 is not None, cpu_kernel.why_not_avx512()
     name, row_kernel = resolve_kernel("auto")
     assert name == "compiled"
     x, w = torch.randn(3, 1, 64).bfloat16(), torch.randn(32, 64).bfloat16()
     assert torch.equal(row_kernel(x, w, None), bf16(x.reshape(3, 64), w).view(3, 1, 32))
     assert row_kernel(torch.randn(MAX_ROWS_BF16 + 1, 64).bfloat16(), w, None) is None  # wider: F.linear
+    x32, w32 = torch.randn(5, 64), torch.randn(32, 64)  # float32 goes through it too, up to MAX_ROWS
+    assert torch.equal(row_kernel(x32, w32, None), bf16(x32, w32))
+    assert row_kernel(torch.randn(MAX_ROWS + 1, 64), w32, None) is None
 
 
 @pytest.mark.parametrize(("out", "inp"), [(1536, 576), (576, 1536), (48, 64), (300, 64), (9, 70), (6, 3)])

@@ -1,4 +1,4 @@
-// y[n, out] = x[n, in] . w[out, in]^T for a decode batch's rows, bfloat16, on CPU with AVX512-BF16.
+// y[n, out] = x[n, in] . w[out, in]^T for a decode batch's rows, bfloat16 or float32, on CPUs with AVX512-BF16.
 //
 // Why: a decode step streams every weight once, so with few rows it is bound by memory bandwidth. On the
 // 2-core Xeon this project measures on (AVX512-BF16, AMX), F.linear in bfloat16 streams the model's layer
@@ -113,9 +113,9 @@ at::Tensor amx_linear(const at::Tensor& x, const at::Tensor& w) {
   return acc.to(at::kBFloat16);
 }
 
-bool amx_ready = false;  // set once by baton_bf16::enable_amx (the process has AMX permission from the OS)
+bool amx_ready = false;  // set by baton_avx512::enable_amx (the process has AMX permission from the OS)
 
-// ---- vdpbf16ps ----
+// ---- vdpbf16ps (and float32 FMA) ----
 
 // J consecutive weight rows against R input rows: R x J accumulators; each weight load is used R times.
 template <int R, int J>
@@ -145,9 +145,37 @@ inline void block(const uint16_t* w, int64_t in, const uint16_t* x, int64_t x_st
     for (int j = 0; j < J; ++j) y[r * y_stride + j] = _mm512_reduce_add_ps(acc[r][j]);
 }
 
+// float32: J weight rows against R input rows, 16 lanes of fused multiply-adds along k.
+template <int R, int J>
+inline void block(const float* w, int64_t in, const float* x, int64_t x_stride, float* y, int64_t y_stride) {
+  __m512 acc[R][J];
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < J; ++j) acc[r][j] = _mm512_setzero_ps();
+  const int64_t in16 = in - in % 16;
+  for (int64_t k = 0; k < in16; k += 16) {
+    __m512 wv[J];
+    for (int j = 0; j < J; ++j) wv[j] = _mm512_loadu_ps(w + j * in + k);
+    for (int r = 0; r < R; ++r) {
+      const __m512 xv = _mm512_loadu_ps(x + r * x_stride + k);
+      for (int j = 0; j < J; ++j) acc[r][j] = _mm512_fmadd_ps(xv, wv[j], acc[r][j]);
+    }
+  }
+  if (in16 < in) {  // the tail as one more chunk, zero beyond `in`
+    const __mmask16 m = (__mmask16)((1U << (in - in16)) - 1);
+    __m512 wv[J];
+    for (int j = 0; j < J; ++j) wv[j] = _mm512_maskz_loadu_ps(m, w + j * in + in16);
+    for (int r = 0; r < R; ++r) {
+      const __m512 xv = _mm512_maskz_loadu_ps(m, x + r * x_stride + in16);
+      for (int j = 0; j < J; ++j) acc[r][j] = _mm512_fmadd_ps(xv, wv[j], acc[r][j]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < J; ++j) y[r * y_stride + j] = _mm512_reduce_add_ps(acc[r][j]);
+}
+
 // Every input row against J weight rows starting at w, in groups of 4 rows (then the n % 4 rest).
-template <int J>
-inline void rows(const uint16_t* w, int64_t in, const uint16_t* x, int64_t n, float* y, int64_t out) {
+template <int J, typename T>
+inline void rows(const T* w, int64_t in, const T* x, int64_t n, float* y, int64_t out) {
   int64_t r = 0;
   for (; r + 4 <= n; r += 4) block<4, J>(w, in, x + r * in, in, y + r * out, out);
   switch (n - r) {
@@ -158,22 +186,11 @@ inline void rows(const uint16_t* w, int64_t in, const uint16_t* x, int64_t n, fl
   }
 }
 
-}  // namespace
-
-at::Tensor skinny_linear_bf16(const at::Tensor& x, const at::Tensor& w) {
-  TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), "skinny_linear_bf16: CPU tensors only");
-  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16,
-              "skinny_linear_bf16: bfloat16 only");
-  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "skinny_linear_bf16: x [n, in] and w [out, in]");
-  TORCH_CHECK(x.is_contiguous() && w.is_contiguous(), "skinny_linear_bf16: contiguous tensors only");
-  const int64_t n = x.size(0), in = x.size(1), out = w.size(0);
-  if (amx_ready && amx_fits(in, out)) return amx_linear(x, w);
-  at::Tensor acc = at::empty({n, out}, x.options().dtype(at::kFloat));
-  const auto* X = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
-  const auto* W = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
-  float* Y = acc.data_ptr<float>();
+// All rows of x against every weight row; threads split the weight's rows (blocks of 4), so each weight byte
+// is read once per call, by one thread.
+template <typename T>
+void lanes_linear(const T* X, const T* W, float* Y, int64_t n, int64_t in, int64_t out) {
   const int64_t blocks = out / 4;
-  // Threads split the weight's rows (blocks of 4): each weight byte is read once per call, by one thread.
   at::parallel_for(0, blocks + (out % 4 ? 1 : 0), 16, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t o = b * 4;
@@ -184,6 +201,27 @@ at::Tensor skinny_linear_bf16(const at::Tensor& x, const at::Tensor& w) {
       rows<4>(W + o * in, in, X, n, Y + o, out);
     }
   });
+}
+
+}  // namespace
+
+at::Tensor skinny_linear(const at::Tensor& x, const at::Tensor& w) {
+  TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), "skinny_linear (AVX-512): CPU tensors only");
+  TORCH_CHECK(x.scalar_type() == w.scalar_type() &&
+              (x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat),
+              "skinny_linear (AVX-512): bfloat16 or float32, the same for x and w");
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "skinny_linear (AVX-512): x [n, in] and w [out, in]");
+  TORCH_CHECK(x.is_contiguous() && w.is_contiguous(), "skinny_linear (AVX-512): contiguous tensors only");
+  const int64_t n = x.size(0), in = x.size(1), out = w.size(0);
+  if (x.scalar_type() == at::kFloat) {
+    at::Tensor y = at::empty({n, out}, x.options());
+    lanes_linear(x.data_ptr<float>(), w.data_ptr<float>(), y.data_ptr<float>(), n, in, out);
+    return y;
+  }
+  if (amx_ready && amx_fits(in, out)) return amx_linear(x, w);
+  at::Tensor acc = at::empty({n, out}, x.options().dtype(at::kFloat));
+  lanes_linear(reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>()),
+               reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>()), acc.data_ptr<float>(), n, in, out);
   return acc.to(at::kBFloat16);  // one rounding per element, to nearest even
 }
 
@@ -191,10 +229,10 @@ at::Tensor skinny_linear_bf16(const at::Tensor& x, const at::Tensor& w) {
 bool enable_amx(bool on) { amx_ready = on; return amx_ready; }
 bool amx_enabled() { return amx_ready; }
 
-// Torch operators (torch.ops.baton_bf16.*), so the profiler and the dispatcher see them.
-TORCH_LIBRARY(baton_bf16, m) {
+// Torch operators (torch.ops.baton_avx512.*), so the profiler and the dispatcher see them.
+TORCH_LIBRARY(baton_avx512, m) {
   m.def("skinny_linear(Tensor x, Tensor w) -> Tensor");
   m.def("enable_amx(bool on) -> bool", &enable_amx);
   m.def("amx_enabled() -> bool", &amx_enabled);
 }
-TORCH_LIBRARY_IMPL(baton_bf16, CPU, m) { m.impl("skinny_linear", &skinny_linear_bf16); }
+TORCH_LIBRARY_IMPL(baton_avx512, CPU, m) { m.impl("skinny_linear", &skinny_linear); }
