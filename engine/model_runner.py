@@ -309,7 +309,7 @@ class ModelRunner:
         parts: list[torch.Tensor] = []
         for lo, hi in prefill_chunks(start, len(token_ids), self.prefill_chunk):
             positions, mask = prefix_inputs(lo, hi)
-            keep = 0 if every_position else last_position(hi - lo)  # transformers: 0 keeps every position
+            keep = 0 if every_position else last_position(hi - lo, self.device)  # transformers: 0 keeps every position
             with last_position_alone(self.model) if every_position else contextlib.nullcontext():
                 out = self.model(input_ids=torch.tensor([token_ids[lo:hi]], dtype=torch.long, device=self.device),
                                  position_ids=positions.to(self.device), attention_mask=mask.to(self.device),
@@ -340,7 +340,7 @@ class ModelRunner:
                 attention_mask=mask,
                 past_key_values=ShapedCacheAdapter(cache),
                 use_cache=True,
-                logits_to_keep=last_position(t),
+                logits_to_keep=last_position(t, self.device),
             )
         cache.advance(t)
         logits = out.logits[:, -1].float()
@@ -348,13 +348,13 @@ class ModelRunner:
         return logits
 
 
-def last_position(width: int) -> int | torch.Tensor:
+def last_position(width: int, device: torch.device | None = None) -> int | torch.Tensor:
     """`logits_to_keep` for the last of `width` positions. Past one position, an index tensor rather than 1:
     transformers then gathers the last position into a tensor of its own, where 1 slices a view of it whose
     [batch, 1, hidden] strides send a bfloat16 output embedding on CPU through a batched product that copies
     the whole [hidden, vocab] weight (~0.2-0.3 s per prefill for the default model, against ~10 ms). The
     logits are the same bits either way."""
-    return 1 if width == 1 else torch.tensor([width - 1])
+    return 1 if width == 1 else torch.tensor([width - 1], device=device)
 
 
 def row_kv(kv: DynamicCache) -> RowKV:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
+import torch
 
 from engine import cpu_kernel
 
@@ -44,3 +47,13 @@ def bf16_path(request, kernel_bf16):
         cpu_kernel.use_amx(False)
     yield request.param
     cpu_kernel.use_amx(before)
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """One intra-op thread for a module's tests (`pytestmark = pytest.mark.usefixtures("one_thread")`): the
+    machine is shared, and their runs are small."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

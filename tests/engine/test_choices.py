@@ -6,10 +6,8 @@ under swap and recompute preemption."""
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
 
 import pytest
-import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -23,12 +21,7 @@ from tests.helpers import make_engine
 PLENTY = 1 << 40  # a memory budget nothing here comes near: only priorities preempt
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/engine/conftest.py
 
 
 def run_choices(engine, rid, prompt, params, n, resume=(), beside=(), priority=0):

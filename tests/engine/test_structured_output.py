@@ -9,7 +9,6 @@ import gc
 import json
 import re
 import string
-from collections.abc import Iterator
 
 import jsonschema
 import pytest
@@ -39,13 +38,7 @@ GREEDY = SamplingParams(max_tokens=80, json_schema=PERSON)
 SEEDED = SamplingParams(max_tokens=80, json_schema=PERSON, temperature=1.0, top_p=0.95, seed=7)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    """One intra-op thread: the machine is shared, and these runs are small."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/engine/conftest.py
 
 
 @pytest.fixture(scope="module")
