@@ -293,7 +293,9 @@ class Scheduler:
                 allowance -= len(group) * entry
             for r in group:
                 self._leave_waiting(r)
-            out.append(self._prefill(group, join=False, prefix=prefill.prefix, looked_up=prefill.looked_up))
+            # the lead's prefill as built above; with siblings, rebuilt once to carry their draws
+            out.append(prefill if len(group) == 1 else
+                       self._prefill(group, join=False, prefix=prefill.prefix, looked_up=prefill.looked_up))
             budget, tokens, room = budget - computed, tokens + computed, room - len(group)
         return out
 
