@@ -83,7 +83,7 @@ class EngineConfig(BaseModel):
     narrow_kernel: Literal["auto", "compiled", "transposed"] = Field(
         default="auto",
         description="CPU, with narrow_linear: 'compiled' (C++ kernels built once per environment, "
-        "engine/cpu_kernel.py: float32 AVX2/FMA, and bfloat16 AMX/AVX512-BF16 where the CPU has it), 'transposed' "
+        "engine/cpu_kernel.py: float32 AVX2/FMA or AVX-512, and bfloat16 through AMX where the CPU has it), 'transposed' "
         "((W @ x.T).T through MKL, no build), or 'auto' (compiled where it builds and runs, else transposed).",
     )
     seed: int = Field(default=0, description="Seed for requests that do not give one.")

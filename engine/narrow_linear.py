@@ -8,9 +8,9 @@ measures on (one thread for one row; slower still for 2-16 rows). Two kernels do
 * `compiled` (engine/kernels/skinny_linear.cpp, built by engine/cpu_kernel.py): an AVX2/FMA kernel that splits
   the weight's rows over torch's threads, 1-16 rows, float32; ~20-24 GB/s. A row's result does not depend on
   the other rows of its batch (fixed summation order per element). On CPUs with AVX512-BF16 its sibling
-  skinny_linear_avx512.cpp takes both dtypes: float32 (1-16 rows, 4 x 4 blocks of 16 lanes) and bfloat16 (1-32
-  rows; AMX tiles where the CPU has them, else vdpbf16ps), each with a fixed order per element; elsewhere
-  bfloat16 keeps F.linear, whose bits are row-invariant up to 32 rows on the CPUs measured.
+  skinny_linear_avx512.cpp takes float32 (1-16 rows, 4 x 4 blocks of 16 lanes) and, on CPUs with AMX,
+  bfloat16 (1-32 rows through AMX tiles), each with a fixed order per element; elsewhere bfloat16 keeps
+  F.linear, whose bits are row-invariant up to 32 rows on the CPUs measured.
 * `transposed`: `(W @ x.T).T`, the same product in the orientation MKL runs fast for 2-16 rows; no build
   needed, the fallback where the compiled kernel cannot run (no AVX2, no compiler).
 
@@ -101,12 +101,15 @@ def resolve_kernel(name: KernelName, max_rows: int = MAX_ROWS) -> tuple[str, Row
 
 
 def _compiled(avx2: cpu_kernel.Kernel, max_rows: int) -> RowKernel:
-    """The AVX-512 kernel for both dtypes where it runs here (float32 up to `max_rows` rows, bfloat16 up to
-    `MAX_ROWS_BF16`); else the AVX2 kernel for float32 and None (F.linear) for bfloat16."""
+    """The AVX-512 kernel where it runs here: float32 up to `max_rows` rows, and bfloat16 up to `MAX_ROWS_BF16`
+    where it runs on AMX (its vdpbf16ps path was slower than F.linear from 4 rows on, benchmarks/NOTES.md, so
+    without AMX bfloat16 keeps F.linear); else the AVX2 kernel for float32 and F.linear for bfloat16."""
     wide = cpu_kernel.skinny_linear_avx512()
     if wide is None:
         return functools.partial(compiled_linear, avx2, max_rows=max_rows)
     float32 = functools.partial(compiled_linear, wide, max_rows=max_rows)
+    if not cpu_kernel.amx_in_use():
+        return float32  # (returns None for bfloat16: F.linear)
     bfloat16 = functools.partial(compiled_linear, wide, max_rows=MAX_ROWS_BF16, dtype=torch.bfloat16)
 
     def kernel(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:

@@ -91,7 +91,8 @@ def test_build_dir_is_configurable_and_never_an_unwritable_environment(monkeypat
 
 def test_the_avx512_kernel_builds_wherever_the_cpu_has_avx512_bf16() -> None:
     """On a CPU with AVX512-BF16 (where `dtype: auto` picks bfloat16) and a compiler, the AVX-512 kernel loads
-    and `auto` routes bfloat16 and float32 decode rows through it; elsewhere bfloat16 keeps F.linear."""
+    and `auto` routes float32 decode rows through it, and bfloat16 ones where it runs on AMX; elsewhere
+    bfloat16 keeps F.linear."""
     if not cpu_kernel.cpu_supports_avx512() or shutil.which("c++") is None:
         pytest.skip("no AVX512-BF16 or no C++ compiler: bfloat16 decode rows use F.linear here")
     bf16 = cpu_kernel.skinny_linear_avx512()
@@ -99,8 +100,11 @@ def test_the_avx512_kernel_builds_wherever_the_cpu_has_avx512_bf16() -> None:
     name, row_kernel = resolve_kernel("auto")
     assert name == "compiled"
     x, w = torch.randn(3, 1, 64).bfloat16(), torch.randn(32, 64).bfloat16()
-    assert torch.equal(row_kernel(x, w, None), bf16(x.reshape(3, 64), w).view(3, 1, 32))
-    assert row_kernel(torch.randn(MAX_ROWS_BF16 + 1, 64).bfloat16(), w, None) is None  # wider: F.linear
+    if cpu_kernel.amx_in_use():  # bfloat16 rows through its AMX path
+        assert torch.equal(row_kernel(x, w, None), bf16(x.reshape(3, 64), w).view(3, 1, 32))
+        assert row_kernel(torch.randn(MAX_ROWS_BF16 + 1, 64).bfloat16(), w, None) is None  # wider: F.linear
+    else:  # without AMX bfloat16 keeps F.linear
+        assert row_kernel(x, w, None) is None
     x32, w32 = torch.randn(5, 64), torch.randn(32, 64)  # float32 goes through it too, up to MAX_ROWS
     assert torch.equal(row_kernel(x32, w32, None), bf16(x32, w32))
     assert row_kernel(torch.randn(MAX_ROWS + 1, 64), w32, None) is None
