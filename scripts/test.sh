@@ -11,4 +11,6 @@ echo "[test] ruff"
 echo "[test] mypy"
 "$py/mypy" engine autoscaler deployments configs
 echo "[test] pytest"
-exec "$py/pytest" -q -p no:cacheprovider --durations=15 "$@"
+# Two xdist workers (tests/conftest.py schedules the Ray/Serve and timing tests on one, one at a time);
+# BATON_TEST_WORKERS=0 runs everything in this process.
+exec "$py/pytest" -q -p no:cacheprovider --durations=15 -n "${BATON_TEST_WORKERS:-2}" "$@"

@@ -3,9 +3,11 @@ session's Ray + Serve instance (started only by the tests that ask for it)."""
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -20,7 +22,47 @@ def _has_gpu() -> bool:
     return torch.cuda.is_available()
 
 
+# Under pytest-xdist (scripts/test.sh runs two workers): one torch thread per worker, since two 2-thread OpenMP
+# pools on 2 cores collapse. Ray replicas are other processes and keep the threads their num_cpus gives them.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
+
+SERIAL_GROUP = "serial"
+# What a module's source names when it uses Ray/Serve (the session's instance, or the `ray`/`serve` CLIs' own
+# clusters) or measures timing (`pytest.mark.serial`).
+_SERIAL_WORDS = ("ray_serve", "serve_instance", "ray_cluster", "mark.serial")
+
+
+@functools.cache
+def runs_serially(module: str) -> bool:
+    """Whether the tests of `module` (a path relative to the repository) share one xdist worker, one after
+    another as without xdist: they start or use Ray/Serve, or measure timing."""
+    path = REPO / module
+    return path.is_file() and any(word in path.read_text() for word in _SERIAL_WORDS)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """xdist's scheduling by scope, where a scope is a module (its module-scoped fixtures, e.g. solo references,
+    are built once) or, for every module that `runs_serially`, the one serial scope: the largest, so it starts
+    first on one worker while the other takes the remaining modules. (Scopes from the module path, not from
+    `xdist_group` marks: `--dist loadgroup` loses them with pytest 9.2, pytest-xdist issue #1386.)"""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ModuleOrSerial(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return SERIAL_GROUP if runs_serially(module) else module
+
+    return ModuleOrSerial(config, log)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:  # a module that uses Ray without naming it would start a second Ray on the other worker
+        uses_ray = "ray_serve" in getattr(item, "fixturenames", ()) or item.get_closest_marker("ray_cluster")
+        module = item.nodeid.split("::", 1)[0]
+        if uses_ray and not runs_serially(module):
+            raise pytest.UsageError(f"{module} uses Ray/Serve without naming one of {_SERIAL_WORDS}")
     if _has_gpu():
         return
     skip = pytest.mark.skip(reason="needs an NVIDIA GPU")

@@ -7,6 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.serial  # it measures tokens/s quiet and under contention
+
 REPO = Path(__file__).resolve().parents[2]
 
 

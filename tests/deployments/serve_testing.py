@@ -38,9 +38,13 @@ def fake_factory(**kwargs: Any) -> Callable[..., FakeAsyncEngine]:
     return functools.partial(FakeAsyncEngine, **kwargs)
 
 
-def ingress_metrics(base: str) -> dict[str, float]:
-    """/stats of the app at `base`: an engine replica's metrics with the ingress's counters."""
-    return dict(httpx.get(f"{base}/stats", timeout=10).json()["metrics"])
+def ingress_metrics(base: str, timeout_s: float = 30) -> dict[str, float]:
+    """/stats of the app at `base`: an engine replica's metrics with the ingress's counters. Waits out a
+    moment without an engine replica to answer (a 503 while Serve replaces one, e.g. after a health check
+    that timed out on a busy machine); fails after `timeout_s`."""
+    answer = wait_until(lambda: (r := httpx.get(f"{base}/stats", timeout=10)).status_code == 200 and r,
+                        timeout_s=timeout_s, interval_s=0.2, what=f"{base}/stats to answer 200")
+    return dict(answer.json()["metrics"])
 
 
 # --- killing an engine replica under load (tests/deployments/test_failover.py, test_real_model.py) -------
