@@ -47,12 +47,13 @@ class KernelBuild:
     flags: tuple[str, ...]
     namespace: str  # torch.ops.<namespace>.skinny_linear
     needs: str  # what the CPU must have, for messages
+    fallback: str  # what runs instead where it cannot, for messages
 
 
-FLOAT32 = KernelBuild(NAME, SOURCE, tuple(FLAGS), "baton", "AVX2/FMA")
+FLOAT32 = KernelBuild(NAME, SOURCE, tuple(FLAGS), "baton", "AVX2/FMA", "the transposed-matmul kernel")
 AVX512 = KernelBuild("baton_skinny_linear_avx512", SOURCE.with_name("skinny_linear_avx512.cpp"),
                        ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mamx-tile", "-mamx-bf16",
-                        "-fopenmp"), "baton_avx512", "AVX512-BF16")
+                        "-fopenmp"), "baton_avx512", "AVX512-BF16", "the AVX2 kernel (F.linear for bfloat16)")
 
 _lock = threading.Lock()
 _loaded: dict[str, Kernel | None] = {}  # KernelBuild.name -> the kernel, or None once it is known not to load here
@@ -141,9 +142,9 @@ def _kernel(build: KernelBuild, supported: Callable[[], bool], reasons: list[str
 
 def _load(build: KernelBuild, supported: Callable[[], bool], reasons: list[str]) -> Kernel | None:
     if os.environ.get("BATON_CPU_KERNEL", "1") == "0":
-        return _fail(reasons, "disabled by BATON_CPU_KERNEL=0")
+        return _fail(build, reasons, "disabled by BATON_CPU_KERNEL=0")
     if not supported():
-        return _fail(reasons, f"this CPU lacks {build.needs} (torch reports {torch.backends.cpu.get_cpu_capability()})")
+        return _fail(build, reasons, f"this CPU lacks {build.needs} (torch reports {torch.backends.cpu.get_cpu_capability()})")
     from torch.utils import cpp_extension
 
     directory = build_dir()
@@ -162,7 +163,7 @@ def _load(build: KernelBuild, supported: Callable[[], bool], reasons: list[str])
                                verbose=False)
         kernel: Kernel = ops.skinny_linear
     except Exception as exc:  # no compiler, no headers, a read-only directory: fall back, say why
-        return _fail(reasons, f"build failed in {directory}: {type(exc).__name__}: {str(exc).strip()[-400:]}")
+        return _fail(build, reasons, f"build failed in {directory}: {type(exc).__name__}: {str(exc).strip()[-400:]}")
     if not built_before:
         log.warning("CPU decode kernel %s ready (%.0f s)", build.name, time.perf_counter() - t0)
     return kernel
@@ -182,10 +183,9 @@ def _clear_stale_lock(directory: Path) -> None:
             lock.unlink()
 
 
-def _fail(reasons: list[str], reason: str) -> Kernel | None:
+def _fail(build: KernelBuild, reasons: list[str], reason: str) -> Kernel | None:
     reasons.append(reason)
-    fallback = "the transposed-matmul kernel" if reasons is _why_not else "F.linear for bfloat16"
-    log.warning("a compiled CPU decode kernel is unavailable, using %s: %s", fallback, reason)
+    log.warning("compiled CPU decode kernel %s unavailable, using %s: %s", build.name, build.fallback, reason)
     return None
 
 

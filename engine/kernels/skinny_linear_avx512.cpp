@@ -117,56 +117,49 @@ bool amx_ready = false;  // set by baton_avx512::enable_amx (the process has AMX
 
 // ---- vdpbf16ps (and float32 FMA) ----
 
-// J consecutive weight rows against R input rows: R x J accumulators; each weight load is used R times.
-template <int R, int J>
-inline void block(const uint16_t* w, int64_t in, const uint16_t* x, int64_t x_stride, float* y, int64_t y_stride) {
-  __m512 acc[R][J];
-  for (int r = 0; r < R; ++r)
-    for (int j = 0; j < J; ++j) acc[r][j] = _mm512_setzero_ps();
-  const int64_t in32 = in - in % 32;
-  for (int64_t k = 0; k < in32; k += 32) {
-    __m512bh wv[J];
-    for (int j = 0; j < J; ++j) wv[j] = (__m512bh)_mm512_loadu_si512(w + j * in + k);
-    for (int r = 0; r < R; ++r) {
-      const __m512bh xv = (__m512bh)_mm512_loadu_si512(x + r * x_stride + k);
-      for (int j = 0; j < J; ++j) acc[r][j] = _mm512_dpbf16_ps(acc[r][j], xv, wv[j]);
-    }
-  }
-  if (in32 < in) {  // the tail as one more chunk, zero beyond `in`
-    const __mmask32 m = (__mmask32)((1ULL << (in - in32)) - 1);
-    __m512bh wv[J];
-    for (int j = 0; j < J; ++j) wv[j] = (__m512bh)_mm512_maskz_loadu_epi16(m, w + j * in + in32);
-    for (int r = 0; r < R; ++r) {
-      const __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(m, x + r * x_stride + in32);
-      for (int j = 0; j < J; ++j) acc[r][j] = _mm512_dpbf16_ps(acc[r][j], xv, wv[j]);
-    }
-  }
-  for (int r = 0; r < R; ++r)
-    for (int j = 0; j < J; ++j) y[r * y_stride + j] = _mm512_reduce_add_ps(acc[r][j]);
-}
+// The two element types of the lanes path: a chunk of k per vector, a load, a zero-padded tail load, and the
+// multiply-add into 16 float lanes (bfloat16: vdpbf16ps over pairs of k; float32: a fused multiply-add).
+struct Bf16Lanes {
+  using T = uint16_t;
+  using V = __m512bh;
+  static constexpr int64_t K = 32;
+  static V load(const T* p) { return (V)_mm512_loadu_si512(p); }
+  static V load_tail(const T* p, int64_t n) { return (V)_mm512_maskz_loadu_epi16((__mmask32)((1ULL << n) - 1), p); }
+  static __m512 madd(__m512 acc, V x, V w) { return _mm512_dpbf16_ps(acc, x, w); }
+};
 
-// float32: J weight rows against R input rows, 16 lanes of fused multiply-adds along k.
-template <int R, int J>
-inline void block(const float* w, int64_t in, const float* x, int64_t x_stride, float* y, int64_t y_stride) {
+struct F32Lanes {
+  using T = float;
+  using V = __m512;
+  static constexpr int64_t K = 16;
+  static V load(const T* p) { return _mm512_loadu_ps(p); }
+  static V load_tail(const T* p, int64_t n) { return _mm512_maskz_loadu_ps((__mmask16)((1U << n) - 1), p); }
+  static __m512 madd(__m512 acc, V x, V w) { return _mm512_fmadd_ps(x, w, acc); }
+};
+
+// J consecutive weight rows against R input rows: R x J accumulators; each weight load is used R times. The
+// in % K tail is one more chunk, zero beyond `in`; then each accumulator's 16 lanes are summed.
+template <class L, int R, int J>
+inline void block(const typename L::T* w, int64_t in, const typename L::T* x, int64_t x_stride, float* y,
+                  int64_t y_stride) {
   __m512 acc[R][J];
   for (int r = 0; r < R; ++r)
     for (int j = 0; j < J; ++j) acc[r][j] = _mm512_setzero_ps();
-  const int64_t in16 = in - in % 16;
-  for (int64_t k = 0; k < in16; k += 16) {
-    __m512 wv[J];
-    for (int j = 0; j < J; ++j) wv[j] = _mm512_loadu_ps(w + j * in + k);
+  const int64_t whole = in - in % L::K;
+  for (int64_t k = 0; k < whole; k += L::K) {
+    typename L::V wv[J];
+    for (int j = 0; j < J; ++j) wv[j] = L::load(w + j * in + k);
     for (int r = 0; r < R; ++r) {
-      const __m512 xv = _mm512_loadu_ps(x + r * x_stride + k);
-      for (int j = 0; j < J; ++j) acc[r][j] = _mm512_fmadd_ps(xv, wv[j], acc[r][j]);
+      const typename L::V xv = L::load(x + r * x_stride + k);
+      for (int j = 0; j < J; ++j) acc[r][j] = L::madd(acc[r][j], xv, wv[j]);
     }
   }
-  if (in16 < in) {  // the tail as one more chunk, zero beyond `in`
-    const __mmask16 m = (__mmask16)((1U << (in - in16)) - 1);
-    __m512 wv[J];
-    for (int j = 0; j < J; ++j) wv[j] = _mm512_maskz_loadu_ps(m, w + j * in + in16);
+  if (whole < in) {
+    typename L::V wv[J];
+    for (int j = 0; j < J; ++j) wv[j] = L::load_tail(w + j * in + whole, in - whole);
     for (int r = 0; r < R; ++r) {
-      const __m512 xv = _mm512_maskz_loadu_ps(m, x + r * x_stride + in16);
-      for (int j = 0; j < J; ++j) acc[r][j] = _mm512_fmadd_ps(xv, wv[j], acc[r][j]);
+      const typename L::V xv = L::load_tail(x + r * x_stride + whole, in - whole);
+      for (int j = 0; j < J; ++j) acc[r][j] = L::madd(acc[r][j], xv, wv[j]);
     }
   }
   for (int r = 0; r < R; ++r)
@@ -174,31 +167,31 @@ inline void block(const float* w, int64_t in, const float* x, int64_t x_stride, 
 }
 
 // Every input row against J weight rows starting at w, in groups of 4 rows (then the n % 4 rest).
-template <int J, typename T>
-inline void rows(const T* w, int64_t in, const T* x, int64_t n, float* y, int64_t out) {
+template <class L, int J>
+inline void rows(const typename L::T* w, int64_t in, const typename L::T* x, int64_t n, float* y, int64_t out) {
   int64_t r = 0;
-  for (; r + 4 <= n; r += 4) block<4, J>(w, in, x + r * in, in, y + r * out, out);
+  for (; r + 4 <= n; r += 4) block<L, 4, J>(w, in, x + r * in, in, y + r * out, out);
   switch (n - r) {
-    case 3: block<3, J>(w, in, x + r * in, in, y + r * out, out); break;
-    case 2: block<2, J>(w, in, x + r * in, in, y + r * out, out); break;
-    case 1: block<1, J>(w, in, x + r * in, in, y + r * out, out); break;
+    case 3: block<L, 3, J>(w, in, x + r * in, in, y + r * out, out); break;
+    case 2: block<L, 2, J>(w, in, x + r * in, in, y + r * out, out); break;
+    case 1: block<L, 1, J>(w, in, x + r * in, in, y + r * out, out); break;
     default: break;
   }
 }
 
 // All rows of x against every weight row; threads split the weight's rows (blocks of 4), so each weight byte
 // is read once per call, by one thread.
-template <typename T>
-void lanes_linear(const T* X, const T* W, float* Y, int64_t n, int64_t in, int64_t out) {
+template <class L>
+void lanes_linear(const typename L::T* X, const typename L::T* W, float* Y, int64_t n, int64_t in, int64_t out) {
   const int64_t blocks = out / 4;
   at::parallel_for(0, blocks + (out % 4 ? 1 : 0), 16, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t o = b * 4;
       if (b == blocks) {  // the last out % 4 weight rows, one at a time
-        for (int64_t oo = o; oo < out; ++oo) rows<1>(W + oo * in, in, X, n, Y + oo, out);
+        for (int64_t oo = o; oo < out; ++oo) rows<L, 1>(W + oo * in, in, X, n, Y + oo, out);
         continue;
       }
-      rows<4>(W + o * in, in, X, n, Y + o, out);
+      rows<L, 4>(W + o * in, in, X, n, Y + o, out);
     }
   });
 }
@@ -215,12 +208,12 @@ at::Tensor skinny_linear(const at::Tensor& x, const at::Tensor& w) {
   const int64_t n = x.size(0), in = x.size(1), out = w.size(0);
   if (x.scalar_type() == at::kFloat) {
     at::Tensor y = at::empty({n, out}, x.options());
-    lanes_linear(x.data_ptr<float>(), w.data_ptr<float>(), y.data_ptr<float>(), n, in, out);
+    lanes_linear<F32Lanes>(x.data_ptr<float>(), w.data_ptr<float>(), y.data_ptr<float>(), n, in, out);
     return y;
   }
   if (amx_ready && amx_fits(in, out)) return amx_linear(x, w);
   at::Tensor acc = at::empty({n, out}, x.options().dtype(at::kFloat));
-  lanes_linear(reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>()),
+  lanes_linear<Bf16Lanes>(reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>()),
                reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>()), acc.data_ptr<float>(), n, in, out);
   return acc.to(at::kBFloat16);  // one rounding per element, to nearest even
 }
