@@ -86,5 +86,11 @@ class EngineConfig(BaseModel):
         "engine/cpu_kernel.py: float32 AVX2/FMA or AVX-512, and bfloat16 through AMX where the CPU has it), 'transposed' "
         "((W @ x.T).T through MKL, no build), or 'auto' (compiled where it builds and runs, else transposed).",
     )
+    attention_kernel: bool = Field(
+        default=True,
+        description="CPU: compute the decode batch's attention with a compiled kernel that reads only each row's "
+        "real columns (engine/decode_attention.py; SDPA where it cannot build). A row's bits do not depend on its "
+        "batch either way.",
+    )
     seed: int = Field(default=0, description="Seed for requests that do not give one.")
     controller: ControllerConfig = Field(default_factory=ControllerConfig)

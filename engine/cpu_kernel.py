@@ -1,10 +1,12 @@
-"""The compiled CPU kernels for a decode batch's linear layers (engine/kernels/).
+"""The compiled CPU kernels for the decode batch's linear layers and attention (engine/kernels/).
 
 `skinny_linear()` returns the float32 kernel, the torch operator `torch.ops.baton.skinny_linear` (`y = x @ w.T`
 for float32 `x` [n, in], `w` [out, in], both contiguous; skinny_linear.cpp), or None where it cannot run here:
 not an x86 CPU with AVX2 and FMA, no C++ compiler, or the build failed. `skinny_linear_avx512()` is the same for
 bfloat16 and float32 on CPUs with AVX512-BF16 (where `dtype: auto` picks bfloat16):
-`torch.ops.baton_avx512.skinny_linear`, skinny_linear_avx512.cpp, with an AMX path for bfloat16. Callers then
+`torch.ops.baton_avx512.skinny_linear`, skinny_linear_avx512.cpp, with an AMX path for bfloat16 (and, for many
+rows, `skinny_linear_packed` over a weight packed by `pack_weight`). `decode_attention()` is the batch forward's
+attention over each row's real columns (decode_attention.cpp, AVX2/FMA; engine/attention.py). Callers then
 use another kernel; nothing else changes.
 
 The extension is built once per environment with torch's own toolchain (`torch.utils.cpp_extension`), into
@@ -45,20 +47,24 @@ class KernelBuild:
     name: str
     source: Path
     flags: tuple[str, ...]
-    namespace: str  # torch.ops.<namespace>.skinny_linear
+    namespace: str  # torch.ops.<namespace>.<op>
     needs: str  # what the CPU must have, for messages
     fallback: str  # what runs instead where it cannot, for messages
+    op: str = "skinny_linear"
 
 
 FLOAT32 = KernelBuild(NAME, SOURCE, tuple(FLAGS), "baton", "AVX2/FMA", "the transposed-matmul kernel")
 AVX512 = KernelBuild("baton_skinny_linear_avx512", SOURCE.with_name("skinny_linear_avx512.cpp"),
                        ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mamx-tile", "-mamx-bf16",
                         "-fopenmp"), "baton_avx512", "AVX512-BF16", "the AVX2 kernel (F.linear for bfloat16)")
+ATTENTION = KernelBuild("baton_decode_attention", SOURCE.with_name("decode_attention.cpp"), tuple(FLAGS),
+                        "baton_attention", "AVX2/FMA", "SDPA", op="decode_attention")
 
 _lock = threading.Lock()
 _loaded: dict[str, Kernel | None] = {}  # KernelBuild.name -> the kernel, or None once it is known not to load here
 _why_not: list[str] = []
 _why_not_avx512: list[str] = []
+_why_not_attention: list[str] = []
 
 
 def build_dir() -> Path:
@@ -104,6 +110,12 @@ def skinny_linear_avx512() -> Kernel | None:
     return kernel
 
 
+def decode_attention() -> Callable[..., torch.Tensor] | None:
+    """The decode batch's attention (`torch.ops.baton_attention.decode_attention(q, k, v, mask, scale)`,
+    decode_attention.cpp), as `skinny_linear()` (the reason in `why_not_attention()`)."""
+    return _kernel(ATTENTION, cpu_supports_it, _why_not_attention)
+
+
 def use_amx(on: bool) -> bool:
     """Switch the AVX-512 kernel's bfloat16 AMX path on (where this CPU and OS allow it) or off; returns whether it is on.
     Both paths give a row the same bits in any batch; they differ from each other, so one process keeps one."""
@@ -129,6 +141,11 @@ def why_not() -> str | None:
 def why_not_avx512() -> str | None:
     """Why `skinny_linear_avx512()` returned None, once it has."""
     return _why_not_avx512[-1] if _why_not_avx512 else None
+
+
+def why_not_attention() -> str | None:
+    """Why `decode_attention()` returned None, once it has."""
+    return _why_not_attention[-1] if _why_not_attention else None
 
 
 def _kernel(build: KernelBuild, supported: Callable[[], bool], reasons: list[str]) -> Kernel | None:
@@ -157,11 +174,11 @@ def _load(build: KernelBuild, supported: Callable[[], bool], reasons: list[str])
             log.warning("building the CPU decode kernel %s into %s (once per environment, about a minute)",
                         build.name, directory)
         ops = getattr(torch.ops, build.namespace)
-        if not hasattr(ops, "skinny_linear"):  # (another copy of this module may have loaded it)
+        if not hasattr(ops, build.op):  # (another copy of this module may have loaded it)
             cpp_extension.load(name=build.name, sources=[str(build.source)], extra_cflags=list(build.flags),
                                extra_ldflags=["-fopenmp"], build_directory=str(directory), is_python_module=False,
                                verbose=False)
-        kernel: Kernel = ops.skinny_linear
+        kernel: Kernel = getattr(ops, build.op)
     except Exception as exc:  # no compiler, no headers, a read-only directory: fall back, say why
         return _fail(build, reasons, f"build failed in {directory}: {type(exc).__name__}: {str(exc).strip()[-400:]}")
     if not built_before:
@@ -201,6 +218,7 @@ def main() -> int:
     err = (kernel(x, w) - torch.nn.functional.linear(x, w)).abs().max().item()
     assert err < 1e-4, f"compiled kernel disagrees with F.linear by {err}"
     print(f"[setup] compiled CPU decode kernel: ready in {build_dir()}", file=sys.stderr)
+    _check_attention()
     wide = skinny_linear_avx512()
     if wide is None:
         print(f"[setup] AVX-512 CPU decode kernel: not available ({why_not_avx512()}); bfloat16 uses F.linear",
@@ -213,6 +231,21 @@ def main() -> int:
     assert err < 1e-4, f"AVX-512 kernel (float32) disagrees with F.linear by {err}"
     print(f"[setup] AVX-512 CPU decode kernel: ready in {build_dir()} (AMX: {amx_in_use()})", file=sys.stderr)
     return 0
+
+
+def _check_attention() -> None:
+    """Build (or find) the attention kernel and check it against SDPA on a small left-padded batch."""
+    attend = decode_attention()
+    if attend is None:
+        print(f"[setup] attention kernel: not available ({why_not_attention()}); the engine uses SDPA", file=sys.stderr)
+        return
+    q, k, v = torch.randn(3, 4, 1, 16), torch.randn(3, 2, 9, 16), torch.randn(3, 2, 9, 16)
+    mask = torch.arange(9)[None, :] >= torch.tensor([0, 4, 8])[:, None]  # [rows, columns], left-padded
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1),
+                                                           attn_mask=mask[:, None, None, :]).transpose(1, 2)
+    err = (attend(q, k, v, mask[:, None, :], 0.25) - ref).abs().max().item()
+    assert err < 1e-4, f"attention kernel disagrees with SDPA by {err}"
+    print(f"[setup] attention kernel: ready in {build_dir()}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -21,8 +22,10 @@ from typing import Any
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
 
+from engine import cpu_kernel
+from engine.attention import EngineAttention
 from engine.kv_cache import BatchKVCache, RowKV, attention_width
-from engine.narrow_linear import KernelName, NarrowLinear, RowKernel, resolve_kernel
+from engine.narrow_linear import KernelName, NarrowLinear, RowKernel, amx_linear, resolve_kernel
 from engine.plan import BatchRow, BatchShape, IterationPlan, Prefill, SampleSpec, StepResult
 from engine.prompt_logprobs import last_position_alone, prompt_logprobs
 from engine.request import TokenLogprobs
@@ -121,8 +124,8 @@ class ModelRunner:
     """Owns the model; times every forward pass."""
 
     def __init__(self, model: Any, device: torch.device, narrow_linear: bool = True,
-                 narrow_kernel: KernelName = "auto", tuner: ThreadTuner | None = None, prefill_chunk: int = 256
-                 ) -> None:
+                 narrow_kernel: KernelName = "auto", tuner: ThreadTuner | None = None, prefill_chunk: int = 256,
+                 attention_kernel: bool = True) -> None:
         self.model, self.device = model, device
         self.prefill_chunk = prefill_chunk  # prompts are computed in chunks ending at its multiples
         self.tuner = tuner  # CPU: picks the decode steps' torch threads by measuring (engine/thread_tuner.py)
@@ -136,6 +139,19 @@ class ModelRunner:
             self.narrow_kernel, self._row_kernel = resolve_kernel(narrow_kernel)
         log.info("decode batch's linear layers: %s",
                  "F.linear" if self.narrow_kernel == "off" else f"the {self.narrow_kernel} kernel")
+        # CPU: the batch forward's attention over each row's real columns only, and packed prompts each over its
+        # own tokens (engine/attention.py).
+        self.attention = EngineAttention.install(model) if device.type == "cpu" else None
+        self.attention_kernel = bool(attention_kernel and self.attention and self.attention.kernel)
+        log.info("batch forward's attention: %s", "the compiled kernel" if self.attention_kernel else "SDPA")
+        # bfloat16 on AMX: prompts' linears through the same row-invariant kernel as the decode batch's, so several
+        # prompts can share one prefill forward and each get its solo bits (`prefill_packed`).
+        self._prompt_kernel: RowKernel | None = None
+        if self.narrow is not None and self.narrow_kernel == "compiled" and cpu_kernel.amx_in_use() \
+                and next(model.parameters()).dtype is torch.bfloat16:
+            self._prompt_kernel = amx_linear
+        self.packs = self._prompt_kernel is not None and self.attention is not None
+        log.info("prefill: %s", "prompts packed into one forward (AMX)" if self.packs else "one prompt per forward")
 
     def execute(self, plan: IterationPlan, cache: BatchKVCache) -> StepResult:
         """Apply `plan` to `cache` in its field order. A failed forward pass fails its requests, never the
@@ -169,6 +185,7 @@ class ModelRunner:
         once (a baton join) or pooled, and filed in `prefilled` for the prefix cache."""
         sampled = Sampled()
         pooled: dict[str, RowKV] = {}
+        packed = self._packed_prefills(prefills)
         for p in prefills:
             draws = p.draws()
             try:
@@ -176,7 +193,8 @@ class ModelRunner:
                     prefilled[p.request_id], _ = self.prefill(list(p.token_ids[:p.until]), prefix=p.prefix)
                     continue
                 every = p.prompt_logprobs is not None
-                kv, logits = self.prefill(list(p.token_ids), prefix=p.prefix, every_position=every)
+                kv, logits = packed.get(p.request_id) or self.prefill(list(p.token_ids), prefix=p.prefix,
+                                                                      every_position=every)
                 if p.prompt_logprobs is not None:  # logits [P, V]: the prompt's, then the last draws
                     sampled.prompt_logprobs[p.request_id] = prompt_logprobs(logits, p.token_ids, p.prompt_logprobs)
                     logits = logits[-1]
@@ -201,6 +219,21 @@ class ModelRunner:
                 else:
                     pooled[d.request_id] = kv  # read only until it joins (then copied into its row)
         return sampled, pooled
+
+    def _packed_prefills(self, prefills: tuple[Prefill, ...]) -> dict[str, tuple[RowKV, torch.Tensor]]:
+        """The KV and last logits of the iteration's whole prompts that fit one chunk (no cached prefix, no prompt
+        logprobs), computed in one packed forward where this runner packs and there are two or more; the rest
+        (and all of them, should the packed forward fail) prefill one by one."""
+        group = [p for p in prefills if p.until is None and p.prefix is None and p.prompt_logprobs is None
+                 and len(p.token_ids) <= self.prefill_chunk]
+        if not self.packs or len(group) < 2:
+            return {}
+        try:
+            results = self.prefill_packed([list(p.token_ids) for p in group])
+        except Exception:
+            log.exception("packed prefill of %d prompts failed; each prefills alone", len(group))
+            return {}
+        return {p.request_id: r for p, r in zip(group, results, strict=True)}
 
     def _batch(self, rows: tuple[BatchRow, ...], prefill_tokens: dict[str, int], cache: BatchKVCache,
                failed: dict[str, str]) -> tuple[Sampled, BatchShape | None]:
@@ -310,7 +343,7 @@ class ModelRunner:
         for lo, hi in prefill_chunks(start, len(token_ids), self.prefill_chunk):
             positions, mask = prefix_inputs(lo, hi)
             keep = 0 if every_position else last_position(hi - lo, self.device)  # transformers: 0 keeps every position
-            with last_position_alone(self.model) if every_position else contextlib.nullcontext():
+            with last_position_alone(self.model) if every_position else contextlib.nullcontext(), self._prompts():
                 out = self.model(input_ids=torch.tensor([token_ids[lo:hi]], dtype=torch.long, device=self.device),
                                  position_ids=positions.to(self.device), attention_mask=mask.to(self.device),
                                  past_key_values=kv, use_cache=True, logits_to_keep=keep)
@@ -318,6 +351,38 @@ class ModelRunner:
         logits = torch.cat(parts).float() if every_position else parts[-1][0].float()
         self.forward_s += time.perf_counter() - t0
         return row_kv(kv), logits
+
+    @torch.no_grad()
+    def prefill_packed(self, prompts: list[list[int]]) -> list[tuple[RowKV, torch.Tensor]]:
+        """Several prompts, each within one prefill chunk and computed from scratch, in one forward: end to end,
+        positions restarting at each, attention per prompt (engine/attention.py). Returns each one's KV and last
+        logits as `prefill` would, bit for bit (the linears are row-invariant: only where `packs`)."""
+        assert self.packs and self.attention is not None
+        assert all(0 < len(t) <= self.prefill_chunk for t in prompts), "one chunk per packed prompt"
+        t0 = time.perf_counter()
+        lengths = [len(t) for t in prompts]
+        ends = list(itertools.accumulate(lengths))
+        kv = DynamicCache(config=self.model.config)
+        with self._prompts(), self.attention.packed(lengths):
+            out = self.model(input_ids=torch.tensor([[t for p in prompts for t in p]], device=self.device),
+                             position_ids=torch.cat([torch.arange(n) for n in lengths])[None].to(self.device),
+                             past_key_values=kv, use_cache=True,
+                             logits_to_keep=torch.tensor([e - 1 for e in ends], device=self.device))
+        logits = out.logits[0].float()  # [prompts, V]
+        layers: list[Any] = list(kv.layers)
+        results = []
+        for i, (lo, hi) in enumerate(zip([0, *ends[:-1]], ends, strict=True)):
+            row = RowKV(torch.stack([layer.keys[0, :, lo:hi] for layer in layers]),
+                        torch.stack([layer.values[0, :, lo:hi] for layer in layers]))
+            results.append((row, logits[i]))
+        self.forward_s += time.perf_counter() - t0
+        return results
+
+    def _prompts(self) -> contextlib.AbstractContextManager[None]:
+        """Prompts' linears through the row-invariant kernel, where there is one (bfloat16 on AMX)."""
+        if self.narrow is None or self._prompt_kernel is None:
+            return contextlib.nullcontext()
+        return self.narrow.active(self._prompt_kernel)
 
     @torch.no_grad()
     def batch_forward(self, cache: BatchKVCache, input_ids: torch.Tensor, positions: torch.Tensor,
@@ -333,7 +398,8 @@ class ModelRunner:
         window = cache.mask_view(extra=t, aligned=True)  # [rows, attention_width(L + t)]
         mask = build_step_mask(window, window.shape[1] - t)
         narrow = self.narrow.active(self._row_kernel) if self.narrow and self._row_kernel else contextlib.nullcontext()
-        with narrow:
+        attention = self.attention.decode(self.attention_kernel) if self.attention else contextlib.nullcontext()
+        with narrow, attention:
             out = self.model(
                 input_ids=input_ids.to(self.device),
                 position_ids=positions.to(self.device),

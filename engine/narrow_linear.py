@@ -39,6 +39,7 @@ import torch
 from engine import cpu_kernel
 
 _LINEAR = torch.nn.functional.linear
+_PACKED = "_baton_amx_packed"  # a weight's packed copy (packed_weight)
 _ATTR = "_baton_narrow_linear"  # where a model keeps its switch, so engines sharing it share one
 MAX_ROWS = 16  # measured from 1 to 16 rows (benchmarks/step_profile.py); wider inputs keep F.linear
 # bfloat16: up to 32 rows, the range where F.linear (which it replaces) was row-invariant, so that batch
@@ -110,12 +111,43 @@ def _compiled(avx2: cpu_kernel.Kernel, max_rows: int) -> RowKernel:
     float32 = functools.partial(compiled_linear, wide, max_rows=max_rows)
     if not cpu_kernel.amx_in_use():
         return float32  # (returns None for bfloat16: F.linear)
-    bfloat16 = functools.partial(compiled_linear, wide, max_rows=MAX_ROWS_BF16, dtype=torch.bfloat16)
 
     def kernel(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
-        return bfloat16(x, weight, bias) if x.dtype is torch.bfloat16 else float32(x, weight, bias)
+        return amx_linear(x, weight, bias) if x.dtype is torch.bfloat16 else float32(x, weight, bias)
 
     return kernel
+
+
+def amx_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor | None:
+    """bfloat16 `F.linear` through the AVX-512 kernel's AMX paths, any number of rows: up to `MAX_ROWS_BF16` with
+    the weight as it is, beyond through its packed copy (`packed_weight`). The two paths give a row the same bits,
+    so a row's result does not depend on how many rows share the call: prompts can be packed into one forward.
+    None where it does not apply (AMX off, another dtype, a shape the tiles do not fit)."""
+    if x.dtype is not torch.bfloat16 or weight.dtype is not torch.bfloat16 or not cpu_kernel.amx_in_use():
+        return None
+    rows = _rows(x, 1 << 62, 1)
+    out, inner = weight.shape if weight.dim() == 2 else (0, 0)
+    if rows is None or out % 16 or inner % 32 or not weight.is_contiguous():
+        return None
+    x2 = x.reshape(rows, inner).contiguous()
+    if rows <= MAX_ROWS_BF16:
+        y = torch.ops.baton_avx512.skinny_linear(x2, weight)
+    else:
+        y = torch.ops.baton_avx512.skinny_linear_packed(x2, packed_weight(weight))
+    if bias is not None:
+        y = y + bias
+    return y.view(*x.shape[:-1], out)
+
+
+def packed_weight(weight: torch.Tensor) -> torch.Tensor:
+    """The weight in the AMX kernel's tile layout for many rows (pairs of k), packed on first use and kept on the
+    weight itself: one more copy of each bfloat16 linear weight that prompts run through."""
+    packed = getattr(weight, _PACKED, None)
+    if packed is None or packed.device != weight.device:
+        with torch.no_grad():
+            packed = torch.ops.baton_avx512.pack_weight(weight.detach())
+        setattr(weight, _PACKED, packed)
+    return packed
 
 
 class _Active(threading.local):

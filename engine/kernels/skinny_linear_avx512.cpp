@@ -55,15 +55,20 @@ std::vector<uint16_t> pack_rows(const uint16_t* x, int64_t n, int64_t in) {
   return packed;
 }
 
-inline void store_rows(const float* c, int64_t rows, float* y, int64_t out, int64_t o) {
-  for (int64_t r = 0; r < rows; ++r)
-    for (int m = 0; m < 16; ++m) y[r * out + o + m] = c[m * 16 + r];
+// C [16 outputs, 16 rows] (stored at c) into y's rows at output o, rounded to bfloat16 (to nearest even, as
+// Tensor.to does): no float32 result tensor and no conversion pass after the product.
+inline void store_rows(const float* c, int64_t rows, uint16_t* y, int64_t out, int64_t o) {
+  alignas(64) float row[16];
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int m = 0; m < 16; ++m) row[m] = c[m * 16 + r];
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + r * out + o), (__m256i)_mm512_cvtneps_pbh(_mm512_load_ps(row)));
+  }
 }
 
 // Weight rows [o0, o1) (multiples of 16) against one or two groups of up to 16 packed rows (rows0 of b0 at y,
 // rows1 of b1 at y + 16 * out; b1 null when there is one): each weight tile is read once for both groups.
 void amx_rows(const uint16_t* w, int64_t in, int64_t out, const uint16_t* b0, int64_t rows0, const uint16_t* b1,
-              int64_t rows1, float* y, int64_t o0, int64_t o1) {
+              int64_t rows1, uint16_t* y, int64_t o0, int64_t o1) {
   alignas(64) float c[16 * 16];
   for (int64_t o = o0; o < o1; o += 16) {
     _tile_zero(0);
@@ -94,10 +99,10 @@ bool amx_fits(int64_t in, int64_t out) { return in % 32 == 0 && out % 16 == 0; }
 
 at::Tensor amx_linear(const at::Tensor& x, const at::Tensor& w) {
   const int64_t n = x.size(0), in = x.size(1), out = w.size(0);
-  at::Tensor acc = at::empty({n, out}, x.options().dtype(at::kFloat));
+  at::Tensor y = at::empty({n, out}, x.options());
   const auto* X = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
   const auto* W = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
-  float* Y = acc.data_ptr<float>();
+  auto* Y = reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>());
   std::vector<std::vector<uint16_t>> groups;  // the rows in groups of 16
   for (int64_t r = 0; r < n; r += 16) groups.push_back(pack_rows(X + r * in, std::min<int64_t>(16, n - r), in));
   at::parallel_for(0, out / 16, 8, [&](int64_t b0, int64_t b1) {
@@ -110,10 +115,126 @@ at::Tensor amx_linear(const at::Tensor& x, const at::Tensor& w) {
     }
     _tile_release();
   });
-  return acc.to(at::kBFloat16);
+  return y;
 }
 
 bool amx_ready = false;  // set by baton_avx512::enable_amx (the process has AMX permission from the OS)
+
+// ---- AMX, many rows (prompts): x as the A tile, the weight pre-packed as B tiles ----
+//
+// For a prefill the rows are many, so the roles turn: 16 rows of x as they lie in memory are the A tile (16 rows
+// x 32 k), the weight, packed once into pairs of k (`pack_weight`), the B tile (16 k-pairs x 16 outputs x 2), and
+// C [16 rows, 16 outputs] is stored straight into y. Two row tiles and two weight tiles make four C tiles, so each
+// tile load feeds one product. Each element of C is the same chain as in the few-rows path above, pair products
+// over k in order with the two factors swapped (a product's factors commute exactly), so a row gets the same
+// bits from either path, alone or among any others.
+
+// w [out, in] as [out / 16, in / 32] tiles of 16 k-pairs x 16 outputs x 2 (out % 16 == 0, in % 32 == 0).
+at::Tensor pack_weight(const at::Tensor& w) {
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kBFloat16 && w.is_contiguous(), "pack_weight: bf16 [out, in]");
+  const int64_t out = w.size(0), in = w.size(1);
+  TORCH_CHECK(amx_fits(in, out), "pack_weight: in % 32 == 0 and out % 16 == 0");
+  at::Tensor packed = at::empty({out / 16, in / 32, 16, 32}, w.options());
+  const auto* W = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
+  auto* P = reinterpret_cast<uint16_t*>(packed.data_ptr<at::BFloat16>());
+  at::parallel_for(0, out / 16, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t ob = b0; ob < b1; ++ob)
+      for (int64_t kb = 0; kb < in / 32; ++kb) {
+        uint16_t* tile = P + (ob * (in / 32) + kb) * 512;
+        for (int64_t p = 0; p < 16; ++p)
+          for (int64_t n = 0; n < 16; ++n) {
+            tile[p * 32 + n * 2] = W[(ob * 16 + n) * in + kb * 32 + 2 * p];
+            tile[p * 32 + n * 2 + 1] = W[(ob * 16 + n) * in + kb * 32 + 2 * p + 1];
+          }
+      }
+  });
+  return packed;
+}
+
+inline void load_wide_tiles() {
+  TileConfig cfg;
+  for (int t = 0; t < 8; ++t) { cfg.colsb[t] = 64; cfg.rows[t] = 16; }
+  _tile_loadconfig(&cfg);
+}
+
+// A C tile [16 rows, 16 outputs] (stored at c) rounded to bfloat16 (to nearest even, as Tensor.to does) into y at
+// (r, o).
+inline void store_bf16(const float* c, uint16_t* y, int64_t out, int64_t r, int64_t o) {
+  for (int i = 0; i < 16; ++i)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + (r + i) * out + o), (__m256i)_mm512_cvtneps_pbh(_mm512_load_ps(c + i * 16)));
+}
+
+// Rows [r, r + 32) of x (32 rows present) against output blocks ob, ob + 1 (`two`: both, else ob alone).
+template <bool two>
+inline void wide_block(const uint16_t* X, int64_t in, const uint16_t* P, int64_t ob, uint16_t* Y, int64_t out,
+                       int64_t r) {
+  const int64_t kbs = in / 32;
+  _tile_zero(0); _tile_zero(2);
+  if (two) { _tile_zero(1); _tile_zero(3); }
+  const uint16_t* b0 = P + ob * kbs * 512;
+  const uint16_t* b1 = b0 + kbs * 512;
+  for (int64_t kb = 0; kb < kbs; ++kb) {
+    _tile_loadd(4, X + r * in + kb * 32, in * 2);
+    _tile_loadd(5, X + (r + 16) * in + kb * 32, in * 2);
+    _tile_loadd(6, b0 + kb * 512, 64);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(2, 5, 6);
+    if (two) {
+      _tile_loadd(7, b1 + kb * 512, 64);
+      _tile_dpbf16ps(1, 4, 7);
+      _tile_dpbf16ps(3, 5, 7);
+    }
+  }
+  alignas(64) float c[16 * 16];
+  _tile_stored(0, c, 64);
+  store_bf16(c, Y, out, r, ob * 16);
+  _tile_stored(2, c, 64);
+  store_bf16(c, Y, out, r + 16, ob * 16);
+  if (two) {
+    _tile_stored(1, c, 64);
+    store_bf16(c, Y, out, r, ob * 16 + 16);
+    _tile_stored(3, c, 64);
+    store_bf16(c, Y, out, r + 16, ob * 16 + 16);
+  }
+}
+
+at::Tensor amx_linear_wide(const at::Tensor& x, const at::Tensor& packed) {
+  const int64_t n = x.size(0), in = x.size(1), out = packed.size(0) * 16;
+  const int64_t rows = (n + 31) / 32 * 32;  // x zero-padded to whole pairs of row tiles
+  at::Tensor xs = x;
+  if (rows != n) {
+    xs = at::zeros({rows, in}, x.options());
+    xs.narrow(0, 0, n).copy_(x);
+  }
+  at::Tensor y = at::empty({rows, out}, x.options());
+  const auto* X = reinterpret_cast<const uint16_t*>(xs.data_ptr<at::BFloat16>());
+  const auto* P = reinterpret_cast<const uint16_t*>(packed.data_ptr<at::BFloat16>());
+  auto* Y = reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>());
+  const int64_t obs = out / 16, pairs = (obs + 1) / 2;
+  constexpr int64_t kChunk = 256;  // rows per pass over a thread's weight blocks (kept in cache meanwhile)
+  at::parallel_for(0, pairs, 1, [&](int64_t p0, int64_t p1) {
+    load_wide_tiles();
+    for (int64_t c = 0; c < rows; c += kChunk)
+      for (int64_t r = c; r < std::min(rows, c + kChunk); r += 32)
+        for (int64_t p = p0; p < p1; ++p) {
+          if (2 * p + 1 < obs) wide_block<true>(X, in, P, 2 * p, Y, out, r);
+          else wide_block<false>(X, in, P, 2 * p, Y, out, r);
+        }
+    _tile_release();
+  });
+  return rows == n ? y : y.narrow(0, 0, n);
+}
+
+// y = x . w^T through the packed weight, any number of rows (bfloat16, AMX only).
+at::Tensor skinny_linear_packed(const at::Tensor& x, const at::Tensor& packed) {
+  TORCH_CHECK(amx_ready, "skinny_linear_packed: AMX is not enabled");
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && x.is_contiguous(), "x: contiguous bf16 [n, in]");
+  TORCH_CHECK(packed.dim() == 4 && packed.size(1) * 32 == x.size(1) && packed.size(2) == 16 && packed.size(3) == 32,
+              "packed: pack_weight(w) of a weight [out, in]");
+  return amx_linear_wide(x, packed);
+}
+
+
 
 // ---- vdpbf16ps (and float32 FMA) ----
 
@@ -225,7 +346,13 @@ bool amx_enabled() { return amx_ready; }
 // Torch operators (torch.ops.baton_avx512.*), so the profiler and the dispatcher see them.
 TORCH_LIBRARY(baton_avx512, m) {
   m.def("skinny_linear(Tensor x, Tensor w) -> Tensor");
+  m.def("pack_weight(Tensor w) -> Tensor");
+  m.def("skinny_linear_packed(Tensor x, Tensor packed) -> Tensor");
   m.def("enable_amx(bool on) -> bool", &enable_amx);
   m.def("amx_enabled() -> bool", &amx_enabled);
 }
-TORCH_LIBRARY_IMPL(baton_avx512, CPU, m) { m.impl("skinny_linear", &skinny_linear); }
+TORCH_LIBRARY_IMPL(baton_avx512, CPU, m) {
+  m.impl("skinny_linear", &skinny_linear);
+  m.impl("pack_weight", &pack_weight);
+  m.impl("skinny_linear_packed", &skinny_linear_packed);
+}

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine import kv_cache, model_runner
+from engine import cpu_kernel, kv_cache, model_runner
 from engine.kv_cache import BatchKVCache, attention_width
 from engine.narrow_linear import MAX_ROWS, resolve_kernel
 from tests.helpers import make_engine, mismatches, random_workload, run_workload
@@ -81,8 +81,8 @@ def test_sdpa_is_bit_identical_under_aligned_left_padding(dtype: torch.dtype) ->
     assert unaligned_differs > 0, "unaligned padding never changed a bit: the test would not notice a regression"
 
 
-def _one_step_logits(loaded, kvs, order: list[int]) -> torch.Tensor:
-    runner = model_runner.ModelRunner(loaded.model, loaded.device)
+def _one_step_logits(loaded, kvs, order: list[int], attention_kernel: bool = True) -> torch.Tensor:
+    runner = model_runner.ModelRunner(loaded.model, loaded.device, attention_kernel=attention_kernel)
     s = runner.shape
     cache = BatchKVCache(s.num_layers, s.kv_heads, s.head_dim, loaded.dtype, loaded.device, row_capacity=len(order))
     for i in order:
@@ -94,7 +94,12 @@ def _one_step_logits(loaded, kvs, order: list[int]) -> torch.Tensor:
     return logits[0]
 
 
-def test_one_decode_step_gives_a_row_the_same_logits_alone_and_in_a_batch(model, monkeypatch) -> None:
+@pytest.mark.parametrize("attention", ["kernel", "sdpa"])
+def test_one_decode_step_gives_a_row_the_same_logits_alone_and_in_a_batch(model, monkeypatch, attention) -> None:
+    """With either attention (engine/decode_attention.py's kernel, or SDPA over the aligned window)."""
+    kernel = attention == "kernel"
+    if kernel and cpu_kernel.decode_attention() is None:
+        pytest.skip(f"the attention kernel does not run here: {cpu_kernel.why_not_attention()}")
     gen = torch.Generator().manual_seed(5)
     lengths = [40, 200, 17, 120, 90, 33, 250, 60, 16, 180, 75, 140, 25, 220, 100, 50]
     runner = model_runner.ModelRunner(model.model, model.device)
@@ -102,15 +107,17 @@ def test_one_decode_step_gives_a_row_the_same_logits_alone_and_in_a_batch(model,
     differ = []
     for target in (0, 2, 5):
         others = [i for i in range(len(lengths)) if i != target]
-        alone = _one_step_logits(model, kvs, [target])
+        alone = _one_step_logits(model, kvs, [target], kernel)
         differ += [rows for rows in (2, 8, 16)
-                   if not torch.equal(_one_step_logits(model, kvs, [target, *others[: rows - 1]]), alone)]
+                   if not torch.equal(_one_step_logits(model, kvs, [target, *others[: rows - 1]], kernel), alone)]
     assert differ == []
-    # Teeth: with the window unaligned (attention sees exactly the live window), the same steps differ.
+    # With the window unaligned (attention sees exactly the live window), SDPA's bits move with the padding: the
+    # alignment is what keeps them. The kernel reads only a row's real columns, so padding cannot move them.
     monkeypatch.setattr(kv_cache, "attention_width", lambda width: width)
     monkeypatch.setattr(model_runner, "attention_width", lambda width: width)
-    alone = _one_step_logits(model, kvs, [2])
-    assert not torch.equal(_one_step_logits(model, kvs, [2, *(i for i in range(len(lengths)) if i != 2)]), alone)
+    alone = _one_step_logits(model, kvs, [2], kernel)
+    batched = _one_step_logits(model, kvs, [2, *(i for i in range(len(lengths)) if i != 2)], kernel)
+    assert torch.equal(batched, alone) is kernel
 
 
 def test_sixteen_requests_get_their_solo_tokens(model) -> None:

@@ -102,7 +102,8 @@ def test_the_avx512_kernel_builds_wherever_the_cpu_has_avx512_bf16() -> None:
     x, w = torch.randn(3, 1, 64).bfloat16(), torch.randn(32, 64).bfloat16()
     if cpu_kernel.amx_in_use():  # bfloat16 rows through its AMX path
         assert torch.equal(row_kernel(x, w, None), bf16(x.reshape(3, 64), w).view(3, 1, 32))
-        assert row_kernel(torch.randn(MAX_ROWS_BF16 + 1, 64).bfloat16(), w, None) is None  # wider: F.linear
+        wide = torch.randn(MAX_ROWS_BF16 + 9, 64).bfloat16()  # wider: the packed-weight path, the same bits per row
+        assert torch.equal(row_kernel(wide, w, None)[:MAX_ROWS_BF16], bf16(wide[:MAX_ROWS_BF16].contiguous(), w))
     else:  # without AMX bfloat16 keeps F.linear
         assert row_kernel(x, w, None) is None
     x32, w32 = torch.randn(5, 64), torch.randn(32, 64)  # float32 goes through it too, up to MAX_ROWS
@@ -144,3 +145,24 @@ def test_bfloat16_kernel_gives_a_row_the_same_bits_alone_and_in_any_batch(kernel
             assert torch.equal(kernel_bf16(x, w), alone)
         finally:
             torch.set_num_threads(old)
+
+
+@pytest.mark.parametrize(("out", "inp"), [(1536, 576), (576, 1536), (48, 64), (208, 96)])
+def test_the_packed_weight_path_gives_any_row_count_the_few_rows_bits(kernel_bf16, out: int, inp: int) -> None:
+    """Prompts (many rows) go through the weight packed into AMX tiles, x as the A tile: each row gets the bits
+    the decode path (at most 32 rows) gives it, for row counts off every tile and pair boundary, and so the same
+    bits alone as among any others. What lets prompts share a prefill forward (engine/attention.py)."""
+    if not cpu_kernel.use_amx(True):
+        pytest.skip("no AMX-BF16 on this CPU (or the OS refused the tile state)")
+    torch.manual_seed(out + inp)
+    w = torch.randn(out, inp).bfloat16()
+    packed = torch.ops.baton_avx512.pack_weight(w)
+    x = torch.randn(150, inp).bfloat16()
+    few = torch.cat([kernel_bf16(x[r:r + 32].contiguous(), w) for r in range(0, 150, 32)])
+    exact = x.double() @ w.double().T
+    assert (few.double() - exact).abs().max().item() <= 2 * (torch.nn.functional.linear(x, w).double() - exact).abs().max().item() + 1e-2
+    for n in (1, 16, 31, 33, 64, 97, 150):
+        got = torch.ops.baton_avx512.skinny_linear_packed(x[:n].contiguous(), packed)
+        assert got.shape == (n, out) and torch.equal(got, few[:n]), n
+    alone = torch.ops.baton_avx512.skinny_linear_packed(x[70:71].contiguous(), packed)
+    assert torch.equal(alone, few[70:71])

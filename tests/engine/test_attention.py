@@ -1,0 +1,151 @@
+"""The engine's attention function (engine/attention.py): the decode batch's kernel and packed prompts.
+
+The kernel (engine/kernels/decode_attention.cpp) against the attention formula in float64, a row's bits alone and
+in any batch under any left padding, the mask obeyed column by column; packed prompts bit-identical to their solo
+prefills (KV and logits) on the default model in bfloat16 with AMX, and the engine's tokens with packing equal its
+solo runs.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine import attention, cpu_kernel
+from engine.model_runner import ModelRunner
+from tests.helpers import make_engine, mismatches, random_workload, run_workload
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    k = cpu_kernel.decode_attention()
+    if k is None:
+        pytest.skip(f"the attention kernel does not run here: {cpu_kernel.why_not_attention()}")
+    return k
+
+
+def _inputs(rows: int, heads: int, kv_heads: int, width: int, t: int, dtype: torch.dtype, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(rows, t, heads, 64, generator=g).to(dtype).transpose(1, 2)  # strided, as transformers passes it
+    k = torch.randn(rows, kv_heads, width + 7, 64, generator=g).to(dtype)[:, :, 7:]  # a window into a wider buffer
+    v = torch.randn(rows, kv_heads, width + 7, 64, generator=g).to(dtype)[:, :, 7:]
+    lengths = torch.randint(1, width + 1, (rows,), generator=g)
+    real = torch.arange(width)[None, :] >= (width - lengths)[:, None]  # left-padded rows
+    causal = torch.arange(width)[None, :] <= (width - t + torch.arange(t))[:, None]  # [t, width]
+    return q, k, v, real[:, None, :] & causal[None]  # mask [rows, t, width]
+
+
+def _reference(q, k, v, mask, scale):
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.double().repeat_interleave(groups, 1), v.double().repeat_interleave(groups, 1)
+    scores = (q.double() @ k.transpose(-1, -2)) * scale
+    scores = scores.masked_fill(~mask[:, None], float("-inf"))
+    return (scores.softmax(-1) @ v).transpose(1, 2)  # [rows, t, heads, D]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize(("heads", "kv_heads", "t"), [(9, 3, 1), (4, 4, 1), (8, 2, 5)])
+def test_the_kernel_is_attention_over_the_masked_columns(kernel, dtype, heads, kv_heads, t) -> None:
+    """Grouped heads or not, one query per row or several (a prompt joining inside the batch, causal)."""
+    q, k, v, mask = _inputs(6, heads, kv_heads, 200, t, dtype, seed=heads + t)
+    got = kernel(q, k, v, mask, 0.125)
+    assert got.shape == (6, t, heads, 64) and got.dtype is dtype
+    tol = 1e-5 if dtype is torch.float32 else 2e-2
+    assert (got.double() - _reference(q, k, v, mask, 0.125)).abs().max().item() < tol
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_the_kernel_gives_a_row_the_same_bits_alone_and_in_any_batch(kernel, dtype) -> None:
+    """A row alone in a window just wide enough for it, and in batches whose windows are wider by any padding,
+    aligned or not (SDPA keeps its bits only under aligned padding, and in float32 only up to 384 columns)."""
+    q, k, v, mask = _inputs(8, 9, 3, 700, 1, dtype, seed=3)
+    full = kernel(q, k, v, mask, 0.125)
+    for r in range(8):
+        n = int(mask[r, 0].sum())
+        alone = kernel(q[r:r + 1], k[r:r + 1, :, -n:], v[r:r + 1, :, -n:], mask[r:r + 1, :, -n:], 0.125)
+        assert torch.equal(alone, full[r:r + 1]), r
+        for extra in (1, 13, 100):  # the row with more padding on its left, beside the others
+            w = min(700, n + extra)
+            part = kernel(q[: r + 1], k[: r + 1, :, -w:], v[: r + 1, :, -w:], mask[: r + 1, :, -w:] | False, 0.125)
+            if bool(mask[: r + 1, :, :-w].any()):  # a neighbour lost columns: only row r is compared
+                part = part[r:]
+            assert torch.equal(part[-1:], full[r:r + 1]), (r, extra)
+
+
+def test_the_kernel_obeys_the_mask_column_by_column(kernel) -> None:
+    """Teeth: unmasking one padded column, or masking one real one, changes that row's result and no other's."""
+    q, k, v, mask = _inputs(4, 9, 3, 120, 1, torch.float32, seed=5)
+    base = kernel(q, k, v, mask, 0.125)
+    for r in range(4):
+        for flip in (int((~mask[r, 0]).nonzero()[0]) if bool((~mask[r, 0]).any()) else None, 119):
+            if flip is None:
+                continue
+            changed = mask.clone()
+            changed[r, 0, flip] = not bool(changed[r, 0, flip])
+            if not bool(changed[r, 0].any()):
+                continue
+            got = kernel(q, k, v, changed, 0.125)
+            assert not torch.equal(got[r], base[r]), (r, flip)
+            others = [i for i in range(4) if i != r]
+            assert torch.equal(got[others], base[others])
+
+
+def test_outside_an_engine_forward_the_function_is_sdpa(default_model_bf16) -> None:
+    """The registered function with no mode set is transformers' SDPA forward, bit for bit: `generate` and
+    prefills are unchanged by the install."""
+    model = default_model_bf16.model
+    attention.EngineAttention.install(model)
+    module = model.model.layers[0].self_attn
+    q, k, v, mask = _inputs(3, 9, 3, 64, 1, torch.bfloat16, seed=7)
+    ours = attention._attention(module, q, k, v, mask[:, None], scaling=0.125)[0]
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    assert torch.equal(ours, sdpa_attention_forward(module, q, k, v, mask[:, None], scaling=0.125)[0])
+
+
+@pytest.fixture(scope="module")
+def packing_runner(default_model_bf16) -> ModelRunner:
+    runner = ModelRunner(default_model_bf16.model, default_model_bf16.device)
+    if not runner.packs:
+        pytest.skip("prompts are packed only in bfloat16 through the AMX kernel (no AMX here)")
+    return runner
+
+
+def test_packed_prompts_get_their_solo_prefill_bits(packing_runner, monkeypatch) -> None:
+    """16 prompts of 16-256 tokens in one forward: each one's KV and last logits equal its prefill alone."""
+    g = torch.Generator().manual_seed(11)
+    prompts = [torch.randint(100, 40000, (n,), generator=g).tolist()
+               for n in (40, 200, 17, 120, 90, 33, 256, 60, 16, 180, 75, 140, 25, 220, 100, 1)]
+    solo = [packing_runner.prefill(p) for p in prompts]
+    packed = packing_runner.prefill_packed(prompts)
+    for i, ((kv, logits), (pkv, plogits)) in enumerate(zip(solo, packed, strict=True)):
+        assert torch.equal(kv.keys, pkv.keys) and torch.equal(kv.values, pkv.values), i
+        assert torch.equal(logits, plogits), i
+    # Teeth: with attention across the prompts (one segment for all), the later prompts' logits change.
+    segments = attention.EngineAttention.packed
+    monkeypatch.setattr(attention.EngineAttention, "packed", staticmethod(lambda lengths: segments([sum(lengths)])))
+    mixed = packing_runner.prefill_packed(prompts[:3])
+    assert not torch.equal(mixed[1][1], solo[1][1]) and not torch.equal(mixed[2][1], solo[2][1])
+
+
+def test_the_engine_packs_prompts_and_keeps_every_request_solo_exact(default_model_bf16, packing_runner,
+                                                                      monkeypatch) -> None:
+    """12 requests at once (baton-pd, bfloat16): their prompts are prefilled in packed forwards, and every
+    request's tokens equal the engine's run of it alone."""
+    packs: list[int] = []
+    original = ModelRunner.prefill_packed
+
+    def counting(self, prompts):
+        packs.append(len(prompts))
+        return original(self, prompts)
+
+    monkeypatch.setattr(ModelRunner, "prefill_packed", counting)
+    work = random_workload(seed=4, n=12, vocab=default_model_bf16.model.config.vocab_size, prompt_len=(16, 200),
+                           max_tokens=(1, 10), arrival_span=0)
+    together = run_workload(make_engine(default_model_bf16, max_batch_size=12), work)
+    assert packs and max(packs) >= 2
+    alone = {}
+    for w in work:
+        alone.update(run_workload(make_engine(default_model_bf16, max_batch_size=12), [w]))
+    assert mismatches(together, alone) == []
