@@ -25,7 +25,14 @@ from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
 from engine import cpu_kernel
 from engine.attention import EngineAttention
 from engine.kv_cache import BatchKVCache, RowKV, attention_width
-from engine.narrow_linear import KernelName, NarrowLinear, RowKernel, amx_linear, resolve_kernel
+from engine.narrow_linear import (
+    KernelName,
+    NarrowLinear,
+    RowKernel,
+    amx_linear,
+    packed_weight,
+    resolve_kernel,
+)
 from engine.plan import BatchRow, BatchShape, IterationPlan, Prefill, SampleSpec, StepResult
 from engine.prompt_logprobs import last_position_alone, prompt_logprobs
 from engine.request import TokenLogprobs
@@ -151,7 +158,9 @@ class ModelRunner:
                 and next(model.parameters()).dtype is torch.bfloat16:
             self._prompt_kernel = amx_linear
         self.packs = self._prompt_kernel is not None and self.attention is not None
-        log.info("prefill: %s", "prompts packed into one forward (AMX)" if self.packs else "one prompt per forward")
+        packed = pack_layer_weights(model) if self._prompt_kernel is not None else 0
+        log.info("prefill: %s", f"prompts packed into one forward (AMX; {packed / 2**20:.0f} MiB of weights packed "
+                 "into tiles)" if self.packs else "one prompt per forward")
 
     def execute(self, plan: IterationPlan, cache: BatchKVCache) -> StepResult:
         """Apply `plan` to `cache` in its field order. A failed forward pass fails its requests, never the
@@ -412,6 +421,20 @@ class ModelRunner:
         logits = out.logits[:, -1].float()
         self.forward_s += time.perf_counter() - t0
         return logits
+
+
+def pack_layer_weights(model: Any) -> int:
+    """Pack the layers' linear weights for the AMX kernel's many-rows path now, at load, rather than on the first
+    prompt (`narrow_linear.packed_weight`; the output embedding is left to first use: prompts reach it only with
+    prompt logprobs or more than 32 at once). Returns the bytes the packed copies take."""
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    total = 0
+    for module in model.modules():
+        w = getattr(module, "weight", None)
+        if type(module) is torch.nn.Linear and module is not output and w is not None and w.dim() == 2 \
+                and w.shape[0] % 16 == 0 and w.shape[1] % 32 == 0 and w.is_contiguous():
+            total += packed_weight(w).nbytes
+    return total
 
 
 def last_position(width: int, device: torch.device | None = None) -> int | torch.Tensor:

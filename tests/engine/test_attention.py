@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine import attention, cpu_kernel
+from engine import attention, cpu_kernel, model_runner, narrow_linear
 from engine.model_runner import ModelRunner
 from tests.helpers import make_engine, mismatches, random_workload, run_workload
 
@@ -110,6 +110,16 @@ def packing_runner(default_model_bf16) -> ModelRunner:
     if not runner.packs:
         pytest.skip("prompts are packed only in bfloat16 through the AMX kernel (no AMX here)")
     return runner
+
+
+def test_the_layers_weights_are_packed_at_load_and_the_output_embedding_is_not(packing_runner) -> None:
+    """Packed at load (no first-prompt stall): every layer linear's weight has its tile copy, as large as it; the
+    output embedding is not counted (packed only if prompts ever reach it with more than 32 rows)."""
+    model = packing_runner.model
+    linears = [m for m in model.model.modules() if type(m) is torch.nn.Linear]
+    assert linears and all(getattr(m.weight, narrow_linear._PACKED, None) is not None for m in linears)
+    assert all(getattr(m.weight, narrow_linear._PACKED).nbytes == m.weight.nbytes for m in linears)
+    assert model_runner.pack_layer_weights(model) == sum(m.weight.nbytes for m in linears)
 
 
 def test_packed_prompts_get_their_solo_prefill_bits(packing_runner, monkeypatch) -> None:
