@@ -92,5 +92,12 @@ class EngineConfig(BaseModel):
         "real columns (engine/decode_attention.py; SDPA where it cannot build). A row's bits do not depend on its "
         "batch either way.",
     )
+    packed_prefill: bool = Field(
+        default=True,
+        description="CPU, bfloat16 on AMX: prompts' linears through the row-invariant AMX kernel, so that an "
+        "iteration's prompts share one prefill forward, each with its solo bits (engine/attention.py). Costs one "
+        "more copy of the layers' linear weights (202 MiB for the default model); off: one prompt per forward "
+        "through F.linear.",
+    )
     seed: int = Field(default=0, description="Seed for requests that do not give one.")
     controller: ControllerConfig = Field(default_factory=ControllerConfig)

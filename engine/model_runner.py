@@ -132,7 +132,7 @@ class ModelRunner:
 
     def __init__(self, model: Any, device: torch.device, narrow_linear: bool = True,
                  narrow_kernel: KernelName = "auto", tuner: ThreadTuner | None = None, prefill_chunk: int = 256,
-                 attention_kernel: bool = True) -> None:
+                 attention_kernel: bool = True, packed_prefill: bool = True) -> None:
         self.model, self.device = model, device
         self.prefill_chunk = prefill_chunk  # prompts are computed in chunks ending at its multiples
         self.tuner = tuner  # CPU: picks the decode steps' torch threads by measuring (engine/thread_tuner.py)
@@ -143,7 +143,7 @@ class ModelRunner:
         self.narrow_kernel: str = "off"  # which kernel the decode batch's linears use: off, compiled, transposed
         self._row_kernel: RowKernel | None = None
         if self.narrow is not None:
-            self.narrow_kernel, self._row_kernel = resolve_kernel(narrow_kernel)
+            self.narrow_kernel, self._row_kernel = resolve_kernel(narrow_kernel, many_rows=packed_prefill)
         log.info("decode batch's linear layers: %s",
                  "F.linear" if self.narrow_kernel == "off" else f"the {self.narrow_kernel} kernel")
         # CPU: the batch forward's attention over each row's real columns only, and packed prompts each over its
@@ -154,8 +154,8 @@ class ModelRunner:
         # bfloat16 on AMX: prompts' linears through the same row-invariant kernel as the decode batch's, so several
         # prompts can share one prefill forward and each get its solo bits (`prefill_packed`).
         self._prompt_kernel: RowKernel | None = None
-        if self.narrow is not None and self.narrow_kernel == "compiled" and cpu_kernel.amx_in_use() \
-                and next(model.parameters()).dtype is torch.bfloat16:
+        if packed_prefill and self.narrow is not None and self.narrow_kernel == "compiled" \
+                and cpu_kernel.amx_in_use() and next(model.parameters()).dtype is torch.bfloat16:
             self._prompt_kernel = amx_linear
         self.packs = self._prompt_kernel is not None and self.attention is not None
         packed = pack_layer_weights(model) if self._prompt_kernel is not None else 0

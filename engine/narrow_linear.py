@@ -87,21 +87,22 @@ def compiled_linear(kernel: cpu_kernel.Kernel, x: torch.Tensor, weight: torch.Te
     return out.view(*x.shape[:-1], weight.shape[0])
 
 
-def resolve_kernel(name: KernelName, max_rows: int = MAX_ROWS) -> tuple[str, RowKernel]:
-    """The kernel an engine uses, by name: `auto` is `compiled` where it runs here, else `transposed`.
+def resolve_kernel(name: KernelName, max_rows: int = MAX_ROWS, many_rows: bool = True) -> tuple[str, RowKernel]:
+    """The kernel an engine uses, by name: `auto` is `compiled` where it runs here, else `transposed`. With
+    `many_rows`, bfloat16 on AMX takes any row count (past 32 through packed weights); without, up to 32.
     Raises ValueError for `compiled` where it cannot run (the reason is in the message)."""
     if name not in ("auto", "compiled", "transposed"):
         raise ValueError(f"narrow_kernel must be auto, compiled or transposed, got {name!r}")
     if name != "transposed":
         avx2 = cpu_kernel.skinny_linear()
         if avx2 is not None:
-            return "compiled", _compiled(avx2, max_rows)
+            return "compiled", _compiled(avx2, max_rows, many_rows)
         if name == "compiled":
             raise ValueError(f"narrow_kernel='compiled' cannot run here: {cpu_kernel.why_not()}")
     return "transposed", functools.partial(transposed_linear, max_rows=max_rows)
 
 
-def _compiled(avx2: cpu_kernel.Kernel, max_rows: int) -> RowKernel:
+def _compiled(avx2: cpu_kernel.Kernel, max_rows: int, many_rows: bool = True) -> RowKernel:
     """The AVX-512 kernel where it runs here: float32 up to `max_rows` rows, and bfloat16 up to `MAX_ROWS_BF16`
     where it runs on AMX (its vdpbf16ps path was slower than F.linear from 4 rows on, benchmarks/NOTES.md, so
     without AMX bfloat16 keeps F.linear); else the AVX2 kernel for float32 and F.linear for bfloat16."""
@@ -112,20 +113,23 @@ def _compiled(avx2: cpu_kernel.Kernel, max_rows: int) -> RowKernel:
     if not cpu_kernel.amx_in_use():
         return float32  # (returns None for bfloat16: F.linear)
 
+    bfloat16 = amx_linear if many_rows else functools.partial(amx_linear, max_rows=MAX_ROWS_BF16)
+
     def kernel(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
-        return amx_linear(x, weight, bias) if x.dtype is torch.bfloat16 else float32(x, weight, bias)
+        return bfloat16(x, weight, bias) if x.dtype is torch.bfloat16 else float32(x, weight, bias)
 
     return kernel
 
 
-def amx_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor | None:
+def amx_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+               max_rows: int | None = None) -> torch.Tensor | None:
     """bfloat16 `F.linear` through the AVX-512 kernel's AMX paths, any number of rows: up to `MAX_ROWS_BF16` with
     the weight as it is, beyond through its packed copy (`packed_weight`). The two paths give a row the same bits,
     so a row's result does not depend on how many rows share the call: prompts can be packed into one forward.
-    None where it does not apply (AMX off, another dtype, a shape the tiles do not fit)."""
+    None where it does not apply (AMX off, another dtype, a shape the tiles do not fit, more than `max_rows`)."""
     if x.dtype is not torch.bfloat16 or weight.dtype is not torch.bfloat16 or not cpu_kernel.amx_in_use():
         return None
-    rows = _rows(x, 1 << 62, 1)
+    rows = _rows(x, max_rows or 1 << 62, 1)
     out, inner = weight.shape if weight.dim() == 2 else (0, 0)
     if rows is None or out % 16 or inner % 32 or not weight.is_contiguous():
         return None

@@ -122,6 +122,19 @@ def test_the_layers_weights_are_packed_at_load_and_the_output_embedding_is_not(p
     assert model_runner.pack_layer_weights(model) == sum(m.weight.nbytes for m in linears)
 
 
+def test_packed_prefill_off_keeps_one_prompt_per_forward_and_32_decode_rows(default_model_bf16, packing_runner
+                                                                         ) -> None:
+    """`packed_prefill: false`: no packing, prompts through F.linear, bfloat16 decode rows on AMX up to 32 (no
+    packed weights needed)."""
+    runner = ModelRunner(default_model_bf16.model, default_model_bf16.device, packed_prefill=False)
+    assert not runner.packs and runner._prompt_kernel is None
+    w = torch.randn(64, 64).bfloat16()
+    assert runner._row_kernel is not None
+    assert runner._row_kernel(torch.randn(32, 64).bfloat16(), w, None) is not None
+    assert runner._row_kernel(torch.randn(33, 64).bfloat16(), w, None) is None
+    assert packing_runner._row_kernel is not None and packing_runner._row_kernel(torch.randn(33, 64).bfloat16(), w, None) is not None
+
+
 def test_packed_prompts_get_their_solo_prefill_bits(packing_runner, monkeypatch) -> None:
     """16 prompts of 16-256 tokens in one forward: each one's KV and last logits equal its prefill alone."""
     g = torch.Generator().manual_seed(11)
