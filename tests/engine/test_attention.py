@@ -8,6 +8,8 @@ solo runs.
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 
@@ -172,3 +174,52 @@ def test_the_engine_packs_prompts_and_keeps_every_request_solo_exact(default_mod
     for w in work:
         alone.update(run_workload(make_engine(default_model_bf16, max_batch_size=12), [w]))
     assert mismatches(together, alone) == []
+
+
+def _run(engine, requests: dict[str, tuple[list[int], Any, int]]) -> dict[str, list[int]]:
+    """Submit every request (prompt, params, n) at once and step until done; tokens per `id#choice`."""
+    for rid, (prompt, params, n) in requests.items():
+        for req in engine.make_choices(rid, prompt_token_ids=prompt, sampling_params=params, n=n):
+            engine.enqueue(req)
+    tokens: dict[str, list[int]] = {}
+    while engine.has_unfinished_requests():
+        for o in engine.step():
+            assert o.error is None, (o.request_id, o.error)
+            tokens.setdefault(f"{o.request_id}#{o.index}", []).extend(o.new_token_ids)
+    return tokens
+
+
+def test_a_burst_of_mixed_requests_packs_and_each_gets_its_solo_output(default_model_bf16, packing_runner,
+                                                                       monkeypatch) -> None:
+    """What a server's burst holds, at once: 1-token prompts, a prompt longer than a prefill chunk (chunked, not
+    packed), one asking for prompt logprobs (prefilled alone), two choices of one prompt (prefilled once),
+    seeded sampling, a one-token answer. The short prompts are packed; every choice's tokens equal the engine's
+    run of its request alone."""
+    from engine import SamplingParams
+
+    packs: list[int] = []
+    original = ModelRunner.prefill_packed
+    monkeypatch.setattr(ModelRunner, "prefill_packed", lambda self, prompts: packs.append(len(prompts))
+                        or original(self, prompts))
+    g = torch.Generator().manual_seed(9)
+
+    def ids(n: int) -> list[int]:
+        return torch.randint(100, 40000, (n,), generator=g).tolist()
+
+    greedy = SamplingParams(max_tokens=6, ignore_eos=True)
+    requests = {
+        "one-token": (ids(1), greedy, 1),
+        "short": (ids(12), greedy, 1),
+        "long": (ids(600), greedy, 1),
+        "logprobs": (ids(40), SamplingParams(max_tokens=4, ignore_eos=True, prompt_logprobs=2), 1),
+        "choices": (ids(70), SamplingParams(max_tokens=5, ignore_eos=True, temperature=0.8, seed=3), 2),
+        "seeded": (ids(33), SamplingParams(max_tokens=5, ignore_eos=True, temperature=1.0, top_p=0.9, seed=11), 1),
+        "single": (ids(90), SamplingParams(max_tokens=1, ignore_eos=True), 1),
+        "mid": (ids(200), greedy, 1),
+    }
+    together = _run(make_engine(default_model_bf16, max_batch_size=8), requests)
+    assert sum(packs) >= 4  # prompts that went through packed forwards
+    alone: dict[str, list[int]] = {}
+    for rid, req in requests.items():
+        alone.update(_run(make_engine(default_model_bf16, max_batch_size=8), {rid: req}))
+    assert together == alone
