@@ -1,10 +1,12 @@
 """The model runner: executes an iteration's plan over an unmodified transformers causal LM.
 
 `execute(plan, cache)` applies the plan's cache changes, runs its forward passes and samples every token
-(one sampling entry point for prefill and decode), and returns a `StepResult`. Two kinds of pass:
+(one sampling entry point for prefill and decode), and returns a `StepResult`. Three kinds of pass:
 * `prefill(ids)`: one request alone, batch 1, no padding; returns its KV (for the prefilled pool) and the
   logits of its last position (of every position for a request that asked for prompt logprobs,
   engine/prompt_logprobs.py).
+* `prefill_packed(prompts)`: bfloat16 on AMX (`packs`), an iteration's whole one-chunk prompts end to end in one
+  forward, each attending to its own tokens (engine/attention.py); each gets exactly `prefill`'s KV and logits.
 * `batch_forward(cache, ...)`: the decode batch. The model sees our left-padded `BatchKVCache` through a
   `transformers.Cache` adapter, a 4-D boolean mask we build ourselves (padding + causality), and per-row
   position ids, so every row computes exactly what it would alone.
