@@ -12,8 +12,9 @@ Three checks, per dtype (docs/architecture.md, "Batch invariance"):
 * `linears`: `F.linear` on the model's weight shapes, each row alone and inside batches of 2-64 rows: the
   row counts at which a row's result changes (MKL/oneDNN choose kernels and blockings by the row count).
 
-`--unaligned` runs `engine` and `layers` once more with the cache's attention window not aligned (the layout
-before the fix: attention sees exactly the live window), to show the cause.
+`--unaligned` runs `engine` and `layers` once more with the layout before the fix (SDPA over exactly the live
+window, no alignment), to show the cause. The shipped engine's attention kernel reads only a row's real columns,
+so the layout cannot move its bits; the aligned runs use it where it builds.
 
     .venv/bin/python -m benchmarks.batch_invariance                       # default model, fp32 + bf16
     .venv/bin/python -m benchmarks.batch_invariance --smoke               # tiny random Llama, seconds
@@ -49,15 +50,21 @@ LAYER_ROWS = (2, 4, 8, 16)
 LINEAR_ROWS = (*range(2, 34), 48, 64)
 
 
+_ATTENTION_KERNEL = [True]  # the engines and runners below: the attention kernel (shipped) or SDPA
+
+
 @contextlib.contextmanager
 def unaligned() -> Iterator[None]:
-    """The cache layout before the fix: attention sees exactly the live window (no alignment)."""
+    """The layout before the fix: SDPA (the attention kernel reads only real columns, so the layout cannot move
+    its bits) over exactly the live window (no alignment)."""
     saved = kv_cache.attention_width, model_runner.attention_width
     kv_cache.attention_width = model_runner.attention_width = lambda width: width  # type: ignore[assignment]
+    _ATTENTION_KERNEL[0] = False
     try:
         yield
     finally:
         kv_cache.attention_width, model_runner.attention_width = saved
+        _ATTENTION_KERNEL[0] = True
 
 
 def workload(vocab: int, n: int, prompt_len: tuple[int, int], max_tokens: tuple[int, int], seed: int
@@ -71,7 +78,8 @@ def workload(vocab: int, n: int, prompt_len: tuple[int, int], max_tokens: tuple[
 
 def run_engine(loaded: LoadedModel, requests: list[dict[str, Any]], rows: int) -> dict[str, list[int]]:
     """Every request through one engine, each added at its arrival iteration; tokens per request."""
-    engine = BatonEngine(EngineConfig(model=loaded.name, max_batch_size=rows), loaded=loaded)
+    engine = BatonEngine(EngineConfig(model=loaded.name, max_batch_size=rows, attention_kernel=_ATTENTION_KERNEL[0]),
+                         loaded=loaded)
     pending = sorted(requests, key=lambda r: r["arrival"])
     tokens: dict[str, list[int]] = {r["id"]: [] for r in requests}
     while pending or engine.has_unfinished_requests():
@@ -101,7 +109,7 @@ def engine_check(loaded: LoadedModel, requests: list[dict[str, Any]], rows: int)
 def _step_records(loaded: LoadedModel, kvs: list[kv_cache.RowKV], order: list[int]
                   ) -> dict[str, torch.Tensor]:
     """One decode step over rows `order` (the target first); every module's input and output for row 0."""
-    runner = model_runner.ModelRunner(loaded.model, loaded.device)
+    runner = model_runner.ModelRunner(loaded.model, loaded.device, attention_kernel=_ATTENTION_KERNEL[0])
     shape = runner.shape
     cache = kv_cache.BatchKVCache(shape.num_layers, shape.kv_heads, shape.head_dim, loaded.dtype, loaded.device,
                                   row_capacity=len(order))
@@ -129,7 +137,7 @@ def _step_records(loaded: LoadedModel, kvs: list[kv_cache.RowKV], order: list[in
 def layer_check(loaded: LoadedModel, prompt_lens: list[int], seed: int) -> dict[str, Any]:
     """For each target row and batch size: the first module (in call order) whose input or output for the
     target differs bitwise between the row alone and the row in the batch."""
-    runner = model_runner.ModelRunner(loaded.model, loaded.device)
+    runner = model_runner.ModelRunner(loaded.model, loaded.device, attention_kernel=_ATTENTION_KERNEL[0])
     rng = random.Random(seed)
     vocab = int(loaded.model.config.vocab_size)
     kvs = [runner.prefill([rng.randrange(min(100, vocab // 4), vocab) for _ in range(n)])[0] for n in prompt_lens]

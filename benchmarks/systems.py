@@ -214,6 +214,8 @@ def run_transformers_cb(loaded: LoadedModel, work: Workload, max_batch_size: int
     """
     from transformers import ContinuousBatchingConfig, GenerationConfig
 
+    from engine.attention import as_sdpa
+
     model = loaded.model
     longest = max(len(r.prompt) + r.max_tokens for r in work.requests)
     cb_config = ContinuousBatchingConfig(
@@ -225,7 +227,7 @@ def run_transformers_cb(loaded: LoadedModel, work: Workload, max_batch_size: int
     pending = _by_arrival(work)
     records = {r.request_id: RequestRecord(r.arrival_s) for r in work.requests}
     busy = [0.0]
-    with PeakMemory(loaded.device) as memory, ForwardMeter(model) as meter, torch.no_grad():
+    with PeakMemory(loaded.device) as memory, ForwardMeter(model) as meter, torch.no_grad(), as_sdpa(model):
         manager = model.init_continuous_batching(generation_config=gen_config, continuous_batching_config=cb_config)
         _time_steps(manager, busy)
         manager.start()

@@ -84,6 +84,22 @@ def _register() -> None:
     assert NAME in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping
 
 
+@contextlib.contextmanager
+def as_sdpa(model: torch.nn.Module) -> Iterator[None]:
+    """Within this block the model's config names SDPA again, for code that dispatches on the name itself and
+    knows no other (transformers' continuous batching refuses unknown implementations). Engines on this model
+    must not step meanwhile: their kernels are not called under that name."""
+    config = getattr(model, "config", None)
+    if config is None or getattr(config, "_attn_implementation", None) != NAME:
+        yield
+        return
+    config._attn_implementation = "sdpa"
+    try:
+        yield
+    finally:
+        config._attn_implementation = NAME
+
+
 class EngineAttention:
     """The switch shared by every engine on one model: `install` once per model; `decode()` around a batch
     forward, `packed(lengths)` around a packed prefill."""

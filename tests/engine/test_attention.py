@@ -223,3 +223,16 @@ def test_a_burst_of_mixed_requests_packs_and_each_gets_its_solo_output(default_m
     for rid, req in requests.items():
         alone.update(_run(make_engine(default_model_bf16, max_batch_size=8), {rid: req}))
     assert together == alone
+
+
+def test_as_sdpa_names_sdpa_for_code_that_knows_no_other_and_restores(default_model_bf16) -> None:
+    """transformers' continuous batching refuses an implementation it does not know (benchmarks/systems.py)."""
+    model = default_model_bf16.model
+    attention.EngineAttention.install(model)
+    assert model.config._attn_implementation == attention.NAME
+    with attention.as_sdpa(model):
+        assert model.config._attn_implementation == "sdpa"
+    assert model.config._attn_implementation == attention.NAME
+    with pytest.raises(RuntimeError), attention.as_sdpa(model):
+        raise RuntimeError("a failing run")
+    assert model.config._attn_implementation == attention.NAME
