@@ -89,7 +89,7 @@ class EngineConfig(BaseModel):
     attention_kernel: bool = Field(
         default=True,
         description="CPU: compute the decode batch's attention with a compiled kernel that reads only each row's "
-        "real columns (engine/decode_attention.py; SDPA where it cannot build). A row's bits do not depend on its "
+        "real columns (engine/attention.py; SDPA where it cannot build). A row's bits do not depend on its "
         "batch either way.",
     )
     packed_prefill: bool = Field(

@@ -34,6 +34,7 @@ from engine.narrow_linear import (
     amx_linear,
     packed_weight,
     resolve_kernel,
+    tiles_fit,
 )
 from engine.plan import BatchRow, BatchShape, IterationPlan, Prefill, SampleSpec, StepResult
 from engine.prompt_logprobs import last_position_alone, prompt_logprobs
@@ -425,18 +426,17 @@ class ModelRunner:
         return logits
 
 
+def layer_linear_weights(model: Any) -> list[torch.Tensor]:
+    """The weights of the model's linear layers but the output embedding (which prompts reach only with prompt
+    logprobs or more than 32 at once: its tile copy is left to first use)."""
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return [m.weight for m in model.modules() if type(m) is torch.nn.Linear and m is not output]
+
+
 def pack_layer_weights(model: Any) -> int:
     """Pack the layers' linear weights for the AMX kernel's many-rows path now, at load, rather than on the first
-    prompt (`narrow_linear.packed_weight`; the output embedding is left to first use: prompts reach it only with
-    prompt logprobs or more than 32 at once). Returns the bytes the packed copies take."""
-    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    total = 0
-    for module in model.modules():
-        w = getattr(module, "weight", None)
-        if type(module) is torch.nn.Linear and module is not output and w is not None and w.dim() == 2 \
-                and w.shape[0] % 16 == 0 and w.shape[1] % 32 == 0 and w.is_contiguous():
-            total += packed_weight(w).nbytes
-    return total
+    prompt (`narrow_linear.packed_weight`). Returns the bytes the packed copies take."""
+    return sum(packed_weight(w).nbytes for w in layer_linear_weights(model) if tiles_fit(w) and w.is_contiguous())
 
 
 def last_position(width: int, device: torch.device | None = None) -> int | torch.Tensor:

@@ -113,7 +113,7 @@ def _compiled(avx2: cpu_kernel.Kernel, max_rows: int, many_rows: bool = True) ->
     if not cpu_kernel.amx_in_use():
         return float32  # (returns None for bfloat16: F.linear)
 
-    bfloat16 = amx_linear if many_rows else functools.partial(amx_linear, max_rows=MAX_ROWS_BF16)
+    bfloat16 = functools.partial(amx_linear, many_rows=many_rows)
 
     def kernel(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
         return bfloat16(x, weight, bias) if x.dtype is torch.bfloat16 else float32(x, weight, bias)
@@ -122,25 +122,27 @@ def _compiled(avx2: cpu_kernel.Kernel, max_rows: int, many_rows: bool = True) ->
 
 
 def amx_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
-               max_rows: int | None = None) -> torch.Tensor | None:
-    """bfloat16 `F.linear` through the AVX-512 kernel's AMX paths, any number of rows: up to `MAX_ROWS_BF16` with
-    the weight as it is, beyond through its packed copy (`packed_weight`). The two paths give a row the same bits,
-    so a row's result does not depend on how many rows share the call: prompts can be packed into one forward.
-    None where it does not apply (AMX off, another dtype, a shape the tiles do not fit, more than `max_rows`)."""
-    if x.dtype is not torch.bfloat16 or weight.dtype is not torch.bfloat16 or not cpu_kernel.amx_in_use():
+               many_rows: bool = True) -> torch.Tensor | None:
+    """bfloat16 `F.linear` through the AVX-512 kernel's AMX paths: up to `MAX_ROWS_BF16` rows with the weight as it
+    is, and with `many_rows` beyond, through its packed copy (`packed_weight`, weights that `tiles_fit`). The two
+    paths give a row the same bits, so a row's result does not depend on how many rows share the call: prompts can
+    be packed into one forward. None where it does not apply (AMX off, another dtype, too many rows)."""
+    if not cpu_kernel.amx_in_use():
         return None
-    rows = _rows(x, max_rows or 1 << 62, 1)
-    out, inner = weight.shape if weight.dim() == 2 else (0, 0)
-    if rows is None or out % 16 or inner % 32 or not weight.is_contiguous():
-        return None
-    x2 = x.reshape(rows, inner).contiguous()
-    if rows <= MAX_ROWS_BF16:
-        y = torch.ops.baton_avx512.skinny_linear(x2, weight)
-    else:
-        y = torch.ops.baton_avx512.skinny_linear_packed(x2, packed_weight(weight))
-    if bias is not None:
-        y = y + bias
-    return y.view(*x.shape[:-1], out)
+    few = compiled_linear(torch.ops.baton_avx512.skinny_linear, x, weight, bias, max_rows=MAX_ROWS_BF16,
+                          dtype=torch.bfloat16)
+    if few is not None or not many_rows or not tiles_fit(weight):
+        return few
+    return compiled_linear(_packed_linear, x, weight, bias, max_rows=1 << 62, dtype=torch.bfloat16)
+
+
+def tiles_fit(weight: torch.Tensor) -> bool:
+    """Whether the many-rows AMX path takes this weight: [out, in] with out % 16 == 0 and in % 32 == 0."""
+    return weight.dim() == 2 and weight.shape[0] % 16 == 0 and weight.shape[1] % 32 == 0
+
+
+def _packed_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return torch.ops.baton_avx512.skinny_linear_packed(x, packed_weight(weight))
 
 
 def packed_weight(weight: torch.Tensor) -> torch.Tensor:

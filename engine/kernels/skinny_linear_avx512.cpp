@@ -55,13 +55,18 @@ std::vector<uint16_t> pack_rows(const uint16_t* x, int64_t n, int64_t in) {
   return packed;
 }
 
-// C [16 outputs, 16 rows] (stored at c) into y's rows at output o, rounded to bfloat16 (to nearest even, as
-// Tensor.to does): no float32 result tensor and no conversion pass after the product.
+// 16 floats (64-byte aligned) rounded to bfloat16, to nearest even as Tensor.to does, stored at y.
+inline void store_bf16_row(const float* v, uint16_t* y) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(y), (__m256i)_mm512_cvtneps_pbh(_mm512_load_ps(v)));
+}
+
+// C [16 outputs, 16 rows] (stored at c) into y's rows at output o, in bfloat16: no float32 result tensor and no
+// conversion pass after the product.
 inline void store_rows(const float* c, int64_t rows, uint16_t* y, int64_t out, int64_t o) {
   alignas(64) float row[16];
   for (int64_t r = 0; r < rows; ++r) {
     for (int m = 0; m < 16; ++m) row[m] = c[m * 16 + r];
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + r * out + o), (__m256i)_mm512_cvtneps_pbh(_mm512_load_ps(row)));
+    store_bf16_row(row, y + r * out + o);
   }
 }
 
@@ -157,11 +162,9 @@ inline void load_wide_tiles() {
   _tile_loadconfig(&cfg);
 }
 
-// A C tile [16 rows, 16 outputs] (stored at c) rounded to bfloat16 (to nearest even, as Tensor.to does) into y at
-// (r, o).
+// A C tile [16 rows, 16 outputs] (stored at c) into y at (r, o), in bfloat16.
 inline void store_bf16(const float* c, uint16_t* y, int64_t out, int64_t r, int64_t o) {
-  for (int i = 0; i < 16; ++i)
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + (r + i) * out + o), (__m256i)_mm512_cvtneps_pbh(_mm512_load_ps(c + i * 16)));
+  for (int i = 0; i < 16; ++i) store_bf16_row(c + i * 16, y + (r + i) * out + o);
 }
 
 // Rows [r, r + 32) of x (32 rows present) against output blocks ob, ob + 1 (`two`: both, else ob alone).
