@@ -155,10 +155,12 @@ class ModelRunner:
         self.attention_kernel = bool(attention_kernel and self.attention and self.attention.kernel)
         log.info("batch forward's attention: %s", "the compiled kernel" if self.attention_kernel else "SDPA")
         # bfloat16 on AMX: prompts' linears through the same row-invariant kernel as the decode batch's, so several
-        # prompts can share one prefill forward and each get its solo bits (`prefill_packed`).
+        # prompts can share one prefill forward and each get its solo bits (`prefill_packed`). Only where every layer
+        # weight fits the tiles: one left to F.linear would give a prompt other bits packed than alone.
         self._prompt_kernel: RowKernel | None = None
         if packed_prefill and self.narrow is not None and self.narrow_kernel == "compiled" \
-                and cpu_kernel.amx_in_use() and next(model.parameters()).dtype is torch.bfloat16:
+                and cpu_kernel.amx_in_use() and next(model.parameters()).dtype is torch.bfloat16 \
+                and all(tiles_fit(w) and w.is_contiguous() for w in layer_linear_weights(model)):
             self._prompt_kernel = amx_linear
         self.packs = self._prompt_kernel is not None and self.attention is not None
         packed = pack_layer_weights(model) if self._prompt_kernel is not None else 0
@@ -434,9 +436,9 @@ def layer_linear_weights(model: Any) -> list[torch.Tensor]:
 
 
 def pack_layer_weights(model: Any) -> int:
-    """Pack the layers' linear weights for the AMX kernel's many-rows path now, at load, rather than on the first
-    prompt (`narrow_linear.packed_weight`). Returns the bytes the packed copies take."""
-    return sum(packed_weight(w).nbytes for w in layer_linear_weights(model) if tiles_fit(w) and w.is_contiguous())
+    """Pack the layers' linear weights (each must `tiles_fit`) for the AMX kernel's many-rows path now, at load,
+    rather than on the first prompt (`narrow_linear.packed_weight`). Returns the bytes the packed copies take."""
+    return sum(packed_weight(w).nbytes for w in layer_linear_weights(model))
 
 
 def last_position(width: int, device: torch.device | None = None) -> int | torch.Tensor:

@@ -137,6 +137,20 @@ def test_packed_prefill_off_keeps_one_prompt_per_forward_and_32_decode_rows(defa
     assert packing_runner._row_kernel is not None and packing_runner._row_kernel(torch.randn(33, 64).bfloat16(), w, None) is not None
 
 
+def test_a_model_whose_weights_do_not_fit_the_tiles_is_not_packed(packing_runner) -> None:
+    """A layer width off the AMX tiles (48 = 3 x 16, not a multiple of 32) would leave that linear to F.linear,
+    whose bits depend on the row count: such a model prefills one prompt per forward, and nothing is packed."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=256, hidden_size=48, intermediate_size=96, num_hidden_layers=1,
+                                         num_attention_heads=3, num_key_value_heads=1, head_dim=16,
+                                         attn_implementation="sdpa")).bfloat16().eval()
+    runner = ModelRunner(model, torch.device("cpu"))
+    assert not runner.packs and runner._prompt_kernel is None
+    assert all(getattr(w, narrow_linear._PACKED, None) is None for w in model_runner.layer_linear_weights(model))
+
+
 def test_packed_prompts_get_their_solo_prefill_bits(packing_runner, monkeypatch) -> None:
     """16 prompts of 16-256 tokens in one forward: each one's KV and last logits equal its prefill alone."""
     g = torch.Generator().manual_seed(11)
