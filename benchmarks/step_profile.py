@@ -2,11 +2,14 @@
 
 For each batch size, an engine (policy `baton`) holds that many rows at a cache width of about `--context`
 columns and runs decode steps; the median step time is measured with each kernel for the decode batch's
-linears (engine/narrow_linear.py): plain `F.linear`, `transposed` ((W @ x.T).T) and `compiled` (the AVX2 C++
-kernel, where it builds), interleaved so machine noise lands on all. A torch-profiler pass at the largest batch
-splits one step into the layers' linears, the LM head, attention and everything else.
+linears (engine/narrow_linear.py): plain `F.linear`, `transposed` ((W @ x.T).T) and `compiled` (the C++
+kernels, where they build), each through transformers' eager forward, and `captured` (the compiled kernels inside
+the captured decode step, engine/decode_step.py, where it applies), interleaved so machine noise lands on all. A
+torch-profiler pass at the largest batch splits one step into the layers' linears, the LM head, attention and
+everything else.
 
     .venv/bin/python -m benchmarks.step_profile            # default model, float32, 2 threads (~3 min)
+    .venv/bin/python -m benchmarks.step_profile --dtype bfloat16
     .venv/bin/python -m benchmarks.step_profile --smoke    # tiny random Llama, seconds (CI)
 
 Writes step_profile.json and step_profile.md (the tables) to --out (default benchmarks/results; a temporary
@@ -37,14 +40,17 @@ from engine.model_loader import LoadedModel
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-KERNELS = ("linear", "transposed", "compiled")  # linear: the narrow-linear switch off, plain F.linear
+# linear: the narrow-linear switch off, plain F.linear; captured: compiled, in the captured decode step
+KERNELS = ("linear", "transposed", "compiled", "captured")
 
 
 def decode_engine(loaded: LoadedModel, rows: int, context: int, kernel: str, seed: int) -> BatonEngine:
     """An engine whose batch holds `rows` rows of `context` prompt tokens, every row already decoding."""
-    narrow = dict(narrow_linear=False) if kernel == "linear" else dict(narrow_kernel=kernel)
+    narrow: dict[str, Any] = dict(narrow_linear=False) if kernel == "linear" else dict(
+        narrow_kernel="compiled" if kernel == "captured" else kernel)
     engine = BatonEngine(EngineConfig(model=loaded.name, policy="baton", max_batch_size=rows,
-                                      prefill_token_budget=rows * context, **narrow), loaded=loaded)
+                                      prefill_token_budget=rows * context, captured_decode=kernel == "captured",
+                                      **narrow), loaded=loaded)
     rng = random.Random(seed)
     vocab = int(loaded.model.config.vocab_size)
     for i in range(rows):
@@ -76,9 +82,10 @@ def _breakdown(engine: BatonEngine, steps: int) -> dict[str, float]:
     for ev in prof.key_averages(group_by_input_shape=True):
         ms = ev.self_cpu_time_total / 1e3 / steps
         shapes = str(ev.input_shapes)
-        if ev.key in ("aten::mm", "aten::addmm", "aten::bmm", "baton::skinny_linear") and str(vocab) in shapes:
+        linear = ev.key in ("aten::mm", "aten::addmm", "aten::bmm") or ev.key.endswith("::skinny_linear")
+        if linear and str(vocab) in shapes:
             kinds["LM head"] += ms
-        elif ev.key in ("aten::mm", "aten::addmm", "baton::skinny_linear"):
+        elif linear:
             kinds["layer linears"] += ms
         elif "attention" in ev.key:
             kinds["attention"] += ms
@@ -88,10 +95,16 @@ def _breakdown(engine: BatonEngine, steps: int) -> dict[str, float]:
 
 
 def run(model: str, batch_sizes: list[int], context: int, steps: int, repeats: int, threads: int,
-        seed: int) -> dict[str, Any]:
+        seed: int, dtype: str = "float32") -> dict[str, Any]:
     torch.set_num_threads(threads)
-    loaded = load(model)
+    loaded = load(model, dtype=dtype)
     kernels = list(KERNELS) if cpu_kernel.skinny_linear() is not None else ["linear", "transposed"]
+    captured_unavailable = None
+    if "captured" in kernels:
+        probe = decode_engine(loaded, 1, 4, "captured", seed)
+        if probe.runner.captured is None:
+            captured_unavailable = "the captured decode step does not apply to this model here (engine log)"
+            kernels.remove("captured")
     cells: dict[int, dict[str, list[float]]] = {b: {k: [] for k in kernels} for b in batch_sizes}
     bar = tqdm(total=len(batch_sizes) * repeats * len(kernels), desc="step profile", unit="run", file=sys.stderr)
     for b in batch_sizes:
@@ -117,6 +130,7 @@ def run(model: str, batch_sizes: list[int], context: int, steps: int, repeats: i
                  "torch": torch.__version__, "when": time.strftime("%Y-%m-%d %H:%M:%S")},
         "kernels": kernels,
         "compiled_unavailable": None if "compiled" in kernels else cpu_kernel.why_not(),
+        "captured_unavailable": captured_unavailable,
         "step_times": rows,
         "breakdown_at_rows": largest,
         "breakdown_ms": profiled,
@@ -129,10 +143,14 @@ def markdown(r: dict[str, Any]) -> str:
              f"cached columns)", "",
              f"`python -m benchmarks.step_profile` on {m['when']} (torch {m['torch']}); each cell is the best of "
              f"{m['repeats']} medians over {m['steps_per_measure']} steps, the kernels interleaved. `linear`: "
-             "plain F.linear (MKL); `transposed`: (W @ x.T).T; `compiled`: engine/kernels/skinny_linear.cpp.", ""]
+             "plain F.linear (MKL); `transposed`: (W @ x.T).T; `compiled`: engine/kernels/ (skinny_linear*.cpp), each "
+             "through transformers' eager forward; `captured`: the compiled kernels in the captured decode step "
+             "(engine/decode_step.py).", ""]
     kernels = r["kernels"]
     if r["compiled_unavailable"]:
         lines += [f"The compiled kernel did not run here: {r['compiled_unavailable']}", ""]
+    if r.get("captured_unavailable"):
+        lines += [f"The captured step did not run: {r['captured_unavailable']}", ""]
     fast = [k for k in kernels if k != "linear"]
     lines += ["| rows | " + " | ".join(f"step ms, {k}" for k in kernels) + " | "
               + " | ".join(f"speedup, {k}" for k in fast) + " |",
@@ -157,6 +175,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--steps", type=int, default=8, help="decode steps per measurement")
     p.add_argument("--repeats", type=int, default=3, help="interleaved measurements per cell")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None)
     a = p.parse_args(argv)
@@ -164,7 +183,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         a.model, a.rows, a.context, a.steps, a.repeats = TINY, "1,4", 16, 3, 1
     out = a.out or (Path(tempfile.mkdtemp(prefix="step-profile-")) if a.smoke else RESULTS)
     out.mkdir(parents=True, exist_ok=True)
-    result = run(a.model, [int(x) for x in a.rows.split(",")], a.context, a.steps, a.repeats, a.threads, a.seed)
+    result = run(a.model, [int(x) for x in a.rows.split(",")], a.context, a.steps, a.repeats, a.threads, a.seed,
+                 a.dtype)
     table = markdown(result)
     (out / "step_profile.json").write_text(json.dumps(result, indent=1))
     (out / "step_profile.md").write_text(table)

@@ -59,12 +59,16 @@ AVX512 = KernelBuild("baton_skinny_linear_avx512", SOURCE.with_name("skinny_line
                         "-fopenmp"), "baton_avx512", "AVX512-BF16", "the AVX2 kernel (F.linear for bfloat16)")
 ATTENTION = KernelBuild("baton_decode_attention", SOURCE.with_name("decode_attention.cpp"), tuple(FLAGS),
                         "baton_attention", "AVX2/FMA", "SDPA", op="decode_attention")
+# Only ATen calls (no vector code of its own): any CPU torch runs on.
+DECODE_STEP = KernelBuild("baton_decode_step", SOURCE.with_name("decode_step.cpp"), ("-O2", "-fopenmp"), "baton_step",
+                          "a C++ compiler", "the eager forward", op="llama_decode")
 
 _lock = threading.Lock()
 _loaded: dict[str, Kernel | None] = {}  # KernelBuild.name -> the kernel, or None once it is known not to load here
 _why_not: list[str] = []
 _why_not_avx512: list[str] = []
 _why_not_attention: list[str] = []
+_why_not_decode_step: list[str] = []
 
 
 def build_dir() -> Path:
@@ -116,6 +120,12 @@ def decode_attention() -> Callable[..., torch.Tensor] | None:
     return _kernel(ATTENTION, cpu_supports_it, _why_not_attention)
 
 
+def decode_step() -> Callable[..., torch.Tensor] | None:
+    """A Llama-family decode step as one operator (`torch.ops.baton_step.llama_decode`, decode_step.cpp;
+    engine/decode_step.py), as `skinny_linear()` (the reason in `why_not_decode_step()`)."""
+    return _kernel(DECODE_STEP, lambda: True, _why_not_decode_step)
+
+
 def use_amx(on: bool) -> bool:
     """Switch the AVX-512 kernel's bfloat16 AMX path on (where this CPU and OS allow it) or off; returns whether it is on.
     Both paths give a row the same bits in any batch; they differ from each other, so one process keeps one."""
@@ -146,6 +156,11 @@ def why_not_avx512() -> str | None:
 def why_not_attention() -> str | None:
     """Why `decode_attention()` returned None, once it has."""
     return _why_not_attention[-1] if _why_not_attention else None
+
+
+def why_not_decode_step() -> str | None:
+    """Why `decode_step()` returned None, once it has."""
+    return _why_not_decode_step[-1] if _why_not_decode_step else None
 
 
 def _kernel(build: KernelBuild, supported: Callable[[], bool], reasons: list[str]) -> Kernel | None:
@@ -219,6 +234,8 @@ def main() -> int:
     assert err < 1e-4, f"compiled kernel disagrees with F.linear by {err}"
     print(f"[setup] compiled CPU decode kernel: ready in {build_dir()}", file=sys.stderr)
     _check_attention()
+    step = "ready" if decode_step() is not None else f"not available ({why_not_decode_step()}); the eager forward runs"
+    print(f"[setup] captured decode step: {step}", file=sys.stderr)
     wide = skinny_linear_avx512()
     if wide is None:
         print(f"[setup] AVX-512 CPU decode kernel: not available ({why_not_avx512()}); bfloat16 uses F.linear",

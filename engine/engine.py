@@ -47,7 +47,8 @@ class BatonEngine:
         self.runner = ModelRunner(self.loaded.model, self.loaded.device, narrow_linear=config.narrow_linear,
                                   narrow_kernel=config.narrow_kernel, tuner=_thread_tuner(config, self.loaded),
                                   prefill_chunk=config.prefill_chunk_tokens,
-                                  attention_kernel=config.attention_kernel, packed_prefill=config.packed_prefill)
+                                  attention_kernel=config.attention_kernel, packed_prefill=config.packed_prefill,
+                                  captured_decode=config.captured_decode)
         self.vocab_size = int(self.loaded.model.get_input_embeddings().num_embeddings)
         self.max_model_len = config.max_model_len or self.runner.shape.max_position_embeddings
         self.cache = self._new_cache()

@@ -26,6 +26,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
 
 from engine import cpu_kernel
 from engine.attention import EngineAttention
+from engine.decode_step import CapturedDecode
 from engine.kv_cache import BatchKVCache, RowKV, attention_width
 from engine.narrow_linear import (
     KernelName,
@@ -34,6 +35,7 @@ from engine.narrow_linear import (
     amx_linear,
     packed_weight,
     resolve_kernel,
+    row_kernel_op,
     tiles_fit,
 )
 from engine.plan import BatchRow, BatchShape, IterationPlan, Prefill, SampleSpec, StepResult
@@ -135,7 +137,7 @@ class ModelRunner:
 
     def __init__(self, model: Any, device: torch.device, narrow_linear: bool = True,
                  narrow_kernel: KernelName = "auto", tuner: ThreadTuner | None = None, prefill_chunk: int = 256,
-                 attention_kernel: bool = True, packed_prefill: bool = True) -> None:
+                 attention_kernel: bool = True, packed_prefill: bool = True, captured_decode: bool = True) -> None:
         self.model, self.device = model, device
         self.prefill_chunk = prefill_chunk  # prompts are computed in chunks ending at its multiples
         self.tuner = tuner  # CPU: picks the decode steps' torch threads by measuring (engine/thread_tuner.py)
@@ -154,6 +156,15 @@ class ModelRunner:
         self.attention = EngineAttention.install(model) if device.type == "cpu" else None
         self.attention_kernel = bool(attention_kernel and self.attention and self.attention.kernel)
         log.info("batch forward's attention: %s", "the compiled kernel" if self.attention_kernel else "SDPA")
+        # CPU: a pure decode step of a Llama-family model as one compiled operator, bit for bit the eager forward's
+        # with these kernels (engine/decode_step.py).
+        self.captured: CapturedDecode | None = None
+        if captured_decode and self.attention_kernel:
+            op = row_kernel_op(self.narrow_kernel, next(model.parameters()).dtype)
+            built = CapturedDecode.build(model, *op) if op is not None else "the transposed row kernel"
+            self.captured = built if isinstance(built, CapturedDecode) else None
+            log.info("decode steps: %s", f"captured (one operator, up to {self.captured.max_rows} rows)"
+                     if self.captured else f"the eager forward ({built})")
         # bfloat16 on AMX: prompts' linears through the same row-invariant kernel as the decode batch's, so several
         # prompts can share one prefill forward and each get its solo bits (`prefill_packed`). Only where every layer
         # weight fits the tiles: one left to F.linear would give a prompt other bits packed than alone.
@@ -410,6 +421,11 @@ class ModelRunner:
         t = input_ids.shape[1]
         cache.set_step_mask(real)
         window = cache.mask_view(extra=t, aligned=True)  # [rows, attention_width(L + t)]
+        if self.captured is not None and self.captured.takes(cache.rows, t):
+            logits = self.captured(cache, input_ids.to(self.device), positions.to(self.device), window)
+            cache.advance(t)
+            self.forward_s += time.perf_counter() - t0
+            return logits[:, -1].float()
         mask = build_step_mask(window, window.shape[1] - t)
         narrow = self.narrow.active(self._row_kernel) if self.narrow and self._row_kernel else contextlib.nullcontext()
         attention = self.attention.decode(self.attention_kernel) if self.attention else contextlib.nullcontext()

@@ -121,6 +121,25 @@ def _compiled(avx2: cpu_kernel.Kernel, max_rows: int, many_rows: bool = True) ->
     return kernel
 
 
+NO_ROW_LIMIT = 1 << 30
+
+
+def row_kernel_op(name: str, dtype: torch.dtype) -> tuple[str, int] | None:
+    """What the engine's row kernel `name` (as `resolve_kernel` resolved it; "off" without one) computes for rows of
+    `dtype`, as compiled code can call it: the torch operator ("namespace::name", taking x [rows, in] and the weight;
+    "" for F.linear) and up to how many rows that holds, as `_compiled` decides. None where it is neither (the
+    transposed kernel)."""
+    if name == "off":
+        return "", NO_ROW_LIMIT
+    if name != "compiled" or dtype not in (torch.float32, torch.bfloat16):
+        return None
+    if cpu_kernel.skinny_linear_avx512() is None:
+        return ("baton::skinny_linear", MAX_ROWS) if dtype is torch.float32 else ("", NO_ROW_LIMIT)
+    if dtype is torch.float32:
+        return "baton_avx512::skinny_linear", MAX_ROWS
+    return ("baton_avx512::skinny_linear", MAX_ROWS_BF16) if cpu_kernel.amx_in_use() else ("", NO_ROW_LIMIT)
+
+
 def amx_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
                many_rows: bool = True) -> torch.Tensor | None:
     """bfloat16 `F.linear` through the AVX-512 kernel's AMX paths: up to `MAX_ROWS_BF16` rows with the weight as it

@@ -17,8 +17,9 @@ def test_step_profile_smoke_measures_every_kernel(tmp_path: Path) -> None:
     result = json.loads((tmp_path / "step_profile.json").read_text())
     assert [r["rows"] for r in result["step_times"]] == [1, 4]
     kernels = result["kernels"]
-    assert kernels[:2] == ["linear", "transposed"] and set(kernels) <= {"linear", "transposed", "compiled"}
+    assert kernels[:2] == ["linear", "transposed"] and set(kernels) <= {"linear", "transposed", "compiled", "captured"}
     assert ("compiled" in kernels) == (result["compiled_unavailable"] is None)
+    assert ("captured" in kernels) == ("compiled" in kernels and result["captured_unavailable"] is None)
     for r in result["step_times"]:
         assert all(r[f"step_ms_{k}"] > 0 for k in kernels)
         for k in kernels[1:]:

@@ -12,6 +12,7 @@ import torch
 
 from engine import model_runner
 from engine.engine import BatonEngine
+from engine.kv_cache import BatchKVCache
 from tests.helpers import make_engine, mismatches, random_workload, run_workload, solo_greedy
 
 POLICIES = ["static", "orca", "baton", "baton-pd"]
@@ -72,15 +73,17 @@ def test_small_workload_is_exact_when_nothing_is_broken(default_model, small_wor
     assert mismatches(got, ref) == []
 
 
-def test_broken_padding_mask_is_caught(default_model, small_workload, monkeypatch):
-    real_build = model_runner.build_step_mask
+@pytest.mark.parametrize("captured", [True, False], ids=["captured", "eager"])
+def test_broken_padding_mask_is_caught(default_model, small_workload, monkeypatch, captured):
+    """In the captured decode step (engine/decode_step.py) and in the eager forward alike."""
+    real_view = BatchKVCache.mask_view
 
-    def attend_everything(cache_mask, cache_len):  # padding columns no longer masked
-        return real_build(cache_mask | True, cache_len)
+    def attend_everything(self, extra=0, aligned=False):  # padding columns no longer masked
+        return real_view(self, extra, aligned) | True
 
-    monkeypatch.setattr(model_runner, "build_step_mask", attend_everything)
+    monkeypatch.setattr(BatchKVCache, "mask_view", attend_everything)
     work, ref = small_workload
-    got = run_workload(make_engine(default_model, policy="baton-pd", max_batch_size=8), work)
+    got = run_workload(make_engine(default_model, policy="baton-pd", max_batch_size=8, captured_decode=captured), work)
     assert len(mismatches(got, ref)) >= len(ref) // 2
 
 
