@@ -21,12 +21,14 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def serve_instance(base_url: str | None = None, num_cpus: int = 4, log_to_driver: bool = False,
-                   **ray_init: Any) -> Iterator[str]:
+                   env: dict[str, str] | None = None, **ray_init: Any) -> Iterator[str]:
     """The HTTP base URL of a Serve instance. With `base_url` (Serve already running) nothing is started or
     stopped. Otherwise: `ray.init` unless Ray is already up (CPU only, no dashboard, the repository root on the
     workers' PYTHONPATH so classes from tests/ and benchmarks/ unpickle on replicas; `ray_init` adds or
     overrides arguments), Serve on 127.0.0.1 at a free port, and at the end `serve.shutdown()` (+
-    `ray.shutdown()` if Ray was started here). The test suite's `ray_serve` fixture is this too."""
+    `ray.shutdown()` if Ray was started here). `env`: environment variables Ray reads as it starts (e.g.
+    configs/ray_env.py's, as the main job starts it), set for the start only. The test suite's `ray_serve` fixture
+    is this too."""
     if base_url is not None:
         yield base_url.rstrip("/")
         return
@@ -36,11 +38,12 @@ def serve_instance(base_url: str | None = None, num_cpus: int = 4, log_to_driver
     started_ray = not ray.is_initialized()
     if started_ray:
         pythonpath = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
-        ray.init(**{"num_cpus": num_cpus, "include_dashboard": False, "logging_level": logging.WARNING,
-                    "log_to_driver": log_to_driver,
-                    "runtime_env": {"env_vars": {"PYTHONPATH": pythonpath, "TOKENIZERS_PARALLELISM": "false",
-                                                 "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}},
-                    **ray_init})
+        with _environ(env or {}):
+            ray.init(**{"address": "local", "num_cpus": num_cpus, "include_dashboard": False, "logging_level": logging.WARNING,
+                        "log_to_driver": log_to_driver,
+                        "runtime_env": {"env_vars": {"PYTHONPATH": pythonpath, "TOKENIZERS_PARALLELISM": "false",
+                                                     "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}},
+                        **ray_init})
     port = free_port()
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -51,3 +54,18 @@ def serve_instance(base_url: str | None = None, num_cpus: int = 4, log_to_driver
         finally:
             if started_ray:
                 ray.shutdown()
+
+
+@contextlib.contextmanager
+def _environ(env: dict[str, str]) -> Iterator[None]:
+    """`env` in os.environ within the block (Ray's processes, started in it, inherit it); restored after."""
+    saved = {name: os.environ.get(name) for name in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value

@@ -308,10 +308,11 @@ def ours_http(plan: Plan, dtype: str, works: list[Workload], chats: tuple[ChatRe
 
     from benchmarks.http_load import wait_ready
     from benchmarks.serve_local import serve_instance
+    from configs.ray_env import main_job_env
 
     start = time.perf_counter()
     print("[baton-serve] starting Ray, Serve and the deployment", file=sys.stderr, flush=True)
-    with serve_instance(num_cpus=max(4, plan.threads)) as url:
+    with serve_instance(num_cpus=max(4, plan.threads), env=main_job_env()) as url:
         name = "vs-vllm-baton"
         serve.run(baton_app(plan, dtype), name=name, route_prefix="/baton")
         try:

@@ -13,4 +13,7 @@ if [[ "${1:-}" == demo ]]; then
   exec "$bin/python" -m engine.demo "$@"
 fi
 export PATH="$bin:$PATH"
+# Ray's worker priority and Serve's control-loop period for the local Ray `serve run` starts (configs/ray_env.py;
+# a variable already set in the environment wins).
+eval "$("$bin/python" -m configs.ray_env)"
 exec "$bin/serve" run serve_config.yaml "$@"

@@ -31,6 +31,9 @@ SERIAL_GROUP = "serial"
 # What a module's source names when it uses Ray/Serve (the session's instance, or the `ray`/`serve` CLIs' own
 # clusters) or measures timing (`pytest.mark.serial`).
 _SERIAL_WORDS = ("ray_serve", "serve_instance", "ray_cluster", "mark.serial")
+# What a module's source names when it starts a Ray cluster of its own (its own temp dir and ports; nothing of it is
+# found by the session's `ray.init(address="local")`): it may run on the other worker, beside the serial ones.
+_BESIDE = "mark.beside_serial"
 
 
 @functools.cache
@@ -38,7 +41,10 @@ def runs_serially(module: str) -> bool:
     """Whether the tests of `module` (a path relative to the repository) share one xdist worker, one after
     another as without xdist: they start or use Ray/Serve, or measure timing."""
     path = REPO / module
-    return path.is_file() and any(word in path.read_text() for word in _SERIAL_WORDS)
+    if not path.is_file():
+        return False
+    text = path.read_text()
+    return _BESIDE not in text and any(word in text for word in _SERIAL_WORDS)
 
 
 @pytest.hookimpl(optionalhook=True)
@@ -61,7 +67,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:  # a module that uses Ray without naming it would start a second Ray on the other worker
         uses_ray = "ray_serve" in getattr(item, "fixturenames", ()) or item.get_closest_marker("ray_cluster")
         module = item.nodeid.split("::", 1)[0]
-        if uses_ray and not runs_serially(module):
+        if uses_ray and not runs_serially(module) and not item.get_closest_marker("beside_serial"):
             raise pytest.UsageError(f"{module} uses Ray/Serve without naming one of {_SERIAL_WORDS}")
     if _has_gpu():
         return

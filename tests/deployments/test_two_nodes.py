@@ -23,7 +23,8 @@ import pytest
 from tests.deployments.serve_testing import free_port, wait_until
 from tests.deployments.test_serve_cli import BIN, REPO, _env, _stop_group
 
-pytestmark = [pytest.mark.ray_cluster, pytest.mark.slow]
+# Its own cluster (temp dir and ports): it may run beside the serial Ray/Serve tests (tests/conftest.py).
+pytestmark = [pytest.mark.ray_cluster, pytest.mark.slow, pytest.mark.beside_serial]
 
 DRIVER = textwrap.dedent(
     """
