@@ -1,6 +1,7 @@
 """Throughput when another process takes a core: the engine quiet, then beside a busy loop, per OpenMP setting.
 
     python -m benchmarks.contention                 # default model, 16 anyscale requests per pass (~10 min)
+    python -m benchmarks.contention --dtype bfloat16 --variants adaptive,fixed   # what `dtype: auto` picks on AMX
     python -m benchmarks.contention --smoke         # tiny random Llama, seconds (CI)
 
 Each variant runs in its own process (OpenMP reads its environment once, when torch loads): a quiet pass of
@@ -55,7 +56,7 @@ def _pass(loaded: Any, work: Any) -> float:
     return work.useful_tokens / (time.perf_counter() - t0)
 
 
-def child(smoke: bool, requests: int) -> dict[str, Any]:
+def child(smoke: bool, requests: int, dtype: str = "float32") -> dict[str, Any]:
     """One variant (its environment already set): quiet pass, then a pass beside a busy process."""
     import torch
 
@@ -65,7 +66,7 @@ def child(smoke: bool, requests: int) -> dict[str, Any]:
 
     threads = int(os.environ["OMP_NUM_THREADS"])
     torch.set_num_threads(threads)
-    loaded = tiny_llama() if smoke else load_model("default", "float32", "cpu")
+    loaded = tiny_llama() if smoke else load_model("default", dtype, "cpu")
     vocab = int(loaded.model.config.vocab_size)
     work = anyscale(requests, vocab, seed=0, lengths=SMOKE_LENGTHS if smoke else FULL_LENGTHS)
     _pass(loaded, anyscale(2, vocab, seed=1, lengths=SMOKE_LENGTHS))  # warm-up
@@ -81,9 +82,9 @@ def child(smoke: bool, requests: int) -> dict[str, Any]:
             "kept": contended / quiet, "useful_tokens": work.useful_tokens}
 
 
-def run_variant(name: str, smoke: bool, requests: int) -> dict[str, Any]:
+def run_variant(name: str, smoke: bool, requests: int, dtype: str = "float32") -> dict[str, Any]:
     env = {**os.environ, **VARIANTS[name]}
-    args = [sys.executable, "-m", "benchmarks.contention", "--child", "--requests", str(requests)]
+    args = [sys.executable, "-m", "benchmarks.contention", "--child", "--requests", str(requests), "--dtype", dtype]
     out = subprocess.run(args + (["--smoke"] if smoke else []), env=env, check=True, capture_output=True,
                          text=True, cwd=Path(__file__).resolve().parents[1])
     return {"variant": name, "env": VARIANTS[name], **json.loads(out.stdout.strip().splitlines()[-1])}
@@ -101,17 +102,18 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--smoke", action="store_true", help="tiny random Llama, a few requests")
     ap.add_argument("--requests", type=int, default=None, help="requests per pass (default 16; smoke 4)")
     ap.add_argument("--variants", default=",".join(VARIANTS), help=f"subset of {list(VARIANTS)}")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="the default model's dtype")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path, default=None, help="output folder (default benchmarks/results; smoke: none)")
     a = ap.parse_args(argv)
     requests = a.requests or (4 if a.smoke else 16)
     if a.child:
-        print(json.dumps(child(a.smoke, requests)))
+        print(json.dumps(child(a.smoke, requests, a.dtype)))
         return
     rows = []
     for name in a.variants.split(","):
         print(f"[contention] {name}: quiet pass, then beside a busy process ...", file=sys.stderr, flush=True)
-        rows.append(run_variant(name, a.smoke, requests))
+        rows.append(run_variant(name, a.smoke, requests, a.dtype))
         print(f"[contention] {name}: {rows[-1]['quiet_tok_s']:.1f} -> {rows[-1]['contended_tok_s']:.1f} tok/s",
               file=sys.stderr, flush=True)
     report = table(rows)
@@ -120,10 +122,12 @@ def main(argv: list[str] | None = None) -> None:
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-        (out / "contention.json").write_text(json.dumps({"when": stamp, "requests": requests, "rows": rows},
-                                                         indent=2))
-        (out / "contention.md").write_text(f"# Throughput with one core busy\n\n`python -m benchmarks.contention`, "
-                                           f"{stamp}, {requests} anyscale requests per pass.\n\n{report}\n")
+        stem = "contention" if a.dtype == "float32" else f"contention_{a.dtype}"
+        (out / f"{stem}.json").write_text(json.dumps({"when": stamp, "requests": requests, "dtype": a.dtype,
+                                                      "rows": rows}, indent=2))
+        (out / f"{stem}.md").write_text(f"# Throughput with one core busy ({a.dtype})\n\n`python -m "
+                                        f"benchmarks.contention --dtype {a.dtype}`, {stamp}, {requests} anyscale "
+                                        f"requests per pass.\n\n{report}\n")
 
 
 if __name__ == "__main__":

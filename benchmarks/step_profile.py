@@ -4,7 +4,7 @@ For each batch size, an engine (policy `baton`) holds that many rows at a cache 
 columns and runs decode steps; the median step time is measured with each kernel for the decode batch's
 linears (engine/narrow_linear.py): plain `F.linear`, `transposed` ((W @ x.T).T) and `compiled` (the C++
 kernels, where they build), each through transformers' eager forward, and `captured` (the compiled kernels inside
-the captured decode step, engine/decode_step.py, where it applies), interleaved so machine noise lands on all. A
+the captured decode step, engine/captured.py, where it applies), interleaved so machine noise lands on all. A
 torch-profiler pass at the largest batch splits one step into the layers' linears, the LM head, attention and
 everything else.
 
@@ -49,7 +49,7 @@ def decode_engine(loaded: LoadedModel, rows: int, context: int, kernel: str, see
     narrow: dict[str, Any] = dict(narrow_linear=False) if kernel == "linear" else dict(
         narrow_kernel="compiled" if kernel == "captured" else kernel)
     engine = BatonEngine(EngineConfig(model=loaded.name, policy="baton", max_batch_size=rows,
-                                      prefill_token_budget=rows * context, captured_decode=kernel == "captured",
+                                      prefill_token_budget=rows * context, captured_forward=kernel == "captured",
                                       **narrow), loaded=loaded)
     rng = random.Random(seed)
     vocab = int(loaded.model.config.vocab_size)
@@ -145,7 +145,7 @@ def markdown(r: dict[str, Any]) -> str:
              f"{m['repeats']} medians over {m['steps_per_measure']} steps, the kernels interleaved. `linear`: "
              "plain F.linear (MKL); `transposed`: (W @ x.T).T; `compiled`: engine/kernels/ (skinny_linear*.cpp), each "
              "through transformers' eager forward; `captured`: the compiled kernels in the captured decode step "
-             "(engine/decode_step.py).", ""]
+             "(engine/captured.py).", ""]
     kernels = r["kernels"]
     if r["compiled_unavailable"]:
         lines += [f"The compiled kernel did not run here: {r['compiled_unavailable']}", ""]

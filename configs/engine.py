@@ -99,11 +99,12 @@ class EngineConfig(BaseModel):
         "more copy of the layers' linear weights (202 MiB for the default model); off: one prompt per forward "
         "through F.linear.",
     )
-    captured_decode: bool = Field(
+    captured_forward: bool = Field(
         default=True,
-        description="CPU, Llama-family models, with attention_kernel: run each pure decode step as one compiled "
-        "operator (engine/decode_step.py) that computes exactly the eager forward's operations, bit for bit, without "
-        "its Python overhead; off (or where it does not apply): transformers' eager forward.",
+        description="CPU, Llama-family models, with attention_kernel: run each pure decode step, and prompts computed "
+        "from scratch within one chunk, as compiled operators (engine/captured.py) that perform exactly the eager "
+        "forward's operations, bit for bit, without its Python overhead; off (or where it does not apply): "
+        "transformers' eager forward.",
     )
     seed: int = Field(default=0, description="Seed for requests that do not give one.")
     controller: ControllerConfig = Field(default_factory=ControllerConfig)

@@ -60,7 +60,7 @@ AVX512 = KernelBuild("baton_skinny_linear_avx512", SOURCE.with_name("skinny_line
 ATTENTION = KernelBuild("baton_decode_attention", SOURCE.with_name("decode_attention.cpp"), tuple(FLAGS),
                         "baton_attention", "AVX2/FMA", "SDPA", op="decode_attention")
 # Only ATen calls (no vector code of its own): any CPU torch runs on.
-DECODE_STEP = KernelBuild("baton_decode_step", SOURCE.with_name("decode_step.cpp"), ("-O2", "-fopenmp"), "baton_step",
+CAPTURED = KernelBuild("baton_captured_llama", SOURCE.with_name("captured_llama.cpp"), ("-O2", "-fopenmp"), "baton_captured",
                           "a C++ compiler", "the eager forward", op="llama_decode")
 
 _lock = threading.Lock()
@@ -68,7 +68,7 @@ _loaded: dict[str, Kernel | None] = {}  # KernelBuild.name -> the kernel, or Non
 _why_not: list[str] = []
 _why_not_avx512: list[str] = []
 _why_not_attention: list[str] = []
-_why_not_decode_step: list[str] = []
+_why_not_captured: list[str] = []
 
 
 def build_dir() -> Path:
@@ -120,10 +120,10 @@ def decode_attention() -> Callable[..., torch.Tensor] | None:
     return _kernel(ATTENTION, cpu_supports_it, _why_not_attention)
 
 
-def decode_step() -> Callable[..., torch.Tensor] | None:
-    """A Llama-family decode step as one operator (`torch.ops.baton_step.llama_decode`, decode_step.cpp;
-    engine/decode_step.py), as `skinny_linear()` (the reason in `why_not_decode_step()`)."""
-    return _kernel(DECODE_STEP, lambda: True, _why_not_decode_step)
+def captured_llama() -> Callable[..., torch.Tensor] | None:
+    """A Llama-family decode step as one operator (`torch.ops.baton_captured.llama_decode`, captured_llama.cpp;
+    engine/captured.py), as `skinny_linear()` (the reason in `why_not_captured()`)."""
+    return _kernel(CAPTURED, lambda: True, _why_not_captured)
 
 
 def use_amx(on: bool) -> bool:
@@ -158,9 +158,9 @@ def why_not_attention() -> str | None:
     return _why_not_attention[-1] if _why_not_attention else None
 
 
-def why_not_decode_step() -> str | None:
-    """Why `decode_step()` returned None, once it has."""
-    return _why_not_decode_step[-1] if _why_not_decode_step else None
+def why_not_captured() -> str | None:
+    """Why `captured_llama()` returned None, once it has."""
+    return _why_not_captured[-1] if _why_not_captured else None
 
 
 def _kernel(build: KernelBuild, supported: Callable[[], bool], reasons: list[str]) -> Kernel | None:
@@ -234,7 +234,7 @@ def main() -> int:
     assert err < 1e-4, f"compiled kernel disagrees with F.linear by {err}"
     print(f"[setup] compiled CPU decode kernel: ready in {build_dir()}", file=sys.stderr)
     _check_attention()
-    step = "ready" if decode_step() is not None else f"not available ({why_not_decode_step()}); the eager forward runs"
+    step = "ready" if captured_llama() is not None else f"not available ({why_not_captured()}); the eager forward runs"
     print(f"[setup] captured decode step: {step}", file=sys.stderr)
     wide = skinny_linear_avx512()
     if wide is None:

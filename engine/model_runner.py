@@ -18,6 +18,7 @@ import contextlib
 import itertools
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,9 +27,10 @@ from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
 
 from engine import cpu_kernel
 from engine.attention import EngineAttention
-from engine.decode_step import CapturedDecode
+from engine.captured import CapturedLlama, PromptKernel, layer_linears
 from engine.kv_cache import BatchKVCache, RowKV, attention_width
 from engine.narrow_linear import (
+    MAX_ROWS_BF16,
     KernelName,
     NarrowLinear,
     RowKernel,
@@ -137,7 +139,7 @@ class ModelRunner:
 
     def __init__(self, model: Any, device: torch.device, narrow_linear: bool = True,
                  narrow_kernel: KernelName = "auto", tuner: ThreadTuner | None = None, prefill_chunk: int = 256,
-                 attention_kernel: bool = True, packed_prefill: bool = True, captured_decode: bool = True) -> None:
+                 attention_kernel: bool = True, packed_prefill: bool = True, captured_forward: bool = True) -> None:
         self.model, self.device = model, device
         self.prefill_chunk = prefill_chunk  # prompts are computed in chunks ending at its multiples
         self.tuner = tuner  # CPU: picks the decode steps' torch threads by measuring (engine/thread_tuner.py)
@@ -156,15 +158,6 @@ class ModelRunner:
         self.attention = EngineAttention.install(model) if device.type == "cpu" else None
         self.attention_kernel = bool(attention_kernel and self.attention and self.attention.kernel)
         log.info("batch forward's attention: %s", "the compiled kernel" if self.attention_kernel else "SDPA")
-        # CPU: a pure decode step of a Llama-family model as one compiled operator, bit for bit the eager forward's
-        # with these kernels (engine/decode_step.py).
-        self.captured: CapturedDecode | None = None
-        if captured_decode and self.attention_kernel:
-            op = row_kernel_op(self.narrow_kernel, next(model.parameters()).dtype)
-            built = CapturedDecode.build(model, *op) if op is not None else "the transposed row kernel"
-            self.captured = built if isinstance(built, CapturedDecode) else None
-            log.info("decode steps: %s", f"captured (one operator, up to {self.captured.max_rows} rows)"
-                     if self.captured else f"the eager forward ({built})")
         # bfloat16 on AMX: prompts' linears through the same row-invariant kernel as the decode batch's, so several
         # prompts can share one prefill forward and each get its solo bits (`prefill_packed`). Only where every layer
         # weight fits the tiles: one left to F.linear would give a prompt other bits packed than alone.
@@ -177,6 +170,21 @@ class ModelRunner:
         packed = pack_layer_weights(model) if self._prompt_kernel is not None else 0
         log.info("prefill: %s", f"prompts packed into one forward (AMX; {packed / 2**20:.0f} MiB of weights packed "
                  "into tiles)" if self.packs else "one prompt per forward")
+        # CPU, a Llama-family model: pure decode steps and from-scratch prompts as compiled operators, bit for bit the
+        # eager forward's with these kernels (engine/captured.py).
+        self.captured: CapturedLlama | None = None
+        if captured_forward and self.attention_kernel:
+            op = row_kernel_op(self.narrow_kernel, next(model.parameters()).dtype)
+            prompt = PromptKernel()
+            if self.packs:  # the prompts' linears as amx_linear computes them
+                prompt = PromptKernel(MAX_ROWS_BF16, "baton_avx512::skinny_linear", "baton_avx512::skinny_linear_packed",
+                                      tuple(packed_weight(w) for w in layer_linears(model)))
+            built = CapturedLlama.build(model, *op, prompt_kernel=prompt) if op is not None \
+                else "the transposed row kernel"
+            self.captured = built if isinstance(built, CapturedLlama) else None
+            log.info("decode steps and prompts: %s", f"captured (decode up to {self.captured.max_rows} rows, "
+                     f"{self.captured.max_prompts} prompt(s) per prefill)" if self.captured
+                     else f"the eager forward ({built})")
 
     def execute(self, plan: IterationPlan, cache: BatchKVCache) -> StepResult:
         """Apply `plan` to `cache` in its field order. A failed forward pass fails its requests, never the
@@ -193,7 +201,8 @@ class ModelRunner:
             cache.insert(j.request_id, j.kv if j.kv is not None else RowKV.empty_like(cache))
         failed: dict[str, str] = {}
         prefilled: dict[str, RowKV] = {}
-        prefill, pooled = self._prefills(plan.prefill, cache, failed, prefilled)
+        with self._prompt_threads():
+            prefill, pooled = self._prefills(plan.prefill, cache, failed, prefilled)
         batch, shape = self._batch(plan.batch, prefill.tokens, cache, failed)
         prompts = {**prefill.prompt_logprobs, **self._in_batch_prompt_logprobs(plan.batch, batch.tokens, failed)}
         return StepResult(
@@ -251,6 +260,8 @@ class ModelRunner:
         (and all of them, should the packed forward fail) prefill one by one."""
         group = [p for p in prefills if p.until is None and p.prefix is None and p.prompt_logprobs is None
                  and len(p.token_ids) <= self.prefill_chunk]
+        if self.captured is not None and group:
+            return self._captured_prefills(group)
         if not self.packs or len(group) < 2:
             return {}
         try:
@@ -259,6 +270,25 @@ class ModelRunner:
             log.exception("packed prefill of %d prompts failed; each prefills alone", len(group))
             return {}
         return {p.request_id: r for p, r in zip(group, results, strict=True)}
+
+    def _captured_prefills(self, group: list[Prefill]) -> dict[str, tuple[RowKV, torch.Tensor]]:
+        """`group`'s prompts through the captured prefill, as many per forward as it takes; a forward that fails
+        leaves its prompts to the eager prefill."""
+        assert self.captured is not None
+        out: dict[str, tuple[RowKV, torch.Tensor]] = {}
+        per = self.captured.max_prompts
+        for i in range(0, len(group), per):
+            part = group[i:i + per]
+            t0 = time.perf_counter()
+            try:
+                results = self.captured.prefill([list(p.token_ids) for p in part])
+            except Exception:
+                log.exception("captured prefill of %d prompt(s) failed; each prefills alone", len(part))
+                continue
+            finally:
+                self.forward_s += time.perf_counter() - t0
+            out.update((p.request_id, r) for p, r in zip(part, results, strict=True))
+        return out
 
     def _batch(self, rows: tuple[BatchRow, ...], prefill_tokens: dict[str, int], cache: BatchKVCache,
                failed: dict[str, str]) -> tuple[Sampled, BatchShape | None]:
@@ -403,6 +433,22 @@ class ModelRunner:
         self.forward_s += time.perf_counter() - t0
         return results
 
+    @contextlib.contextmanager
+    def _prompt_threads(self) -> Iterator[None]:
+        """Prompts run at the thread count the tuner chose for decode steps (a core taken by another process slows
+        them the same way), where their bits do not depend on it: bfloat16 on AMX (`packs`: every prompt linear
+        through the AMX kernel, one chain per element; SDPA splits its work by heads and query blocks). Elsewhere
+        (F.linear's float32 GEMM) at the configured count."""
+        tuner = self.tuner
+        if tuner is None or not self.packs or tuner.current == tuner.most:
+            yield
+            return
+        torch.set_num_threads(tuner.current)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(tuner.most)
+
     def _prompts(self) -> contextlib.AbstractContextManager[None]:
         """Prompts' linears through the row-invariant kernel, where there is one (bfloat16 on AMX)."""
         if self.narrow is None or self._prompt_kernel is None:
@@ -422,7 +468,7 @@ class ModelRunner:
         cache.set_step_mask(real)
         window = cache.mask_view(extra=t, aligned=True)  # [rows, attention_width(L + t)]
         if self.captured is not None and self.captured.takes(cache.rows, t):
-            logits = self.captured(cache, input_ids.to(self.device), positions.to(self.device), window)
+            logits = self.captured.decode(cache, input_ids.to(self.device), positions.to(self.device), window)
             cache.advance(t)
             self.forward_s += time.perf_counter() - t0
             return logits[:, -1].float()

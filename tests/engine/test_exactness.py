@@ -75,7 +75,7 @@ def test_small_workload_is_exact_when_nothing_is_broken(default_model, small_wor
 
 @pytest.mark.parametrize("captured", [True, False], ids=["captured", "eager"])
 def test_broken_padding_mask_is_caught(default_model, small_workload, monkeypatch, captured):
-    """In the captured decode step (engine/decode_step.py) and in the eager forward alike."""
+    """In the captured decode step (engine/captured.py) and in the eager forward alike."""
     real_view = BatchKVCache.mask_view
 
     def attend_everything(self, extra=0, aligned=False):  # padding columns no longer masked
@@ -83,7 +83,7 @@ def test_broken_padding_mask_is_caught(default_model, small_workload, monkeypatc
 
     monkeypatch.setattr(BatchKVCache, "mask_view", attend_everything)
     work, ref = small_workload
-    got = run_workload(make_engine(default_model, policy="baton-pd", max_batch_size=8, captured_decode=captured), work)
+    got = run_workload(make_engine(default_model, policy="baton-pd", max_batch_size=8, captured_forward=captured), work)
     assert len(mismatches(got, ref)) >= len(ref) // 2
 
 

@@ -1,20 +1,23 @@
-"""The decode step of a Llama-family model captured as one compiled operator (engine/kernels/decode_step.cpp).
+"""A Llama-family model's two common forwards, each as one compiled operator (engine/kernels/captured_llama.cpp).
 
 A pure decode step of the batch forward (one new token per row) runs ~2,000 small torch operations through
 transformers' eager forward; on the default model on CPU the Python around them (module calls, argument parsing, our
-cache adapter) costs more than the arithmetic (benchmarks/NOTES.md, session 9). `CapturedDecode` runs the same
-operations, in the same order and on the same shapes, from C++: the embedding, rotary tables, per layer RMSNorm, the
-q/k/v projections through the engine's row kernel, rotary, the cache columns written in place, the engine's
-attention kernel over the aligned window, o_proj and the residual, RMSNorm, SiLU-gated MLP and the residual, then the
-final norm and the output embedding. Its logits and cache columns are the eager path's bit for bit
-(tests/engine/test_decode_step.py compares them with `torch.equal`), so every exactness and batch-invariance guarantee
-carries over. The model's modules and weights are read, never changed; the operator holds no GIL while it runs.
+cache adapter) costs more than the arithmetic (benchmarks/NOTES.md, session 9), and a short prompt's prefill pays the
+same. `CapturedLlama` runs the same operations, in the same order and on the same shapes, from C++:
+* `decode`: the embedding, rotary tables, per layer RMSNorm, the q/k/v projections through the engine's row kernel,
+  rotary, the cache columns written in place, the engine's attention kernel over the aligned window, o_proj and the
+  residual, RMSNorm, SiLU-gated MLP and the residual, then the final norm and the output embedding;
+* `prefill`: prompts from scratch, one, or several end to end where the prompts' linears are row-invariant (bfloat16
+  on AMX, `packs`), each attending causally to its own tokens through the SDPA call transformers makes for it alone.
+Logits, cache columns and KV are the eager path's bit for bit (tests/engine/test_captured.py compares them with
+`torch.equal`), so every exactness and batch-invariance guarantee carries over. The model's modules and weights are
+read, never changed; the operators hold no GIL while they run.
 
 It applies where the eager forward would compute exactly these operations: transformers' own Llama classes (no
 biases, default RoPE, SiLU), float32 or bfloat16, the engine's attention kernel, and a row kernel for the linears that
 is plain F.linear or one the engine's narrow-linear switch would call at this row count
-(`narrow_linear.row_kernel_op`). Anything else (prompts joining inside the batch forward, other architectures,
-more rows than the row kernel takes) runs the eager forward as before.
+(`narrow_linear.row_kernel_op`). Anything else (prompts joining inside the batch forward, prompts on a cached prefix
+or in chunks, other architectures, more rows than the row kernel takes) runs the eager forward as before.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from typing import Any
 import torch
 
 from engine import cpu_kernel
-from engine.kv_cache import BatchKVCache
+from engine.kv_cache import BatchKVCache, RowKV
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +38,9 @@ _PER_LAYER = ("input_layernorm", "self_attn.q_proj", "self_attn.k_proj", "self_a
 
 
 @dataclass(frozen=True)
-class CapturedDecode:
-    """The model's decode step as one operator, with the row kernel its linears take up to `max_rows` rows."""
+class CapturedLlama:
+    """The model's decode step and prompt prefill as operators: the decode step's linears through `linear_kernel` up
+    to `max_rows` rows; prompts' linears as `prompt_kernel` says (see `PromptKernel`)."""
 
     layer_weights: tuple[torch.Tensor, ...]  # 9 per layer, in _PER_LAYER's order
     embed: torch.Tensor
@@ -51,15 +55,17 @@ class CapturedDecode:
     head_dim: int
     linear_kernel: str  # a torch operator "namespace::name" taking (x [rows, in], w), or "" for F.linear
     max_rows: int
+    prompt_kernel: PromptKernel
 
     @staticmethod
-    def build(model: Any, linear_kernel: str, max_rows: int) -> CapturedDecode | str:
+    def build(model: Any, linear_kernel: str, max_rows: int, prompt_kernel: PromptKernel | None = None
+              ) -> CapturedLlama | str:
         """The captured step for `model`, or why it does not apply (a sentence)."""
         reason = why_not(model)
         if reason is not None:
             return reason
-        if cpu_kernel.decode_step() is None:
-            return f"the operator did not build: {cpu_kernel.why_not_decode_step()}"
+        if cpu_kernel.captured_llama() is None:
+            return f"the operator did not build: {cpu_kernel.why_not_captured()}"
         config, inner = model.config, model.model
         layers: list[torch.Tensor] = []
         for layer in inner.layers:
@@ -69,13 +75,13 @@ class CapturedDecode:
             return "a linear weight is not contiguous (the row kernel would not take it)"
         heads = config.num_attention_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-        return CapturedDecode(
+        return CapturedLlama(
             layer_weights=tuple(layers), embed=inner.embed_tokens.weight.detach(),
             inv_freq=inner.rotary_emb.inv_freq, final_norm=inner.norm.weight.detach(),
             lm_head=model.lm_head.weight.detach(), eps=float(inner.norm.variance_epsilon),
             scale=float(inner.layers[0].self_attn.scaling), rope_scaling=float(inner.rotary_emb.attention_scaling),
             heads=heads, kv_heads=config.num_key_value_heads, head_dim=head_dim, linear_kernel=linear_kernel,
-            max_rows=max_rows,
+            max_rows=max_rows, prompt_kernel=prompt_kernel or PromptKernel(),
         )
 
     def takes(self, rows: int, new_columns: int) -> bool:
@@ -83,15 +89,67 @@ class CapturedDecode:
         return new_columns == 1 and 0 < rows <= self.max_rows
 
     @torch.no_grad()
-    def __call__(self, cache: BatchKVCache, input_ids: torch.Tensor, positions: torch.Tensor, window: torch.Tensor
+    def decode(self, cache: BatchKVCache, input_ids: torch.Tensor, positions: torch.Tensor, window: torch.Tensor
                  ) -> torch.Tensor:
         """One decode step over every row of `cache`: input_ids, positions [rows, 1]; window [rows, W], the aligned
         window's mask with the new column. Writes the new column at `cache.end` (the caller advances the cache) and
         returns the logits [rows, 1, vocab] in the model's dtype."""
-        return torch.ops.baton_step.llama_decode(
+        return torch.ops.baton_captured.llama_decode(
             input_ids, positions, window, cache.keys, cache.values, cache.attention_start(1), cache.end, self.embed,
             self.inv_freq, list(self.layer_weights), self.final_norm, self.lm_head, self.eps, self.scale,
             self.rope_scaling, self.heads, self.kv_heads, self.head_dim, self.linear_kernel)
+
+    @property
+    def packs(self) -> bool:
+        """Whether several prompts may share one `prefill` (their linears are row-invariant)."""
+        return bool(self.prompt_kernel.packed)
+
+    @torch.no_grad()
+    def prefill(self, prompts: list[list[int]]) -> list[tuple[RowKV, torch.Tensor]]:
+        """Prompts computed from scratch in one forward (one prompt unless `packs`; at most `max_prompts`): each
+        one's KV [layers, kv_heads, p, head_dim] and last logits [vocab] (float32), as `ModelRunner.prefill` /
+        `prefill_packed` compute them, bit for bit."""
+        assert prompts and (len(prompts) == 1 or self.packs) and len(prompts) <= self.max_prompts
+        lengths = [len(p) for p in prompts]
+        ids = torch.tensor([[t for p in prompts for t in p]], device=self.embed.device)
+        positions = torch.cat([torch.arange(n) for n in lengths])[None].to(self.embed.device)
+        k = self.prompt_kernel
+        keys, values, logits = torch.ops.baton_captured.llama_prefill(
+            ids, positions, lengths, self.embed, self.inv_freq, list(self.layer_weights), list(k.packed),
+            self.final_norm, self.lm_head, self.eps, self.scale, self.rope_scaling, self.heads, self.kv_heads,
+            self.head_dim, k.few_rows, k.few_kernel, k.packed_kernel)
+        out, lo = [], 0
+        for i, n in enumerate(lengths):
+            out.append((RowKV(keys[:, :, lo:lo + n].contiguous(), values[:, :, lo:lo + n].contiguous()),
+                        logits[i].float()))
+            lo += n
+        return out
+
+    @property
+    def max_prompts(self) -> int:
+        """The most prompts one `prefill` takes: their last positions go through the output embedding's few-rows
+        path."""
+        return self.prompt_kernel.few_rows if self.packs else 1
+
+
+@dataclass(frozen=True)
+class PromptKernel:
+    """How the eager forward computes a prompt's linears, for `llama_prefill` to do the same: F.linear (the default:
+    `few_rows` 0), or bfloat16 on AMX (`narrow_linear.amx_linear`): up to `few_rows` rows through `few_kernel` with
+    the weight as it is, beyond through `packed_kernel` with the weight's packed copy (`packed`: the 7 linear
+    weights' copies per layer, q k v o gate up down)."""
+
+    few_rows: int = 0
+    few_kernel: str = ""
+    packed_kernel: str = ""
+    packed: tuple[torch.Tensor, ...] = ()
+
+
+def layer_linears(model: Any) -> list[torch.Tensor]:
+    """The 7 linear weights of each layer in the order `PromptKernel.packed` holds their copies: q k v o gate up
+    down."""
+    names = [n for n in _PER_LAYER if not n.endswith("layernorm")]
+    return [layer.get_submodule(n).weight for layer in model.model.layers for n in names]
 
 
 def why_not(model: Any) -> str | None:

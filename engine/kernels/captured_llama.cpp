@@ -1,0 +1,224 @@
+// A Llama-family model's forward as two compiled operators, for the engine's two common passes: a decode step (one
+// new token per row, `llama_decode`) and prompts computed from scratch (`llama_prefill`, one or several packed end to
+// end). Each runs the same ATen operations, in the same order and on the same shapes, as transformers' eager
+// LlamaForCausalLM forward runs for that pass in engine/model_runner.py (batch_forward; prefill / prefill_packed),
+// with the engine's own linear and attention kernels where the Python path calls them. So logits and KV are the eager
+// path's, bit for bit (tests/engine/test_captured.py); what goes is the Python around ~2,000 small operations per
+// forward (module calls, argument parsing, the cache adapter), and the GIL while it runs: the replica's event loop
+// runs meanwhile.
+//
+// Per layer, as LlamaDecoderLayer: h = x + o_proj(attention(rope(q_proj(n)), rope(k_proj(n)), v_proj(n))) with
+// n = rms_norm(x); out = h + down_proj(silu(gate_proj(m)) * up_proj(m)) with m = rms_norm(h). A decode step writes
+// the new key and value columns into the engine's cache buffers at column `end` and attends over the aligned window
+// [start, end + 1); prompts attend causally to their own tokens through SDPA and return their KV.
+#include <torch/library.h>
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/GradMode.h>
+
+#include <mutex>
+#include <tuple>
+#include <vector>
+#include <string>
+#include <unordered_map>
+
+namespace {
+
+using Linear2 = c10::TypedOperatorHandle<at::Tensor(const at::Tensor&, const at::Tensor&)>;
+using Attention = c10::TypedOperatorHandle<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                      const at::Tensor&, double)>;
+
+const Linear2* row_kernel(const std::string& name) {  // "" -> none (at::linear)
+  static std::mutex lock;
+  static std::unordered_map<std::string, Linear2> found;
+  if (name.empty()) return nullptr;
+  std::lock_guard<std::mutex> guard(lock);
+  auto it = found.find(name);
+  if (it == found.end())
+    it = found.emplace(name, c10::Dispatcher::singleton().findSchemaOrThrow(name.c_str(), "")
+                                 .typed<at::Tensor(const at::Tensor&, const at::Tensor&)>()).first;
+  return &it->second;
+}
+
+const Attention& attention_kernel() {
+  static const Attention op = c10::Dispatcher::singleton()
+      .findSchemaOrThrow("baton_attention::decode_attention", "")
+      .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, double)>();
+  return op;
+}
+
+// engine/narrow_linear.py: x [R, 1, in] -> [R, 1, out]; the row kernel takes x as [R, in], contiguous.
+at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const Linear2* kernel) {
+  if (kernel == nullptr) return at::linear(x, w);
+  const int64_t rows = x.numel() / x.size(-1);
+  return kernel->call(x.reshape({rows, x.size(-1)}).contiguous(), w).view({x.size(0), x.size(1), w.size(0)});
+}
+
+// LlamaRMSNorm.forward
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  auto h = x.to(at::kFloat);
+  auto variance = h.pow(2).mean(-1, /*keepdim=*/true);
+  h = h * at::rsqrt(variance + eps);
+  return weight * h.to(x.scalar_type());
+}
+
+// rotate_half, then apply_rotary_pos_emb for one tensor (cos/sin already unsqueezed)
+at::Tensor rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
+  const int64_t half = x.size(-1) / 2;
+  auto x1 = x.slice(-1, 0, half);
+  auto x2 = x.slice(-1, half);
+  return (x * cos) + (at::cat({-x2, x1}, -1) * sin);
+}
+
+at::Tensor llama_decode(const at::Tensor& input_ids, const at::Tensor& positions, const at::Tensor& mask,
+                        const at::Tensor& keys, const at::Tensor& values, int64_t start, int64_t end,
+                        const at::Tensor& embed, const at::Tensor& inv_freq, at::TensorList layers,
+                        const at::Tensor& final_norm, const at::Tensor& lm_head, double eps, double scale,
+                        double rope_scaling, int64_t heads, int64_t kv_heads, int64_t head_dim,
+                        const std::string& linear_kernel) {
+  // input_ids, positions [R, 1]; mask [R, W] (the aligned window's, new column included, W = end + 1 - start);
+  // keys/values [layers, row_capacity, kv_heads, col_capacity, head_dim]; layers: 9 weights per layer (input norm,
+  // q, k, v, o, post-attention norm, gate, up, down). Returns the logits [R, 1, vocab] in the model's dtype.
+  TORCH_CHECK(input_ids.dim() == 2 && input_ids.size(1) == 1, "one new token per row");
+  TORCH_CHECK(layers.size() % 9 == 0 && static_cast<int64_t>(layers.size() / 9) == keys.size(0), "9 weights a layer");
+  TORCH_CHECK(end + 1 <= keys.size(3) && start >= 0 && mask.size(1) == end + 1 - start, "the window fits the cache");
+  c10::AutoGradMode no_grad(false);
+  const int64_t rows = input_ids.size(0);
+  const Linear2* kernel = row_kernel(linear_kernel);
+  const auto& attend = attention_kernel();
+
+  auto hidden = at::embedding(embed, input_ids);  // [R, 1, hidden]
+  // LlamaRotaryEmbedding.forward
+  auto freqs = positions.unsqueeze(-1).to(at::kFloat) * inv_freq.to(at::kFloat);  // [R, 1, D/2]
+  auto emb = at::cat({freqs, freqs}, -1);
+  auto cos = (emb.cos() * rope_scaling).to(hidden.scalar_type()).unsqueeze(1);  // [R, 1, 1, D]
+  auto sin = (emb.sin() * rope_scaling).to(hidden.scalar_type()).unsqueeze(1);
+  auto step_mask = mask.unsqueeze(1);  // [R, 1, W]
+
+  for (int64_t layer = 0; layer < keys.size(0); ++layer) {
+    const at::Tensor* w = layers.data() + 9 * layer;
+    auto residual = hidden;
+    auto normed = rms_norm(hidden, w[0], eps);
+    auto q = linear(normed, w[1], kernel).view({rows, 1, heads, head_dim}).transpose(1, 2);
+    auto k = linear(normed, w[2], kernel).view({rows, 1, kv_heads, head_dim}).transpose(1, 2);
+    auto v = linear(normed, w[3], kernel).view({rows, 1, kv_heads, head_dim}).transpose(1, 2);
+    q = rope(q, cos, sin);
+    k = rope(k, cos, sin);
+    auto layer_keys = keys.select(0, layer).slice(0, 0, rows);  // [R, G, C, D]
+    auto layer_values = values.select(0, layer).slice(0, 0, rows);
+    layer_keys.slice(2, end, end + 1).copy_(k);
+    layer_values.slice(2, end, end + 1).copy_(v);
+    auto attn = attend.call(q, layer_keys.slice(2, start, end + 1), layer_values.slice(2, start, end + 1),
+                            step_mask, scale);  // [R, 1, H, D]
+    attn = attn.reshape({rows, 1, -1}).contiguous();
+    hidden = residual + linear(attn, w[4], kernel);
+    residual = hidden;
+    normed = rms_norm(hidden, w[5], eps);
+    auto gated = at::silu(linear(normed, w[6], kernel)) * linear(normed, w[7], kernel);
+    hidden = residual + linear(gated, w[8], kernel);
+  }
+  hidden = rms_norm(hidden, final_norm, eps);
+  return linear(hidden, lm_head, kernel);
+}
+
+// A prompt's linears, as engine/narrow_linear.py's amx_linear (bfloat16 on AMX: up to `few_max` rows with the weight
+// as it is, beyond through its packed copy) or F.linear (few_max 0). x [1, N, in] -> [1, N, out].
+at::Tensor prompt_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor* packed, int64_t few_max,
+                         const Linear2* few, const Linear2* many) {
+  if (few_max == 0) return at::linear(x, w);
+  const int64_t rows = x.numel() / x.size(-1);
+  TORCH_CHECK(rows <= few_max || (packed != nullptr && many != nullptr), "no packed weight for many rows");
+  auto flat = x.reshape({rows, x.size(-1)}).contiguous();
+  auto out = rows <= few_max ? few->call(flat, w) : many->call(flat, *packed);
+  return out.view({x.size(0), x.size(1), w.size(0)});
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> llama_prefill(
+    const at::Tensor& input_ids, const at::Tensor& positions, at::IntArrayRef lengths, const at::Tensor& embed,
+    const at::Tensor& inv_freq, at::TensorList layers, at::TensorList packed, const at::Tensor& final_norm,
+    const at::Tensor& lm_head, double eps, double scale, double rope_scaling, int64_t heads, int64_t kv_heads,
+    int64_t head_dim, int64_t few_max, const std::string& few_kernel, const std::string& packed_kernel) {
+  // Prompts computed from scratch, end to end in one forward (engine/model_runner.py: prefill_packed; one prompt:
+  // prefill): input_ids, positions [1, N]; `lengths` the prompts' token counts; layers: 9 weights per layer as in
+  // llama_decode; packed: the 7 linear weights' packed copies per layer (empty: F.linear). Each prompt attends
+  // causally to its own tokens through the SDPA call transformers makes for a prompt alone. Returns keys and values
+  // [layers, kv_heads, N, head_dim] (after rotary, as the cache keeps them) and each prompt's last logits [S, vocab].
+  TORCH_CHECK(input_ids.dim() == 2 && input_ids.size(0) == 1, "one packed sequence");
+  TORCH_CHECK(layers.size() % 9 == 0, "9 weights a layer");
+  const int64_t n_layers = static_cast<int64_t>(layers.size() / 9), n = input_ids.size(1);
+  TORCH_CHECK(packed.empty() || static_cast<int64_t>(packed.size()) == 7 * n_layers, "7 packed weights a layer");
+  TORCH_CHECK(few_max == 0 || !few_kernel.empty(), "a row kernel for the few-rows path");
+  int64_t total = 0;
+  for (auto len : lengths) {
+    TORCH_CHECK(len > 0, "empty prompt");
+    total += len;
+  }
+  TORCH_CHECK(total == n, "lengths add up to the tokens");
+  TORCH_CHECK(few_max == 0 || static_cast<int64_t>(lengths.size()) <= few_max, "at most few_max prompts");
+  c10::AutoGradMode no_grad(false);
+  const Linear2* few = row_kernel(few_kernel);
+  const Linear2* many = row_kernel(packed_kernel);
+
+  auto hidden = at::embedding(embed, input_ids);  // [1, N, hidden]
+  auto freqs = positions.unsqueeze(-1).to(at::kFloat) * inv_freq.to(at::kFloat);
+  auto emb = at::cat({freqs, freqs}, -1);
+  auto cos = (emb.cos() * rope_scaling).to(hidden.scalar_type()).unsqueeze(1);  // [1, 1, N, D]
+  auto sin = (emb.sin() * rope_scaling).to(hidden.scalar_type()).unsqueeze(1);
+  std::vector<at::Tensor> keys, values;
+  for (int64_t layer = 0; layer < n_layers; ++layer) {
+    const at::Tensor* w = layers.data() + 9 * layer;
+    const at::Tensor* p = packed.empty() ? nullptr : packed.data() + 7 * layer;  // q k v o gate up down
+    auto lin = [&](const at::Tensor& x, int i) {  // i: which of the 7 linears; w holds the norms at 0 and 5
+      return prompt_linear(x, w[i < 4 ? i + 1 : i + 2], p == nullptr ? nullptr : p + i, few_max, few, many);
+    };
+    auto residual = hidden;
+    auto normed = rms_norm(hidden, w[0], eps);
+    auto q = lin(normed, 0).view({1, n, -1, head_dim}).transpose(1, 2);  // [1, H, N, D]
+    auto k = lin(normed, 1).view({1, n, -1, head_dim}).transpose(1, 2);  // [1, G, N, D]
+    auto v = lin(normed, 2).view({1, n, -1, head_dim}).transpose(1, 2);
+    q = rope(q, cos, sin);
+    k = rope(k, cos, sin);
+    keys.push_back(k);
+    values.push_back(v);
+    std::vector<at::Tensor> parts;
+    int64_t start = 0;
+    for (auto len : lengths) {  // transformers' sdpa_attention_forward for a prompt alone: no mask, GQA in SDPA
+      auto out = at::scaled_dot_product_attention(q.slice(2, start, start + len), k.slice(2, start, start + len),
+                                                  v.slice(2, start, start + len), std::nullopt, 0.0, len > 1, scale,
+                                                  /*enable_gqa=*/heads != kv_heads);
+      parts.push_back(out.reshape({1, -1, len, head_dim}).transpose(1, 2).contiguous());
+      start += len;
+    }
+    auto attn = parts.size() == 1 ? parts[0] : at::cat(parts, 1);  // [1, N, H, D]
+    attn = attn.reshape({1, n, -1}).contiguous();
+    hidden = residual + lin(attn, 3);
+    residual = hidden;
+    normed = rms_norm(hidden, w[5], eps);
+    auto gated = at::silu(lin(normed, 4)) * lin(normed, 5);
+    hidden = residual + lin(gated, 6);
+  }
+  hidden = rms_norm(hidden, final_norm, eps);
+  std::vector<int64_t> last;
+  int64_t end = 0;
+  for (auto len : lengths) last.push_back((end += len) - 1);
+  auto tail = hidden.index_select(1, at::tensor(last, input_ids.options()));  // [1, S, hidden]
+  auto logits = prompt_linear(tail, lm_head, nullptr, few_max, few, nullptr);
+  return {at::stack(keys).select(1, 0), at::stack(values).select(1, 0), logits.select(0, 0)};
+}
+
+}  // namespace
+
+TORCH_LIBRARY(baton_captured, m) {
+  m.def("llama_decode(Tensor input_ids, Tensor positions, Tensor mask, Tensor(a!) keys, Tensor(b!) values, "
+        "int start, int end, Tensor embed, Tensor inv_freq, Tensor[] layers, Tensor final_norm, Tensor lm_head, "
+        "float eps, float scale, float rope_scaling, int heads, int kv_heads, int head_dim, str linear_kernel) "
+        "-> Tensor");
+  m.def("llama_prefill(Tensor input_ids, Tensor positions, int[] lengths, Tensor embed, Tensor inv_freq, "
+        "Tensor[] layers, Tensor[] packed, Tensor final_norm, Tensor lm_head, float eps, float scale, "
+        "float rope_scaling, int heads, int kv_heads, int head_dim, int few_max, str few_kernel, str packed_kernel) "
+        "-> (Tensor, Tensor, Tensor)");
+}
+TORCH_LIBRARY_IMPL(baton_captured, CPU, m) {
+  m.impl("llama_decode", &llama_decode);
+  m.impl("llama_prefill", &llama_prefill);
+}
