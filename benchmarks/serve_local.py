@@ -9,6 +9,7 @@ import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -38,9 +39,9 @@ def serve_instance(base_url: str | None = None, num_cpus: int = 4, log_to_driver
     started_ray = not ray.is_initialized()
     if started_ray:
         pythonpath = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
-        with _environ(env or {}):
-            ray.init(**{"address": "local", "num_cpus": num_cpus, "include_dashboard": False, "logging_level": logging.WARNING,
-                        "log_to_driver": log_to_driver,
+        with mock.patch.dict(os.environ, env or {}):  # Ray's processes, started here, inherit it
+            ray.init(**{"address": "local", "num_cpus": num_cpus, "include_dashboard": False,
+                        "logging_level": logging.WARNING, "log_to_driver": log_to_driver,
                         "runtime_env": {"env_vars": {"PYTHONPATH": pythonpath, "TOKENIZERS_PARALLELISM": "false",
                                                      "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}},
                         **ray_init})
@@ -55,17 +56,3 @@ def serve_instance(base_url: str | None = None, num_cpus: int = 4, log_to_driver
             if started_ray:
                 ray.shutdown()
 
-
-@contextlib.contextmanager
-def _environ(env: dict[str, str]) -> Iterator[None]:
-    """`env` in os.environ within the block (Ray's processes, started in it, inherit it); restored after."""
-    saved = {name: os.environ.get(name) for name in env}
-    os.environ.update(env)
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value

@@ -90,7 +90,7 @@ class CapturedLlama:
 
     @torch.no_grad()
     def decode(self, cache: BatchKVCache, input_ids: torch.Tensor, positions: torch.Tensor, window: torch.Tensor
-                 ) -> torch.Tensor:
+               ) -> torch.Tensor:
         """One decode step over every row of `cache`: input_ids, positions [rows, 1]; window [rows, W], the aligned
         window's mask with the new column. Writes the new column at `cache.end` (the caller advances the cache) and
         returns the logits [rows, 1, vocab] in the model's dtype."""

@@ -60,8 +60,8 @@ AVX512 = KernelBuild("baton_skinny_linear_avx512", SOURCE.with_name("skinny_line
 ATTENTION = KernelBuild("baton_decode_attention", SOURCE.with_name("decode_attention.cpp"), tuple(FLAGS),
                         "baton_attention", "AVX2/FMA", "SDPA", op="decode_attention")
 # Only ATen calls (no vector code of its own): any CPU torch runs on.
-CAPTURED = KernelBuild("baton_captured_llama", SOURCE.with_name("captured_llama.cpp"), ("-O2", "-fopenmp"), "baton_captured",
-                          "a C++ compiler", "the eager forward", op="llama_decode")
+CAPTURED = KernelBuild("baton_captured_llama", SOURCE.with_name("captured_llama.cpp"), ("-O2", "-fopenmp"),
+                       "baton_captured", "a C++ compiler", "the eager forward", op="llama_decode")
 
 _lock = threading.Lock()
 _loaded: dict[str, Kernel | None] = {}  # KernelBuild.name -> the kernel, or None once it is known not to load here
@@ -121,8 +121,9 @@ def decode_attention() -> Callable[..., torch.Tensor] | None:
 
 
 def captured_llama() -> Callable[..., torch.Tensor] | None:
-    """A Llama-family decode step as one operator (`torch.ops.baton_captured.llama_decode`, captured_llama.cpp;
-    engine/captured.py), as `skinny_linear()` (the reason in `why_not_captured()`)."""
+    """A Llama-family model's decode step and prompt prefill as operators (`torch.ops.baton_captured.llama_decode`
+    and `llama_prefill`, captured_llama.cpp; engine/captured.py), as `skinny_linear()` (the reason in
+    `why_not_captured()`)."""
     return _kernel(CAPTURED, lambda: True, _why_not_captured)
 
 
@@ -235,7 +236,7 @@ def main() -> int:
     print(f"[setup] compiled CPU decode kernel: ready in {build_dir()}", file=sys.stderr)
     _check_attention()
     step = "ready" if captured_llama() is not None else f"not available ({why_not_captured()}); the eager forward runs"
-    print(f"[setup] captured decode step: {step}", file=sys.stderr)
+    print(f"[setup] captured forwards: {step}", file=sys.stderr)
     wide = skinny_linear_avx512()
     if wide is None:
         print(f"[setup] AVX-512 CPU decode kernel: not available ({why_not_avx512()}); bfloat16 uses F.linear",

@@ -30,6 +30,8 @@ from engine.attention import EngineAttention
 from engine.captured import CapturedLlama, PromptKernel, layer_linears
 from engine.kv_cache import BatchKVCache, RowKV, attention_width
 from engine.narrow_linear import (
+    AMX_FEW_ROWS_OP,
+    AMX_PACKED_OP,
     MAX_ROWS_BF16,
     KernelName,
     NarrowLinear,
@@ -177,7 +179,7 @@ class ModelRunner:
             op = row_kernel_op(self.narrow_kernel, next(model.parameters()).dtype)
             prompt = PromptKernel()
             if self.packs:  # the prompts' linears as amx_linear computes them
-                prompt = PromptKernel(MAX_ROWS_BF16, "baton_avx512::skinny_linear", "baton_avx512::skinny_linear_packed",
+                prompt = PromptKernel(MAX_ROWS_BF16, AMX_FEW_ROWS_OP, AMX_PACKED_OP,
                                       tuple(packed_weight(w) for w in layer_linears(model)))
             built = CapturedLlama.build(model, *op, prompt_kernel=prompt) if op is not None \
                 else "the transposed row kernel"

@@ -122,6 +122,10 @@ def _compiled(avx2: cpu_kernel.Kernel, max_rows: int, many_rows: bool = True) ->
 
 
 NO_ROW_LIMIT = 1 << 30
+# The AVX-512 kernel's bfloat16 operators by name, for compiled callers (engine/captured.py): up to MAX_ROWS_BF16 rows
+# with the weight as it is (`amx_linear`'s few-rows path), and any row count with its packed copy.
+AMX_FEW_ROWS_OP = "baton_avx512::skinny_linear"
+AMX_PACKED_OP = "baton_avx512::skinny_linear_packed"
 
 
 def row_kernel_op(name: str, dtype: torch.dtype) -> tuple[str, int] | None:
@@ -137,7 +141,7 @@ def row_kernel_op(name: str, dtype: torch.dtype) -> tuple[str, int] | None:
         return ("baton::skinny_linear", MAX_ROWS) if dtype is torch.float32 else ("", NO_ROW_LIMIT)
     if dtype is torch.float32:
         return "baton_avx512::skinny_linear", MAX_ROWS
-    return ("baton_avx512::skinny_linear", MAX_ROWS_BF16) if cpu_kernel.amx_in_use() else ("", NO_ROW_LIMIT)
+    return (AMX_FEW_ROWS_OP, MAX_ROWS_BF16) if cpu_kernel.amx_in_use() else ("", NO_ROW_LIMIT)
 
 
 def amx_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
@@ -152,7 +156,7 @@ def amx_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
                           dtype=torch.bfloat16)
     if few is not None or not many_rows or not tiles_fit(weight):
         return few
-    return compiled_linear(_packed_linear, x, weight, bias, max_rows=1 << 62, dtype=torch.bfloat16)
+    return compiled_linear(_packed_linear, x, weight, bias, max_rows=NO_ROW_LIMIT, dtype=torch.bfloat16)
 
 
 def tiles_fit(weight: torch.Tensor) -> bool:

@@ -16,11 +16,13 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/GradMode.h>
 
+#include <limits>
 #include <mutex>
 #include <tuple>
 #include <vector>
 #include <string>
 #include <unordered_map>
+#include <utility>
 
 namespace {
 
@@ -47,13 +49,6 @@ const Attention& attention_kernel() {
   return op;
 }
 
-// engine/narrow_linear.py: x [R, 1, in] -> [R, 1, out]; the row kernel takes x as [R, in], contiguous.
-at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const Linear2* kernel) {
-  if (kernel == nullptr) return at::linear(x, w);
-  const int64_t rows = x.numel() / x.size(-1);
-  return kernel->call(x.reshape({rows, x.size(-1)}).contiguous(), w).view({x.size(0), x.size(1), w.size(0)});
-}
-
 // LlamaRMSNorm.forward
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
   auto h = x.to(at::kFloat);
@@ -69,6 +64,38 @@ at::Tensor rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& si
   auto x2 = x.slice(-1, half);
   return (x * cos) + (at::cat({-x2, x1}, -1) * sin);
 }
+
+// engine/narrow_linear.py: x [B, T, in] -> [B, T, out]. Without a row kernel, F.linear; else up to `few_max` rows
+// through it (it takes x as [rows, in], contiguous), beyond through `many` with the weight's packed copy (amx_linear).
+at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const Linear2* kernel,
+                  int64_t few_max = std::numeric_limits<int64_t>::max(), const at::Tensor* packed = nullptr,
+                  const Linear2* many = nullptr) {
+  if (kernel == nullptr) return at::linear(x, w);
+  const int64_t rows = x.numel() / x.size(-1);
+  TORCH_CHECK(rows <= few_max || (packed != nullptr && many != nullptr), "no packed weight for many rows");
+  auto flat = x.reshape({rows, x.size(-1)}).contiguous();
+  auto out = rows <= few_max ? kernel->call(flat, w) : many->call(flat, *packed);
+  return out.view({x.size(0), x.size(1), w.size(0)});
+}
+
+// LlamaRotaryEmbedding.forward for positions [B, T]: cos and sin [B, 1, T, D] in `dtype`, unsqueezed for the heads.
+std::pair<at::Tensor, at::Tensor> rotary_tables(const at::Tensor& positions, const at::Tensor& inv_freq,
+                                                double rope_scaling, at::ScalarType dtype) {
+  auto freqs = positions.unsqueeze(-1).to(at::kFloat) * inv_freq.to(at::kFloat);  // [B, T, D/2]
+  auto emb = at::cat({freqs, freqs}, -1);
+  return {(emb.cos() * rope_scaling).to(dtype).unsqueeze(1), (emb.sin() * rope_scaling).to(dtype).unsqueeze(1)};
+}
+
+// The second half of LlamaDecoderLayer: hidden + down_proj(silu(gate_proj(m)) * up_proj(m)), m = rms_norm(hidden).
+template <typename Linear>
+at::Tensor feed_forward(const at::Tensor& hidden, const at::Tensor& norm, double eps, const Linear& lin) {
+  auto normed = rms_norm(hidden, norm, eps);
+  auto gated = at::silu(lin(normed, 4)) * lin(normed, 5);
+  return hidden + lin(gated, 6);
+}
+
+// A layer's 9 weights are (input norm, q, k, v, o, post-attention norm, gate, up, down): its linear i of 7.
+inline const at::Tensor& linear_weight(const at::Tensor* w, int i) { return w[i < 4 ? i + 1 : i + 2]; }
 
 at::Tensor llama_decode(const at::Tensor& input_ids, const at::Tensor& positions, const at::Tensor& mask,
                         const at::Tensor& keys, const at::Tensor& values, int64_t start, int64_t end,
@@ -88,20 +115,16 @@ at::Tensor llama_decode(const at::Tensor& input_ids, const at::Tensor& positions
   const auto& attend = attention_kernel();
 
   auto hidden = at::embedding(embed, input_ids);  // [R, 1, hidden]
-  // LlamaRotaryEmbedding.forward
-  auto freqs = positions.unsqueeze(-1).to(at::kFloat) * inv_freq.to(at::kFloat);  // [R, 1, D/2]
-  auto emb = at::cat({freqs, freqs}, -1);
-  auto cos = (emb.cos() * rope_scaling).to(hidden.scalar_type()).unsqueeze(1);  // [R, 1, 1, D]
-  auto sin = (emb.sin() * rope_scaling).to(hidden.scalar_type()).unsqueeze(1);
+  auto [cos, sin] = rotary_tables(positions, inv_freq, rope_scaling, hidden.scalar_type());  // [R, 1, 1, D]
   auto step_mask = mask.unsqueeze(1);  // [R, 1, W]
 
   for (int64_t layer = 0; layer < keys.size(0); ++layer) {
     const at::Tensor* w = layers.data() + 9 * layer;
-    auto residual = hidden;
+    auto lin = [&](const at::Tensor& x, int i) { return linear(x, linear_weight(w, i), kernel); };
     auto normed = rms_norm(hidden, w[0], eps);
-    auto q = linear(normed, w[1], kernel).view({rows, 1, heads, head_dim}).transpose(1, 2);
-    auto k = linear(normed, w[2], kernel).view({rows, 1, kv_heads, head_dim}).transpose(1, 2);
-    auto v = linear(normed, w[3], kernel).view({rows, 1, kv_heads, head_dim}).transpose(1, 2);
+    auto q = lin(normed, 0).view({rows, 1, heads, head_dim}).transpose(1, 2);
+    auto k = lin(normed, 1).view({rows, 1, kv_heads, head_dim}).transpose(1, 2);
+    auto v = lin(normed, 2).view({rows, 1, kv_heads, head_dim}).transpose(1, 2);
     q = rope(q, cos, sin);
     k = rope(k, cos, sin);
     auto layer_keys = keys.select(0, layer).slice(0, 0, rows);  // [R, G, C, D]
@@ -110,27 +133,11 @@ at::Tensor llama_decode(const at::Tensor& input_ids, const at::Tensor& positions
     layer_values.slice(2, end, end + 1).copy_(v);
     auto attn = attend.call(q, layer_keys.slice(2, start, end + 1), layer_values.slice(2, start, end + 1),
                             step_mask, scale);  // [R, 1, H, D]
-    attn = attn.reshape({rows, 1, -1}).contiguous();
-    hidden = residual + linear(attn, w[4], kernel);
-    residual = hidden;
-    normed = rms_norm(hidden, w[5], eps);
-    auto gated = at::silu(linear(normed, w[6], kernel)) * linear(normed, w[7], kernel);
-    hidden = residual + linear(gated, w[8], kernel);
+    hidden = hidden + lin(attn.reshape({rows, 1, -1}).contiguous(), 3);
+    hidden = feed_forward(hidden, w[5], eps, lin);
   }
   hidden = rms_norm(hidden, final_norm, eps);
   return linear(hidden, lm_head, kernel);
-}
-
-// A prompt's linears, as engine/narrow_linear.py's amx_linear (bfloat16 on AMX: up to `few_max` rows with the weight
-// as it is, beyond through its packed copy) or F.linear (few_max 0). x [1, N, in] -> [1, N, out].
-at::Tensor prompt_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor* packed, int64_t few_max,
-                         const Linear2* few, const Linear2* many) {
-  if (few_max == 0) return at::linear(x, w);
-  const int64_t rows = x.numel() / x.size(-1);
-  TORCH_CHECK(rows <= few_max || (packed != nullptr && many != nullptr), "no packed weight for many rows");
-  auto flat = x.reshape({rows, x.size(-1)}).contiguous();
-  auto out = rows <= few_max ? few->call(flat, w) : many->call(flat, *packed);
-  return out.view({x.size(0), x.size(1), w.size(0)});
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> llama_prefill(
@@ -147,7 +154,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> llama_prefill(
   TORCH_CHECK(layers.size() % 9 == 0, "9 weights a layer");
   const int64_t n_layers = static_cast<int64_t>(layers.size() / 9), n = input_ids.size(1);
   TORCH_CHECK(packed.empty() || static_cast<int64_t>(packed.size()) == 7 * n_layers, "7 packed weights a layer");
-  TORCH_CHECK(few_max == 0 || !few_kernel.empty(), "a row kernel for the few-rows path");
+  TORCH_CHECK((few_max == 0) == few_kernel.empty(), "a row kernel exactly where there is a few-rows path");
   int64_t total = 0;
   for (auto len : lengths) {
     TORCH_CHECK(len > 0, "empty prompt");
@@ -160,18 +167,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> llama_prefill(
   const Linear2* many = row_kernel(packed_kernel);
 
   auto hidden = at::embedding(embed, input_ids);  // [1, N, hidden]
-  auto freqs = positions.unsqueeze(-1).to(at::kFloat) * inv_freq.to(at::kFloat);
-  auto emb = at::cat({freqs, freqs}, -1);
-  auto cos = (emb.cos() * rope_scaling).to(hidden.scalar_type()).unsqueeze(1);  // [1, 1, N, D]
-  auto sin = (emb.sin() * rope_scaling).to(hidden.scalar_type()).unsqueeze(1);
+  auto [cos, sin] = rotary_tables(positions, inv_freq, rope_scaling, hidden.scalar_type());  // [1, 1, N, D]
   std::vector<at::Tensor> keys, values;
   for (int64_t layer = 0; layer < n_layers; ++layer) {
     const at::Tensor* w = layers.data() + 9 * layer;
     const at::Tensor* p = packed.empty() ? nullptr : packed.data() + 7 * layer;  // q k v o gate up down
-    auto lin = [&](const at::Tensor& x, int i) {  // i: which of the 7 linears; w holds the norms at 0 and 5
-      return prompt_linear(x, w[i < 4 ? i + 1 : i + 2], p == nullptr ? nullptr : p + i, few_max, few, many);
+    auto lin = [&](const at::Tensor& x, int i) {
+      return linear(x, linear_weight(w, i), few, few_max, p == nullptr ? nullptr : p + i, many);
     };
-    auto residual = hidden;
     auto normed = rms_norm(hidden, w[0], eps);
     auto q = lin(normed, 0).view({1, n, -1, head_dim}).transpose(1, 2);  // [1, H, N, D]
     auto k = lin(normed, 1).view({1, n, -1, head_dim}).transpose(1, 2);  // [1, G, N, D]
@@ -190,19 +193,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> llama_prefill(
       start += len;
     }
     auto attn = parts.size() == 1 ? parts[0] : at::cat(parts, 1);  // [1, N, H, D]
-    attn = attn.reshape({1, n, -1}).contiguous();
-    hidden = residual + lin(attn, 3);
-    residual = hidden;
-    normed = rms_norm(hidden, w[5], eps);
-    auto gated = at::silu(lin(normed, 4)) * lin(normed, 5);
-    hidden = residual + lin(gated, 6);
+    hidden = hidden + lin(attn.reshape({1, n, -1}).contiguous(), 3);
+    hidden = feed_forward(hidden, w[5], eps, lin);
   }
   hidden = rms_norm(hidden, final_norm, eps);
   std::vector<int64_t> last;
   int64_t end = 0;
   for (auto len : lengths) last.push_back((end += len) - 1);
   auto tail = hidden.index_select(1, at::tensor(last, input_ids.options()));  // [1, S, hidden]
-  auto logits = prompt_linear(tail, lm_head, nullptr, few_max, few, nullptr);
+  auto logits = linear(tail, lm_head, few, few_max);
   return {at::stack(keys).select(1, 0), at::stack(values).select(1, 0), logits.select(0, 0)};
 }
 
