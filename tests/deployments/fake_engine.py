@@ -100,12 +100,13 @@ class FakeAsyncEngine:
 
     def __init__(
         self, config: EngineConfig, step_delay_s: float = 0.005, crash_on_prompt: str | None = None,
-        refuse_start_if: str | None = None,
+        refuse_start_if: str | None = None, submissions_dir: str | None = None,
     ) -> None:
         self._config = config
         self._step_delay_s = step_delay_s
         self._crash_on_prompt = crash_on_prompt
         self._refuse_start_if = refuse_start_if
+        self._submissions_dir = submissions_dir  # test hook: one file per request submitted here, "<pid>-<id>"
         self.engine = _FakeCore(config.max_model_len or 2048)
         self._lock = threading.Lock()
         self._waiting: list[tuple[int, int, str]] = []  # heap of (priority, arrival, request_id)
@@ -199,6 +200,9 @@ class FakeAsyncEngine:
                 request.text += chr(token)
                 request.emitted = len(request.text) - _held(request)
             requests.append(request)
+
+        if self._submissions_dir is not None:
+            open(os.path.join(self._submissions_dir, f"{os.getpid()}-{request_id}"), "w").close()
 
         def queue_it() -> None:
             with self._lock:

@@ -9,6 +9,7 @@ import os
 import signal
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -61,6 +62,14 @@ def engine_pids(app: str, want: int) -> set[int]:
     return pids
 
 
+def busiest(pids: set[int], submissions: Path) -> int:
+    """Of `pids`, the engine replica that took the most requests (fake_engine's `submissions_dir` files)."""
+    taken = {pid: len(list(submissions.glob(f"{pid}-*"))) for pid in pids}
+    pid = max(taken, key=lambda p: taken[p])
+    assert taken[pid] > 0, f"no engine replica took a request: {taken}"
+    return pid
+
+
 async def stream_one(client: httpx.AsyncClient, path: str, body: dict[str, Any], seen: list[int]) -> dict[str, Any]:
     """One streamed completion: its text, finish reason, error events and whether it ended with [DONE];
     `seen[0]` counts the characters received so far."""
@@ -94,10 +103,12 @@ async def unary_one(client: httpx.AsyncClient, path: str, body: dict[str, Any]) 
 
 
 def run_and_kill(base: str, path: str, app: str, streams: list[dict[str, Any]], unary: list[dict[str, Any]],
-                 replicas: int | None, kill_after: int | None = None) -> tuple[list[dict[str, Any]], list[int]]:
+                 replicas: int | None, kill_after: int | None = None,
+                 submissions: Path | None = None) -> tuple[list[dict[str, Any]], list[int]]:
     """The `streams` and `unary` completion bodies at once; with `replicas`, once `kill_after` streams (all by
-    default) have text, SIGKILL one of the app's engine replica processes (it has that many). Returns the
-    results (streams first) and the /health codes seen after the kill."""
+    default) have text, SIGKILL one of the app's engine replica processes (it has that many): the one that
+    took the most requests when the fake engines record them in `submissions` (Serve's router may leave a
+    replica idle), else any. Returns the results (streams first) and the /health codes seen after the kill."""
     pids = engine_pids(app, replicas) if replicas else set()
     seen = [[0] for _ in streams]
     health: list[int] = []
@@ -110,7 +121,7 @@ def run_and_kill(base: str, path: str, app: str, streams: list[dict[str, Any]], 
                 return [await t for t in tasks]
             while sum(s[0] > 0 for s in seen) < (kill_after or len(seen)):
                 await asyncio.sleep(0.05)
-            os.kill(next(iter(pids)), signal.SIGKILL)
+            os.kill(busiest(pids, submissions) if submissions else next(iter(pids)), signal.SIGKILL)
             while not all(t.done() for t in tasks):
                 t0 = time.monotonic()
                 health.append((await client.get(f"{path}/health", timeout=5)).status_code)

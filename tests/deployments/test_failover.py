@@ -41,8 +41,8 @@ MAX_TOKENS = 60
 ENGINE_OPTIONS = {"ray_actor_options": {"num_cpus": 0}, "health_check_period_s": 1, "health_check_timeout_s": 5}
 
 
-def _apps(marker: Path) -> list[RunTarget]:
-    fake = fake_factory(step_delay_s=STEP_S)
+def _apps(marker: Path, submissions: Path) -> list[RunTarget]:
+    fake = fake_factory(step_delay_s=STEP_S, submissions_dir=str(submissions))
     broken = fake_factory(step_delay_s=STEP_S, refuse_start_if=str(marker))
     return [
         RunTarget(make_app(ENGINE, ServerConfig(), fake, engine_options={**ENGINE_OPTIONS, "num_replicas": 2}),
@@ -61,8 +61,14 @@ def marker(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def base_url(serve_instance: str, marker: Path) -> Iterator[str]:
-    serve.run_many(_apps(marker))
+def submissions(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where the "two" and "one" apps' fake engines record each request they take (the busiest is killed)."""
+    return tmp_path_factory.mktemp("submissions")
+
+
+@pytest.fixture(scope="module")
+def base_url(serve_instance: str, marker: Path, submissions: Path) -> Iterator[str]:
+    serve.run_many(_apps(marker, submissions))
     yield serve_instance
 
 
@@ -72,12 +78,13 @@ def expected(prompt: str) -> str:
 
 
 @pytest.mark.parametrize("app,replicas", [("two", 2), ("one", 1)])
-def test_a_killed_engine_replica_loses_nothing(base_url: str, app: str, replicas: int) -> None:
+def test_a_killed_engine_replica_loses_nothing(base_url: str, submissions: Path, app: str, replicas: int) -> None:
     base = f"{base_url}/{app}"
     before = ingress_metrics(base)["server_failovers_total"]
     prompts = [f"stream {i}: abcdefghij" for i in range(8)] + [f"unary {i}: klmnopqrst" for i in range(8)]
     bodies = [{"prompt": p, "max_tokens": MAX_TOKENS, "ignore_eos": True} for p in prompts]
-    results, health = run_and_kill(base_url, f"/{app}", app, bodies[:8], bodies[8:], replicas)
+    results, health = run_and_kill(base_url, f"/{app}", app, bodies[:8], bodies[8:], replicas,
+                                   submissions=submissions)
     for prompt, result in zip(prompts, results, strict=True):
         assert result["errors"] == [] and result["done"], result
         assert result["text"] == expected(prompt), (prompt, result)  # nothing lost, nothing repeated
