@@ -140,6 +140,9 @@ def ray_serve(metrics_port: int) -> Iterator[str]:
     unpickled on the replicas."""
     from benchmarks.serve_local import serve_instance
 
-    with serve_instance(num_cpus=4, log_to_driver=bool(os.environ.get("BATON_TEST_RAY_LOGS")),
+    # Serve kills a proxy that is not ready within 3 checks of 5 s, and serve.start() then fails: on 2 cores busy
+    # with the other worker (test_two_nodes starts a 2-node cluster at the same time), a proxy once took longer.
+    slow_start = {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "30"}
+    with serve_instance(num_cpus=4, log_to_driver=bool(os.environ.get("BATON_TEST_RAY_LOGS")), env=slow_start,
                         _metrics_export_port=metrics_port) as url:
         yield url
