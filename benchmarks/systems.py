@@ -30,6 +30,7 @@ from configs import EngineConfig
 from configs.engine import PolicyName
 from engine import BatonEngine, SamplingParams
 from engine.model_loader import LoadedModel
+from engine.request import RequestOutput
 
 ENGINE_POLICIES = ("static", "orca", "baton", "baton-pd")
 GENERATE = "generate"
@@ -110,6 +111,19 @@ def run_engine(policy: str, loaded: LoadedModel, work: Workload, max_batch_size:
     pending = _by_arrival(work)
     records = {r.request_id: RequestRecord(r.arrival_s) for r in work.requests}
     timeline: list[TimelinePoint] = []
+
+    def take(outs: list[RequestOutput]) -> None:  # at the time a client would get them
+        t = time.perf_counter() - t0
+        for o in outs:
+            rec = records[o.request_id]
+            if o.new_token_ids and rec.first_token_s is None:
+                rec.first_token_s = t
+            rec.tokens.extend(o.new_token_ids)
+            if o.finished:
+                assert o.finish_reason == "length", (o.request_id, o.finish_reason, o.error)
+                rec.finish_s = t
+        progress(sum(len(o.new_token_ids) for o in outs))
+
     with PeakMemory(loaded.device) as memory:
         t0 = time.perf_counter()
         while pending or engine.has_unfinished_requests():
@@ -121,21 +135,9 @@ def run_engine(policy: str, loaded: LoadedModel, work: Workload, max_batch_size:
             if not engine.has_unfinished_requests():
                 _sleep_until(t0, pending[0].arrival_s)
                 continue
-            outs = engine.step()
-            t = time.perf_counter() - t0
+            take(engine.step(emit=take))  # first tokens as the engine emits them, before the batch forward
             it = engine.stats.history[-1]
-            timeline.append(TimelinePoint(t, it.rows, it.accounted_bytes))
-            new = 0
-            for o in outs:
-                rec = records[o.request_id]
-                if o.new_token_ids and rec.first_token_s is None:
-                    rec.first_token_s = t
-                rec.tokens.extend(o.new_token_ids)
-                new += len(o.new_token_ids)
-                if o.finished:
-                    assert o.finish_reason == "length", (o.request_id, o.finish_reason, o.error)
-                    rec.finish_s = t
-            progress(new)
+            timeline.append(TimelinePoint(time.perf_counter() - t0, it.rows, it.accounted_bytes))
         wall = time.perf_counter() - t0
     s = engine.stats
     return SystemRun(

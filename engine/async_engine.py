@@ -230,7 +230,7 @@ class AsyncBatonEngine:
             if self._stop.is_set() or not self.engine.has_unfinished_requests():
                 continue
             try:
-                outs = self.engine.step()
+                outs = self.engine.step(emit=self._deliver)  # first tokens go out before the batch forward
                 failures = 0
             except Exception as e:  # a bug or a device fault: fail what was in flight, keep serving
                 log.exception("engine iteration failed")

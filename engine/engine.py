@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -25,6 +25,7 @@ from engine.memory_controller import build_controller
 from engine.model_loader import LoadedModel, load_model
 from engine.model_runner import ModelRunner
 from engine.outputs import OutputTracker
+from engine.plan import IterationPlan, StepResult
 from engine.request import Request, RequestOutput, SamplingParams, check_token_ids
 from engine.scheduler import Scheduler
 from engine.stats import EngineStats, iteration_stats
@@ -166,20 +167,42 @@ class BatonEngine:
         self.stats.finished_requests += len(outputs)
         return outputs
 
-    def step(self) -> list[RequestOutput]:
-        """One iteration."""
+    def step(self, emit: Callable[[list[RequestOutput]], None] | None = None) -> list[RequestOutput]:
+        """One iteration. With `emit`, the first tokens that this iteration's prefills drew are handed to it as
+        soon as they are sampled, before the batch forward (a prompt's first token comes a forward sooner);
+        the outputs returned are then the rest. Without it, every output is returned at the end."""
         t0 = time.perf_counter()
         plan = self.scheduler.schedule()
-        result = self.runner.execute(plan, self.cache)
-        outputs = self.scheduler.update(plan, result)
+        result, emitted, outputs = self._execute(plan, emit)
         accounted = self.scheduler.accounted_bytes(rows=result.batch.rows if result.batch else 0)
-        self.stats.record(iteration_stats(plan, result, accounted, time.perf_counter() - t0), outputs)
+        self.stats.record(iteration_stats(plan, result, accounted, time.perf_counter() - t0), emitted + outputs)
         if not self.scheduler.requests:  # nothing left to serve: free the last rows now, not at the next step
             self._free_rows(self.scheduler.release_rows())
         self._update_gauges()
         return outputs
 
     # ---- helpers -----------------------------------------------------------------------------------------
+    def _execute(self, plan: IterationPlan, emit: Callable[[list[RequestOutput]], None] | None
+                 ) -> tuple[StepResult, list[RequestOutput], list[RequestOutput]]:
+        """Run the plan and record what it produced: (result, the outputs handed to `emit`, the others)."""
+        if emit is None:
+            result = self.runner.execute(plan, self.cache)
+            return result, [], self.scheduler.update(plan, result)
+        emitted: list[RequestOutput] = []
+        parts: list[StepResult] = []
+
+        def after_prefills(part: StepResult) -> None:
+            parts.append(part)
+            outs = self.scheduler.update_prefills(plan, part)
+            emitted.extend(outs)
+            if outs:
+                emit(outs)
+
+        result = self.runner.execute(plan, self.cache, after_prefills)
+        if not parts:
+            return result, [], self.scheduler.update(plan, result)
+        return result, emitted, self.scheduler.update_batch(plan, result, parts[0])
+
     def _free_rows(self, request_ids: list[str]) -> None:
         for rid in request_ids:
             self.cache.remove(rid)

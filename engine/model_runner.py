@@ -18,7 +18,7 @@ import contextlib
 import itertools
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -188,9 +188,12 @@ class ModelRunner:
                      f"{self.captured.max_prompts} prompt(s) per prefill)" if self.captured
                      else f"the eager forward ({built})")
 
-    def execute(self, plan: IterationPlan, cache: BatchKVCache) -> StepResult:
+    def execute(self, plan: IterationPlan, cache: BatchKVCache,
+                after_prefills: Callable[[StepResult], None] | None = None) -> StepResult:
         """Apply `plan` to `cache` in its field order. A failed forward pass fails its requests, never the
-        engine: they come back in `StepResult.failed`."""
+        engine: they come back in `StepResult.failed`. `after_prefills`, if given, gets what the prefills
+        produced (their tokens, KV and logprobs, and the swapped rows; nothing failed) before the batch forward
+        runs, so their first tokens can go out a forward earlier; the result returned holds it all again."""
         f0 = self.forward_s
         for rid in plan.retire:
             cache.remove(rid)
@@ -205,6 +208,10 @@ class ModelRunner:
         prefilled: dict[str, RowKV] = {}
         with self._prompt_threads():
             prefill, pooled = self._prefills(plan.prefill, cache, failed, prefilled)
+        if after_prefills is not None and prefill.tokens:
+            after_prefills(StepResult(prefill_tokens=prefill.tokens, pooled=pooled, prefilled=prefilled,
+                                      prefill_logprobs=prefill.logprobs, prompt_logprobs=dict(prefill.prompt_logprobs),
+                                      swapped=swapped))
         batch, shape = self._batch(plan.batch, prefill.tokens, cache, failed)
         prompts = {**prefill.prompt_logprobs, **self._in_batch_prompt_logprobs(plan.batch, batch.tokens, failed)}
         return StepResult(

@@ -219,11 +219,11 @@ def test_a_failed_iteration_fails_what_was_in_flight_and_keeps_serving(front, mo
     real_step = front.engine.step
     calls = {"n": 0}
 
-    def flaky_step():
+    def flaky_step(**kwargs):
         calls["n"] += 1
         if calls["n"] == 2:
             raise RuntimeError("injected loop fault")
-        return real_step()
+        return real_step(**kwargs)
 
     monkeypatch.setattr(front.engine, "step", flaky_step)
     params = SamplingParams(max_tokens=4, ignore_eos=True)
@@ -241,7 +241,7 @@ def test_a_failed_iteration_fails_what_was_in_flight_and_keeps_serving(front, mo
 
 
 def test_repeated_failures_make_the_front_unhealthy(front, monkeypatch) -> None:
-    def broken_step():
+    def broken_step(**kwargs):
         raise RuntimeError("always broken")
 
     monkeypatch.setattr(front.engine, "step", broken_step)
@@ -304,7 +304,7 @@ class LoopKilled(BaseException):
 
 
 def kill_loop_in_step(front: AsyncBatonEngine, monkeypatch: pytest.MonkeyPatch) -> None:
-    def step():  # type: ignore[no-untyped-def]
+    def step(**kwargs):  # type: ignore[no-untyped-def]
         raise LoopKilled("step killed")
 
     monkeypatch.setattr(front.engine, "step", step)
@@ -313,7 +313,7 @@ def kill_loop_in_step(front: AsyncBatonEngine, monkeypatch: pytest.MonkeyPatch) 
 def kill_loop_in_recovery(front: AsyncBatonEngine, monkeypatch: pytest.MonkeyPatch) -> None:
     """An ordinary exception that escapes the loop body: failing the requests after a fault fails too."""
 
-    def step():  # type: ignore[no-untyped-def]
+    def step(**kwargs):  # type: ignore[no-untyped-def]
         raise RuntimeError("device fault")
 
     def fail_all(message: str):  # type: ignore[no-untyped-def]
@@ -464,3 +464,96 @@ def test_a_close_left_waiting_when_its_event_loop_ends_does_not_hurt_the_loop_th
             max_tokens=2, ignore_eos=True)))
 
     assert asyncio.run(again())[-1].finish_reason == "length"
+
+
+# ---- first tokens go out before the batch forward -------------------------------------------------------------
+def _mixed_requests(engine) -> None:
+    """Joins, pooled prefills, a one-token request, n=2, logprobs and prompt logprobs, a chunked long prompt."""
+    rng = random.Random(11)
+    for i in range(10):
+        ids = [rng.randrange(3, 49152) for _ in range(rng.randint(1, 12))]
+        params = SamplingParams(max_tokens=rng.choice([1, 3, 7]), temperature=rng.choice([0.0, 0.9]), seed=i,
+                                ignore_eos=True, logprobs=2 if i % 3 == 0 else None,
+                                prompt_logprobs=1 if i % 4 == 1 else None)
+        engine.enqueue_all(engine.make_choices(f"r{i}", None, ids, params, 0, 2 if i == 5 else 1, ()))
+    engine.add_request("long", prompt_token_ids=[rng.randrange(3, 49152) for _ in range(40)],
+                       sampling_params=SamplingParams(max_tokens=4, ignore_eos=True))
+
+
+def test_step_with_emit_hands_out_the_same_outputs_in_two_parts(tiny_model) -> None:
+    """`step(emit=...)`: what is emitted before the batch forward plus what is returned equals, request by
+    request, what a step without `emit` returns; and prefills' first tokens do come out early."""
+    plain = make_engine(tiny_model, max_batch_size=4, prefill_token_budget=24, prefill_chunk_tokens=16)
+    split = make_engine(tiny_model, max_batch_size=4, prefill_token_budget=24, prefill_chunk_tokens=16)
+    _mixed_requests(plain)
+    _mixed_requests(split)
+    expected = run_to_completion(plain)
+    got: dict[str, list[RequestOutput]] = {}
+    early: list[RequestOutput] = []
+
+    def keep(outs: list[RequestOutput]) -> None:
+        for o in outs:
+            got.setdefault(o.request_id, []).append(o)
+
+    def emit(outs: list[RequestOutput]) -> None:
+        early.extend(outs)
+        keep(outs)
+
+    while split.has_unfinished_requests():
+        keep(split.step(emit=emit))
+    assert len({o.request_id for o in early if o.new_token_ids}) == 11  # every first token went out early
+    assert sorted(got) == sorted(expected)
+    for rid, outs in expected.items():
+        for o in (outs, got[rid]):
+            assert [x.finished for x in o].count(True) == (2 if rid == "r5" else 1), rid
+        def by_choice(outs: list[RequestOutput]) -> dict[int, tuple]:
+            return {i: (tokens_of([o for o in outs if o.index == i]),
+                        "".join(o.text for o in outs if o.index == i),
+                        [o.finish_reason for o in outs if o.index == i and o.finished],
+                        [lp for o in outs if o.index == i for lp in (o.logprobs or [])],
+                        [o.prompt_logprobs for o in outs if o.index == i and o.prompt_logprobs is not None])
+                    for i in {o.index for o in outs}}
+        assert by_choice(got[rid]) == by_choice(outs), rid
+    assert split.stats.generated_tokens == plain.stats.generated_tokens
+
+
+def test_a_prompts_first_token_goes_out_while_the_batch_forward_still_runs(tiny_model, front) -> None:
+    """B arrives while A decodes. The batch forward of the iteration whose prefill drew B's first token is
+    held: B's first token has reached B's consumer meanwhile. B's tokens are then those of a solo run."""
+    runner = front.engine.runner
+    forward, prefills = runner.batch_forward, runner._prefills
+    b_prefilled, held, release = threading.Event(), threading.Event(), threading.Event()
+
+    def watched(plan_prefills, *args, **kwargs):
+        if any(p.request_id == "B" for p in plan_prefills):
+            b_prefilled.set()
+        return prefills(plan_prefills, *args, **kwargs)
+
+    def gated(cache, *args, **kwargs):
+        if b_prefilled.is_set() and not release.is_set():  # the batch forward of B's prefill's iteration
+            held.set()
+            release.wait(timeout=30)
+        return forward(cache, *args, **kwargs)
+
+    runner._prefills, runner.batch_forward = watched, gated
+    params = SamplingParams(max_tokens=6, ignore_eos=True)
+
+    async def run() -> tuple[RequestOutput, list[RequestOutput]]:
+        a = front.submit("A", prompt_token_ids=[5, 6, 7], sampling_params=LONG)
+        await a.__anext__()  # A is in the batch
+        b = front.submit("B", prompt_token_ids=[9, 8, 7, 6], sampling_params=params)
+        try:
+            first = await asyncio.wait_for(b.__anext__(), timeout=10)
+            assert await asyncio.to_thread(held.wait, 10)  # that iteration's batch forward started ...
+            assert not release.is_set()  # ... and cannot have finished: B's first token came before its end
+        finally:
+            release.set()
+        rest = [out async for out in b]
+        await a.aclose()
+        return first, rest
+
+    first, rest = asyncio.run(run())
+    assert first.new_token_ids and not first.finished
+    solo = make_engine(tiny_model, max_batch_size=8)
+    solo.add_request("B", prompt_token_ids=[9, 8, 7, 6], sampling_params=params)
+    assert tokens_of([first, *rest]) == tokens_of(run_to_completion(solo)["B"])
