@@ -4,6 +4,9 @@
     result  = runner.execute(plan, cache)     # StepResult: the tokens sampled, the KV that left the batch
     outputs = scheduler.update(plan, result)  # list[RequestOutput]: tokens appended, stops checked
 
+(With `BatonEngine.step(emit=...)` the last hand-off comes in two parts, the prefills' outputs before the batch
+forward: `execute(..., after_prefills)`, `update_prefills`, `update_batch`.)
+
 Both objects are plain frozen data: a test can build a plan by hand, run it, and print the result.
 """
 
