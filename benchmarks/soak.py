@@ -14,7 +14,8 @@ the same machine: the kill is a local `os.kill`). Then:
    or streamed; a stream whose client disconnects after a few chunks; or a bad input (invalid JSON, a lone
    surrogate in the prompt or the messages, negative max_tokens, priority out of range, wrong types, an
    unknown field, an unknown model, max_tokens beyond the context). When half of the jobs have started, one
-   engine replica's process is killed (SIGKILL; its pid from the engine deployment's `status`).
+   engine replica's process is killed (SIGKILL; the replica holding the most requests, by the engine
+   deployment's `status` of each replica).
 3. **Settle.** The ingress's in-flight count must return to 0 and every engine replica (the replacement
    included) must hold no running or waiting request.
 
@@ -399,9 +400,17 @@ def _rows(status: Any) -> float:
     return float(status.metrics["num_requests_running"] + status.metrics["num_requests_waiting"])
 
 
-def kill_one_engine_replica() -> int:
-    """SIGKILL one engine replica's process (the one the handle asked); its pid."""
-    (pid,) = engine_statuses(APP, 1, 30)
+def kill_one_engine_replica(replicas: int, timeout_s: float = 10.0) -> int:
+    """SIGKILL the engine replica holding the most requests (running + waiting), so that the kill moves some:
+    Serve's router may leave a replica idle, and a status call goes to the least busy one, so every replica is
+    asked, again until one holds a request (or `timeout_s` passed). Its pid."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        statuses = engine_statuses(APP, replicas, 30)
+        pid = max(statuses, key=lambda p: _rows(statuses[p]))
+        if _rows(statuses[pid]) > 0 or time.monotonic() >= deadline:
+            break
+        time.sleep(0.1)
     os.kill(pid, signal.SIGKILL)
     return pid
 
@@ -421,7 +430,7 @@ async def soak(url: str, plan: Plan, work: list[Job], specs: dict[str, Spec], re
     async def do_kill() -> None:
         kill["at_s"] = time.perf_counter() - t0
         kill["jobs_done_before"] = len(outcomes)
-        kill["pid"] = await asyncio.to_thread(kill_one_engine_replica)
+        kill["pid"] = await asyncio.to_thread(kill_one_engine_replica, plan.replicas)
 
     async def worker(client: httpx.AsyncClient) -> None:
         for job in todo:  # one shared iterator: each job is taken once
