@@ -189,14 +189,19 @@ class BatonEngine:
             result = self.runner.execute(plan, self.cache)
             return result, [], self.scheduler.update(plan, result)
         emitted: list[RequestOutput] = []
+        parts: list[StepResult] = []
 
         def after_prefills(part: StepResult) -> None:
-            emitted.extend(self.scheduler.update_prefills(plan, part))
-            if emitted:
-                emit(emitted)
+            parts.append(part)
+            outs = self.scheduler.update_prefills(plan, part)
+            emitted.extend(outs)
+            if outs:
+                emit(outs)
 
         result = self.runner.execute(plan, self.cache, after_prefills)
-        return result, emitted, self.scheduler.update_batch(plan, result)
+        if not parts:
+            return result, [], self.scheduler.update(plan, result)
+        return result, emitted, self.scheduler.update_batch(plan, result, parts[0])
 
     def _free_rows(self, request_ids: list[str]) -> None:
         for rid in request_ids:

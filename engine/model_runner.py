@@ -208,7 +208,7 @@ class ModelRunner:
         prefilled: dict[str, RowKV] = {}
         with self._prompt_threads():
             prefill, pooled = self._prefills(plan.prefill, cache, failed, prefilled)
-        if after_prefills is not None:
+        if after_prefills is not None and prefill.tokens:
             after_prefills(StepResult(prefill_tokens=prefill.tokens, pooled=pooled, prefilled=prefilled,
                                       prefill_logprobs=prefill.logprobs, prompt_logprobs=dict(prefill.prompt_logprobs),
                                       swapped=swapped))

@@ -162,29 +162,25 @@ class Scheduler:
 
     def update(self, plan: IterationPlan, result: StepResult) -> list[RequestOutput]:
         """Record what the runner produced: tokens appended, stops checked, KV filed. Returns the outputs."""
-        self._record_prompt_logprobs(result.prompt_logprobs)  # first: they lead the first token's output
         self._record_prefills(plan, result)
-        self._record_batch(result)
+        self._record_batch(plan, result, prefills_recorded=None)
         return self.outputs.drain()
 
     def update_prefills(self, plan: IterationPlan, prefills: StepResult) -> list[RequestOutput]:
         """`update` in two calls, for outputs that go out as soon as they exist: first what the prefills
         produced (ModelRunner.execute's `after_prefills`), before the batch forward; then `update_batch` with the
         whole result. Returns the prefills' outputs (their first tokens)."""
-        self._record_prompt_logprobs(prefills.prompt_logprobs)
         self._record_prefills(plan, prefills)
         return self.outputs.drain()
 
-    def update_batch(self, plan: IterationPlan, result: StepResult) -> list[RequestOutput]:
-        """The rest of `update` after `update_prefills`: the prompt logprobs of prompts that rode in the batch
-        forward, the batch's tokens and the failures. Returns the other outputs."""
-        prefilled = {p.request_id for p in plan.prefill}
-        self._record_prompt_logprobs({rid: lp for rid, lp in result.prompt_logprobs.items() if rid not in prefilled})
-        self._record_batch(result)
+    def update_batch(self, plan: IterationPlan, result: StepResult, prefills: StepResult) -> list[RequestOutput]:
+        """The rest of `update` after `update_prefills(plan, prefills)`: returns the other outputs."""
+        self._record_batch(plan, result, prefills_recorded=prefills)
         return self.outputs.drain()
 
     def _record_prefills(self, plan: IterationPlan, result: StepResult) -> None:
         self.queues.swapped.update(result.swapped)
+        self._record_prompt_logprobs(result.prompt_logprobs)
         for p in plan.prefill:
             kv = result.prefilled.get(p.request_id)
             if kv is None:
@@ -206,8 +202,11 @@ class Scheduler:
             for choice in self._fresh_choices(self.requests[rid]):
                 self.outputs.on_prompt_logprobs(choice, prompt_logprobs)
 
-    def _record_batch(self, result: StepResult) -> None:
-        """The batch's tokens, then the iteration's failures (last: a token sampled before a failure is kept)."""
+    def _record_batch(self, plan: IterationPlan, result: StepResult, prefills_recorded: StepResult | None) -> None:
+        """The batch's tokens and the iteration's failures (last: a token sampled before a failure is kept).
+        `prefills_recorded`: the prefills' part, recorded already (its prompt logprobs are not recorded again)."""
+        done = prefills_recorded.prompt_logprobs if prefills_recorded is not None else result.prompt_logprobs
+        self._record_prompt_logprobs({rid: lp for rid, lp in result.prompt_logprobs.items() if rid not in done})
         for rid, token in result.batch_tokens.items():
             req = self.running[rid]
             if not req.finished:  # a baton join whose first token already finished it
