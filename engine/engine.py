@@ -20,6 +20,7 @@ from configs.knobs import with_live_knobs
 from engine.capacity import CapacityController
 from engine.choices import Resume, choice_id, choice_params, choices_to_run
 from engine.grammar import Grammars
+from engine.host_load import OtherLoad
 from engine.kv_cache import BatchKVCache
 from engine.memory_controller import build_controller
 from engine.model_loader import LoadedModel, load_model
@@ -237,7 +238,9 @@ class BatonEngine:
 def _thread_tuner(config: EngineConfig, loaded: LoadedModel) -> ThreadTuner | None:
     """On CPU with more than one torch thread, a tuner that falls back to one thread while it is faster."""
     most = torch.get_num_threads()
-    return ThreadTuner(most) if config.adaptive_threads and loaded.device.type == "cpu" and most > 1 else None
+    if not (config.adaptive_threads and loaded.device.type == "cpu" and most > 1):
+        return None
+    return ThreadTuner(most, load=OtherLoad())
 
 
 def _eos_ids(loaded: LoadedModel) -> set[int]:

@@ -313,10 +313,12 @@ class ModelRunner:
         try:
             if tuner is not None:
                 tuner.before()
-            t0 = time.perf_counter()
+                threads = torch.get_num_threads()
+            t0, cpu0 = time.perf_counter(), time.process_time()
             logits = self.batch_forward(cache, *batch_inputs(feeds, cache.real))
             if tuner is not None:
-                tuner.after(time.perf_counter() - t0)
+                wall = time.perf_counter() - t0
+                tuner.after(wall, (time.process_time() - cpu0) / (max(wall, 1e-9) * threads))
         except Exception as e:
             log.exception("batch forward failed")
             failed.update((rid, f"batch forward failed: {e}") for rid in cache.ids)

@@ -1,12 +1,21 @@
-"""How many torch threads the decode steps use on CPU, chosen by measuring, now and then.
+"""How many torch threads the decode steps use on CPU, chosen by measuring, when the CPU says it is worth it.
 
 With 2 OpenMP threads on 2 cores, a step is a few hundred small parallel regions, each waiting for its
-slowest thread. When another process takes one core, the thread that loses it stalls every region: the
-engine kept 29-32% of its quiet throughput (`benchmarks/contention.py`), where one thread keeps 95-100%.
-Quiet, two threads are ~1.3-1.5x faster than one. So the tuner runs the configured count, tries the other
-count for `trial` steps after the first `first` decode steps and then every `period`, and keeps whichever
-was faster per step. Decode steps of
-neighbouring iterations have nearly the same shape, so their times compare fairly.
+slowest thread. When another process takes a whole core, the thread that loses it stalls every region: the
+engine kept 25-32% of its quiet throughput (`benchmarks/contention.py`), where one thread keeps 92-100%.
+Quiet, or beside a lighter load such as a Serve replica's own ingress and proxy, two threads are ~1.2-1.5x
+faster than one, and every step tried on one thread there is lost.
+
+So the tuner watches each decode step's CPU share: the process's CPU time over the step's wall time times its
+threads (~1.0 quiet, ~0.87 beside a process busy a third of a core, where two threads still win, ~0.73 beside
+a busy core, where one thread is twice as fast; `benchmarks/NOTES.md`, session 11). While the median share
+of recent steps at all threads stays at or above `gate`, nothing is tried. Below it, one thread is tried for
+`trial` steps (after `first` decode steps, then at most every `period`), and whichever count was faster per
+step is kept. At one thread the share says nothing about the other core, so the tuner asks the host
+(engine/host_load.py) how many cores other processes keep busy, and tries all threads on the period while
+that is below `free` (or unknown). A trial that keeps the current count doubles the period (up to
+`longest`); a switch resets it.
+Decode steps of neighbouring iterations have nearly the same shape, so their times compare fairly.
 
 A row's result does not depend on the thread count (each output element has one summation order in the
 decode kernels; `tests/engine/test_thread_tuner.py` checks whole generations at 1 and 2 threads), so
@@ -21,28 +30,42 @@ from dataclasses import dataclass, field
 
 import torch
 
+from engine.host_load import OtherLoad
+
 log = logging.getLogger(__name__)
+
+
+def _median(values: deque[float] | list[float]) -> float:
+    return sorted(values)[len(values) // 2]
 
 
 @dataclass
 class ThreadTuner:
-    """Chooses 1 or `most` threads for the next decode step. Call `before()` then `after(seconds)`."""
+    """Chooses 1 or `most` threads for the next decode step. Call `before()` then `after(seconds, share)`."""
 
     most: int
-    period: int = 32  # decode steps between trials of the other count
+    period: int = 32  # decode steps between trials, at first and after a switch
+    longest: int = 256  # the period doubles after each trial that keeps the current count, up to this
     first: int = 8  # decode steps before the first trial (contention may be there from the start)
     trial: int = 3  # steps per trial (and steps of the current count it is compared against)
     margin: float = 0.9  # the other count must be this much faster (time ratio) to be adopted
+    gate: float = 0.8  # at `most` threads, one is tried only while the steps' median CPU share is below this
+    free: float = 0.5  # at one thread, all are tried only while other processes keep fewer cores busy than this
+    load: OtherLoad | None = None  # other processes' load (None, or unknown: all threads are tried on the period)
     current: int = 0  # threads in use (0: not started)
     _steps: int = 0
+    _period: int = 0  # the period now (0: not started)
     _trying: int = 0  # trial steps left
     _recent: deque[float] = field(default_factory=lambda: deque(maxlen=8))  # step times at `current`
+    _shares: deque[float] = field(default_factory=lambda: deque(maxlen=8))  # their CPU shares
     _trial_times: list[float] = field(default_factory=list)
     _tried: bool = False
     switches: int = 0
+    trials: int = 0
 
     def __post_init__(self) -> None:
         self.current = self.most
+        self._period = self.period
 
     @property
     def other(self) -> int:
@@ -52,33 +75,47 @@ class ThreadTuner:
         """The thread count the next step runs with."""
         return self.other if self._trying else self.current
 
+    def worth_trying(self) -> bool:
+        """Whether a trial may pay: at all threads while the recent steps got less than `gate` of their threads'
+        CPU time; at one thread unless other processes are known to keep `free` cores or more busy."""
+        if self.current == self.most:
+            return len(self._shares) >= self.trial and _median(self._shares) < self.gate
+        others = self.load.cores() if self.load is not None else None
+        return others is None or others < self.free
+
     def before(self) -> None:
         """Set torch's threads for the next decode step (starting a trial when one is due)."""
-        due = self.period if self.switches or self._tried else self.first
-        if not self._trying and self._steps >= due and len(self._recent) >= self.trial:
-            self._tried = True
+        due = self._period if self._tried else self.first
+        if not self._trying and self._steps >= due and len(self._recent) >= self.trial and self.worth_trying():
+            self._tried, self.trials = True, self.trials + 1
             self._trying, self._trial_times = self.trial, []
         torch.set_num_threads(self.threads())
 
-    def after(self, seconds: float) -> None:
-        """Record the step's time; at the end of a trial, keep the faster count. Torch's thread count goes
-        back to `most`, so nothing outside the decode step (prefills, other engines in the process) sees the
-        tuner's choice."""
+    def after(self, seconds: float, share: float) -> None:
+        """Record the step's time and CPU share (the process's CPU seconds over `seconds` times the step's
+        threads); at the end of a trial, keep the faster count. Torch's thread count goes back to `most`, so
+        nothing outside the decode step (prefills, other engines in the process) sees the tuner's choice."""
         torch.set_num_threads(self.most)
+        if self.load is not None:
+            self.load.sample()
         self._steps += 1
         if not self._trying:
             self._recent.append(seconds)
+            self._shares.append(share)
             return
         self._trial_times.append(seconds)
         self._trying -= 1
         if self._trying:
             return
         self._steps = 0
-        tried = sorted(self._trial_times)[len(self._trial_times) // 2]  # median: one hiccup decides nothing
-        baseline = sorted(self._recent)[len(self._recent) // 2]
+        tried = _median(self._trial_times)  # one hiccup decides nothing
+        baseline = _median(self._recent)
         if tried < self.margin * baseline:
             log.info("decode steps now use %d torch thread(s), not %d: %.1f against %.1f ms per step",
                      self.other, self.current, 1e3 * tried, 1e3 * baseline)
-            self.current, self.switches = self.other, self.switches + 1
+            self.current, self.switches, self._period = self.other, self.switches + 1, self.period
             self._recent.clear()
             self._recent.append(tried)
+            self._shares.clear()
+        else:
+            self._period = min(2 * self._period, self.longest)
