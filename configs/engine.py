@@ -71,9 +71,10 @@ class EngineConfig(BaseModel):
     num_threads: int | None = Field(default=None, ge=1, description="torch intra-op threads on CPU (default: torch's).")
     adaptive_threads: bool = Field(
         default=True,
-        description="CPU: now and then run a few decode steps on one thread instead of all, and keep whichever "
-        "is faster. Two spinning threads on two cores collapse when another process takes a core; one does not. "
-        "Tokens do not depend on the thread count.",
+        description="CPU: when the decode steps' CPU share shows another process taking a core, try a few "
+        "decode steps on one thread instead of all, keep whichever is faster, and go back to all once the other "
+        "processes leave a core free (/proc/stat). Two spinning threads on two cores collapse when another process "
+        "takes a core; one does not. Tokens do not depend on the thread count.",
     )
     narrow_linear: bool = Field(
         default=True,
