@@ -34,7 +34,8 @@ def _busy_s(stat: Path = _STAT) -> tuple[float, int] | None:
 
 
 class OtherLoad:
-    """Cores kept busy by other processes over the last `window` samples. Call `sample()` after each step."""
+    """Cores kept busy by other processes over the last `window` samples. Call `sample()` after each step whose
+    load matters (the tuner: steps at one thread), `clear()` to start a new window."""
 
     def __init__(self, window: int = 8, stat: Path = _STAT) -> None:
         self._stat = stat
@@ -51,6 +52,9 @@ class OtherLoad:
             self.usable = False
             return
         self._samples.append((time.perf_counter(), busy[0], time.process_time()))
+
+    def clear(self) -> None:
+        self._samples.clear()
 
     def cores(self) -> float | None:
         """Other processes' busy cores over the window (None: unknown, or too short to resolve clock ticks)."""

@@ -96,7 +96,7 @@ class ThreadTuner:
         threads); at the end of a trial, keep the faster count. Torch's thread count goes back to `most`, so
         nothing outside the decode step (prefills, other engines in the process) sees the tuner's choice."""
         torch.set_num_threads(self.most)
-        if self.load is not None:
+        if self.load is not None and self.current != self.most:  # only asked at one thread
             self.load.sample()
         self._steps += 1
         if not self._trying:
@@ -117,5 +117,7 @@ class ThreadTuner:
             self._recent.clear()
             self._recent.append(tried)
             self._shares.clear()
+            if self.load is not None:
+                self.load.clear()  # its window starts with this stretch at one thread
         else:
             self._period = min(2 * self._period, self.longest)
