@@ -18,19 +18,27 @@ _STAT = Path("/proc/stat")
 _TICK_S = 1.0 / (os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100)
 
 
-def _busy_s(stat: Path = _STAT) -> tuple[float, int] | None:
-    """CPU seconds all CPUs have spent busy since boot, and the number of CPUs; None where unreadable."""
+def _busy_s(stat: Path = _STAT) -> float | None:
+    """CPU seconds all CPUs have spent busy since boot (the first line); None where unreadable."""
     try:
-        lines = stat.read_text().splitlines()
+        with stat.open() as f:
+            head = f.readline().split()
     except OSError:
         return None
-    head = lines[0].split() if lines else []
-    if not head or head[0] != "cpu" or len(head) < 5:
+    if len(head) < 5 or head[0] != "cpu":
         return None
     ticks = [int(v) for v in head[1:]]
     idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0)  # idle + iowait
-    cpus = sum(1 for line in lines if line.startswith("cpu") and line[3:4].isdigit())
-    return (sum(ticks[:8]) - idle) * _TICK_S, cpus
+    return (sum(ticks[:8]) - idle) * _TICK_S
+
+
+def _cpus(stat: Path = _STAT) -> int:
+    """The CPUs /proc/stat counts (its cpuN lines); 0 where unreadable."""
+    try:
+        with stat.open() as f:
+            return sum(1 for line in f if line.startswith("cpu") and line[3:4].isdigit())
+    except OSError:
+        return 0
 
 
 class OtherLoad:
@@ -40,9 +48,8 @@ class OtherLoad:
     def __init__(self, window: int = 8, stat: Path = _STAT) -> None:
         self._stat = stat
         self._samples: deque[tuple[float, float, float]] = deque(maxlen=window)
-        first = _busy_s(stat)
         allowed = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
-        self.usable = first is not None and (allowed is None or first[1] == allowed)
+        self.usable = _busy_s(stat) is not None and (allowed is None or _cpus(stat) == allowed)
 
     def sample(self) -> None:
         if not self.usable:
@@ -51,7 +58,7 @@ class OtherLoad:
         if busy is None:
             self.usable = False
             return
-        self._samples.append((time.perf_counter(), busy[0], time.process_time()))
+        self._samples.append((time.perf_counter(), busy, time.process_time()))
 
     def clear(self) -> None:
         self._samples.clear()

@@ -313,12 +313,11 @@ class ModelRunner:
         try:
             if tuner is not None:
                 tuner.before()
-                threads = torch.get_num_threads()
-            t0, cpu0 = time.perf_counter(), time.process_time()
+                cpu0 = time.process_time()
+            t0 = time.perf_counter()
             logits = self.batch_forward(cache, *batch_inputs(feeds, cache.real))
             if tuner is not None:
-                wall = time.perf_counter() - t0
-                tuner.after(wall, (time.process_time() - cpu0) / (max(wall, 1e-9) * threads))
+                tuner.after(time.perf_counter() - t0, time.process_time() - cpu0)
         except Exception as e:
             log.exception("batch forward failed")
             failed.update((rid, f"batch forward failed: {e}") for rid in cache.ids)

@@ -41,7 +41,7 @@ def _median(values: deque[float] | list[float]) -> float:
 
 @dataclass
 class ThreadTuner:
-    """Chooses 1 or `most` threads for the next decode step. Call `before()` then `after(seconds, share)`."""
+    """Chooses 1 or `most` threads for the next decode step. Call `before()` then `after(seconds, cpu_seconds)`."""
 
     most: int
     period: int = 32  # decode steps between trials, at first and after a switch
@@ -59,7 +59,6 @@ class ThreadTuner:
     _recent: deque[float] = field(default_factory=lambda: deque(maxlen=8))  # step times at `current`
     _shares: deque[float] = field(default_factory=lambda: deque(maxlen=8))  # their CPU shares
     _trial_times: list[float] = field(default_factory=list)
-    _tried: bool = False
     switches: int = 0
     trials: int = 0
 
@@ -85,16 +84,18 @@ class ThreadTuner:
 
     def before(self) -> None:
         """Set torch's threads for the next decode step (starting a trial when one is due)."""
-        due = self._period if self._tried else self.first
+        due = self._period if self.trials else self.first
         if not self._trying and self._steps >= due and len(self._recent) >= self.trial and self.worth_trying():
-            self._tried, self.trials = True, self.trials + 1
+            self.trials += 1
             self._trying, self._trial_times = self.trial, []
         torch.set_num_threads(self.threads())
 
-    def after(self, seconds: float, share: float) -> None:
-        """Record the step's time and CPU share (the process's CPU seconds over `seconds` times the step's
-        threads); at the end of a trial, keep the faster count. Torch's thread count goes back to `most`, so
-        nothing outside the decode step (prefills, other engines in the process) sees the tuner's choice."""
+    def after(self, seconds: float, cpu_seconds: float) -> None:
+        """Record the step's wall time and the process's CPU time over it (its CPU share: `cpu_seconds` over
+        `seconds` times the step's threads); at the end of a trial, keep the faster count. Torch's thread count
+        goes back to `most`, so nothing outside the decode step (prefills, other engines in the process) sees the
+        tuner's choice."""
+        share = cpu_seconds / (max(seconds, 1e-9) * self.threads())
         torch.set_num_threads(self.most)
         if self.load is not None and self.current != self.most:  # only asked at one thread
             self.load.sample()

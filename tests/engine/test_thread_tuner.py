@@ -30,8 +30,9 @@ def drive(tuner: ThreadTuner, step_s: dict[int, float], steps: int, share: dict[
     used = []
     for _ in range(steps):
         tuner.before()
-        used.append(torch.get_num_threads())
-        tuner.after(step_s[used[-1]], share[used[-1]])
+        n = torch.get_num_threads()
+        used.append(n)
+        tuner.after(step_s[n], share[n] * step_s[n] * n)  # the process's CPU seconds over the step
     return used
 
 
@@ -84,7 +85,8 @@ def test_one_slow_trial_step_decides_nothing() -> None:
     times = iter([0.06] * 5 + [0.01, 0.2, 0.2] + [0.06] * 20)  # the trial's median is slow
     for _ in range(28):
         tuner.before()
-        tuner.after(next(times), 0.7)
+        t = next(times)
+        tuner.after(t, 0.7 * t * torch.get_num_threads())
     assert tuner.trials >= 1 and tuner.current == 2 and tuner.switches == 0
 
 
