@@ -8,9 +8,10 @@ measures on (one thread for one row; slower still for 2-16 rows). Two kernels do
 * `compiled` (engine/kernels/skinny_linear.cpp, built by engine/cpu_kernel.py): an AVX2/FMA kernel that splits
   the weight's rows over torch's threads, 1-16 rows, float32; ~20-24 GB/s. A row's result does not depend on
   the other rows of its batch (fixed summation order per element). On CPUs with AVX512-BF16 its sibling
-  skinny_linear_avx512.cpp takes float32 (1-16 rows, 4 x 4 blocks of 16 lanes) and, on CPUs with AMX,
-  bfloat16 (1-32 rows through AMX tiles), each with a fixed order per element; elsewhere bfloat16 keeps
-  F.linear, whose bits are row-invariant up to 32 rows on the CPUs measured.
+  skinny_linear_avx512.cpp takes float32 (1-16 rows, 4 x 4 blocks of 16 lanes) and bfloat16: on CPUs with
+  AMX 1-32 rows through AMX tiles, elsewhere any number of rows through vdpbf16ps lanes, each with a fixed order
+  per element. (Without the AVX-512 kernel bfloat16 keeps F.linear, whose bfloat16 GEMM is row-invariant on
+  some CPUs and not on others.)
 * `transposed`: `(W @ x.T).T`, the same product in the orientation MKL runs fast for 2-16 rows; no build
   needed, the fallback where the compiled kernel cannot run (no AVX2, no compiler).
 
@@ -103,17 +104,20 @@ def resolve_kernel(name: KernelName, max_rows: int = MAX_ROWS, many_rows: bool =
 
 
 def _compiled(avx2: cpu_kernel.Kernel, max_rows: int, many_rows: bool = True) -> RowKernel:
-    """The AVX-512 kernel where it runs here: float32 up to `max_rows` rows, and bfloat16 up to `MAX_ROWS_BF16`
-    where it runs on AMX (its vdpbf16ps path was slower than F.linear from 4 rows on, benchmarks/NOTES.md, so
-    without AMX bfloat16 keeps F.linear); else the AVX2 kernel for float32 and F.linear for bfloat16."""
+    """The AVX-512 kernel where it runs here: float32 up to `max_rows` rows, and bfloat16 on AMX up to
+    `MAX_ROWS_BF16` rows (beyond, with `many_rows`, through packed weights); without AMX, bfloat16 through its
+    vdpbf16ps path, any number of rows: F.linear's bfloat16 GEMM is not row-invariant on every such CPU (on the
+    2-core AMD EPYC a row of 6 gets other bits than alone), and the vdpbf16ps path is row-invariant by construction
+    and faster there at 1-32 rows (benchmarks/NOTES.md, session 12). Without the AVX-512 kernel: the AVX2 kernel for
+    float32 and F.linear for bfloat16."""
     wide = cpu_kernel.skinny_linear_avx512()
     if wide is None:
         return functools.partial(compiled_linear, avx2, max_rows=max_rows)
     float32 = functools.partial(compiled_linear, wide, max_rows=max_rows)
-    if not cpu_kernel.amx_in_use():
-        return float32  # (returns None for bfloat16: F.linear)
-
-    bfloat16 = functools.partial(amx_linear, many_rows=many_rows)
+    if cpu_kernel.amx_in_use():
+        bfloat16: RowKernel = functools.partial(amx_linear, many_rows=many_rows)
+    else:  # (no packed copies, so no memory to save by a row limit)
+        bfloat16 = functools.partial(compiled_linear, wide, max_rows=NO_ROW_LIMIT, dtype=torch.bfloat16)
 
     def kernel(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
         return bfloat16(x, weight, bias) if x.dtype is torch.bfloat16 else float32(x, weight, bias)
@@ -141,7 +145,8 @@ def row_kernel_op(name: str, dtype: torch.dtype) -> tuple[str, int] | None:
         return ("baton::skinny_linear", MAX_ROWS) if dtype is torch.float32 else ("", NO_ROW_LIMIT)
     if dtype is torch.float32:
         return "baton_avx512::skinny_linear", MAX_ROWS
-    return (AMX_FEW_ROWS_OP, MAX_ROWS_BF16) if cpu_kernel.amx_in_use() else ("", NO_ROW_LIMIT)
+    # bfloat16: the same operator, on AMX up to its few-rows limit, else its vdpbf16ps path for any row count
+    return (AMX_FEW_ROWS_OP, MAX_ROWS_BF16) if cpu_kernel.amx_in_use() else (AMX_FEW_ROWS_OP, NO_ROW_LIMIT)
 
 
 def amx_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,

@@ -91,8 +91,8 @@ def test_build_dir_is_configurable_and_never_an_unwritable_environment(monkeypat
 
 def test_the_avx512_kernel_builds_wherever_the_cpu_has_avx512_bf16() -> None:
     """On a CPU with AVX512-BF16 (where `dtype: auto` picks bfloat16) and a compiler, the AVX-512 kernel loads
-    and `auto` routes float32 decode rows through it, and bfloat16 ones where it runs on AMX; elsewhere
-    bfloat16 keeps F.linear."""
+    and `auto` routes float32 decode rows through it, and bfloat16 ones: on AMX up to 32 rows (beyond through
+    packed weights), elsewhere any number through its vdpbf16ps path."""
     if not cpu_kernel.cpu_supports_avx512() or shutil.which("c++") is None:
         pytest.skip("no AVX512-BF16 or no C++ compiler: bfloat16 decode rows use F.linear here")
     bf16 = cpu_kernel.skinny_linear_avx512()
@@ -104,8 +104,10 @@ def test_the_avx512_kernel_builds_wherever_the_cpu_has_avx512_bf16() -> None:
         assert torch.equal(row_kernel(x, w, None), bf16(x.reshape(3, 64), w).view(3, 1, 32))
         wide = torch.randn(MAX_ROWS_BF16 + 9, 64).bfloat16()  # wider: the packed-weight path, the same bits per row
         assert torch.equal(row_kernel(wide, w, None)[:MAX_ROWS_BF16], bf16(wide[:MAX_ROWS_BF16].contiguous(), w))
-    else:  # without AMX bfloat16 keeps F.linear
-        assert row_kernel(x, w, None) is None
+    else:  # without AMX, bfloat16 rows through its vdpbf16ps path, any number of them
+        assert torch.equal(row_kernel(x, w, None), bf16(x.reshape(3, 64), w).view(3, 1, 32))
+        wide = torch.randn(MAX_ROWS_BF16 + 9, 64).bfloat16()
+        assert torch.equal(row_kernel(wide, w, None), bf16(wide, w))
     x32, w32 = torch.randn(5, 64), torch.randn(32, 64)  # float32 goes through it too, up to MAX_ROWS
     assert torch.equal(row_kernel(x32, w32, None), bf16(x32, w32))
     assert row_kernel(torch.randn(MAX_ROWS + 1, 64), w32, None) is None

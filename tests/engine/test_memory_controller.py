@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from configs.controller import ControllerConfig
-from engine.capacity import CapacityDecision, CapacitySnapshot, MemoryReading, QueuedInfo, RowInfo
+from engine.capacity import CapacityDecision, CapacitySnapshot, MemoryReading, QueuedInfo, RowInfo, by_urgency
 from engine.memory_controller import MemoryController, decide_capacity, predicted_peak_bytes
 from engine.preemption import by_yield_order
 
@@ -219,6 +219,17 @@ def test_needs_a_reading() -> None:
         decide_capacity(s, CONFIG)
 
 
+def test_an_empty_batch_takes_its_most_urgent_candidate_even_over_the_watermark() -> None:
+    """Progress: with nothing running, nothing would free memory, so the most urgent candidate is admitted even
+    where the prediction goes over the high watermark (the case hypothesis found: 0.9005 > 0.9); only that one."""
+    config = ControllerConfig(probe="simulated", memory_budget_bytes=2000, preemption_mode="swap")
+    s = snap(cands=(cand("late", arrival=200, length=10), cand("q0", length=183)), external=1219, max_rows=4,
+             bpt=3, step=30, total=2000)
+    d = decide_capacity(s, config, None)
+    assert d.admit == ("q0",) and d.preempt == () and d.capacity >= 1
+    assert d.predicted_fraction is not None and d.predicted_fraction > config.high_watermark
+
+
 def test_shrunk_capacity_is_not_regrown_until_under_low() -> None:
     controller = MemoryController(CONFIG)
     four = tuple(row(r.request_id, r.priority, r.arrival, 200) for r in A4)  # 800 bytes
@@ -311,7 +322,10 @@ def test_decision_invariants(drawn: tuple[CapacitySnapshot, ControllerConfig, in
     assert len(s.rows) - len(preempted) + len(admitted) <= d.capacity
     assert all(r.preemptions < config.max_preemptions_per_request for r in preempted)
     assert d.predicted_fraction is not None
-    if admitted:  # admissions never take the prediction over the high watermark
+    if not s.rows and admitted and d.predicted_fraction > config.high_watermark:
+        # progress: an empty batch takes its most urgent candidate whatever the prediction, and only that one
+        assert d.admit == (by_urgency(s.candidates)[0].request_id,) and not preempted
+    elif admitted:  # admissions never take the prediction over the high watermark
         assert d.predicted_fraction <= config.high_watermark
         # whatever was preempted was displaced: outranked across the gap by an arrival
         most_urgent = min(q.priority for q in admitted)
