@@ -30,6 +30,7 @@ import torch
 
 from engine import cpu_kernel
 from engine.kv_cache import BatchKVCache, RowKV
+from engine.narrow_linear import NO_ROW_LIMIT
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +103,7 @@ class CapturedLlama:
     @property
     def packs(self) -> bool:
         """Whether several prompts may share one `prefill` (their linears are row-invariant)."""
-        return bool(self.prompt_kernel.packed)
+        return self.prompt_kernel.row_invariant
 
     @torch.no_grad()
     def prefill(self, prompts: list[list[int]]) -> list[tuple[RowKV, torch.Tensor]]:
@@ -137,12 +138,19 @@ class PromptKernel:
     """How the eager forward computes a prompt's linears, for `llama_prefill` to do the same: F.linear (the default:
     `few_rows` 0), or bfloat16 on AMX (`narrow_linear.amx_linear`): up to `few_rows` rows through `few_kernel` with
     the weight as it is, beyond through `packed_kernel` with the weight's packed copy (`packed`: the 7 linear
-    weights' copies per layer, q k v o gate up down)."""
+    weights' copies per layer, q k v o gate up down); or float32 through `few_kernel` for any row count
+    (`few_rows` NO_ROW_LIMIT, nothing packed)."""
 
     few_rows: int = 0
     few_kernel: str = ""
     packed_kernel: str = ""
     packed: tuple[torch.Tensor, ...] = ()
+
+    @property
+    def row_invariant(self) -> bool:
+        """Whether every prompt row goes through a row-invariant kernel: past `few_rows` through the packed copies, or
+        `few_kernel` for any row count (float32 through the AVX-512 kernel, `narrow_linear.float32_prompt_kernel`)."""
+        return bool(self.few_kernel) and (bool(self.packed) or self.few_rows >= NO_ROW_LIMIT)
 
 
 def layer_linears(model: Any) -> list[torch.Tensor]:

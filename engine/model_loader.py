@@ -48,6 +48,15 @@ def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:
         return set()
 
 
+def cpu_vendor(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """The CPU's vendor id as the Linux kernel lists it (GenuineIntel, AuthenticAMD, ...); "" where unknown."""
+    try:
+        return next((line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+                     if line.startswith("vendor_id")), "")
+    except OSError:
+        return ""
+
+
 def cpu_has_native_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
     """True where the CPU computes in bfloat16 natively (AVX512-BF16 or AMX-BF16): there bf16 decodes ~1.66x
     faster than float32 (benchmarks/NOTES.md); elsewhere bf16 is emulated and slower. Read from the kernel's

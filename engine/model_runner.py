@@ -33,10 +33,12 @@ from engine.narrow_linear import (
     AMX_FEW_ROWS_OP,
     AMX_PACKED_OP,
     MAX_ROWS_BF16,
+    NO_ROW_LIMIT,
     KernelName,
     NarrowLinear,
     RowKernel,
     amx_linear,
+    float32_prompt_kernel,
     packed_weight,
     resolve_kernel,
     row_kernel_op,
@@ -160,27 +162,37 @@ class ModelRunner:
         self.attention = EngineAttention.install(model) if device.type == "cpu" else None
         self.attention_kernel = bool(attention_kernel and self.attention and self.attention.kernel)
         log.info("batch forward's attention: %s", "the compiled kernel" if self.attention_kernel else "SDPA")
-        # bfloat16 on AMX: prompts' linears through the same row-invariant kernel as the decode batch's, so several
-        # prompts can share one prefill forward and each get its solo bits (`prefill_packed`). Only where every layer
-        # weight fits the tiles: one left to F.linear would give a prompt other bits packed than alone.
+        # Prompts' linears through a row-invariant kernel where there is one, so several prompts can share one
+        # prefill forward and each get its solo bits (`prefill_packed`): bfloat16 on AMX (the decode batch's kernel,
+        # only where every layer weight fits the tiles: one left to F.linear would give a prompt other bits packed
+        # than alone), float32 where the AVX-512 kernel beats F.linear (`float32_prompt_kernel`).
         self._prompt_kernel: RowKernel | None = None
-        if packed_prefill and self.narrow is not None and self.narrow_kernel == "compiled" \
-                and cpu_kernel.amx_in_use() and next(model.parameters()).dtype is torch.bfloat16 \
-                and all(tiles_fit(w) and w.is_contiguous() for w in layer_linear_weights(model)):
-            self._prompt_kernel = amx_linear
+        dtype = next(model.parameters()).dtype
+        amx = False
+        if packed_prefill and self.narrow is not None and self.narrow_kernel == "compiled":
+            contiguous = all(w.is_contiguous() for w in layer_linear_weights(model))
+            if cpu_kernel.amx_in_use() and dtype is torch.bfloat16 and contiguous \
+                    and all(tiles_fit(w) for w in layer_linear_weights(model)):
+                self._prompt_kernel, amx = amx_linear, True
+            elif dtype is torch.float32 and all(m.weight.is_contiguous() for m in model.modules()
+                                                 if type(m) is torch.nn.Linear):  # the output embedding's too
+                self._prompt_kernel = float32_prompt_kernel()
         self.packs = self._prompt_kernel is not None and self.attention is not None
-        packed = pack_layer_weights(model) if self._prompt_kernel is not None else 0
-        log.info("prefill: %s", f"prompts packed into one forward (AMX; {packed / 2**20:.0f} MiB of weights packed "
-                 "into tiles)" if self.packs else "one prompt per forward")
+        packed = pack_layer_weights(model) if amx else 0
+        log.info("prefill: %s", "one prompt per forward" if not self.packs else
+                 f"prompts packed into one forward (AMX; {packed / 2**20:.0f} MiB of weights packed into tiles)" if amx
+                 else "prompts packed into one forward (float32 through the AVX-512 kernel)")
         # CPU, a Llama-family model: pure decode steps and from-scratch prompts as compiled operators, bit for bit the
         # eager forward's with these kernels (engine/captured.py).
         self.captured: CapturedLlama | None = None
         if captured_forward and self.attention_kernel:
             op = row_kernel_op(self.narrow_kernel, next(model.parameters()).dtype)
             prompt = PromptKernel()
-            if self.packs:  # the prompts' linears as amx_linear computes them
+            if self.packs and amx:  # the prompts' linears as amx_linear computes them
                 prompt = PromptKernel(MAX_ROWS_BF16, AMX_FEW_ROWS_OP, AMX_PACKED_OP,
                                       tuple(packed_weight(w) for w in layer_linears(model)))
+            elif self.packs:  # as float32_prompt_kernel does: every row through the AVX-512 kernel
+                prompt = PromptKernel(NO_ROW_LIMIT, AMX_FEW_ROWS_OP)
             built = CapturedLlama.build(model, *op, prompt_kernel=prompt) if op is not None \
                 else "the transposed row kernel"
             self.captured = built if isinstance(built, CapturedLlama) else None
@@ -446,9 +458,9 @@ class ModelRunner:
     @contextlib.contextmanager
     def _prompt_threads(self) -> Iterator[None]:
         """Prompts run at the thread count the tuner chose for decode steps (a core taken by another process slows
-        them the same way), where their bits do not depend on it: bfloat16 on AMX (`packs`: every prompt linear
-        through the AMX kernel, one chain per element; SDPA splits its work by heads and query blocks). Elsewhere
-        (F.linear's float32 GEMM) at the configured count."""
+        them the same way), where their bits do not depend on it: where `packs` (every prompt linear through the
+        AVX-512 kernel, one chain per element; SDPA splits its work by heads and query blocks). Elsewhere (F.linear's
+        float32 GEMM) at the configured count."""
         tuner = self.tuner
         if tuner is None or not self.packs or tuner.current == tuner.most:
             yield
@@ -460,7 +472,8 @@ class ModelRunner:
             torch.set_num_threads(tuner.most)
 
     def _prompts(self) -> contextlib.AbstractContextManager[None]:
-        """Prompts' linears through the row-invariant kernel, where there is one (bfloat16 on AMX)."""
+        """Prompts' linears through the row-invariant kernel, where there is one (bfloat16 on AMX, float32 where
+        `float32_prompt_kernel` gives one)."""
         if self.narrow is None or self._prompt_kernel is None:
             return contextlib.nullcontext()
         return self.narrow.active(self._prompt_kernel)

@@ -128,7 +128,7 @@ def _compiled(avx2: cpu_kernel.Kernel, max_rows: int, many_rows: bool = True) ->
 NO_ROW_LIMIT = 1 << 30
 # The AVX-512 kernel's bfloat16 operators by name, for compiled callers (engine/captured.py): up to MAX_ROWS_BF16 rows
 # with the weight as it is (`amx_linear`'s few-rows path), and any row count with its packed copy.
-AMX_FEW_ROWS_OP = "baton_avx512::skinny_linear"
+AMX_FEW_ROWS_OP = "baton_avx512::skinny_linear"  # (also its vdpbf16ps and float32 paths, by dtype)
 AMX_PACKED_OP = "baton_avx512::skinny_linear_packed"
 
 
@@ -147,6 +147,20 @@ def row_kernel_op(name: str, dtype: torch.dtype) -> tuple[str, int] | None:
         return "baton_avx512::skinny_linear", MAX_ROWS
     # bfloat16: the same operator, on AMX up to its few-rows limit, else its vdpbf16ps path for any row count
     return (AMX_FEW_ROWS_OP, MAX_ROWS_BF16) if cpu_kernel.amx_in_use() else (AMX_FEW_ROWS_OP, NO_ROW_LIMIT)
+
+
+def float32_prompt_kernel() -> RowKernel | None:
+    """float32 prompts' linears through the AVX-512 kernel's float32 lanes, any number of rows, where that beats
+    F.linear: on CPUs other than Intel's, where MKL (F.linear's float32 GEMM) runs a generic path. On the 2-core AMD
+    EPYC it gives 300-385 GFLOP/s on prompt shapes against MKL's ~200 (benchmarks/NOTES.md, session 12). Its bits do
+    not depend on the rows beside a row or on the thread count, so prompts can share one forward and follow the
+    thread tuner. None elsewhere (Intel's MKL is fast; no AVX-512 kernel): prompts keep F.linear."""
+    from engine.model_loader import cpu_vendor
+
+    wide = cpu_kernel.skinny_linear_avx512()
+    if wide is None or cpu_vendor() in ("GenuineIntel", ""):
+        return None
+    return functools.partial(compiled_linear, wide, max_rows=NO_ROW_LIMIT)
 
 
 def amx_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,

@@ -108,10 +108,21 @@ def test_outside_an_engine_forward_the_function_is_sdpa(default_model_bf16) -> N
 
 @pytest.fixture(scope="module")
 def packing_runner(default_model_bf16) -> ModelRunner:
+    """bfloat16 prompts packed through the AMX kernel (its packed weights)."""
     runner = ModelRunner(default_model_bf16.model, default_model_bf16.device)
     if not runner.packs:
-        pytest.skip("prompts are packed only in bfloat16 through the AMX kernel (no AMX here)")
+        pytest.skip("prompts are packed in bfloat16 only through the AMX kernel (no AMX here)")
     return runner
+
+
+@pytest.fixture(scope="module", params=["float32", "bfloat16"])
+def packing_model(request, default_model, default_model_bf16):
+    """The default model in a dtype whose prompts pack here: bfloat16 on AMX, float32 through the AVX-512 kernel on
+    CPUs other than Intel's (narrow_linear.float32_prompt_kernel)."""
+    loaded = default_model if request.param == "float32" else default_model_bf16
+    if not ModelRunner(loaded.model, loaded.device).packs:
+        pytest.skip(f"{request.param} prompts do not pack on this CPU")
+    return loaded
 
 
 def test_the_layers_weights_are_packed_at_load_and_the_output_embedding_is_not(packing_runner) -> None:
@@ -151,8 +162,9 @@ def test_a_model_whose_weights_do_not_fit_the_tiles_is_not_packed(packing_runner
     assert all(getattr(w, narrow_linear._PACKED, None) is None for w in model_runner.layer_linear_weights(model))
 
 
-def test_packed_prompts_get_their_solo_prefill_bits(packing_runner, monkeypatch) -> None:
+def test_packed_prompts_get_their_solo_prefill_bits(packing_model, monkeypatch) -> None:
     """16 prompts of 16-256 tokens in one forward: each one's KV and last logits equal its prefill alone."""
+    packing_runner = ModelRunner(packing_model.model, packing_model.device)
     g = torch.Generator().manual_seed(11)
     prompts = [torch.randint(100, 40000, (n,), generator=g).tolist()
                for n in (40, 200, 17, 120, 90, 33, 256, 60, 16, 180, 75, 140, 25, 220, 100, 1)]
@@ -168,18 +180,17 @@ def test_packed_prompts_get_their_solo_prefill_bits(packing_runner, monkeypatch)
     assert not torch.equal(mixed[1][1], solo[1][1]) and not torch.equal(mixed[2][1], solo[2][1])
 
 
-def test_the_engine_packs_prompts_and_keeps_every_request_solo_exact(default_model_bf16, packing_runner,
-                                                                      monkeypatch) -> None:
-    """12 requests at once (baton-pd, bfloat16): their prompts are prefilled in packed forwards, and every
-    request's tokens equal the engine's run of it alone."""
+def test_the_engine_packs_prompts_and_keeps_every_request_solo_exact(packing_model, monkeypatch) -> None:
+    """12 requests at once (baton-pd): their prompts are prefilled in packed forwards, and every request's tokens
+    equal the engine's run of it alone."""
     packs = _count_packs(monkeypatch)
-    work = random_workload(seed=4, n=12, vocab=default_model_bf16.model.config.vocab_size, prompt_len=(16, 200),
+    work = random_workload(seed=4, n=12, vocab=packing_model.model.config.vocab_size, prompt_len=(16, 200),
                            max_tokens=(1, 10), arrival_span=0)
-    together = run_workload(make_engine(default_model_bf16, max_batch_size=12), work)
+    together = run_workload(make_engine(packing_model, max_batch_size=12), work)
     assert packs and max(packs) >= 2
     alone = {}
     for w in work:
-        alone.update(run_workload(make_engine(default_model_bf16, max_batch_size=12), [w]))
+        alone.update(run_workload(make_engine(packing_model, max_batch_size=12), [w]))
     assert mismatches(together, alone) == []
 
 
@@ -210,8 +221,7 @@ def _run(engine, requests: dict[str, tuple[list[int], Any, int]]) -> dict[str, l
     return tokens
 
 
-def test_a_burst_of_mixed_requests_packs_and_each_gets_its_solo_output(default_model_bf16, packing_runner,
-                                                                       monkeypatch) -> None:
+def test_a_burst_of_mixed_requests_packs_and_each_gets_its_solo_output(packing_model, monkeypatch) -> None:
     """What a server's burst holds, at once: 1-token prompts, a prompt longer than a prefill chunk (chunked, not
     packed), one asking for prompt logprobs (prefilled alone), two choices of one prompt (prefilled once),
     seeded sampling, a one-token answer. The short prompts are packed; every choice's tokens equal the engine's
@@ -235,11 +245,11 @@ def test_a_burst_of_mixed_requests_packs_and_each_gets_its_solo_output(default_m
         "single": (ids(90), SamplingParams(max_tokens=1, ignore_eos=True), 1),
         "mid": (ids(200), greedy, 1),
     }
-    together = _run(make_engine(default_model_bf16, max_batch_size=8), requests)
+    together = _run(make_engine(packing_model, max_batch_size=8), requests)
     assert sum(n for n in packs if n >= 2) >= 4  # prompts that went through packed forwards
     alone: dict[str, list[int]] = {}
     for rid, req in requests.items():
-        alone.update(_run(make_engine(default_model_bf16, max_batch_size=8), {rid: req}))
+        alone.update(_run(make_engine(packing_model, max_batch_size=8), {rid: req}))
     assert together == alone
 
 

@@ -168,3 +168,32 @@ def test_the_packed_weight_path_gives_any_row_count_the_few_rows_bits(kernel_bf1
         assert got.shape == (n, out) and torch.equal(got, few[:n]), n
     alone = torch.ops.baton_avx512.skinny_linear_packed(x[70:71].contiguous(), packed)
     assert torch.equal(alone, few[70:71])
+
+
+def test_float32_prompts_go_through_the_avx512_kernel_off_intel_only(monkeypatch, tmp_path: Path) -> None:
+    """`float32_prompt_kernel`: where MKL (F.linear's float32 GEMM) runs its generic path, i.e. on CPUs other than
+    Intel's, float32 prompts take the AVX-512 kernel's lanes, any number of rows, the bits per row of each row alone;
+    on Intel (or an unknown vendor) they keep F.linear."""
+    from engine import model_loader, narrow_linear
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\nflags\t\t: avx2\n")
+    assert model_loader.cpu_vendor(cpuinfo) == "AuthenticAMD"
+    assert model_loader.cpu_vendor(tmp_path / "missing") == ""
+    if cpu_kernel.skinny_linear_avx512() is None:
+        assert narrow_linear.float32_prompt_kernel() is None
+        return
+    for vendor in ("GenuineIntel", ""):
+        monkeypatch.setattr(model_loader, "cpu_vendor", lambda v=vendor: v)
+        assert narrow_linear.float32_prompt_kernel() is None, vendor
+    monkeypatch.setattr(model_loader, "cpu_vendor", lambda: "AuthenticAMD")
+    kernel = narrow_linear.float32_prompt_kernel()
+    assert kernel is not None
+    torch.manual_seed(5)
+    w, x = torch.randn(70, 96), torch.randn(300, 96)  # many rows: a whole prompt
+    got = kernel(x[None], w, None)
+    assert got is not None and got.shape == (1, 300, 70)
+    alone = torch.cat([kernel(x[r:r + 1], w, None) for r in (0, 150, 299)])
+    assert torch.equal(got[0, [0, 150, 299]], alone)
+    assert torch.allclose(got[0], torch.nn.functional.linear(x, w), atol=1e-4)
+    assert kernel(x.bfloat16(), w.bfloat16(), None) is None  # float32 only
