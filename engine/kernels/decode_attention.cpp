@@ -9,13 +9,18 @@
 // Exactness: a query's result is computed from its own row's real columns only, in their order, with a fixed
 // chain of operations: nothing depends on the other rows, on how much padding the window holds or on the thread
 // split. So a row gets the same bits alone or in any batch, with or without an aligned window.
-//   score_j = scale * dot(q, k_j)   (16 float lanes over head_dim in order, then a fixed pairwise sum)
-//   p_j     = exp(score_j - max)    (one polynomial, below)
-//   out     = (sum_j p_j * v_j) / (sum_j p_j)   (sums in column order; the denominator in 16 lanes)
+//   score_j = scale * dot(q, k_j)   (8 float lanes over head_dim in order, then a fixed pairwise sum; four columns
+//                                    share the vector work, not their sums)
+//   p_j     = exp(score_j - max)    (one polynomial, below, 8 columns at a time)
+//   out     = (sum_j p_j * v_j) / (sum_j p_j)   (sums in column order; the denominator in 8 lanes)
+// Written with AVX2/FMA intrinsics (session 12: 2-3x faster than the loops the compiler vectorized before).
 #include <torch/library.h>
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
+#include <immintrin.h>
+
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -23,45 +28,53 @@
 
 namespace {
 
-constexpr int kLanes = 16;
-
-inline float lanes_sum(const float* v) {  // fixed pairwise order
-  float a[8];
-  for (int i = 0; i < 8; ++i) a[i] = v[i] + v[i + 8];
-  for (int i = 0; i < 4; ++i) a[i] = a[i] + a[i + 4];
-  return (a[0] + a[2]) + (a[1] + a[3]);
+// 8 float lanes of E at p (bfloat16: the bits shifted into the high half, exactly as a conversion does).
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const at::BFloat16* p) {
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
 }
 
-inline float dot(const float* a, const float* b, int64_t n) {  // n % kLanes == 0
-  float acc[kLanes] = {};
-  for (int64_t c = 0; c < n; c += kLanes)
-    for (int i = 0; i < kLanes; ++i) acc[i] += a[c + i] * b[c + i];
-  return lanes_sum(acc);
+// The sums of four 8-lane accumulators, each ((l0 + l1) + (l2 + l3)) + ((l4 + l5) + (l6 + l7)): the lanes move,
+// each sum's own order does not depend on the other three.
+inline __m128 sum4(__m256 a0, __m256 a1, __m256 a2, __m256 a3) {
+  const __m256 t = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+  return _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
 }
 
-// exp(x) for x <= 0 (a score minus the maximum): Cody-Waite reduction and a degree-6 polynomial (Cephes' expf
-// coefficients), scaled by 2^n through the exponent bits. Branch-free, so the loop over columns vectorizes.
-inline float exp_nonpositive(float x) {
-  x = x < -87.0f ? -87.0f : x;
-  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
-  float r = x - n * 0.693359375f;
-  r = r - n * -2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  const float y = p * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof scale);
-  return y * scale;
+inline float sum8(__m256 a) {  // the same tree for one accumulator
+  alignas(32) float l[8];
+  _mm256_store_ps(l, a);
+  return ((l[0] + l[1]) + (l[2] + l[3])) + ((l[4] + l[5]) + (l[6] + l[7]));
 }
 
-template <typename T>
-inline void load_row(const T* src, float* dst, int64_t n) {
-  for (int64_t d = 0; d < n; ++d) dst[d] = static_cast<float>(src[d]);
+// exp(x) for x <= 0 (a score minus the maximum), 8 at a time: Cody-Waite reduction and a degree-6 polynomial (Cephes'
+// expf coefficients), scaled by 2^n through the exponent bits.
+inline __m256 exp8_nonpositive(__m256 x) {
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+  const __m256 n = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  const __m256 y = _mm256_add_ps(_mm256_fmadd_ps(_mm256_mul_ps(p, r), r, r), _mm256_set1_ps(1.0f));
+  const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(bits));
+}
+
+template <typename E>
+inline void prefetch_row(const E* p, int64_t n) {  // n elements, one prefetch per 64-byte line
+  const char* c = reinterpret_cast<const char*>(p);
+  for (int64_t b = 0; b < n * static_cast<int64_t>(sizeof(E)); b += 64) _mm_prefetch(c + b, _MM_HINT_T0);
+}
+
+template <typename E>
+inline void to_floats(const E* src, float* dst, int64_t n) {  // n % 8 == 0
+  for (int64_t d = 0; d < n; d += 8) _mm256_storeu_ps(dst + d, load8(src + d));
 }
 
 template <typename E>
@@ -70,16 +83,17 @@ void attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const
   // q [R, H, T, D]; k, v [R, G, W, D]; mask [R, T, W] (bool); out [R, T, H, D]; last dims contiguous.
   const int64_t R = q.size(0), H = q.size(1), T = q.size(2), D = q.size(3);
   const int64_t G = k.size(1), W = k.size(2), per = H / G;
+  const int64_t Wp = (W + 7) / 8 * 8;  // a score row, padded to whole vectors
   const E* qp = q.data_ptr<E>();
   const E* kp = k.data_ptr<E>();
   const E* vp = v.data_ptr<E>();
   const bool* mp = mask.data_ptr<bool>();
   E* op = out.data_ptr<E>();
   const auto qs = q.strides(), ks = k.strides(), vs = v.strides(), ms = mask.strides(), os = out.strides();
-  const float sc = static_cast<float>(scale);
+  const __m128 sc = _mm_set1_ps(static_cast<float>(scale));
   at::parallel_for(0, R * G, 1, [&](int64_t begin, int64_t end) {
     std::vector<int32_t> cols(W);
-    std::vector<float> qf(per * D), kf(D), vf(D), acc(per * D), scores(per * W);
+    std::vector<float> qf(per * D), kf(4 * D), vf(W * D), scores(per * Wp), acc(D);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t r = task / G, g = task % G;
       for (int64_t t = 0; t < T; ++t) {
@@ -87,38 +101,78 @@ void attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const
         const bool* mrow = mp + r * ms[0] + t * ms[1];
         for (int64_t j = 0; j < W; ++j)
           if (mrow[j * ms[2]]) cols[n++] = static_cast<int32_t>(j);
+        for (int64_t j = 0; j < std::min<int64_t>(n, 8); ++j)
+          prefetch_row(kp + r * ks[0] + g * ks[1] + cols[j] * ks[2], D);
         for (int64_t h = 0; h < per; ++h)
-          load_row(qp + r * qs[0] + (g * per + h) * qs[1] + t * qs[2], qf.data() + h * D, D);
-        for (int64_t i = 0; i < n; ++i) {
-          load_row(kp + r * ks[0] + g * ks[1] + cols[i] * ks[2], kf.data(), D);
-          for (int64_t h = 0; h < per; ++h) scores[h * W + i] = sc * dot(qf.data() + h * D, kf.data(), D);
-        }
-        std::fill(acc.begin(), acc.end(), 0.0f);
-        float denom[64];  // per <= 64, checked by the caller
-        for (int64_t h = 0; h < per; ++h) {
-          float* s = scores.data() + h * W;
-          float top = -INFINITY;
-          for (int64_t i = 0; i < n; ++i) top = s[i] > top ? s[i] : top;
-          for (int64_t i = 0; i < n; ++i) s[i] = exp_nonpositive(s[i] - top);
-          float lanes[kLanes] = {};
-          int64_t i = 0;
-          for (; i + kLanes <= n; i += kLanes)
-            for (int l = 0; l < kLanes; ++l) lanes[l] += s[i + l];
-          for (int l = 0; i < n; ++i, ++l) lanes[l] += s[i];
-          denom[h] = lanes_sum(lanes);
-        }
-        for (int64_t i = 0; i < n; ++i) {
-          load_row(vp + r * vs[0] + g * vs[1] + cols[i] * vs[2], vf.data(), D);
+          to_floats(qp + r * qs[0] + (g * per + h) * qs[1] + t * qs[2], qf.data() + h * D, D);
+        // scores, four columns at a time: score_j = scale * dot(q, k_j), 8 lanes over head_dim in order, then sum4
+        for (int64_t i = 0; i < n; i += 4) {
+          // Prefetch: the keys 8 columns on and the values of these columns (read after the softmax). A row's window
+          // is cold in cache (the layer's weights passed through since) and the hardware's prefetch alone left this
+          // loop waiting on memory (benchmarks/NOTES.md, session 12).
+          for (int64_t j = 0; j < 4; ++j) {
+            if (i + 8 + j < n) prefetch_row(kp + r * ks[0] + g * ks[1] + cols[i + 8 + j] * ks[2], D);
+            if (i + j < n) prefetch_row(vp + r * vs[0] + g * vs[1] + cols[i + j] * vs[2], D);
+          }
+          for (int64_t j = 0; j < 4; ++j) {
+            if (i + j < n) to_floats(kp + r * ks[0] + g * ks[1] + cols[i + j] * ks[2], kf.data() + j * D, D);
+            else std::fill(kf.begin() + j * D, kf.begin() + (j + 1) * D, 0.0f);
+          }
           for (int64_t h = 0; h < per; ++h) {
-            const float p = scores[h * W + i];
-            float* a = acc.data() + h * D;
-            for (int64_t d = 0; d < D; ++d) a[d] += p * vf[d];
+            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+            const float* qh = qf.data() + h * D;
+            for (int64_t c = 0; c < D; c += 8) {
+              const __m256 qv = _mm256_loadu_ps(qh + c);
+              a0 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(kf.data() + c), a0);
+              a1 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(kf.data() + D + c), a1);
+              a2 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(kf.data() + 2 * D + c), a2);
+              a3 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(kf.data() + 3 * D + c), a3);
+            }
+            _mm_storeu_ps(scores.data() + h * Wp + i, _mm_mul_ps(sc, sum4(a0, a1, a2, a3)));
           }
         }
+        // p_j = exp(score_j - max); the denominator in 8 lanes (column j in lane j % 8, in column order), then sum8
+        float denom[64];  // per <= 64, checked by the caller
+        const int64_t whole = n / 8 * 8;
         for (int64_t h = 0; h < per; ++h) {
+          float* s = scores.data() + h * Wp;
+          float top = -INFINITY;
+          for (int64_t i = 0; i < n; ++i) top = s[i] > top ? s[i] : top;
+          const __m256 tv = _mm256_set1_ps(top);
+          __m256 lanes = _mm256_setzero_ps();
+          for (int64_t i = 0; i < whole; i += 8) {
+            const __m256 e = exp8_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(s + i), tv));
+            _mm256_storeu_ps(s + i, e);
+            lanes = _mm256_add_ps(lanes, e);
+          }
+          if (whole < n) {  // the last n % 8 columns, the rest of the vector zero
+            alignas(32) float tail[8] = {};
+            for (int64_t i = whole; i < n; ++i) tail[i - whole] = s[i];
+            alignas(32) float e[8];
+            _mm256_store_ps(e, exp8_nonpositive(_mm256_sub_ps(_mm256_load_ps(tail), tv)));
+            for (int64_t i = n - whole; i < 8; ++i) e[i] = 0.0f;
+            for (int64_t i = whole; i < n; ++i) s[i] = e[i - whole];
+            lanes = _mm256_add_ps(lanes, _mm256_load_ps(e));
+          }
+          denom[h] = sum8(lanes);
+        }
+        // out = (sum_j p_j * v_j) / denominator, the sum in column order
+        for (int64_t i = 0; i < n; ++i) to_floats(vp + r * vs[0] + g * vs[1] + cols[i] * vs[2], vf.data() + i * D, D);
+        for (int64_t h = 0; h < per; ++h) {
+          const float* s = scores.data() + h * Wp;
+          for (int64_t c0 = 0; c0 < D; c0 += 16) {
+            __m256 b0 = _mm256_setzero_ps(), b1 = b0;
+            for (int64_t i = 0; i < n; ++i) {
+              const __m256 pv = _mm256_set1_ps(s[i]);
+              b0 = _mm256_fmadd_ps(pv, _mm256_loadu_ps(vf.data() + i * D + c0), b0);
+              b1 = _mm256_fmadd_ps(pv, _mm256_loadu_ps(vf.data() + i * D + c0 + 8), b1);
+            }
+            _mm256_storeu_ps(acc.data() + c0, b0);
+            _mm256_storeu_ps(acc.data() + c0 + 8, b1);
+          }
           E* o = op + r * os[0] + t * os[1] + (g * per + h) * os[2];
           const float inv = n > 0 ? 1.0f / denom[h] : 0.0f;
-          for (int64_t d = 0; d < D; ++d) o[d] = static_cast<E>(acc[h * D + d] * inv);
+          for (int64_t d = 0; d < D; ++d) o[d] = static_cast<E>(acc[d] * inv);
         }
       }
     }
@@ -135,7 +189,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   TORCH_CHECK(v.size(1) == G && v.size(2) == W && k.size(3) == D && v.size(3) == D, "k and v: one shape");
   TORCH_CHECK(mask.size(1) == T && mask.size(2) == W, "mask [R, T, W]");
   TORCH_CHECK(G > 0 && H % G == 0 && H / G <= 64, "heads a multiple of kv heads, at most 64 per kv head");
-  TORCH_CHECK(D % kLanes == 0, "head_dim a multiple of 16");
+  TORCH_CHECK(D % 16 == 0, "head_dim a multiple of 16");
   TORCH_CHECK(q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1, "head_dim contiguous");
   auto out = at::empty({R, T, H, D}, q.options());
   if (q.scalar_type() == at::kBFloat16) {

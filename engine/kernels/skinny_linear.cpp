@@ -29,12 +29,20 @@ inline float tail(const float* w, const float* x, int64_t from, int64_t in) {
   return s;
 }
 
+// The next block's four weight rows at k (a weight is read from memory once per step, and the hardware prefetcher
+// alone left these loops waiting on it: benchmarks/NOTES.md, session 12). Every other k: one 64-byte line.
+inline void prefetch_next(const float* w, int64_t in, int64_t k) {
+  if (k % 16) return;
+  for (int j = 4; j < 8; ++j) _mm_prefetch(reinterpret_cast<const char*>(w + j * in + k), _MM_HINT_T0);
+}
+
 // Four consecutive weight rows against two input rows: 8 accumulators, each weight load used twice.
 inline void block4x2(const float* w, int64_t in, int64_t in8, const float* x0, const float* x1,
                      float* y0, float* y1) {
   const float *w0 = w, *w1 = w + in, *w2 = w + 2 * in, *w3 = w + 3 * in;
   __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
   for (int64_t k = 0; k < in8; k += 8) {
+    prefetch_next(w, in, k);
     const __m256 v0 = _mm256_loadu_ps(w0 + k), v1 = _mm256_loadu_ps(w1 + k);
     const __m256 v2 = _mm256_loadu_ps(w2 + k), v3 = _mm256_loadu_ps(w3 + k);
     const __m256 p = _mm256_loadu_ps(x0 + k), q = _mm256_loadu_ps(x1 + k);
@@ -54,6 +62,7 @@ inline void block4x1(const float* w, int64_t in, int64_t in8, const float* x0, f
   const float *w0 = w, *w1 = w + in, *w2 = w + 2 * in, *w3 = w + 3 * in;
   __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
   for (int64_t k = 0; k < in8; k += 8) {
+    prefetch_next(w, in, k);
     const __m256 p = _mm256_loadu_ps(x0 + k);
     a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w0 + k), p, a0); a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w1 + k), p, a1);
     a2 = _mm256_fmadd_ps(_mm256_loadu_ps(w2 + k), p, a2); a3 = _mm256_fmadd_ps(_mm256_loadu_ps(w3 + k), p, a3);

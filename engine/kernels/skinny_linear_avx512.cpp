@@ -272,6 +272,9 @@ inline void block(const typename L::T* w, int64_t in, const typename L::T* x, in
   const int64_t whole = in - in % L::K;
   for (int64_t k = 0; k < whole; k += L::K) {
     typename L::V wv[J];
+    // The next J weight rows (the next block), 64 bytes per row per chunk: a weight is read from memory once per
+    // step, and the hardware prefetcher alone left this loop waiting on it (benchmarks/NOTES.md, session 12).
+    for (int j = 0; j < J; ++j) _mm_prefetch(reinterpret_cast<const char*>(w + (J + j) * in + k), _MM_HINT_T0);
     for (int j = 0; j < J; ++j) wv[j] = L::load(w + j * in + k);
     for (int r = 0; r < R; ++r) {
       const typename L::V xv = L::load(x + r * x_stride + k);
