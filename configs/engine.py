@@ -95,10 +95,11 @@ class EngineConfig(BaseModel):
     )
     packed_prefill: bool = Field(
         default=True,
-        description="CPU, bfloat16 on AMX: prompts' linears through the row-invariant AMX kernel, so that an "
-        "iteration's prompts share one prefill forward, each with its solo bits (engine/attention.py). Costs one "
-        "more copy of the layers' linear weights (202 MiB for the default model); off: one prompt per forward "
-        "through F.linear.",
+        description="CPU, bfloat16 on AMX, or float32 on a non-Intel CPU with AVX512-BF16: prompts' linears through "
+        "a row-invariant kernel (the AMX kernel; the AVX-512 float32 kernel, faster there than MKL), so that an "
+        "iteration's prompts share one prefill forward, each with its solo bits (engine/attention.py). On AMX it "
+        "costs one more copy of the layers' linear weights (202 MiB for the default model); off: one prompt per "
+        "forward through F.linear.",
     )
     captured_forward: bool = Field(
         default=True,
