@@ -73,7 +73,8 @@ class EngineConfig(BaseModel):
         default=True,
         description="CPU: when the decode steps' CPU share shows another process taking a core, try a few "
         "decode steps on one thread instead of all, keep whichever is faster, and go back to all once the other "
-        "processes leave a core free (/proc/stat). Two spinning threads on two cores collapse when another process "
+        "processes leave a core free (/proc/stat); when prompt forwards' CPU share is low, move to one thread at once "
+        "(prompts that pack follow it). Two spinning threads on two cores collapse when another process "
         "takes a core; one does not. Tokens do not depend on the thread count.",
     )
     narrow_linear: bool = Field(

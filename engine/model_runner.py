@@ -460,16 +460,21 @@ class ModelRunner:
         """Prompts run at the thread count the tuner chose for decode steps (a core taken by another process slows
         them the same way), where their bits do not depend on it: where `packs` (every prompt linear through the
         AVX-512 kernel, one chain per element; SDPA splits its work by heads and query blocks). Elsewhere (F.linear's
-        float32 GEMM) at the configured count."""
+        float32 GEMM) at the configured count. Their CPU share tells the tuner early that a core is taken
+        (`ThreadTuner.prompts`)."""
         tuner = self.tuner
-        if tuner is None or not self.packs or tuner.current == tuner.most:
+        if tuner is None:
             yield
             return
-        torch.set_num_threads(tuner.current)
+        threads = tuner.current if self.packs else tuner.most
+        torch.set_num_threads(threads)
+        t0, cpu0 = time.perf_counter(), time.process_time()
         try:
             yield
         finally:
             torch.set_num_threads(tuner.most)
+        # (not on an exception: a failed forward says nothing of the CPU)
+        tuner.prompts(time.perf_counter() - t0, time.process_time() - cpu0, threads)
 
     def _prompts(self) -> contextlib.AbstractContextManager[None]:
         """Prompts' linears through the row-invariant kernel, where there is one (bfloat16 on AMX, float32 where

@@ -17,6 +17,12 @@ that is below `free` (or unknown). A trial that keeps the current count doubles 
 `longest`); a switch resets it.
 Decode steps of neighbouring iterations have nearly the same shape, so their times compare fairly.
 
+A burst's prompts are prefilled in its first iterations, before there are decode steps to compare, and beside a
+busy core they take ~4x their quiet time at all threads (benchmarks/NOTES.md, session 12). So the tuner also
+reads the CPU share of each iteration's prompt forwards (`prompts`): when the median of the last few that ran at
+all threads is below `drop` (quiet prompt forwards get 0.97-1.00 of their CPU time, beside a busy core 0.59-0.75),
+it moves to one thread at once, without a trial; trials of all threads then go on as above.
+
 A row's result does not depend on the thread count (each output element has one summation order in the
 decode kernels; `tests/engine/test_thread_tuner.py` checks whole generations at 1 and 2 threads), so
 switching never changes tokens.
@@ -51,6 +57,8 @@ class ThreadTuner:
     margin: float = 0.9  # the other count must be this much faster (time ratio) to be adopted
     gate: float = 0.8  # at `most` threads, one is tried only while the steps' median CPU share is below this
     free: float = 0.5  # at one thread, all are tried only while other processes keep fewer cores busy than this
+    drop: float = 0.8  # at `most` threads, prompt forwards whose median CPU share is below this move to one thread
+    shortest: float = 0.02  # prompt forwards shorter than this (seconds) say too little to count
     load: OtherLoad | None = None  # other processes' load (None, or unknown: all threads are tried on the period)
     current: int = 0  # threads in use (0: not started)
     _steps: int = 0
@@ -59,6 +67,7 @@ class ThreadTuner:
     _recent: deque[float] = field(default_factory=lambda: deque(maxlen=8))  # step times at `current`
     _shares: deque[float] = field(default_factory=lambda: deque(maxlen=8))  # their CPU shares
     _trial_times: list[float] = field(default_factory=list)
+    _prompt_shares: deque[float] = field(default_factory=lambda: deque(maxlen=3))  # prompt forwards at `most`
     switches: int = 0
     trials: int = 0
 
@@ -90,6 +99,29 @@ class ThreadTuner:
             self._trying, self._trial_times = self.trial, []
         torch.set_num_threads(self.threads())
 
+    def prompts(self, seconds: float, cpu_seconds: float, threads: int) -> None:
+        """Record an iteration's prompt forwards (wall and process CPU time, run at `threads`). At all threads, when
+        the median CPU share of the last ones (at least 2) is below `drop`, switch to one thread now."""
+        if threads != self.most or self.current != self.most or self._trying or seconds < self.shortest:
+            return
+        self._prompt_shares.append(cpu_seconds / (seconds * threads))
+        if len(self._prompt_shares) < 2 or _median(list(self._prompt_shares)) >= self.drop:
+            return
+        log.info("decode steps now use 1 torch thread, not %d: prompt forwards got %.2f of their threads' CPU time",
+                 self.most, _median(list(self._prompt_shares)))
+        self._switch(None)
+
+    def _switch(self, tried: float | None) -> None:
+        """Adopt the other count (`tried`: its step time in the trial, if there was one) and start afresh."""
+        self.current, self.switches, self._period, self._steps = self.other, self.switches + 1, self.period, 0
+        self._recent.clear()
+        if tried is not None:
+            self._recent.append(tried)
+        self._shares.clear()
+        self._prompt_shares.clear()
+        if self.load is not None:
+            self.load.clear()  # its window starts with this stretch at the new count
+
     def after(self, seconds: float, cpu_seconds: float) -> None:
         """Record the step's wall time and the process's CPU time over it (its CPU share: `cpu_seconds` over
         `seconds` times the step's threads); at the end of a trial, keep the faster count. Torch's thread count
@@ -114,11 +146,6 @@ class ThreadTuner:
         if tried < self.margin * baseline:
             log.info("decode steps now use %d torch thread(s), not %d: %.1f against %.1f ms per step",
                      self.other, self.current, 1e3 * tried, 1e3 * baseline)
-            self.current, self.switches, self._period = self.other, self.switches + 1, self.period
-            self._recent.clear()
-            self._recent.append(tried)
-            self._shares.clear()
-            if self.load is not None:
-                self.load.clear()  # its window starts with this stretch at one thread
+            self._switch(tried)
         else:
             self._period = min(2 * self._period, self.longest)

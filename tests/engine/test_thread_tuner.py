@@ -71,6 +71,24 @@ def test_contention_after_a_long_quiet_stretch_is_tried_at_once() -> None:
     assert used.index(1) <= 5 and tuner.current == 1  # once most of the recent shares are low
 
 
+def test_prompt_forwards_beside_a_busy_core_move_to_one_thread_before_any_decode_step() -> None:
+    """A burst's prompts come first: two prompt forwards at all threads with a low CPU share switch at once (no
+    trial), and the decode steps then start on one thread; a share at or above `drop` (a Serve replica's
+    neighbours), a forward too short to say anything, or prompts that ran on one thread change nothing."""
+    tuner = ThreadTuner(most=2, period=10, trial=3)
+    tuner.prompts(0.5, 0.5 * 2 * 0.73, threads=2)
+    assert tuner.current == 2  # one forward is not enough
+    tuner.prompts(0.4, 0.4 * 2 * 0.70, threads=2)
+    assert tuner.current == 1 and tuner.switches == 1 and tuner.trials == 0
+    assert drive(tuner, {2: 0.200, 1: 0.100}, steps=5, share=BUSY_CORE) == [1] * 5
+
+    for share, seconds, threads in ((0.85, 0.5, 2), (0.5, 0.01, 2), (0.5, 0.5, 1)):
+        calm = ThreadTuner(most=2, period=10, trial=3)
+        for _ in range(5):
+            calm.prompts(seconds, seconds * threads * share, threads=threads)
+        assert calm.current == 2 and calm.switches == 0, (share, seconds, threads)
+
+
 def test_the_choice_never_leaks_outside_the_decode_step() -> None:
     """Prefills and any other engine in the process see the configured count, whatever the tuner chose."""
     tuner = ThreadTuner(most=2, period=4, trial=1, first=1)
