@@ -39,22 +39,22 @@ class LoadedModel:
 BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo flags of native bf16 arithmetic on x86
 
 
+def _cpuinfo_values(key: str, cpuinfo: Path) -> list[str]:
+    """The values of every `key` line of /proc/cpuinfo (one per CPU); empty where it cannot be read."""
+    try:
+        return [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith(key)]
+    except OSError:
+        return []
+
+
 def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:
     """The CPU's feature flags as the Linux kernel lists them; empty where /proc/cpuinfo cannot be read."""
-    try:
-        return {f for line in cpuinfo.read_text().splitlines() if line.startswith("flags")
-                for f in line.split(":", 1)[1].split()}
-    except OSError:
-        return set()
+    return {f for value in _cpuinfo_values("flags", cpuinfo) for f in value.split()}
 
 
 def cpu_vendor(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
     """The CPU's vendor id as the Linux kernel lists it (GenuineIntel, AuthenticAMD, ...); "" where unknown."""
-    try:
-        return next((line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
-                     if line.startswith("vendor_id")), "")
-    except OSError:
-        return ""
+    return next(iter(_cpuinfo_values("vendor_id", cpuinfo)), "")
 
 
 def cpu_has_native_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:

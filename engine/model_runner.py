@@ -30,8 +30,8 @@ from engine.attention import EngineAttention
 from engine.captured import CapturedLlama, PromptKernel, layer_linears
 from engine.kv_cache import BatchKVCache, RowKV, attention_width
 from engine.narrow_linear import (
-    AMX_FEW_ROWS_OP,
     AMX_PACKED_OP,
+    AVX512_OP,
     MAX_ROWS_BF16,
     NO_ROW_LIMIT,
     KernelName,
@@ -186,13 +186,13 @@ class ModelRunner:
         # eager forward's with these kernels (engine/captured.py).
         self.captured: CapturedLlama | None = None
         if captured_forward and self.attention_kernel:
-            op = row_kernel_op(self.narrow_kernel, next(model.parameters()).dtype)
+            op = row_kernel_op(self.narrow_kernel, dtype)
             prompt = PromptKernel()
             if self.packs and amx:  # the prompts' linears as amx_linear computes them
-                prompt = PromptKernel(MAX_ROWS_BF16, AMX_FEW_ROWS_OP, AMX_PACKED_OP,
+                prompt = PromptKernel(MAX_ROWS_BF16, AVX512_OP, AMX_PACKED_OP,
                                       tuple(packed_weight(w) for w in layer_linears(model)))
             elif self.packs:  # as float32_prompt_kernel does: every row through the AVX-512 kernel
-                prompt = PromptKernel(NO_ROW_LIMIT, AMX_FEW_ROWS_OP)
+                prompt = PromptKernel(NO_ROW_LIMIT, AVX512_OP)
             built = CapturedLlama.build(model, *op, prompt_kernel=prompt) if op is not None \
                 else "the transposed row kernel"
             self.captured = built if isinstance(built, CapturedLlama) else None
@@ -218,7 +218,7 @@ class ModelRunner:
             cache.insert(j.request_id, j.kv if j.kv is not None else RowKV.empty_like(cache))
         failed: dict[str, str] = {}
         prefilled: dict[str, RowKV] = {}
-        with self._prompt_threads():
+        with self._prompt_threads() if plan.prefill else contextlib.nullcontext():
             prefill, pooled = self._prefills(plan.prefill, cache, failed, prefilled)
         if after_prefills is not None and prefill.tokens:
             after_prefills(StepResult(prefill_tokens=prefill.tokens, pooled=pooled, prefilled=prefilled,

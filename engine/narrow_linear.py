@@ -126,9 +126,10 @@ def _compiled(avx2: cpu_kernel.Kernel, max_rows: int, many_rows: bool = True) ->
 
 
 NO_ROW_LIMIT = 1 << 30
-# The AVX-512 kernel's bfloat16 operators by name, for compiled callers (engine/captured.py): up to MAX_ROWS_BF16 rows
-# with the weight as it is (`amx_linear`'s few-rows path), and any row count with its packed copy.
-AMX_FEW_ROWS_OP = "baton_avx512::skinny_linear"  # (also its vdpbf16ps and float32 paths, by dtype)
+# The AVX-512 kernel's operators by name, for compiled callers (engine/captured.py): rows with the weight as it is
+# (float32; bfloat16 through AMX up to MAX_ROWS_BF16 rows, else through vdpbf16ps), and bfloat16 on AMX for any row
+# count with the weight's packed copy.
+AVX512_OP = "baton_avx512::skinny_linear"
 AMX_PACKED_OP = "baton_avx512::skinny_linear_packed"
 
 
@@ -144,9 +145,9 @@ def row_kernel_op(name: str, dtype: torch.dtype) -> tuple[str, int] | None:
     if cpu_kernel.skinny_linear_avx512() is None:
         return ("baton::skinny_linear", MAX_ROWS) if dtype is torch.float32 else ("", NO_ROW_LIMIT)
     if dtype is torch.float32:
-        return "baton_avx512::skinny_linear", MAX_ROWS
+        return AVX512_OP, MAX_ROWS
     # bfloat16: the same operator, on AMX up to its few-rows limit, else its vdpbf16ps path for any row count
-    return (AMX_FEW_ROWS_OP, MAX_ROWS_BF16) if cpu_kernel.amx_in_use() else (AMX_FEW_ROWS_OP, NO_ROW_LIMIT)
+    return AVX512_OP, MAX_ROWS_BF16 if cpu_kernel.amx_in_use() else NO_ROW_LIMIT
 
 
 def float32_prompt_kernel() -> RowKernel | None:

@@ -105,10 +105,11 @@ class ThreadTuner:
         if threads != self.most or self.current != self.most or self._trying or seconds < self.shortest:
             return
         self._prompt_shares.append(cpu_seconds / (seconds * threads))
-        if len(self._prompt_shares) < 2 or _median(list(self._prompt_shares)) >= self.drop:
+        share = _median(self._prompt_shares)
+        if len(self._prompt_shares) < 2 or share >= self.drop:
             return
         log.info("decode steps now use 1 torch thread, not %d: prompt forwards got %.2f of their threads' CPU time",
-                 self.most, _median(list(self._prompt_shares)))
+                 self.most, share)
         self._switch(None)
 
     def _switch(self, tried: float | None) -> None:

@@ -96,13 +96,15 @@ void attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const
     std::vector<float> qf(per * D), kf(4 * D), vf(W * D), scores(per * Wp), acc(D);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t r = task / G, g = task % G;
+      const E* kr = kp + r * ks[0] + g * ks[1];  // this row's keys and values for key/value head g
+      const E* vr = vp + r * vs[0] + g * vs[1];
       for (int64_t t = 0; t < T; ++t) {
         int64_t n = 0;
         const bool* mrow = mp + r * ms[0] + t * ms[1];
         for (int64_t j = 0; j < W; ++j)
           if (mrow[j * ms[2]]) cols[n++] = static_cast<int32_t>(j);
         for (int64_t j = 0; j < std::min<int64_t>(n, 8); ++j)
-          prefetch_row(kp + r * ks[0] + g * ks[1] + cols[j] * ks[2], D);
+          prefetch_row(kr + cols[j] * ks[2], D);
         for (int64_t h = 0; h < per; ++h)
           to_floats(qp + r * qs[0] + (g * per + h) * qs[1] + t * qs[2], qf.data() + h * D, D);
         // scores, four columns at a time: score_j = scale * dot(q, k_j), 8 lanes over head_dim in order, then sum4
@@ -111,11 +113,11 @@ void attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const
           // is cold in cache (the layer's weights passed through since) and the hardware's prefetch alone left this
           // loop waiting on memory (benchmarks/NOTES.md, session 12).
           for (int64_t j = 0; j < 4; ++j) {
-            if (i + 8 + j < n) prefetch_row(kp + r * ks[0] + g * ks[1] + cols[i + 8 + j] * ks[2], D);
-            if (i + j < n) prefetch_row(vp + r * vs[0] + g * vs[1] + cols[i + j] * vs[2], D);
+            if (i + 8 + j < n) prefetch_row(kr + cols[i + 8 + j] * ks[2], D);
+            if (i + j < n) prefetch_row(vr + cols[i + j] * vs[2], D);
           }
           for (int64_t j = 0; j < 4; ++j) {
-            if (i + j < n) to_floats(kp + r * ks[0] + g * ks[1] + cols[i + j] * ks[2], kf.data() + j * D, D);
+            if (i + j < n) to_floats(kr + cols[i + j] * ks[2], kf.data() + j * D, D);
             else std::fill(kf.begin() + j * D, kf.begin() + (j + 1) * D, 0.0f);
           }
           for (int64_t h = 0; h < per; ++h) {
@@ -157,7 +159,7 @@ void attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const
           denom[h] = sum8(lanes);
         }
         // out = (sum_j p_j * v_j) / denominator, the sum in column order
-        for (int64_t i = 0; i < n; ++i) to_floats(vp + r * vs[0] + g * vs[1] + cols[i] * vs[2], vf.data() + i * D, D);
+        for (int64_t i = 0; i < n; ++i) to_floats(vr + cols[i] * vs[2], vf.data() + i * D, D);
         for (int64_t h = 0; h < per; ++h) {
           const float* s = scores.data() + h * Wp;
           for (int64_t c0 = 0; c0 < D; c0 += 16) {
