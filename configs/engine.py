@@ -77,6 +77,13 @@ class EngineConfig(BaseModel):
         "(prompts that pack follow it). Two spinning threads on two cores collapse when another process "
         "takes a core; one does not. Tokens do not depend on the thread count.",
     )
+    work_sharing: bool = Field(
+        default=True,
+        description="CPU, with more than one thread: captured decode steps split their compiled kernels' work "
+        "through the engine's own pool (engine/threads.py) instead of torch's OpenMP threads: the calling thread and "
+        "helpers take small chunks, and nobody waits for a thread that lost its core to another process (a Serve "
+        "replica's proxy and ingress). Tokens do not depend on it.",
+    )
     narrow_linear: bool = Field(
         default=True,
         description="CPU: compute the decode batch's linear layers (1-16 rows) with a kernel fast for that shape "

@@ -48,6 +48,10 @@ _GAUGES = {
         "Token slots computed that produced nothing useful.",
     ),
     "baton_prefix_cache_bytes": ("prefix_cache_bytes", "Device bytes the prefix cache holds (evicted first)."),
+    "baton_decode_threads": (
+        "decode_threads",
+        "CPU threads the decode steps use now (the thread tuner's choice; engine/thread_tuner.py).",
+    ),
 }
 # Engine totals exported as counters (incremented by the change since the last poll).
 _COUNTERS = {
@@ -58,6 +62,12 @@ _COUNTERS = {
         "admissions_refused_for_memory",
         "Admissions the controller refused.",
     ),
+    # Mean decode rows = decode_rows / iterations; share of the loop's time inside the model = forward / iteration.
+    "baton_iterations": ("iterations", "Engine iterations (steps)."),
+    "baton_thread_switches": ("thread_switches_total", "Times the thread tuner changed the decode steps' threads."),
+    "baton_decode_rows": ("decode_rows_total", "Rows computed by decode forwards, summed over iterations."),
+    "baton_forward_seconds": ("forward_seconds_total", "Seconds inside model forward passes."),
+    "baton_iteration_seconds": ("iteration_seconds_total", "Seconds of engine iterations (forwards included)."),
     # Hit rate = hits / queries (vLLM: prefix_cache_hits / prefix_cache_queries, in tokens).
     "baton_prefix_cache_hit_tokens": (
         "prefix_cache_hit_tokens_total",

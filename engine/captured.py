@@ -149,7 +149,7 @@ class PromptKernel:
     @property
     def row_invariant(self) -> bool:
         """Whether every prompt row goes through a row-invariant kernel: past `few_rows` through the packed copies, or
-        `few_kernel` for any row count (float32 through the AVX-512 kernel, `narrow_linear.float32_prompt_kernel`)."""
+        `few_kernel` for any row count (the AVX-512 kernel's lanes, `narrow_linear.lanes_prompt_kernel`)."""
         return bool(self.few_kernel) and (bool(self.packed) or self.few_rows >= NO_ROW_LIMIT)
 
 

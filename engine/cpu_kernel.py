@@ -20,6 +20,7 @@ OpenMP pool in the process would cost every parallel region its spin-wait (bench
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import sys
@@ -35,7 +36,11 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).resolve().parent / "kernels" / "skinny_linear.cpp"
 NAME = "baton_skinny_linear"
-FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp"]
+# The kernels include work_share.h; torch rebuilds an extension when its source or flags change, not its headers,
+# so the header's hash is a flag.
+SHARE_HEADER = SOURCE.with_name("work_share.h")
+_HEADER = f"-DBATON_WORK_SHARE_H={hashlib.sha256(SHARE_HEADER.read_bytes()).hexdigest()[:16]}"
+FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", _HEADER]
 
 Kernel = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -56,10 +61,13 @@ class KernelBuild:
 FLOAT32 = KernelBuild(NAME, SOURCE, tuple(FLAGS), "baton", "AVX2/FMA", "the transposed-matmul kernel")
 AVX512 = KernelBuild("baton_skinny_linear_avx512", SOURCE.with_name("skinny_linear_avx512.cpp"),
                        ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mamx-tile", "-mamx-bf16",
-                        "-fopenmp"), "baton_avx512", "AVX512-BF16", "the AVX2 kernel (F.linear for bfloat16)")
+                        "-fopenmp", _HEADER), "baton_avx512", "AVX512-BF16", "the AVX2 kernel (F.linear for bfloat16)")
 ATTENTION = KernelBuild("baton_decode_attention", SOURCE.with_name("decode_attention.cpp"), tuple(FLAGS),
                         "baton_attention", "AVX2/FMA", "SDPA", op="decode_attention")
 # Only ATen calls (no vector code of its own): any CPU torch runs on.
+# The helper threads the kernels above share their work with (work_share.cpp): plain C++ and Linux futexes.
+WORK_SHARE = KernelBuild("baton_work_share", SOURCE.with_name("work_share.cpp"), ("-O2", _HEADER), "baton_share",
+                         "Linux", "torch's OpenMP threads", op="api")
 CAPTURED = KernelBuild("baton_captured_llama", SOURCE.with_name("captured_llama.cpp"), ("-O2", "-fopenmp"),
                        "baton_captured", "a C++ compiler", "the eager forward", op="llama_decode")
 
@@ -69,6 +77,7 @@ _why_not: list[str] = []
 _why_not_avx512: list[str] = []
 _why_not_attention: list[str] = []
 _why_not_captured: list[str] = []
+_why_not_share: list[str] = []
 
 
 def build_dir() -> Path:
@@ -127,6 +136,26 @@ def captured_llama() -> Callable[..., torch.Tensor] | None:
     return _kernel(CAPTURED, lambda: True, _why_not_captured)
 
 
+def work_share() -> Callable[..., object] | None:
+    """The work-sharing pool's interface (`torch.ops.baton_share.api`, work_share.cpp), as `skinny_linear()`
+    (the reason in `why_not_share()`). The other kernels load it first, so they find it; `set_share_workers` gives
+    it helpers."""
+    return _kernel(WORK_SHARE, lambda: sys.platform.startswith("linux"), _why_not_share)
+
+
+def set_share_workers(n: int) -> int:
+    """Threads that run the kernels' work from now on, the caller included: 1 is torch's OpenMP threads
+    (at::parallel_for), more is the caller plus n - 1 helper threads of the pool. Returns the count in force."""
+    if work_share() is None:
+        return 1
+    return int(torch.ops.baton_share.set_workers(n))
+
+
+def share_workers() -> int:
+    """The pool's current `set_share_workers` count (1 where there is no pool)."""
+    return int(torch.ops.baton_share.workers()) if _loaded.get(WORK_SHARE.name) is not None else 1
+
+
 def use_amx(on: bool) -> bool:
     """Switch the AVX-512 kernel's bfloat16 AMX path on (where this CPU and OS allow it) or off; returns whether it is on.
     Both paths give a row the same bits in any batch; they differ from each other, so one process keeps one."""
@@ -159,6 +188,11 @@ def why_not_attention() -> str | None:
     return _why_not_attention[-1] if _why_not_attention else None
 
 
+def why_not_share() -> str | None:
+    """Why `work_share()` returned None, once it has."""
+    return _why_not_share[-1] if _why_not_share else None
+
+
 def why_not_captured() -> str | None:
     """Why `captured_llama()` returned None, once it has."""
     return _why_not_captured[-1] if _why_not_captured else None
@@ -176,6 +210,8 @@ def _kernel(build: KernelBuild, supported: Callable[[], bool], reasons: list[str
 def _load(build: KernelBuild, supported: Callable[[], bool], reasons: list[str]) -> Kernel | None:
     if os.environ.get("BATON_CPU_KERNEL", "1") == "0":
         return _fail(build, reasons, "disabled by BATON_CPU_KERNEL=0")
+    if build is not WORK_SHARE and WORK_SHARE.name not in _loaded:  # before any kernel looks for it
+        _loaded[WORK_SHARE.name] = _load(WORK_SHARE, lambda: sys.platform.startswith("linux"), _why_not_share)
     if not supported():
         return _fail(build, reasons, f"this CPU lacks {build.needs} (torch reports {torch.backends.cpu.get_cpu_capability()})")
     from torch.utils import cpp_extension
@@ -237,6 +273,8 @@ def main() -> int:
     _check_attention()
     step = "ready" if captured_llama() is not None else f"not available ({why_not_captured()}); the eager forward runs"
     print(f"[setup] captured forwards: {step}", file=sys.stderr)
+    share = "ready" if work_share() is not None else f"not available ({why_not_share()}); kernels use OpenMP threads"
+    print(f"[setup] work-sharing pool: {share}", file=sys.stderr)
     wide = skinny_linear_avx512()
     if wide is None:
         print(f"[setup] AVX-512 CPU decode kernel: not available ({why_not_avx512()}); bfloat16 uses F.linear",

@@ -50,7 +50,7 @@ class BatonEngine:
                                   narrow_kernel=config.narrow_kernel, tuner=_thread_tuner(config, self.loaded),
                                   prefill_chunk=config.prefill_chunk_tokens,
                                   attention_kernel=config.attention_kernel, packed_prefill=config.packed_prefill,
-                                  captured_forward=config.captured_forward)
+                                  captured_forward=config.captured_forward, work_sharing=config.work_sharing)
         self.vocab_size = int(self.loaded.model.get_input_embeddings().num_embeddings)
         self.max_model_len = config.max_model_len or self.runner.shape.max_position_embeddings
         self.cache = self._new_cache()

@@ -38,7 +38,7 @@ from engine.narrow_linear import (
     NarrowLinear,
     RowKernel,
     amx_linear,
-    float32_prompt_kernel,
+    lanes_prompt_kernel,
     packed_weight,
     resolve_kernel,
     row_kernel_op,
@@ -49,6 +49,7 @@ from engine.prompt_logprobs import last_position_alone, prompt_logprobs
 from engine.request import TokenLogprobs
 from engine.sampler import adjust_logits, mask_disallowed, nan_rows, sample, token_logprobs
 from engine.thread_tuner import ThreadTuner
+from engine.threads import ComputeThreads
 
 log = logging.getLogger(__name__)
 
@@ -143,10 +144,11 @@ class ModelRunner:
 
     def __init__(self, model: Any, device: torch.device, narrow_linear: bool = True,
                  narrow_kernel: KernelName = "auto", tuner: ThreadTuner | None = None, prefill_chunk: int = 256,
-                 attention_kernel: bool = True, packed_prefill: bool = True, captured_forward: bool = True) -> None:
+                 attention_kernel: bool = True, packed_prefill: bool = True, captured_forward: bool = True,
+                 work_sharing: bool = True) -> None:
         self.model, self.device = model, device
         self.prefill_chunk = prefill_chunk  # prompts are computed in chunks ending at its multiples
-        self.tuner = tuner  # CPU: picks the decode steps' torch threads by measuring (engine/thread_tuner.py)
+        self.tuner = tuner  # CPU: picks the decode steps' thread count by measuring (engine/thread_tuner.py)
         self.shape = model_shape(model.config)
         self.forward_s = 0.0  # cumulative; the engine reads deltas
         # CPU: the decode batch's linears through a kernel fast for a few rows (engine/narrow_linear.py).
@@ -165,7 +167,8 @@ class ModelRunner:
         # Prompts' linears through a row-invariant kernel where there is one, so several prompts can share one
         # prefill forward and each get its solo bits (`prefill_packed`): bfloat16 on AMX (the decode batch's kernel,
         # only where every layer weight fits the tiles: one left to F.linear would give a prompt other bits packed
-        # than alone), float32 where the AVX-512 kernel beats F.linear (`float32_prompt_kernel`).
+        # than alone), else its lanes where they beat F.linear (`lanes_prompt_kernel`: float32 off Intel, bfloat16
+        # without AMX).
         self._prompt_kernel: RowKernel | None = None
         dtype = next(model.parameters()).dtype
         amx = False
@@ -174,14 +177,14 @@ class ModelRunner:
             if cpu_kernel.amx_in_use() and dtype is torch.bfloat16 and contiguous \
                     and all(tiles_fit(w) for w in layer_linear_weights(model)):
                 self._prompt_kernel, amx = amx_linear, True
-            elif dtype is torch.float32 and all(m.weight.is_contiguous() for m in model.modules()
-                                                 if type(m) is torch.nn.Linear):  # the output embedding's too
-                self._prompt_kernel = float32_prompt_kernel()
+            elif all(m.weight.is_contiguous() for m in model.modules()
+                     if type(m) is torch.nn.Linear):  # the output embedding's too
+                self._prompt_kernel = lanes_prompt_kernel(dtype)
         self.packs = self._prompt_kernel is not None and self.attention is not None
         packed = pack_layer_weights(model) if amx else 0
         log.info("prefill: %s", "one prompt per forward" if not self.packs else
                  f"prompts packed into one forward (AMX; {packed / 2**20:.0f} MiB of weights packed into tiles)" if amx
-                 else "prompts packed into one forward (float32 through the AVX-512 kernel)")
+                 else f"prompts packed into one forward ({str(dtype).removeprefix('torch.')} through the AVX-512 kernel)")
         # CPU, a Llama-family model: pure decode steps and from-scratch prompts as compiled operators, bit for bit the
         # eager forward's with these kernels (engine/captured.py).
         self.captured: CapturedLlama | None = None
@@ -191,7 +194,7 @@ class ModelRunner:
             if self.packs and amx:  # the prompts' linears as amx_linear computes them
                 prompt = PromptKernel(MAX_ROWS_BF16, AVX512_OP, AMX_PACKED_OP,
                                       tuple(packed_weight(w) for w in layer_linears(model)))
-            elif self.packs:  # as float32_prompt_kernel does: every row through the AVX-512 kernel
+            elif self.packs:  # as lanes_prompt_kernel does: every row through the AVX-512 kernel
                 prompt = PromptKernel(NO_ROW_LIMIT, AVX512_OP)
             built = CapturedLlama.build(model, *op, prompt_kernel=prompt) if op is not None \
                 else "the transposed row kernel"
@@ -199,6 +202,14 @@ class ModelRunner:
             log.info("decode steps and prompts: %s", f"captured (decode up to {self.captured.max_rows} rows, "
                      f"{self.captured.max_prompts} prompt(s) per prefill)" if self.captured
                      else f"the eager forward ({built})")
+        # CPU: captured decode steps split their kernels' work through the pool where it pays (engine/threads.py).
+        most = tuner.most if tuner is not None else torch.get_num_threads()
+        self.threads = ComputeThreads.build(most, work_sharing and self.captured is not None)
+        if self.threads.shared:
+            log.info("decode steps%s: %d threads through the kernels' work-sharing pool", " and prompts" * self.packs,
+                     most)
+            if tuner is not None:
+                tuner.pooled = True
 
     def execute(self, plan: IterationPlan, cache: BatchKVCache,
                 after_prefills: Callable[[StepResult], None] | None = None) -> StepResult:
@@ -321,15 +332,15 @@ class ModelRunner:
         ordered = [by_id[rid] for rid in cache.ids]
         feeds = [r.feed if r.feed is not None else (prefill_tokens[r.request_id],) for r in ordered]
         # Only pure decode steps are timed for the tuner: neighbouring ones have nearly the same shape.
-        tuner = self.tuner if all(len(f) == 1 for f in feeds) else None
+        decode = all(len(f) == 1 for f in feeds)
+        tuner = self.tuner if decode else None
+        captured = decode and self.captured is not None and self.captured.takes(cache.rows, 1)
         try:
-            if tuner is not None:
-                tuner.before()
-                cpu0 = time.process_time()
-            t0 = time.perf_counter()
-            logits = self.batch_forward(cache, *batch_inputs(feeds, cache.real))
-            if tuner is not None:
-                tuner.after(time.perf_counter() - t0, time.process_time() - cpu0)
+            with self.threads.forward(tuner.before() if tuner is not None else self.threads.most, pooled=captured):
+                cpu0, t0 = time.process_time(), time.perf_counter()
+                logits = self.batch_forward(cache, *batch_inputs(feeds, cache.real))
+                if tuner is not None:
+                    tuner.after(time.perf_counter() - t0, time.process_time() - cpu0)
         except Exception as e:
             log.exception("batch forward failed")
             failed.update((rid, f"batch forward failed: {e}") for rid in cache.ids)
@@ -359,7 +370,8 @@ class ModelRunner:
                 continue
             assert row.feed is not None, "the first draw of a batch row that computes its prompt"
             try:
-                _, logits = self.prefill(list(row.feed), every_position=True)
+                with self.threads.forward(self.threads.most):  # as the prompt's own prefill would run
+                    _, logits = self.prefill(list(row.feed), every_position=True)
                 out[row.request_id] = prompt_logprobs(logits, row.feed, top)
             except Exception as e:
                 log.exception("prompt logprobs of %s failed", row.request_id)
@@ -459,26 +471,26 @@ class ModelRunner:
     def _prompt_threads(self) -> Iterator[None]:
         """Prompts run at the thread count the tuner chose for decode steps (a core taken by another process slows
         them the same way), where their bits do not depend on it: where `packs` (every prompt linear through the
-        AVX-512 kernel, one chain per element; SDPA splits its work by heads and query blocks). Elsewhere (F.linear's
-        float32 GEMM) at the configured count. Their CPU share tells the tuner early that a core is taken
-        (`ThreadTuner.prompts`)."""
+        AVX-512 kernel, one chain per element; SDPA splits its work by heads and query blocks), and then on the
+        work-sharing pool where decode steps are. Elsewhere (F.linear's GEMMs) on the configured count of torch's
+        threads. Their CPU share tells the tuner early that a core is taken (`ThreadTuner.prompts`)."""
         tuner = self.tuner
-        if tuner is None:
-            yield
-            return
-        threads = tuner.current if self.packs else tuner.most
-        torch.set_num_threads(threads)
+        threads = self.threads.most if tuner is None else tuner.current if self.packs else tuner.most
         t0, cpu0 = time.perf_counter(), time.process_time()
-        try:
+        pooled = self.packs and self.threads.shared  # packs: every linear through the kernels
+        with self.threads.forward(threads, pooled=pooled):
             yield
-        finally:
-            torch.set_num_threads(tuner.most)
-        # (not on an exception: a failed forward says nothing of the CPU)
-        tuner.prompts(time.perf_counter() - t0, time.process_time() - cpu0, threads)
+        # (not on an exception: a failed forward says nothing of the CPU; nor one on the pool, see ThreadTuner)
+        if tuner is not None and not pooled:
+            tuner.prompts(time.perf_counter() - t0, time.process_time() - cpu0, threads)
+
+    def decode_threads(self) -> int:
+        """The threads decode steps use now (the tuner's current choice, else the configured count)."""
+        return self.tuner.current if self.tuner is not None else self.threads.most
 
     def _prompts(self) -> contextlib.AbstractContextManager[None]:
-        """Prompts' linears through the row-invariant kernel, where there is one (bfloat16 on AMX, float32 where
-        `float32_prompt_kernel` gives one)."""
+        """Prompts' linears through the row-invariant kernel, where there is one (bfloat16 on AMX, else where
+        `lanes_prompt_kernel` gives one)."""
         if self.narrow is None or self._prompt_kernel is None:
             return contextlib.nullcontext()
         return self.narrow.active(self._prompt_kernel)

@@ -150,18 +150,24 @@ def row_kernel_op(name: str, dtype: torch.dtype) -> tuple[str, int] | None:
     return AVX512_OP, MAX_ROWS_BF16 if cpu_kernel.amx_in_use() else NO_ROW_LIMIT
 
 
-def float32_prompt_kernel() -> RowKernel | None:
-    """float32 prompts' linears through the AVX-512 kernel's float32 lanes, any number of rows, where that beats
-    F.linear: on CPUs other than Intel's, where MKL (F.linear's float32 GEMM) runs a generic path. On the 2-core AMD
-    EPYC it gives 300-385 GFLOP/s on prompt shapes against MKL's ~200 (benchmarks/NOTES.md, session 12). Its bits do
-    not depend on the rows beside a row or on the thread count, so prompts can share one forward and follow the
-    thread tuner. None elsewhere (Intel's MKL is fast; no AVX-512 kernel): prompts keep F.linear."""
+def lanes_prompt_kernel(dtype: torch.dtype) -> RowKernel | None:
+    """Prompts' linears through the AVX-512 kernel's lanes, any number of rows, where that beats F.linear:
+    - float32 on CPUs other than Intel's, where MKL (F.linear's float32 GEMM) runs a generic path: on the 2-core
+      AMD EPYC 300-385 GFLOP/s on prompt shapes against MKL's ~200 (benchmarks/NOTES.md, session 12);
+    - bfloat16 where AMX is not in use (the AMX kernel has its own prompt path): there F.linear is oneDNN's
+      bfloat16 GEMM, 1.3-1.7x slower at 16-96 rows and level at 192 on the EPYC (session 13).
+    Its bits do not depend on the rows beside a row or on the thread count, so prompts can share one forward and
+    follow the thread tuner. None elsewhere (Intel's MKL is fast; no AVX-512 kernel): prompts keep F.linear."""
     from engine.model_loader import cpu_vendor
 
     wide = cpu_kernel.skinny_linear_avx512()
-    if wide is None or cpu_vendor() in ("GenuineIntel", ""):
+    if wide is None:
         return None
-    return functools.partial(compiled_linear, wide, max_rows=NO_ROW_LIMIT)
+    if dtype is torch.float32 and cpu_vendor() not in ("GenuineIntel", ""):
+        return functools.partial(compiled_linear, wide, max_rows=NO_ROW_LIMIT)
+    if dtype is torch.bfloat16 and not cpu_kernel.amx_in_use():
+        return functools.partial(compiled_linear, wide, max_rows=NO_ROW_LIMIT, dtype=torch.bfloat16)
+    return None
 
 
 def amx_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,

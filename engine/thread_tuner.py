@@ -1,4 +1,4 @@
-"""How many torch threads the decode steps use on CPU, chosen by measuring, when the CPU says it is worth it.
+"""How many threads the decode steps use on CPU, chosen by measuring, when the CPU says it is worth it.
 
 With 2 OpenMP threads on 2 cores, a step is a few hundred small parallel regions, each waiting for its
 slowest thread. When another process takes a whole core, the thread that loses it stalls every region: the
@@ -23,6 +23,10 @@ reads the CPU share of each iteration's prompt forwards (`prompts`): when the me
 all threads is below `drop` (quiet prompt forwards get 0.97-1.00 of their CPU time, beside a busy core 0.59-0.75),
 it moves to one thread at once, without a trial; trials of all threads then go on as above.
 
+On the kernels' work-sharing pool (`pooled`; engine/threads.py) a step beside a busy core loses only the work the
+helper cannot do, not the whole step, so at one thread all threads are tried on the period whatever the load, and
+prompt forwards on the pool say nothing to the tuner (the runner does not report them); the trials decide.
+
 A row's result does not depend on the thread count (each output element has one summation order in the
 decode kernels; `tests/engine/test_thread_tuner.py` checks whole generations at 1 and 2 threads), so
 switching never changes tokens.
@@ -33,8 +37,6 @@ from __future__ import annotations
 import logging
 from collections import deque
 from dataclasses import dataclass, field
-
-import torch
 
 from engine.host_load import OtherLoad
 
@@ -47,7 +49,8 @@ def _median(values: deque[float] | list[float]) -> float:
 
 @dataclass
 class ThreadTuner:
-    """Chooses 1 or `most` threads for the next decode step. Call `before()` then `after(seconds, cpu_seconds)`."""
+    """Chooses 1 or `most` threads for the next decode step: `n = before()`, the step on n threads, then
+    `after(seconds, cpu_seconds)`."""
 
     most: int
     period: int = 32  # decode steps between trials, at first and after a switch
@@ -60,6 +63,7 @@ class ThreadTuner:
     drop: float = 0.8  # at `most` threads, prompt forwards whose median CPU share is below this move to one thread
     shortest: float = 0.02  # prompt forwards shorter than this (seconds) say too little to count
     load: OtherLoad | None = None  # other processes' load (None, or unknown: all threads are tried on the period)
+    pooled: bool = False  # the steps run on the kernels' work-sharing pool (engine/threads.py), not OpenMP
     current: int = 0  # threads in use (0: not started)
     _steps: int = 0
     _period: int = 0  # the period now (0: not started)
@@ -88,16 +92,20 @@ class ThreadTuner:
         CPU time; at one thread unless other processes are known to keep `free` cores or more busy."""
         if self.current == self.most:
             return len(self._shares) >= self.trial and _median(self._shares) < self.gate
+        if self.pooled:  # a helper beside a busy core only does less: trying all threads costs little
+            return True
         others = self.load.cores() if self.load is not None else None
         return others is None or others < self.free
 
-    def before(self) -> None:
-        """Set torch's threads for the next decode step (starting a trial when one is due)."""
+    def before(self) -> int:
+        """The thread count for the next decode step (starting a trial when one is due). The caller applies it for
+        that step only (engine/threads.py), so nothing outside the decode step (prefills, other engines in the
+        process) sees the tuner's choice."""
         due = self._period if self.trials else self.first
         if not self._trying and self._steps >= due and len(self._recent) >= self.trial and self.worth_trying():
             self.trials += 1
             self._trying, self._trial_times = self.trial, []
-        torch.set_num_threads(self.threads())
+        return self.threads()
 
     def prompts(self, seconds: float, cpu_seconds: float, threads: int) -> None:
         """Record an iteration's prompt forwards (wall and process CPU time, run at `threads`). At all threads, when
@@ -108,7 +116,7 @@ class ThreadTuner:
         share = _median(self._prompt_shares)
         if len(self._prompt_shares) < 2 or share >= self.drop:
             return
-        log.info("decode steps now use 1 torch thread, not %d: prompt forwards got %.2f of their threads' CPU time",
+        log.info("decode steps now use 1 thread, not %d: prompt forwards got %.2f of their threads' CPU time",
                  self.most, share)
         self._switch(None)
 
@@ -125,11 +133,8 @@ class ThreadTuner:
 
     def after(self, seconds: float, cpu_seconds: float) -> None:
         """Record the step's wall time and the process's CPU time over it (its CPU share: `cpu_seconds` over
-        `seconds` times the step's threads); at the end of a trial, keep the faster count. Torch's thread count
-        goes back to `most`, so nothing outside the decode step (prefills, other engines in the process) sees the
-        tuner's choice."""
+        `seconds` times the step's threads); at the end of a trial, keep the faster count."""
         share = cpu_seconds / (max(seconds, 1e-9) * self.threads())
-        torch.set_num_threads(self.most)
         if self.load is not None and self.current != self.most:  # only asked at one thread
             self.load.sample()
         self._steps += 1
@@ -145,7 +150,7 @@ class ThreadTuner:
         tried = _median(self._trial_times)  # one hiccup decides nothing
         baseline = _median(self._recent)
         if tried < self.margin * baseline:
-            log.info("decode steps now use %d torch thread(s), not %d: %.1f against %.1f ms per step",
+            log.info("decode steps now use %d thread(s), not %d: %.1f against %.1f ms per step",
                      self.other, self.current, 1e3 * tried, 1e3 * baseline)
             self._switch(tried)
         else:

@@ -20,6 +20,8 @@
 
 #include <immintrin.h>
 
+#include "work_share.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -91,9 +93,11 @@ void attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const
   E* op = out.data_ptr<E>();
   const auto qs = q.strides(), ks = k.strides(), vs = v.strides(), ms = mask.strides(), os = out.strides();
   const __m128 sc = _mm_set1_ps(static_cast<float>(scale));
-  at::parallel_for(0, R * G, 1, [&](int64_t begin, int64_t end) {
-    std::vector<int32_t> cols(W);
-    std::vector<float> qf(per * D), kf(4 * D), vf(W * D), scores(per * Wp), acc(D);
+  baton_share::share_for(0, R * G, 1, [&](int64_t begin, int64_t end) {
+    // Scratch, per thread and kept between calls (every element read below is written first in the same task).
+    thread_local std::vector<int32_t> cols;
+    thread_local std::vector<float> qf, kf, vf, scores, acc;
+    cols.resize(W); qf.resize(per * D); kf.resize(4 * D); vf.resize(W * D); scores.resize(per * Wp); acc.resize(D);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t r = task / G, g = task % G;
       const E* kr = kp + r * ks[0] + g * ks[1];  // this row's keys and values for key/value head g

@@ -21,6 +21,9 @@
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
+#include "work_share.h"
+
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -110,7 +113,7 @@ at::Tensor amx_linear(const at::Tensor& x, const at::Tensor& w) {
   auto* Y = reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>());
   std::vector<std::vector<uint16_t>> groups;  // the rows in groups of 16
   for (int64_t r = 0; r < n; r += 16) groups.push_back(pack_rows(X + r * in, std::min<int64_t>(16, n - r), in));
-  at::parallel_for(0, out / 16, 8, [&](int64_t b0, int64_t b1) {
+  baton_share::share_for(0, out / 16, 8, [&](int64_t b0, int64_t b1) {
     load_tiles();
     for (size_t g = 0; g < groups.size(); g += 2) {  // rows 32 at a time
       const int64_t r = static_cast<int64_t>(g) * 16;
@@ -215,7 +218,7 @@ at::Tensor amx_linear_wide(const at::Tensor& x, const at::Tensor& packed) {
   auto* Y = reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>());
   const int64_t obs = out / 16, pairs = (obs + 1) / 2;
   constexpr int64_t kChunk = 256;  // rows per pass over a thread's weight blocks (kept in cache meanwhile)
-  at::parallel_for(0, pairs, 1, [&](int64_t p0, int64_t p1) {
+  baton_share::share_for(0, pairs, 1, [&](int64_t p0, int64_t p1) {
     load_wide_tiles();
     for (int64_t c = 0; c < rows; c += kChunk)
       for (int64_t r = c; r < std::min(rows, c + kChunk); r += 32)
@@ -311,7 +314,9 @@ inline void rows(const typename L::T* w, int64_t in, const typename L::T* x, int
 template <class L>
 void lanes_linear(const typename L::T* X, const typename L::T* W, float* Y, int64_t n, int64_t in, int64_t out) {
   const int64_t blocks = out / 4;
-  at::parallel_for(0, blocks + (out % 4 ? 1 : 0), 16, [&](int64_t b0, int64_t b1) {
+  // Through the pool, chunks of at least ~128K multiply-adds (~1 us): a claim costs ~0.1 us.
+  const int64_t smallest = std::max<int64_t>(1, (int64_t{1} << 17) / std::max<int64_t>(1, 4 * in * n));
+  baton_share::share_for(0, blocks + (out % 4 ? 1 : 0), 16, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t o = b * 4;
       if (b == blocks) {  // the last out % 4 weight rows, one at a time
@@ -320,7 +325,7 @@ void lanes_linear(const typename L::T* X, const typename L::T* W, float* Y, int6
       }
       rows<L, 4>(W + o * in, in, X, n, Y + o, out);
     }
-  });
+  }, smallest);
 }
 
 }  // namespace

@@ -110,15 +110,15 @@ def test_outside_an_engine_forward_the_function_is_sdpa(default_model_bf16) -> N
 def packing_runner(default_model_bf16) -> ModelRunner:
     """bfloat16 prompts packed through the AMX kernel (its packed weights)."""
     runner = ModelRunner(default_model_bf16.model, default_model_bf16.device)
-    if not runner.packs:
-        pytest.skip("prompts are packed in bfloat16 only through the AMX kernel (no AMX here)")
+    if not (runner.packs and cpu_kernel.amx_in_use()):
+        pytest.skip("no AMX here: bfloat16 prompts are packed through the AVX-512 kernel's lanes, no tile copies")
     return runner
 
 
 @pytest.fixture(scope="module", params=["float32", "bfloat16"])
 def packing_model(request, default_model, default_model_bf16):
-    """The default model in a dtype whose prompts pack here: bfloat16 on AMX, float32 through the AVX-512 kernel on
-    CPUs other than Intel's (narrow_linear.float32_prompt_kernel)."""
+    """The default model in a dtype whose prompts pack here: bfloat16 on AMX or through the AVX-512 kernel's lanes
+    without it, float32 through those lanes on CPUs other than Intel's (narrow_linear.lanes_prompt_kernel)."""
     loaded = default_model if request.param == "float32" else default_model_bf16
     if not ModelRunner(loaded.model, loaded.device).packs:
         pytest.skip(f"{request.param} prompts do not pack on this CPU")

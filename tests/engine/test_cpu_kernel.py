@@ -171,9 +171,9 @@ def test_the_packed_weight_path_gives_any_row_count_the_few_rows_bits(kernel_bf1
 
 
 def test_float32_prompts_go_through_the_avx512_kernel_off_intel_only(monkeypatch, tmp_path: Path) -> None:
-    """`float32_prompt_kernel`: where MKL (F.linear's float32 GEMM) runs its generic path, i.e. on CPUs other than
-    Intel's, float32 prompts take the AVX-512 kernel's lanes, any number of rows, the bits per row of each row alone;
-    on Intel (or an unknown vendor) they keep F.linear."""
+    """`lanes_prompt_kernel(float32)`: where MKL (F.linear's float32 GEMM) runs its generic path, i.e. on CPUs
+    other than Intel's, float32 prompts take the AVX-512 kernel's lanes, any number of rows, the bits per row of
+    each row alone; on Intel (or an unknown vendor) they keep F.linear."""
     from engine import model_loader, narrow_linear
 
     cpuinfo = tmp_path / "cpuinfo"
@@ -181,13 +181,13 @@ def test_float32_prompts_go_through_the_avx512_kernel_off_intel_only(monkeypatch
     assert model_loader.cpu_vendor(cpuinfo) == "AuthenticAMD"
     assert model_loader.cpu_vendor(tmp_path / "missing") == ""
     if cpu_kernel.skinny_linear_avx512() is None:
-        assert narrow_linear.float32_prompt_kernel() is None
+        assert narrow_linear.lanes_prompt_kernel(torch.float32) is None
         return
     for vendor in ("GenuineIntel", ""):
         monkeypatch.setattr(model_loader, "cpu_vendor", lambda v=vendor: v)
-        assert narrow_linear.float32_prompt_kernel() is None, vendor
+        assert narrow_linear.lanes_prompt_kernel(torch.float32) is None, vendor
     monkeypatch.setattr(model_loader, "cpu_vendor", lambda: "AuthenticAMD")
-    kernel = narrow_linear.float32_prompt_kernel()
+    kernel = narrow_linear.lanes_prompt_kernel(torch.float32)
     assert kernel is not None
     torch.manual_seed(5)
     w, x = torch.randn(70, 96), torch.randn(300, 96)  # many rows: a whole prompt
@@ -197,3 +197,29 @@ def test_float32_prompts_go_through_the_avx512_kernel_off_intel_only(monkeypatch
     assert torch.equal(got[0, [0, 150, 299]], alone)
     assert torch.allclose(got[0], torch.nn.functional.linear(x, w), atol=1e-4)
     assert kernel(x.bfloat16(), w.bfloat16(), None) is None  # float32 only
+
+
+def test_bfloat16_prompts_go_through_the_avx512_kernel_without_amx(monkeypatch) -> None:
+    """`lanes_prompt_kernel(bfloat16)`: without AMX (oneDNN's bfloat16 GEMM is F.linear there, slower for
+    chat-sized prompts, and a row's bits depend on its neighbours), prompts take the kernel's vdpbf16ps lanes, any
+    number of rows, each row's bits those of the row alone, whatever the vendor; with AMX, the AMX kernel's own
+    prompt path (`amx_linear`) is used instead, so none here."""
+    from engine import narrow_linear
+
+    if cpu_kernel.skinny_linear_avx512() is None:
+        assert narrow_linear.lanes_prompt_kernel(torch.bfloat16) is None
+        return
+    monkeypatch.setattr(cpu_kernel, "amx_in_use", lambda: True)
+    assert narrow_linear.lanes_prompt_kernel(torch.bfloat16) is None
+    monkeypatch.setattr(cpu_kernel, "amx_in_use", lambda: False)
+    kernel = narrow_linear.lanes_prompt_kernel(torch.bfloat16)
+    assert kernel is not None
+    torch.manual_seed(6)
+    w, x = torch.randn(70, 96).bfloat16(), torch.randn(300, 96).bfloat16()
+    got = kernel(x[None], w, None)
+    assert got is not None and got.shape == (1, 300, 70) and got.dtype is torch.bfloat16
+    alone = torch.cat([kernel(x[r:r + 1], w, None) for r in (0, 150, 299)])
+    assert torch.equal(got[0, [0, 150, 299]], alone)
+    exact = x.double() @ w.double().T
+    assert (got[0].double() - exact).abs().max().item() < 0.1 * exact.abs().max().item()
+    assert kernel(x.float(), w.float(), None) is None  # bfloat16 only

@@ -11,6 +11,7 @@ import torch
 from engine.host_load import OtherLoad
 from engine.request import SamplingParams
 from engine.thread_tuner import ThreadTuner
+from engine.threads import ComputeThreads
 from tests.helpers import make_engine, run_to_completion
 
 
@@ -29,8 +30,7 @@ def drive(tuner: ThreadTuner, step_s: dict[int, float], steps: int, share: dict[
     """Run `steps` decode steps whose time and CPU share depend only on the thread count; the counts used."""
     used = []
     for _ in range(steps):
-        tuner.before()
-        n = torch.get_num_threads()
+        n = tuner.before()
         used.append(n)
         tuner.after(step_s[n], share[n] * step_s[n] * n)  # the process's CPU seconds over the step
     return used
@@ -90,21 +90,25 @@ def test_prompt_forwards_beside_a_busy_core_move_to_one_thread_before_any_decode
 
 
 def test_the_choice_never_leaks_outside_the_decode_step() -> None:
-    """Prefills and any other engine in the process see the configured count, whatever the tuner chose."""
+    """The tuner only answers (`before()`); the runner applies the count for the decode step alone, so prefills
+    and any other engine in the process see the configured count, whatever the tuner chose."""
+    torch.set_num_threads(2)
     tuner = ThreadTuner(most=2, period=4, trial=1, first=1)
     drive(tuner, {2: 0.200, 1: 0.100}, steps=12, share=BUSY_CORE)
-    assert tuner.current == 1 and torch.get_num_threads() == 2
-    tuner.before()
-    assert torch.get_num_threads() == 1
+    assert tuner.current == 1 and tuner.before() == 1 and torch.get_num_threads() == 2
+    threads = ComputeThreads(most=2, shared=False)
+    with threads.forward(tuner.before(), pooled=True):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == 2
 
 
 def test_one_slow_trial_step_decides_nothing() -> None:
     tuner = ThreadTuner(most=2, period=5, trial=3)
     times = iter([0.06] * 5 + [0.01, 0.2, 0.2] + [0.06] * 20)  # the trial's median is slow
     for _ in range(28):
-        tuner.before()
+        n = tuner.before()
         t = next(times)
-        tuner.after(t, 0.7 * t * torch.get_num_threads())
+        tuner.after(t, 0.7 * t * n)
     assert tuner.trials >= 1 and tuner.current == 2 and tuner.switches == 0
 
 
