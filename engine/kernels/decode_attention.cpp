@@ -4,7 +4,7 @@
 // Why: SDPA's CPU flash kernel, given one query per row, spends ~10-22 ms of a 16-row decode step of the default
 // model on 200-400 cached columns (benchmarks/NOTES.md), and reads every column of the window, the left padding
 // of shorter rows included. This kernel reads only a row's real columns, once for all the query heads that share
-// a key/value head, and splits the (row, key/value head) pairs over torch's own OpenMP threads.
+// a key/value head, and splits the (row, key/value head) pairs over threads (work_share.h).
 //
 // Exactness: a query's result is computed from its own row's real columns only, in their order, with a fixed
 // chain of operations: nothing depends on the other rows, on how much padding the window holds or on the thread
@@ -13,7 +13,9 @@
 //                                    share the vector work, not their sums)
 //   p_j     = exp(score_j - max)    (one polynomial, below, 8 columns at a time)
 //   out     = (sum_j p_j * v_j) / (sum_j p_j)   (sums in column order; the denominator in 8 lanes)
-// Written with AVX2/FMA intrinsics (session 12: 2-3x faster than the loops the compiler vectorized before).
+// Written with AVX2/FMA intrinsics (session 12: 2-3x faster than the loops the compiler vectorized before). Keys and
+// values are converted to float in registers as they are read, each once for all the query heads of a key/value
+// head (session 13: 1.5-1.9x faster again, the same bits: every element's chain of operations is unchanged).
 #include <torch/library.h>
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -79,6 +81,51 @@ inline void to_floats(const E* src, float* dst, int64_t n) {  // n % 8 == 0
   for (int64_t d = 0; d < n; d += 8) _mm256_storeu_ps(dst + d, load8(src + d));
 }
 
+// scale * dot(q_h, k_j) for P query heads (q: P rows of D floats) and four keys, into out[h * stride + j]: each
+// key vector is loaded and converted once for the P heads; each dot product is 8 lanes over head_dim in order, then
+// sum4.
+template <typename E, int P>
+inline void dots(const float* q, const E* k0, const E* k1, const E* k2, const E* k3, int64_t D, __m128 sc,
+                 float* out, int64_t stride) {
+  __m256 a[P][4];
+  for (int h = 0; h < P; ++h) a[h][0] = a[h][1] = a[h][2] = a[h][3] = _mm256_setzero_ps();
+  for (int64_t c = 0; c < D; c += 8) {
+    const __m256 x0 = load8(k0 + c), x1 = load8(k1 + c), x2 = load8(k2 + c), x3 = load8(k3 + c);
+    for (int h = 0; h < P; ++h) {
+      const __m256 qv = _mm256_loadu_ps(q + h * D + c);
+      a[h][0] = _mm256_fmadd_ps(qv, x0, a[h][0]);
+      a[h][1] = _mm256_fmadd_ps(qv, x1, a[h][1]);
+      a[h][2] = _mm256_fmadd_ps(qv, x2, a[h][2]);
+      a[h][3] = _mm256_fmadd_ps(qv, x3, a[h][3]);
+    }
+  }
+  for (int h = 0; h < P; ++h) _mm_storeu_ps(out + h * stride, _mm_mul_ps(sc, sum4(a[h][0], a[h][1], a[h][2], a[h][3])));
+}
+
+// acc[h, :] = sum_j p[h, j] * v_j over the n columns in order, for P query heads at once (p: P score rows, `stride`
+// apart): per 16 dimensions, each column's values are loaded and converted once and feed 2 x P accumulators.
+template <typename E, int P>
+inline void values(const float* p, int64_t stride, const E* vr, int64_t vstride, const int32_t* cols, int64_t n,
+                   int64_t D, float* acc) {
+  for (int64_t c0 = 0; c0 < D; c0 += 16) {
+    __m256 b[P][2];
+    for (int h = 0; h < P; ++h) b[h][0] = b[h][1] = _mm256_setzero_ps();
+    for (int64_t i = 0; i < n; ++i) {
+      const E* v = vr + cols[i] * vstride + c0;
+      const __m256 v0 = load8(v), v1 = load8(v + 8);
+      for (int h = 0; h < P; ++h) {
+        const __m256 pv = _mm256_set1_ps(p[h * stride + i]);
+        b[h][0] = _mm256_fmadd_ps(pv, v0, b[h][0]);
+        b[h][1] = _mm256_fmadd_ps(pv, v1, b[h][1]);
+      }
+    }
+    for (int h = 0; h < P; ++h) {
+      _mm256_storeu_ps(acc + h * D + c0, b[h][0]);
+      _mm256_storeu_ps(acc + h * D + c0 + 8, b[h][1]);
+    }
+  }
+}
+
 template <typename E>
 void attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask, double scale,
             at::Tensor& out) {
@@ -96,8 +143,10 @@ void attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const
   baton_share::share_for(0, R * G, 1, [&](int64_t begin, int64_t end) {
     // Scratch, per thread and kept between calls (every element read below is written first in the same task).
     thread_local std::vector<int32_t> cols;
-    thread_local std::vector<float> qf, kf, vf, scores, acc;
-    cols.resize(W); qf.resize(per * D); kf.resize(4 * D); vf.resize(W * D); scores.resize(per * Wp); acc.resize(D);
+    thread_local std::vector<float> qf, scores, acc;
+    thread_local std::vector<E> zeros;
+    cols.resize(W); qf.resize(per * D); scores.resize(per * Wp); acc.resize(4 * D);
+    if (static_cast<int64_t>(zeros.size()) < D) zeros.assign(D, E(0));
     for (int64_t task = begin; task < end; ++task) {
       const int64_t r = task / G, g = task % G;
       const E* kr = kp + r * ks[0] + g * ks[1];  // this row's keys and values for key/value head g
@@ -120,21 +169,20 @@ void attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const
             if (i + 8 + j < n) prefetch_row(kr + cols[i + 8 + j] * ks[2], D);
             if (i + j < n) prefetch_row(vr + cols[i + j] * vs[2], D);
           }
-          for (int64_t j = 0; j < 4; ++j) {
-            if (i + j < n) to_floats(kr + cols[i + j] * ks[2], kf.data() + j * D, D);
-            else std::fill(kf.begin() + j * D, kf.begin() + (j + 1) * D, 0.0f);
-          }
-          for (int64_t h = 0; h < per; ++h) {
-            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-            const float* qh = qf.data() + h * D;
-            for (int64_t c = 0; c < D; c += 8) {
-              const __m256 qv = _mm256_loadu_ps(qh + c);
-              a0 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(kf.data() + c), a0);
-              a1 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(kf.data() + D + c), a1);
-              a2 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(kf.data() + 2 * D + c), a2);
-              a3 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(kf.data() + 3 * D + c), a3);
+          // The four columns' keys, converted in registers as they are read (a missing fifth-to-eighth column of
+          // the last group reads zeros).
+          const E* k0 = kr + cols[i] * ks[2];
+          const E* k1 = i + 1 < n ? kr + cols[i + 1] * ks[2] : zeros.data();
+          const E* k2 = i + 2 < n ? kr + cols[i + 2] * ks[2] : zeros.data();
+          const E* k3 = i + 3 < n ? kr + cols[i + 3] * ks[2] : zeros.data();
+          for (int64_t h0 = 0; h0 < per; h0 += 3) {  // up to 3 heads per pass over the four keys
+            float* out = scores.data() + h0 * Wp + i;
+            const float* qh = qf.data() + h0 * D;
+            switch (std::min<int64_t>(3, per - h0)) {
+              case 3: dots<E, 3>(qh, k0, k1, k2, k3, D, sc, out, Wp); break;
+              case 2: dots<E, 2>(qh, k0, k1, k2, k3, D, sc, out, Wp); break;
+              default: dots<E, 1>(qh, k0, k1, k2, k3, D, sc, out, Wp); break;
             }
-            _mm_storeu_ps(scores.data() + h * Wp + i, _mm_mul_ps(sc, sum4(a0, a1, a2, a3)));
           }
         }
         // p_j = exp(score_j - max); the denominator in 8 lanes (column j in lane j % 8, in column order), then sum8
@@ -162,23 +210,22 @@ void attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const
           }
           denom[h] = sum8(lanes);
         }
-        // out = (sum_j p_j * v_j) / denominator, the sum in column order
-        for (int64_t i = 0; i < n; ++i) to_floats(vr + cols[i] * vs[2], vf.data() + i * D, D);
-        for (int64_t h = 0; h < per; ++h) {
-          const float* s = scores.data() + h * Wp;
-          for (int64_t c0 = 0; c0 < D; c0 += 16) {
-            __m256 b0 = _mm256_setzero_ps(), b1 = b0;
-            for (int64_t i = 0; i < n; ++i) {
-              const __m256 pv = _mm256_set1_ps(s[i]);
-              b0 = _mm256_fmadd_ps(pv, _mm256_loadu_ps(vf.data() + i * D + c0), b0);
-              b1 = _mm256_fmadd_ps(pv, _mm256_loadu_ps(vf.data() + i * D + c0 + 8), b1);
-            }
-            _mm256_storeu_ps(acc.data() + c0, b0);
-            _mm256_storeu_ps(acc.data() + c0 + 8, b1);
+        // out = (sum_j p_j * v_j) / denominator, the sum in column order. Each column's values are read once per 16 dimensions, converted in registers, and used by every query
+        // head of this key/value head (each output element still sums p_j * v_j over j in column order).
+        for (int64_t h0 = 0; h0 < per; h0 += 4) {  // up to 4 heads per pass over the values
+          const float* p = scores.data() + h0 * Wp;
+          switch (std::min<int64_t>(4, per - h0)) {
+            case 4: values<E, 4>(p, Wp, vr, vs[2], cols.data(), n, D, acc.data()); break;
+            case 3: values<E, 3>(p, Wp, vr, vs[2], cols.data(), n, D, acc.data()); break;
+            case 2: values<E, 2>(p, Wp, vr, vs[2], cols.data(), n, D, acc.data()); break;
+            default: values<E, 1>(p, Wp, vr, vs[2], cols.data(), n, D, acc.data()); break;
           }
-          E* o = op + r * os[0] + t * os[1] + (g * per + h) * os[2];
-          const float inv = n > 0 ? 1.0f / denom[h] : 0.0f;
-          for (int64_t d = 0; d < D; ++d) o[d] = static_cast<E>(acc[d] * inv);
+          for (int64_t h = h0; h < std::min<int64_t>(per, h0 + 4); ++h) {
+            E* o = op + r * os[0] + t * os[1] + (g * per + h) * os[2];
+            const float inv = n > 0 ? 1.0f / denom[h] : 0.0f;
+            const float* a = acc.data() + (h - h0) * D;
+            for (int64_t d = 0; d < D; ++d) o[d] = static_cast<E>(a[d] * inv);
+          }
         }
       }
     }
