@@ -24,6 +24,8 @@
 #include <unordered_map>
 #include <utility>
 
+#include "work_share.h"
+
 namespace {
 
 using Linear2 = c10::TypedOperatorHandle<at::Tensor(const at::Tensor&, const at::Tensor&)>;
@@ -183,16 +185,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> llama_prefill(
     k = rope(k, cos, sin);
     keys.push_back(k);
     values.push_back(v);
-    std::vector<at::Tensor> parts;
+    // transformers' sdpa_attention_forward for each prompt alone (no mask), one (prompt, query head) per task so the
+    // tasks spread over threads (work_share.h); SDPA computes every head from its own rows alone, so a head's bits
+    // are those of the call with all heads (tests/engine/test_captured.py checks against the eager forward).
+    auto attn = at::empty({1, n, heads, head_dim}, q.options());  // [1, N, H, D]
+    std::vector<int64_t> starts;
     int64_t start = 0;
-    for (auto len : lengths) {  // transformers' sdpa_attention_forward for a prompt alone: no mask, GQA in SDPA
-      auto out = at::scaled_dot_product_attention(q.slice(2, start, start + len), k.slice(2, start, start + len),
-                                                  v.slice(2, start, start + len), std::nullopt, 0.0, len > 1, scale,
-                                                  /*enable_gqa=*/heads != kv_heads);
-      parts.push_back(out.reshape({1, -1, len, head_dim}).transpose(1, 2).contiguous());
+    for (auto len : lengths) {
+      starts.push_back(start);
       start += len;
     }
-    auto attn = parts.size() == 1 ? parts[0] : at::cat(parts, 1);  // [1, N, H, D]
+    const int64_t per = heads / kv_heads;
+    baton_share::share_for(0, static_cast<int64_t>(lengths.size()) * heads, 1, [&](int64_t t0, int64_t t1) {
+      c10::AutoGradMode task_no_grad(false);  // (grad mode is per thread)
+      for (int64_t task = t0; task < t1; ++task) {
+        const int64_t i = task / heads, h = task % heads, g = h / per, b = starts[i], len = lengths[i];
+        auto out = at::scaled_dot_product_attention(q.slice(1, h, h + 1).slice(2, b, b + len),
+                                                    k.slice(1, g, g + 1).slice(2, b, b + len),
+                                                    v.slice(1, g, g + 1).slice(2, b, b + len), std::nullopt, 0.0,
+                                                    len > 1, scale);  // [1, 1, len, D]
+        attn.slice(1, b, b + len).select(2, h).copy_(out.select(1, 0));
+      }
+    });
     hidden = hidden + lin(attn.reshape({1, n, -1}).contiguous(), 3);
     hidden = feed_forward(hidden, w[5], eps, lin);
   }

@@ -48,8 +48,8 @@ constexpr auto kHelperSpin = std::chrono::microseconds(1000);  // then sleep (a 
 constexpr auto kCallerSpin = std::chrono::microseconds(50);   // then sleep, so a preempted helper can run here
 // A caller that waited longer than this for a helper's chunk (the helper lost its CPU mid-chunk: another process
 // keeps its core busy) runs its jobs alone for kStallPause: such waits would cost more than the helpers give.
-constexpr auto kStallLimit = std::chrono::microseconds(1000);
-constexpr auto kStallPause = std::chrono::milliseconds(100);
+constexpr auto kStallLimit = std::chrono::microseconds(2000);
+constexpr auto kStallPause = std::chrono::milliseconds(10);
 
 inline void pause() { __builtin_ia32_pause(); }
 
