@@ -217,6 +217,11 @@ class ModelRunner:
         engine: they come back in `StepResult.failed`. `after_prefills`, if given, gets what the prefills
         produced (their tokens, KV and logprobs, and the swapped rows; nothing failed) before the batch forward
         runs, so their first tokens can go out a forward earlier; the result returned holds it all again."""
+        with self.threads.iteration():
+            return self._execute(plan, cache, after_prefills)
+
+    def _execute(self, plan: IterationPlan, cache: BatchKVCache,
+                 after_prefills: Callable[[StepResult], None] | None) -> StepResult:
         f0 = self.forward_s
         for rid in plan.retire:
             cache.remove(rid)

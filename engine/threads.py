@@ -11,8 +11,8 @@ chunks a helper actually took, so a helper that is not running costs nothing but
 So where a decode step runs as the captured operator (every linear and the attention in those kernels) it runs on
 the pool, and so do prompt forwards whose linears all go through the kernels (`ModelRunner.packs`; their SDPA then
 runs on one thread). Every other forward keeps torch's OpenMP threads (F.linear's GEMMs, whose bits may depend on
-the thread count). Outside forwards torch rests on one thread in that mode: an OpenMP thread spins ~10 ms after each
-parallel region, and on the helper's core it would take the helper's place. The helpers run at SCHED_IDLE: they
+the thread count). The rest of an iteration runs with torch on one thread in that mode: an OpenMP thread spins
+~10 ms after each parallel region, and on the helper's core it would take the helper's place. The helpers run at SCHED_IDLE: they
 use only CPU time nothing else wants, and a core running only them counts as idle when Linux places a waking
 thread, so a Serve replica's proxy and ingress wake there rather than preempt the calling thread. A row's bits do
 not depend on which thread computed it (each output element is one chunk's, in a fixed order), so the mode never
@@ -44,13 +44,22 @@ class ComputeThreads:
     def build(cls, most: int, work_sharing: bool) -> ComputeThreads:
         """`work_sharing` where the pool builds here (cpu_kernel.work_share) and there is more than one thread."""
         shared = work_sharing and most > 1 and cpu_kernel.work_share() is not None
-        threads = cls(most, shared)
-        threads.rest()
-        return threads
+        return cls(most, shared)
 
-    def rest(self) -> None:
-        """Torch's threads between forwards: one where decode steps use the pool, else all."""
-        torch.set_num_threads(1 if self.shared else self.most)
+    @contextlib.contextmanager
+    def iteration(self) -> Iterator[None]:
+        """Torch's threads while the runner executes an iteration: one where its forwards use the pool (everything
+        outside them, the sampler included, then runs on the calling thread), then back to the caller's count, so
+        nothing outside the engine sees the change."""
+        if not self.shared:
+            yield
+            return
+        before = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(before)
 
     @contextlib.contextmanager
     def forward(self, n: int, pooled: bool = False) -> Iterator[None]:

@@ -118,23 +118,26 @@ def test_callers_on_several_threads_get_their_own_results(pool) -> None:
     assert not any(t.is_alive() for t in workers) and wrong == []
 
 
-def test_compute_threads_apply_only_inside_a_forward(pool) -> None:
-    """Shared mode: torch rests on one thread between forwards (no OpenMP thread spinning beside the pool's
-    helper), a captured decode step runs on the pool's n workers, any other forward on n of torch's threads, and
-    each goes back to the state before it."""
+def test_compute_threads_apply_only_inside_an_iteration(pool) -> None:
+    """Shared mode: inside an iteration torch runs on one thread (no OpenMP thread spinning beside the pool's
+    helper), a captured decode step on the pool's n workers, any other forward on n of torch's threads, each back to
+    the state before it; outside, torch keeps the caller's count, so a second engine built later in the process
+    reads the configured count, not one."""
+    torch.set_num_threads(2)
     threads = ComputeThreads.build(2, work_sharing=True)
-    assert threads.shared and torch.get_num_threads() == 1 and cpu_kernel.share_workers() == 1
-    with threads.forward(2, pooled=True):
-        assert cpu_kernel.share_workers() == 2 and torch.get_num_threads() == 1
-    with threads.forward(2, pooled=False):
-        assert cpu_kernel.share_workers() == 1 and torch.get_num_threads() == 2
-    with threads.forward(2):
-        assert torch.get_num_threads() == 2
-        with threads.forward(2):
-            pass
-        assert torch.get_num_threads() == 2  # nested: back to the outer forward's count
-    assert torch.get_num_threads() == 1 and cpu_kernel.share_workers() == 1
-    assert not ComputeThreads.build(2, work_sharing=False).shared and torch.get_num_threads() == 2
+    assert threads.shared and torch.get_num_threads() == 2 and cpu_kernel.share_workers() == 1
+    with threads.iteration():
+        assert torch.get_num_threads() == 1
+        with threads.forward(2, pooled=True):
+            assert cpu_kernel.share_workers() == 2 and torch.get_num_threads() == 1
+        with threads.forward(2, pooled=False):
+            assert cpu_kernel.share_workers() == 1 and torch.get_num_threads() == 2
+            with threads.forward(2):
+                pass
+            assert torch.get_num_threads() == 2  # nested: back to the outer forward's count
+        assert torch.get_num_threads() == 1 and cpu_kernel.share_workers() == 1
+    assert torch.get_num_threads() == 2
+    assert not ComputeThreads.build(2, work_sharing=False).shared
     assert not ComputeThreads.build(1, work_sharing=True).shared
 
 
@@ -146,9 +149,11 @@ def test_generations_with_the_pool_equal_those_without(model: str, request: pyte
     loaded = request.getfixturevalue(model)
     prompts = {f"r{i}": [300 + 41 * i + k for k in range(3 + 9 * i)] for i in range(5)}
 
+    torch.set_num_threads(2)
+
     def generate(sharing: bool) -> dict[str, list[int]]:
-        torch.set_num_threads(2)
         engine = make_engine(loaded, max_batch_size=8, work_sharing=sharing, adaptive_threads=False)
+        assert torch.get_num_threads() == 2  # an engine leaves torch's count as it found it
         assert engine.runner.threads.shared is (sharing and engine.runner.captured is not None)
         shared.append(engine.runner.threads.shared)
         for i, (rid, ids) in enumerate(prompts.items()):
@@ -156,6 +161,7 @@ def test_generations_with_the_pool_equal_those_without(model: str, request: pyte
                                     seed=i)
             engine.add_request(rid, prompt_token_ids=ids, sampling_params=params)
         outs = run_to_completion(engine)
+        assert torch.get_num_threads() == 2
         return {rid: [t for o in outs[rid] for t in o.new_token_ids] for rid in prompts}
 
     shared: list[bool] = []
