@@ -103,8 +103,9 @@ class EngineConfig(BaseModel):
     )
     packed_prefill: bool = Field(
         default=True,
-        description="CPU, bfloat16 on AMX, or float32 on a non-Intel CPU with AVX512-BF16: prompts' linears through "
-        "a row-invariant kernel (the AMX kernel; the AVX-512 float32 kernel, faster there than MKL), so that an "
+        description="CPU with AVX512-BF16 (bfloat16; float32 on a non-Intel CPU): prompts' linears through a "
+        "row-invariant kernel (the AMX kernel on AMX, else the AVX-512 kernel's lanes, faster there than F.linear "
+        "for prompts), so that an "
         "iteration's prompts share one prefill forward, each with its solo bits (engine/attention.py). On AMX it "
         "costs one more copy of the layers' linear weights (202 MiB for the default model); off: one prompt per "
         "forward through F.linear.",
