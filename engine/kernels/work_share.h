@@ -3,15 +3,19 @@
 // dispatcher (`baton_share::api`, the address of an `Api`), so every kernel library shares the same helper threads.
 // Without that extension, or with one worker, `share_for` is `at::parallel_for` (torch's OpenMP threads).
 //
-// A chunk's function must not throw, and must compute the same bits whichever thread runs it: the engine's
-// kernels give every output element to exactly one chunk, computed in a fixed order.
+// A chunk's function must compute the same bits whichever thread runs it: the engine's kernels give every output
+// element to exactly one chunk, computed in a fixed order. If one throws, the rest of the job's chunks are skipped,
+// the job still ends on every thread, and the first exception is rethrown to the caller.
 #pragma once
 
 #include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
+#include <exception>
+#include <mutex>
 
 namespace baton_share {
 
@@ -52,12 +56,23 @@ void share_for(int64_t begin, int64_t end, int64_t grain, const F& f, int64_t sm
   struct Context {
     const F* f;
     int64_t begin, end, grain;
+    std::atomic<bool> failed{false};
+    std::mutex lock;
+    std::exception_ptr error;
   } context{&f, begin, end, chunk};
   pool->run((end - begin + chunk - 1) / chunk, [](void* p, int64_t index) {
-    const auto* c = static_cast<const Context*>(p);
-    const int64_t b0 = c->begin + index * c->grain;
-    (*c->f)(b0, std::min(b0 + c->grain, c->end));
+    auto* c = static_cast<Context*>(p);
+    if (c->failed.load(std::memory_order_relaxed)) return;
+    try {
+      const int64_t b0 = c->begin + index * c->grain;
+      (*c->f)(b0, std::min(b0 + c->grain, c->end));
+    } catch (...) {  // (a helper thread must not let it escape: that would end the process)
+      std::lock_guard<std::mutex> guard(c->lock);
+      if (!c->error) c->error = std::current_exception();
+      c->failed.store(true, std::memory_order_relaxed);
+    }
   }, &context);
+  if (context.error) std::rethrow_exception(context.error);
 }
 
 }  // namespace baton_share

@@ -245,6 +245,11 @@ class FakeAsyncEngine:
             "kv_cache_usage": min(1.0, cached / (cap * self.engine.max_model_len)),
             "admissions_refused_for_memory": 0.0,
             "iterations": float(self._iterations),
+            "decode_threads": 1.0,  # no threads of its own
+            "thread_switches_total": 0.0,
+            "decode_rows_total": float(self._generated),  # a row per generated token
+            "forward_seconds_total": 0.0,
+            "iteration_seconds_total": 0.0,
             "generated_tokens_total": float(self._generated),
             "prompt_tokens_total": float(self._prompt_tokens),
             "prefix_cache_hit_tokens_total": 0.0,  # no prefix cache

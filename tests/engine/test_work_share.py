@@ -4,6 +4,7 @@ OpenMP threads whoever computes a chunk, nothing lost or run twice, and whole ge
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -54,20 +55,30 @@ def test_linears_through_the_pool_are_bit_identical_and_helpers_take_part(pool) 
     if not kernels:
         pytest.skip("no compiled linear kernel here")
     torch.manual_seed(3)
-    before = _counts()
-    for name, op, dtype in kernels:
-        for rows, inp, out in ((16, 576, 1536), (5, 1536, 575), (1, 576, 192), (48, 576, 49152), (200, 96, 303)):
-            x, w = torch.randn(rows, inp).to(dtype), torch.randn(out, inp).to(dtype)
-            torch.set_num_threads(1)
-            cpu_kernel.set_share_workers(1)
-            alone = op(x, w)
-            cpu_kernel.set_share_workers(2)
-            assert all(torch.equal(alone, op(x, w)) for _ in range(30)), (name, dtype, rows, out)
-            cpu_kernel.set_share_workers(1)
-            torch.set_num_threads(2)  # last: OpenMP's threads spin a while after it, beside the pool's helper
-            assert torch.equal(alone, op(x, w)), (name, dtype, rows, out)
-    jobs, chunks, helpers = (b - a for a, b in zip(before[:3], _counts()[:3], strict=True))
-    assert jobs > 0 and 0 < helpers < chunks, (jobs, chunks, helpers)
+    cases = [(name, op, torch.randn(rows, inp).to(dtype), torch.randn(out, inp).to(dtype))
+             for name, op, dtype in kernels
+             for rows, inp, out in ((16, 576, 1536), (5, 1536, 575), (1, 576, 192), (48, 576, 49152), (200, 96, 303))]
+    alone = []
+    for name, op, x, w in cases:
+        torch.set_num_threads(1)
+        cpu_kernel.set_share_workers(1)
+        alone.append(op(x, w))
+        torch.set_num_threads(2)  # OpenMP's threads spin a while after it, so the pool's passes come after all these
+        assert torch.equal(alone[-1], op(x, w)), (name, x.dtype, x.shape, w.shape)
+    torch.set_num_threads(1)
+    cpu_kernel.set_share_workers(2)
+    passes = 0
+    while True:  # the SCHED_IDLE helper runs only on idle CPU time: a busy neighbour (another test worker) may delay it
+        passes += 1
+        before = _counts()
+        for (name, op, x, w), expected in zip(cases, alone, strict=True):
+            assert all(torch.equal(expected, op(x, w)) for _ in range(10)), (name, x.dtype, x.shape, w.shape)
+        jobs, chunks, helpers = (b - a for a, b in zip(before[:3], _counts()[:3], strict=True))
+        assert jobs > 0 and helpers < chunks, (jobs, chunks, helpers)
+        if helpers > 0 or passes == 40:
+            break
+        time.sleep(0.05)
+    assert helpers > 0, f"the helper took no chunk in {passes} passes"
 
 
 def test_attention_through_the_pool_is_bit_identical(pool) -> None:
