@@ -74,8 +74,10 @@ class EngineConfig(BaseModel):
         description="CPU: when the decode steps' CPU share shows another process taking a core, try a few "
         "decode steps on one thread instead of all, keep whichever is faster, and go back to all once the other "
         "processes leave a core free (/proc/stat); when prompt forwards' CPU share is low, move to one thread at once "
-        "(prompts that pack follow it). Two spinning threads on two cores collapse when another process "
-        "takes a core; one does not. Tokens do not depend on the thread count.",
+        "(prompts that pack follow it). Two OpenMP threads on two cores collapse when another process takes a core; "
+        "one does not. With work_sharing the steps run on the kernels' pool, where a busy core only costs the "
+        "helper's share: there all threads are tried again on the period whatever the load, and prompts on the pool "
+        "do not count. Tokens do not depend on the thread count.",
     )
     work_sharing: bool = Field(
         default=True,
