@@ -136,11 +136,15 @@ def captured_llama() -> Callable[..., torch.Tensor] | None:
     return _kernel(CAPTURED, lambda: True, _why_not_captured)
 
 
+def _on_linux() -> bool:  # the pool sleeps on futexes
+    return sys.platform.startswith("linux")
+
+
 def work_share() -> Callable[..., object] | None:
     """The work-sharing pool's interface (`torch.ops.baton_share.api`, work_share.cpp), as `skinny_linear()`
     (the reason in `why_not_share()`). The other kernels load it first, so they find it; `set_share_workers` gives
     it helpers."""
-    return _kernel(WORK_SHARE, lambda: sys.platform.startswith("linux"), _why_not_share)
+    return _kernel(WORK_SHARE, _on_linux, _why_not_share)
 
 
 def set_share_workers(n: int) -> int:
@@ -211,7 +215,7 @@ def _load(build: KernelBuild, supported: Callable[[], bool], reasons: list[str])
     if os.environ.get("BATON_CPU_KERNEL", "1") == "0":
         return _fail(build, reasons, "disabled by BATON_CPU_KERNEL=0")
     if build is not WORK_SHARE and WORK_SHARE.name not in _loaded:  # before any kernel looks for it
-        _loaded[WORK_SHARE.name] = _load(WORK_SHARE, lambda: sys.platform.startswith("linux"), _why_not_share)
+        _loaded[WORK_SHARE.name] = _load(WORK_SHARE, _on_linux, _why_not_share)
     if not supported():
         return _fail(build, reasons, f"this CPU lacks {build.needs} (torch reports {torch.backends.cpu.get_cpu_capability()})")
     from torch.utils import cpp_extension

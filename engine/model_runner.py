@@ -173,9 +173,8 @@ class ModelRunner:
         dtype = next(model.parameters()).dtype
         amx = False
         if packed_prefill and self.narrow is not None and self.narrow_kernel == "compiled":
-            contiguous = all(w.is_contiguous() for w in layer_linear_weights(model))
-            if cpu_kernel.amx_in_use() and dtype is torch.bfloat16 and contiguous \
-                    and all(tiles_fit(w) for w in layer_linear_weights(model)):
+            if cpu_kernel.amx_in_use() and dtype is torch.bfloat16 \
+                    and all(tiles_fit(w) and w.is_contiguous() for w in layer_linear_weights(model)):
                 self._prompt_kernel, amx = amx_linear, True
             elif all(m.weight.is_contiguous() for m in model.modules()
                      if type(m) is torch.nn.Linear):  # the output embedding's too

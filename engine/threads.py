@@ -5,8 +5,8 @@ step's ~240 regions waits for its slowest thread. Beside a partly busy core (a S
 ingress and client take ~0.4 of one) the thread that loses its core stalls them all: through HTTP the engine's
 two-thread forward measured slower than its one-thread forward offline (benchmarks/NOTES.md, session 13). The
 engine's compiled kernels can instead split their work through a pool of their own (engine/kernels/work_share.cpp):
-the calling thread and helper threads take small chunks from a shared counter, and the caller waits only for
-chunks a helper actually took, so a helper that is not running costs nothing but its share of the work.
+the calling thread and helper threads take small chunks (each from its own range first, then from the others'),
+and the caller waits only for chunks a helper actually took, so a helper that is not running costs nothing but its share of the work.
 
 So where a decode step runs as the captured operator (every linear and the attention in those kernels) it runs on
 the pool, and so do prompt forwards whose linears all go through the kernels (`ModelRunner.packs`; their SDPA then
@@ -22,15 +22,12 @@ changes tokens (tests/engine/test_work_share.py).
 from __future__ import annotations
 
 import contextlib
-import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
 
 from engine import cpu_kernel
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -51,15 +48,8 @@ class ComputeThreads:
         """Torch's threads while the runner executes an iteration: one where its forwards use the pool (everything
         outside them, the sampler included, then runs on the calling thread), then back to the caller's count, so
         nothing outside the engine sees the change."""
-        if not self.shared:
+        with self.forward(1) if self.shared else contextlib.nullcontext():
             yield
-            return
-        before = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            yield
-        finally:
-            torch.set_num_threads(before)
 
     @contextlib.contextmanager
     def forward(self, n: int, pooled: bool = False) -> Iterator[None]:

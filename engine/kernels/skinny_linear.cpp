@@ -96,8 +96,7 @@ at::Tensor skinny_linear(const at::Tensor& x, const at::Tensor& w) {
   float* Y = y.data_ptr<float>();
   const int64_t blocks = out / 4;
   // Threads split the weight's rows (blocks of 4): each weight byte is read once per call, by one thread.
-  // Through the pool, chunks of at least ~128K multiply-adds (~1 us): a claim costs ~0.1 us.
-  const int64_t smallest = std::max<int64_t>(1, (int64_t{1} << 17) / std::max<int64_t>(1, 4 * in * n));
+  const int64_t smallest = baton_share::smallest_chunk(4 * in * n);  // a block: 4 weight rows x n rows
   baton_share::share_for(0, blocks + (out % 4 ? 1 : 0), 16, [&](int64_t b0, int64_t b1) {
     float t0[4], t1[4];
     for (int64_t b = b0; b < b1; ++b) {

@@ -314,8 +314,7 @@ inline void rows(const typename L::T* w, int64_t in, const typename L::T* x, int
 template <class L>
 void lanes_linear(const typename L::T* X, const typename L::T* W, float* Y, int64_t n, int64_t in, int64_t out) {
   const int64_t blocks = out / 4;
-  // Through the pool, chunks of at least ~128K multiply-adds (~1 us): a claim costs ~0.1 us.
-  const int64_t smallest = std::max<int64_t>(1, (int64_t{1} << 17) / std::max<int64_t>(1, 4 * in * n));
+  const int64_t smallest = baton_share::smallest_chunk(4 * in * n);  // a block: 4 weight rows x n rows
   baton_share::share_for(0, blocks + (out % 4 ? 1 : 0), 16, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t o = b * 4;

@@ -1,5 +1,6 @@
 // A work-sharing pool for the engine's kernels: the calling thread and a few helper threads take a job's chunks
-// one at a time from a shared counter, and the caller waits only for chunks a helper has actually taken.
+// one at a time (each from its own range first, then from the others'), and the caller waits only for chunks a
+// helper has actually taken.
 //
 // Why: torch's OpenMP threads split a parallel region into one fixed range per thread and join at a barrier, so
 // every region waits for its slowest thread. When the other core is partly busy (a Serve replica's neighbours:
@@ -193,7 +194,8 @@ struct Pool {
       wake.fetch_add(1, std::memory_order_seq_cst);
       futex(&wake, FUTEX_WAKE, INT_MAX, nullptr);
     }
-    jobs.fetch_add(1); chunks_total.fetch_add(n);
+    jobs.fetch_add(1, std::memory_order_relaxed);
+    chunks_total.fetch_add(n, std::memory_order_relaxed);
     int64_t mine = 0;
     for (int64_t chunk = take(0); chunk >= 0; chunk = take(0)) {
       f(c, chunk);

@@ -39,7 +39,13 @@ inline const Api* api() {
   return found;
 }
 
-constexpr int64_t kChunksPerWorker = 32;  // finer: less waiting for the last chunk; coarser: fewer claims
+constexpr int64_t kChunksPerWorker = 32;
+
+// The fewest units a chunk through the pool should hold when each unit is `work` multiply-adds: ~128K
+// multiply-adds (~1 us), since a claim costs ~0.1 us.
+inline int64_t smallest_chunk(int64_t work) {
+  return std::max<int64_t>(1, (int64_t{1} << 17) / std::max<int64_t>(1, work));
+}  // finer: less waiting for the last chunk; coarser: fewer claims
 
 // f(b0, b1) over [begin, end), like at::parallel_for(begin, end, grain, f): through the pool where it has helpers
 // (in about kChunksPerWorker chunks per worker, of at least `smallest` each), else through at::parallel_for.
