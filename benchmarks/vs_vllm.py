@@ -307,18 +307,25 @@ def ours_http(plan: Plan, dtype: str, works: list[Workload], chats: tuple[ChatRe
     from ray import serve
 
     from benchmarks.http_load import wait_ready
-    from benchmarks.serve_local import serve_instance
+    from benchmarks.serve_local import free_port, serve_instance
     from configs.ray_env import main_job_env
 
     start = time.perf_counter()
     print("[baton-serve] starting Ray, Serve and the deployment", file=sys.stderr, flush=True)
-    with serve_instance(num_cpus=max(4, plan.threads), env=main_job_env()) as url:
+    # The main job's Ray settings, with the ingress replica's own port (direct ingress) moved to a free one: the
+    # clients talk to the ingress replica as they do to the main job's port 8000.
+    port = free_port()
+    env = {**main_job_env(), "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(port),
+           "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(port + 1)}
+    with serve_instance(num_cpus=max(4, plan.threads), env=env) as url:
         name = "vs-vllm-baton"
         serve.run(baton_app(plan, dtype), name=name, route_prefix="/baton")
+        if env.get("RAY_SERVE_ENABLE_DIRECT_INGRESS") == "1":
+            url = f"http://127.0.0.1:{port}"
         try:
             wait_ready(f"{url}/baton/health", timeout_s=600)
             startup_s = time.perf_counter() - start
-            print(f"[baton-serve] healthy after {startup_s:.0f} s", file=sys.stderr, flush=True)
+            print(f"[baton-serve] healthy after {startup_s:.0f} s at {url}/baton", file=sys.stderr, flush=True)
             http_passes(OURS, plan, dtype, f"{url}/baton/v1", startup_s, works, chats, keep)
         finally:
             serve.delete(name)
@@ -394,7 +401,9 @@ FAIRNESS = [
     "timestamp per step, exactly as our engine is stepped; each request has its own SamplingParams(temperature=0, "
     "max_tokens=n, ignore_eos=True) and token-id prompt. TTFT and E2E start at the request's arrival.",
     "HTTP: both servers on 127.0.0.1, driven by the same openai client (streaming, usage included), at most "
-    "'concurrency' requests in flight; TTFT is the first chunk with text, both from when the client sent it.",
+    "'concurrency' requests in flight; TTFT is the first chunk with text, both from when the client sent it. "
+    "Ours is reached as the main job serves it: at the ingress replica's own port (Serve's direct ingress, "
+    "configs/ray_env.py), with the main job's Ray settings.",
     "Threads: our engine runs 2 torch threads (one replica with num_cpus 2 under Serve); vLLM binds its own "
     "OpenMP threads (VLLM_CPU_OMP_THREADS_BIND=auto, its default: on 2 cores one compute thread on core 0, "
     "core 1 reserved for its front end and scheduler; see the logs).",

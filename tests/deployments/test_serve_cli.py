@@ -22,9 +22,11 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 import pytest
 import yaml
 
+from configs.ray_env import main_job_env
 from configs.serve import DEFAULT_MODEL_NAME
 from tests.deployments.serve_testing import free_port, wait_until
 
@@ -113,26 +115,42 @@ def tmp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 
 
 def test_serve_run_starts_and_answers(tmp: Path) -> None:
-    port = free_port()
+    """As scripts/run.sh starts it: with configs/ray_env.py's settings, so the ingress replica serves HTTP on its
+    own port (Serve's direct ingress; 8000 in the main job, a free one here) and Serve's proxy on http_options.port.
+    Both answer."""
+    port, direct = free_port(), free_port()
     log = (tmp / "serve_run.log").open("wb")
+    env = {**_env(), **main_job_env({}), "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(direct),
+           "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(direct + 1)}
     proc = subprocess.Popen(
         [str(BIN / "serve"), "run", str(_config(tmp, port))],
         cwd=REPO,
-        env=_env(),
+        env=env,
         stdout=log,
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
-    base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 180
-        while not _healthy(base):
-            assert proc.poll() is None, (tmp / "serve_run.log").read_text()[-4000:]
-            assert time.monotonic() < deadline, (tmp / "serve_run.log").read_text()[-4000:]
-            time.sleep(1)
-        _answers(base)
-        models = httpx.get(f"{base}/v1/models", timeout=10).json()
-        assert [m["id"] for m in models["data"]] == [DEFAULT_MODEL_NAME]
+        for base in (f"http://127.0.0.1:{direct}", f"http://127.0.0.1:{port}"):
+            deadline = time.monotonic() + 180
+            while not _healthy(base):
+                assert proc.poll() is None, (tmp / "serve_run.log").read_text()[-4000:]
+                assert time.monotonic() < deadline, (tmp / "serve_run.log").read_text()[-4000:]
+                time.sleep(1)
+            _answers(base)
+            models = httpx.get(f"{base}/v1/models", timeout=10).json()
+            assert [m["id"] for m in models["data"]] == [DEFAULT_MODEL_NAME]
+        assert f"Started HTTP server on port {direct}" in (tmp / "serve_run.log").read_text()
+
+        # A killed ingress replica's replacement listens on the same port again.
+        ingress = [p for p in psutil.Process(proc.pid).children(recursive=True)
+                   if "ServeReplica:baton:BatonIngress" in " ".join(p.cmdline())]
+        assert len(ingress) == 1, ingress
+        ingress[0].kill()
+        ingress[0].wait(timeout=30)
+        wait_until(lambda: _healthy(f"http://127.0.0.1:{direct}"), timeout_s=120, interval_s=1,
+                   what="a replacement ingress replica on the same port")
+        _answers(f"http://127.0.0.1:{direct}")
     finally:
         _stop_group(proc)
         log.close()
