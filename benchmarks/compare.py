@@ -228,10 +228,12 @@ def markdown(report: dict[str, Any]) -> str:
 
 # ---- running -----------------------------------------------------------------------------------------------------
 def warmup_workload(work: Workload) -> Workload:
-    """Two short requests from the workload (16-token prompts, 4 tokens out): first-call costs, not measured."""
+    """Two short requests from the workload (16-token prompts, 4 tokens out): first-call costs, not measured. Their
+    prompts are the last 16 tokens of the workload's first two, reversed: the same token range, and not a prefix
+    of any measured prompt (a system with a prefix cache, kept across warm-up and run, would hit it)."""
     from benchmarks.workloads import BenchRequest
 
-    reqs = tuple(BenchRequest(f"warm{i}", r.prompt[:16], min(4, r.max_tokens)) for i, r in
+    reqs = tuple(BenchRequest(f"warm{i}", r.prompt[-16:][::-1], min(4, r.max_tokens)) for i, r in
                  enumerate(work.requests[:2]))
     return Workload("warmup", "warm-up", reqs)
 
