@@ -86,6 +86,12 @@ class EngineConfig(BaseModel):
         "helpers take small chunks, and nobody waits for a thread that lost its core to another process (a Serve "
         "replica's proxy and ingress). Tokens do not depend on it.",
     )
+    batch_serving_threads: bool = Field(
+        default=True,
+        description="Linux, under Serve: the replicas' other threads (Ray's, Serve's, the ingress's) run at "
+        "SCHED_BATCH, so they never preempt the engine's compute thread when they wake; they run on a free core or "
+        "at its next time slice (deployments/thread_policy.py). Tokens do not depend on it.",
+    )
     narrow_linear: bool = Field(
         default=True,
         description="CPU: compute the decode batch's linear layers (1-16 rows) with a kernel fast for that shape "

@@ -23,6 +23,7 @@ from ray import serve
 
 from configs import EngineConfig
 from configs.serve import ControllerKnobs
+from deployments import thread_policy
 from deployments.front import EngineFront, FrontFactory, build_engine_front
 from deployments.metrics import AutoscalingSignals, MetricsPoller, ServerMetrics
 from engine.choices import Resume
@@ -121,6 +122,8 @@ class EngineServer:
         self._replica = serve.get_replica_context().replica_id.unique_id
         self._front: EngineFront = (front_factory or build_engine_front)(engine_config)
         self._front.start()
+        if engine_config.batch_serving_threads:
+            thread_policy.batch_threads(keep=thread_policy.compute_threads())
         self._signals = AutoscalingSignals()
         self._poller = MetricsPoller(self._front.metrics, ServerMetrics(model_name or engine_config.model),
                                      metrics_interval_s)

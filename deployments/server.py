@@ -36,7 +36,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from configs import EngineConfig
 from configs.serve import ServerConfig
-from deployments import errors, exposition
+from deployments import errors, exposition, thread_policy
 from deployments.engine_server import EngineReplicaStatus
 from deployments.errors import OpenAIError
 from deployments.http_body import RequestModel, decode_json, parse_request, read_body, validate_request
@@ -185,6 +185,8 @@ class BatonIngress:
     def __init__(self, engine: DeploymentHandle, engine_config: EngineConfig,
                  server_config: ServerConfig | None = None) -> None:
         self._replica = serve.get_replica_context().replica_id.unique_id
+        if engine_config.batch_serving_threads:
+            thread_policy.batch_threads()
         self._engine = engine
         self._engine_config = engine_config
         self._server_config = server_config or ServerConfig()

@@ -22,6 +22,7 @@ from engine.choices import Resume
 from engine.engine import BatonEngine
 from engine.request import Request, RequestOutput, SamplingParams
 from engine.streams import OpenStreams, RequestStream, StreamSink
+from engine.threads import normal_policy
 
 if TYPE_CHECKING:
     from engine.kv_cache import BatchKVCache
@@ -199,6 +200,7 @@ class AsyncBatonEngine:
 
     # ---- the loop thread ---------------------------------------------------------------------------------
     def _run(self, ready: threading.Event) -> None:
+        normal_policy()
         if not self._build_engine(ready):
             return
         reason = "the engine loop stopped"

@@ -22,6 +22,7 @@ changes tokens (tests/engine/test_work_share.py).
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -66,3 +67,16 @@ class ComputeThreads:
             yield
         finally:
             put(before)
+
+
+def normal_policy() -> None:
+    """Back to SCHED_OTHER if the calling thread inherited SCHED_BATCH (a Serve replica puts the threads around the
+    engine at SCHED_BATCH, deployments/thread_policy.py; the compute thread must keep preempting them)."""
+    batch = getattr(os, "SCHED_BATCH", None)
+    if batch is None:
+        return
+    try:
+        if os.sched_getscheduler(0) == batch:
+            os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+    except OSError:
+        pass

@@ -357,3 +357,47 @@ def test_a_killed_engine_replica_continues_every_request_exactly(base_url: str) 
     assert 503 in health
     wait_until(lambda: ingress_metrics(base_url)["server_requests_in_flight"] == 0, timeout_s=10, what="in-flight 0")
     assert running_and_waiting() == 0
+
+
+def _policies(pid: int) -> dict[int, tuple[str, int, float]]:
+    """Each thread of `pid`: its name, scheduling policy and CPU seconds so far."""
+    import os
+
+    import psutil
+
+    out = {}
+    for t in psutil.Process(pid).threads():
+        try:
+            name = open(f"/proc/{pid}/task/{t.id}/comm").read().strip()
+            out[t.id] = (name, os.sched_getscheduler(t.id), t.user_time + t.system_time)
+        except OSError:  # ended meanwhile
+            continue
+    return out
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "SCHED_BATCH"), reason="Linux scheduling policies")
+def test_serving_threads_never_preempt_the_compute_thread(base_url: str) -> None:
+    """deployments/thread_policy.py: in the engine replica every thread but the engine's compute thread (the one
+    that ran the forwards: the most CPU time) and its pool's helpers runs at SCHED_BATCH; in the ingress replica,
+    every thread."""
+    import os
+
+    import psutil
+
+    r = httpx.post(f"{base_url}/v1/completions", json={"prompt": "Count: 1, 2,", "max_tokens": 24, "temperature": 0},
+                   timeout=120)
+    assert r.status_code == 200, r.text
+    engine = _policies(httpx.get(f"{base_url}/stats", timeout=10).json()["pid"])
+    compute = max(engine, key=lambda tid: engine[tid][2])
+    assert engine[compute][1] == os.SCHED_OTHER, engine[compute]
+    ray_threads = [v for v in engine.values() if v[0] in ("worker.io", "client.poll0")]
+    assert ray_threads and all(v[1] == os.SCHED_BATCH for v in ray_threads), ray_threads
+    assert all(v[1] == os.SCHED_IDLE for v in engine.values() if v[0] == "baton-share"), engine
+    # Besides the compute thread, only threads it created keep its policy: the pool's helpers (SCHED_IDLE) and
+    # torch's OpenMP workers (a few); Ray's and Serve's dozens are at SCHED_BATCH.
+    others = [v for tid, v in engine.items() if tid != compute and v[1] != os.SCHED_BATCH]
+    assert len(others) <= 4 and len(engine) - len(others) > 10, engine
+    ingress = [p.pid for p in psutil.process_iter(["cmdline"])
+               if "ServeReplica:baton:BatonIngress" in " ".join(p.info["cmdline"] or [])]
+    assert len(ingress) == 1, ingress
+    assert {v[1] for v in _policies(ingress[0]).values()} == {os.SCHED_BATCH}
