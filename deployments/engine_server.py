@@ -120,10 +120,10 @@ class EngineServer:
     def __init__(self, engine_config: EngineConfig, front_factory: FrontFactory | None = None,
                  metrics_interval_s: float = 1.0, model_name: str = "") -> None:
         self._replica = serve.get_replica_context().replica_id.unique_id
+        if engine_config.batch_serving_threads:  # first: the compute thread and the threads it makes opt out
+            thread_policy.batch_threads()
         self._front: EngineFront = (front_factory or build_engine_front)(engine_config)
         self._front.start()
-        if engine_config.batch_serving_threads:
-            thread_policy.batch_threads(keep=thread_policy.compute_threads())
         self._signals = AutoscalingSignals()
         self._poller = MetricsPoller(self._front.metrics, ServerMetrics(model_name or engine_config.model),
                                      metrics_interval_s)

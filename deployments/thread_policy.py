@@ -8,17 +8,17 @@ pool's SCHED_IDLE helpers counts as free) or at the running thread's next slice.
 in flight, a fresh Ray per pass, 3 pairs, benchmarks/NOTES.md, session 14): chat 375.8 -> 389.8 tok/s, anyscale
 259.9 -> 266.5 (medians), the ingress's CPU 0.20 -> 0.17 of a core.
 
-So each replica puts its own threads at SCHED_BATCH, except the engine's compute thread and the pool's helpers
-(`engine/threads.py`). Threads created later inherit the policy of the thread that creates them; the compute
-thread sets itself back to SCHED_OTHER when it starts (`normal_policy`). Changing to SCHED_BATCH needs no
-privilege. Elsewhere than Linux nothing changes.
+So each replica puts its own threads at SCHED_BATCH when it starts, before the engine's loop thread exists.
+Threads created later inherit the policy of the thread that creates them: Ray's and Serve's keep SCHED_BATCH,
+while the engine's compute thread sets itself back to SCHED_OTHER as it starts (`engine.threads.normal_policy`),
+so the threads it creates (torch's OpenMP workers, the pool's helpers, which then go to SCHED_IDLE) start from
+SCHED_OTHER too. Changing to SCHED_BATCH needs no privilege. Elsewhere than Linux nothing changes.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import threading
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -45,9 +45,3 @@ def batch_threads(keep: frozenset[int] = frozenset()) -> int:
             continue
     log.info("%d threads of this replica at SCHED_BATCH", changed)
     return changed
-
-
-def compute_threads() -> frozenset[int]:
-    """The native ids of the engine's loop threads (`engine/async_engine.py` names them)."""
-    return frozenset(t.native_id for t in threading.enumerate()
-                     if t.name == "baton-engine-loop" and t.native_id is not None)
