@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
@@ -52,6 +53,7 @@ DTYPES = ("float32", "bfloat16")
 VLLM, OURS = "vllm", "baton"
 LABELS = {("offline", VLLM): "vLLM LLM (offline)", ("offline", OURS): "BATON engine (baton-pd)",
           ("http", VLLM): "vLLM OpenAI server", ("http", OURS): "BATON Serve deployment"}
+MAIN_JOB_LABEL = "BATON main job (scripts/run.sh)"
 CHAT = "chat"
 # The issue's reference workload: prompts of 16-256 random token ids, outputs exponential mean 48 capped at 192.
 PEER_LENGTHS = LengthSpec(output_mean=48.0, output_cap=192)
@@ -75,6 +77,7 @@ class Plan:
     cap_s: float  # http mode: wall-clock cap per pass
     vllm_spec: str
     torch_spec: str
+    main_job: bool = False  # http mode: ours is scripts/run.sh as shipped, not a deployment built here
 
 
 def parse_args(argv: list[str] | None) -> tuple[Plan, Path, str, bool]:
@@ -96,6 +99,9 @@ def parse_args(argv: list[str] | None) -> tuple[Plan, Path, str, bool]:
     p.add_argument("--cap", type=float, default=900.0, help="http mode: wall-clock cap per pass, s (900)")
     p.add_argument("--vllm-spec", default=vllm_env.VLLM_SPEC, help=f"pip requirement (default {vllm_env.VLLM_SPEC})")
     p.add_argument("--torch-spec", default=vllm_env.TORCH_SPEC, help="torch for the vLLM environment")
+    p.add_argument("--main-job", action="store_true",
+                   help="http mode: measure the main job itself (scripts/run.sh, as shipped: serve_config.yaml, its "
+                        "preset, dtype auto) on port 8000, started after vLLM's passes and stopped after ours")
     p.add_argument("--install-only", action="store_true", help="install vLLM into .venv-peers/vllm and stop")
     p.add_argument("--out", type=Path, default=RESULTS, help="output folder (default benchmarks/results)")
     p.add_argument("--name", default="vs_vllm", help="file stem of the outputs: NAME.md, NAME.json, NAME.png")
@@ -105,7 +111,7 @@ def parse_args(argv: list[str] | None) -> tuple[Plan, Path, str, bool]:
                 dtypes=_names(p, "dtypes", a.dtypes, DTYPES), requests=a.requests, rate=a.rate,
                 chat_requests=a.chat_requests, concurrency=a.concurrency, rows=a.rows, threads=a.threads,
                 kv_fraction=a.kv_fraction, max_model_len=a.max_model_len, seed=a.seed, cap_s=a.cap,
-                vllm_spec=a.vllm_spec, torch_spec=a.torch_spec)
+                vllm_spec=a.vllm_spec, torch_spec=a.torch_spec, main_job=a.main_job)
     return plan, a.out, a.name, a.install_only
 
 
@@ -302,8 +308,63 @@ def baton_app(plan: Plan, dtype: str) -> Any:
     return make_app(engine, server, engine_options=options, ingress_options=ingress)
 
 
+def ours_main_job(plan: Plan, dtype: str, works: list[Workload], chats: tuple[ChatRequest, ...], keep: Keep) -> None:
+    """The main job as shipped: `scripts/run.sh` in its own session (its own Ray, serve_config.yaml, the preset's
+    dtype), driven at the port it serves, then stopped with SIGTERM; start-up = run.sh until /health. Its dtype is
+    the preset's (`auto`), so it is checked against `dtype`."""
+    import signal
+    import socket
+
+    import httpx
+
+    from benchmarks.http_load import wait_ready
+    from configs.ray_env import DIRECT_INGRESS_PORT
+
+    base = f"http://127.0.0.1:{DIRECT_INGRESS_PORT}"
+    with socket.socket() as probe:
+        if probe.connect_ex(("127.0.0.1", DIRECT_INGRESS_PORT)) == 0:
+            raise SystemExit(f"port {DIRECT_INGRESS_PORT} is in use: stop whatever serves there before --main-job")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}  # run.sh's own Ray settings apply
+    log = (LOGS / "main-job.log").open("wb")
+    start = time.perf_counter()
+    print("[baton-main-job] starting scripts/run.sh", file=sys.stderr, flush=True)
+    job = subprocess.Popen(["bash", str(Path(__file__).resolve().parents[1] / "scripts" / "run.sh")], env=env,
+                           stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_ready(f"{base}/health", timeout_s=900)
+        startup_s = time.perf_counter() - start
+        served = httpx.get(f"{base}/stats", timeout=10, trust_env=False).json()["config"]["dtype"]
+        if served == "auto":  # what the replica resolved it to on this machine (CPU)
+            import torch
+
+            from engine.model_loader import resolve_dtype
+
+            served = str(resolve_dtype("auto", torch.device("cpu"))).removeprefix("torch.")
+        if served != dtype:
+            raise SystemExit(f"the main job serves {served} here, not {dtype}: pass --dtypes {served}")
+        print(f"[baton-main-job] healthy after {startup_s:.0f} s at {base}", file=sys.stderr, flush=True)
+
+        def labelled(row: dict[str, Any]) -> None:
+            keep({**row, "label": MAIN_JOB_LABEL})
+
+        http_passes(OURS, plan, dtype, f"{base}/v1", startup_s, works, chats, labelled)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(job.pid, signal.SIGTERM)
+        try:
+            job.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(job.pid, signal.SIGKILL)
+            job.wait(timeout=30)
+        log.close()
+
+
 def ours_http(plan: Plan, dtype: str, works: list[Workload], chats: tuple[ChatRequest, ...], keep: Keep) -> None:
     """Our Serve deployment on a local Ray + Serve; start-up = Ray, Serve and the deployment until /health."""
+    if plan.main_job:
+        ours_main_job(plan, dtype, works, chats, keep)
+        return
     from ray import serve
 
     from benchmarks.http_load import wait_ready
@@ -403,7 +464,8 @@ FAIRNESS = [
     "HTTP: both servers on 127.0.0.1, driven by the same openai client (streaming, usage included), at most "
     "'concurrency' requests in flight; TTFT is the first chunk with text, both from when the client sent it. "
     "Ours is reached as the main job serves it: at the ingress replica's own port (Serve's direct ingress, "
-    "configs/ray_env.py), with the main job's Ray settings.",
+    "configs/ray_env.py), with the main job's Ray settings; with --main-job it is scripts/run.sh itself, as shipped "
+    "(serve_config.yaml, the cpu-default preset), started after vLLM's passes and stopped after ours.",
     "Threads: our engine runs 2 torch threads (one replica with num_cpus 2 under Serve); vLLM binds its own "
     "OpenMP threads (VLLM_CPU_OMP_THREADS_BIND=auto, its default: on 2 cores one compute thread on core 0, "
     "core 1 reserved for its front end and scheduler; see the logs).",

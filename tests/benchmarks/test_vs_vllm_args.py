@@ -85,3 +85,23 @@ def test_chat_workload_is_seeded() -> None:
     a = openai_load.chat_workload(48, 0, vs_vllm.PEER_LENGTHS)
     assert a == openai_load.chat_workload(48, 0, vs_vllm.PEER_LENGTHS) and len({c.request_id for c in a}) == 48
     assert len({c.messages[0]["content"] for c in a}) == 48 and all(1 <= c.max_tokens <= 192 for c in a)
+
+
+def test_main_job_flag() -> None:
+    assert not vs_vllm.parse_args([])[0].main_job
+    assert vs_vllm.parse_args(["--modes", "http", "--main-job"])[0].main_job
+
+
+def test_no_workload_is_served_from_another_ones_prefix_cache() -> None:
+    """vLLM's offline LLM keeps one engine (and its prefix cache) across workloads and warm-ups: poisson must not
+    reuse anyscale's prompts, and no warm-up prompt may be a prefix of a measured one."""
+    from benchmarks.compare import warmup_workload
+
+    plan, *_ = vs_vllm.parse_args(["--workloads", "anyscale,poisson"])
+    works = vs_vllm.make_workloads(plan, vocab=49152)
+    prompts = [tuple(r.prompt) for w in works for r in w.requests]
+    assert len(set(prompts)) == len(prompts)
+    anyscale_prefixes = {p[:16] for p in (tuple(r.prompt) for r in works[0].requests)}
+    assert not any(tuple(r.prompt)[:16] in anyscale_prefixes for r in works[1].requests)
+    warm = [tuple(r.prompt) for w in works for r in warmup_workload(w).requests]
+    assert not any(p[:len(w)] == w for w in warm for p in prompts)
