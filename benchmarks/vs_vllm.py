@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import os
 import platform
@@ -313,7 +312,6 @@ def ours_main_job(plan: Plan, dtype: str, works: list[Workload], chats: tuple[Ch
     """The main job as shipped: `scripts/run.sh` in its own session (its own Ray, serve_config.yaml, the preset's
     dtype), driven at the port it serves, then stopped with SIGTERM; start-up = run.sh until /health. Its dtype is
     the preset's (`auto`), so it is checked against `dtype`."""
-    import signal
     import socket
 
     import httpx
@@ -350,14 +348,7 @@ def ours_main_job(plan: Plan, dtype: str, works: list[Workload], chats: tuple[Ch
 
         http_passes(OURS, plan, dtype, f"{base}/v1", startup_s, works, chats, labelled)
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(job.pid, signal.SIGTERM)
-        try:
-            job.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(job.pid, signal.SIGKILL)
-            job.wait(timeout=30)
+        vllm_server.stop_group(job, grace_s=60)
         log.close()
 
 
@@ -377,8 +368,7 @@ def ours_http(plan: Plan, dtype: str, works: list[Workload], chats: tuple[ChatRe
     # The main job's Ray settings, with the ingress replica's own port (direct ingress) moved to a free one: the
     # clients talk to the ingress replica as they do to the main job's port 8000.
     port = free_port()
-    env = {**main_job_env(), "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(port),
-           "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(port + 1)}
+    env = main_job_env(ingress_port=port)
     with serve_instance(num_cpus=max(4, plan.threads), env=env) as url:
         name = "vs-vllm-baton"
         serve.run(baton_app(plan, dtype), name=name, route_prefix="/baton")

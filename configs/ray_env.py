@@ -23,6 +23,12 @@ import shlex
 
 DIRECT_INGRESS_PORT = 8000  # where the first ingress replica on a node listens (serve_config.yaml's endpoint)
 
+
+def ingress_port_env(port: int) -> dict[str, str]:
+    """Serve's direct-ingress port range of exactly `port`."""
+    return {"RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(port), "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(port + 1)}
+
+
 DEFAULTS = {
     "RAY_worker_niceness": "0",  # Ray's default 15; 0 leaves the workers at the priority of whoever started Ray
     "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5",  # Serve's default 0.1
@@ -31,8 +37,7 @@ DEFAULTS = {
     # of a killed ingress replica takes the same one (Serve's allocator would otherwise hand it the next while the
     # dead replica's is reclaimed): one ingress replica per node; widen the range for more.
     "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
-    "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(DIRECT_INGRESS_PORT),
-    "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(DIRECT_INGRESS_PORT + 1),
+    **ingress_port_env(DIRECT_INGRESS_PORT),
     # A replacement ingress replica gets its port back at once (Serve's default holds a released port for 150 s,
     # for external load balancers; there is none here), and a stopping one waits only for its requests.
     "RAY_SERVE_PORT_QUARANTINE_S": "0",
@@ -40,10 +45,12 @@ DEFAULTS = {
 }
 
 
-def main_job_env(environ: dict[str, str] | None = None) -> dict[str, str]:
-    """DEFAULTS, each unless `environ` (default: this process's environment) sets it already."""
+def main_job_env(environ: dict[str, str] | None = None, ingress_port: int | None = None) -> dict[str, str]:
+    """DEFAULTS, each unless `environ` (default: this process's environment) sets it already; with
+    `ingress_port`, the ingress replica listens there instead (a second Serve beside a running main job)."""
     environ = dict(os.environ) if environ is None else environ
-    return {name: environ.get(name, value) for name, value in DEFAULTS.items()}
+    env = {name: environ.get(name, value) for name, value in DEFAULTS.items()}
+    return env if ingress_port is None else {**env, **ingress_port_env(ingress_port)}
 
 
 def main() -> None:

@@ -69,14 +69,15 @@ def _wait_healthy(proc: subprocess.Popen, url: str, log: Path, timeout_s: float)
         time.sleep(1.0)
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    """SIGTERM to the server's own process group (it and the engine process it started), then SIGKILL."""
+def stop_group(proc: subprocess.Popen, grace_s: float = 30) -> None:
+    """SIGTERM to the process group `proc` leads (started with start_new_session: a server and the processes it
+    started), then SIGKILL after `grace_s`."""
     if proc.poll() is not None:
         return
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGTERM)
     try:
-        proc.wait(timeout=30)
+        proc.wait(timeout=grace_s)
     except subprocess.TimeoutExpired:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
@@ -100,4 +101,4 @@ def running(spec: ServerSpec, log_dir: Path, timeout_s: float = 900.0) -> Iterat
         print(f"[vllm-server] healthy after {startup_s:.0f} s", file=sys.stderr, flush=True)
         yield RunningServer(f"http://127.0.0.1:{port}/v1", startup_s, proc.pid, log)
     finally:
-        _stop(proc)
+        stop_group(proc)

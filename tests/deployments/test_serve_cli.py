@@ -120,8 +120,7 @@ def test_serve_run_starts_and_answers(tmp: Path) -> None:
     Both answer."""
     port, direct = free_port(), free_port()
     log = (tmp / "serve_run.log").open("wb")
-    env = {**_env(), **main_job_env({}), "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(direct),
-           "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(direct + 1)}
+    env = {**_env(), **main_job_env({}, ingress_port=direct)}
     proc = subprocess.Popen(
         [str(BIN / "serve"), "run", str(_config(tmp, port))],
         cwd=REPO,
