@@ -6,7 +6,10 @@ cache adapter) costs more than the arithmetic (benchmarks/NOTES.md, session 9), 
 same. `CapturedLlama` runs the same operations, in the same order and on the same shapes, from C++:
 * `decode`: the embedding, rotary tables, per layer RMSNorm, the q/k/v projections through the engine's row kernel,
   rotary, the cache columns written in place, the engine's attention kernel over the aligned window, o_proj and the
-  residual, RMSNorm, SiLU-gated MLP and the residual, then the final norm and the output embedding;
+  residual, RMSNorm, SiLU-gated MLP and the residual, then the final norm and the output embedding. With a few rows,
+  ATen's per-call cost is most of what the norms, rotary, residual adds and cache writes cost (~40 calls a layer),
+  so these run as fused loops that round after every operation exactly as ATen does, RMSNorm's mean summed in the
+  order of ATen's sum kernel (`fused_lanes`, checked against the ATen calls on the real weights before use);
 * `prefill`: prompts from scratch, one, or several end to end where the prompts' linears are row-invariant (bfloat16
   on AMX, `packs`), each attending causally to its own tokens through the SDPA call transformers makes for it alone.
 Logits, cache columns and KV are the eager path's bit for bit (tests/engine/test_captured.py compares them with
@@ -22,6 +25,8 @@ or in chunks, other architectures, more rows than the row kernel takes) runs the
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -57,11 +62,15 @@ class CapturedLlama:
     linear_kernel: str  # a torch operator "namespace::name" taking (x [rows, in], w), or "" for F.linear
     max_rows: int
     prompt_kernel: PromptKernel
+    # The decode step's norms, rotary, residuals and cache writes as fused loops, RMSNorm summing in the order of
+    # ATen's sum kernel with vectors of this many floats; 0: as ATen calls (see `fused_lanes`)
+    fused_lanes: int = 0
 
     @staticmethod
-    def build(model: Any, linear_kernel: str, max_rows: int, prompt_kernel: PromptKernel | None = None
-              ) -> CapturedLlama | str:
-        """The captured step for `model`, or why it does not apply (a sentence)."""
+    def build(model: Any, linear_kernel: str, max_rows: int, prompt_kernel: PromptKernel | None = None,
+              fuse: bool = True) -> CapturedLlama | str:
+        """The captured step for `model`, or why it does not apply (a sentence). `fuse`: the decode step's small
+        operations as fused loops where they reproduce ATen's here (`fused_lanes`)."""
         reason = why_not(model)
         if reason is not None:
             return reason
@@ -76,7 +85,7 @@ class CapturedLlama:
             return "a linear weight is not contiguous (the row kernel would not take it)"
         heads = config.num_attention_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-        return CapturedLlama(
+        built = CapturedLlama(
             layer_weights=tuple(layers), embed=inner.embed_tokens.weight.detach(),
             inv_freq=inner.rotary_emb.inv_freq, final_norm=inner.norm.weight.detach(),
             lm_head=model.lm_head.weight.detach(), eps=float(inner.norm.variance_epsilon),
@@ -84,6 +93,7 @@ class CapturedLlama:
             heads=heads, kv_heads=config.num_key_value_heads, head_dim=head_dim, linear_kernel=linear_kernel,
             max_rows=max_rows, prompt_kernel=prompt_kernel or PromptKernel(),
         )
+        return dataclasses.replace(built, fused_lanes=fused_lanes(built)) if fuse else built
 
     def takes(self, rows: int, new_columns: int) -> bool:
         """Whether a batch forward of `rows` rows adding `new_columns` columns runs here."""
@@ -98,7 +108,7 @@ class CapturedLlama:
         return torch.ops.baton_captured.llama_decode(
             input_ids, positions, window, cache.keys, cache.values, cache.attention_start(1), cache.end, self.embed,
             self.inv_freq, list(self.layer_weights), self.final_norm, self.lm_head, self.eps, self.scale,
-            self.rope_scaling, self.heads, self.kv_heads, self.head_dim, self.linear_kernel)
+            self.rope_scaling, self.heads, self.kv_heads, self.head_dim, self.linear_kernel, self.fused_lanes)
 
     @property
     def packs(self) -> bool:
@@ -151,6 +161,54 @@ class PromptKernel:
         """Whether every prompt row goes through a row-invariant kernel: past `few_rows` through the packed copies, or
         `few_kernel` for any row count (the AVX-512 kernel's lanes, `narrow_linear.lanes_prompt_kernel`)."""
         return bool(self.few_kernel) and (bool(self.packed) or self.few_rows >= NO_ROW_LIMIT)
+
+
+@functools.cache
+def sum_lanes() -> int:
+    """The vector width (floats) with which the fused loops' emulated sum (`baton_captured::row_sum`) equals
+    `torch.sum` of a contiguous float32 row here, on 64 random rows of 4,096 (a scalar tail aside, every part of the
+    kernel's order: interleaved accumulators, the cascade, the lanes' final sum); 0 where none does. It is ATen's
+    float sum kernel's width, not always the CPU's widest: 8 on an AVX-512 CPU with torch 2.13."""
+    gen = torch.Generator().manual_seed(0)
+    squares = (torch.randn(64, 4096, generator=gen) * torch.rand(64, 1, generator=gen) * 8).pow(2)
+    return next((n for n in (16, 8, 4) if torch.equal(torch.ops.baton_captured.row_sum(squares, n),
+                                                        squares.sum(-1))), 0)
+
+
+def fused_lanes(step: CapturedLlama) -> int:
+    """The lanes for `step`'s fused decode (`CapturedLlama.fused_lanes`), or 0 where it must not fuse.
+
+    The fused loops round after every operation as ATen does; RMSNorm's sum alone depends on an order, that of ATen's
+    float sum kernel (`sum_lanes`). Before it is used, the fused step is run against the step of ATen calls on the
+    real weights (3 rows, random cache columns; every layer's two norms and the final one, the rotary of every head):
+    logits and written cache columns must be equal bit for bit, else the step stays on ATen's calls and the log says
+    why."""
+    lanes = sum_lanes()
+    if lanes == 0:
+        log.warning("decode step: ATen's sum order is not one the fused loops know here; the step runs ATen's calls")
+        return 0
+    gen = torch.Generator().manual_seed(0)
+    rows, columns, n_layers = 3, 6, len(step.layer_weights) // 9
+    shape = (n_layers, rows, step.kv_heads, columns, step.head_dim)
+    keys = torch.randn(shape, generator=gen).to(step.embed.dtype)
+    values = torch.randn(shape, generator=gen).to(step.embed.dtype)
+    ids = torch.randint(0, step.embed.shape[0], (rows, 1), generator=gen)
+    positions = torch.tensor([[columns - 1], [3], [columns + 40]])
+    window = torch.ones(rows, columns, dtype=torch.bool)
+    window[1, :2] = False
+    outputs = []
+    for n in (0, lanes):
+        k, v = keys.clone(), values.clone()
+        logits = torch.ops.baton_captured.llama_decode(
+            ids, positions, window, k, v, 0, columns - 1, step.embed, step.inv_freq, list(step.layer_weights),
+            step.final_norm, step.lm_head, step.eps, step.scale, step.rope_scaling, step.heads, step.kv_heads,
+            step.head_dim, step.linear_kernel, n)
+        outputs.append((logits, k, v))
+    if all(torch.equal(a, b) for a, b in zip(*outputs, strict=True)):
+        return lanes
+    log.warning("decode step: the fused loops do not reproduce ATen's calls bit for bit here; the step runs ATen's "
+                "calls")
+    return 0
 
 
 def layer_linears(model: Any) -> list[torch.Tensor]:

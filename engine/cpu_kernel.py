@@ -68,7 +68,8 @@ ATTENTION = KernelBuild("baton_decode_attention", SOURCE.with_name("decode_atten
 # The helper threads the kernels above share their work with (work_share.cpp): plain C++ and Linux futexes.
 WORK_SHARE = KernelBuild("baton_work_share", SOURCE.with_name("work_share.cpp"), ("-O2", _HEADER), "baton_share",
                          "Linux", "torch's OpenMP threads", op="api")
-CAPTURED = KernelBuild("baton_captured_llama", SOURCE.with_name("captured_llama.cpp"), ("-O2", "-fopenmp", _HEADER),
+CAPTURED = KernelBuild("baton_captured_llama", SOURCE.with_name("captured_llama.cpp"),
+                       ("-O3", "-ffp-contract=off", "-fopenmp", _HEADER),
                        "baton_captured", "a C++ compiler", "the eager forward", op="llama_decode")
 
 _lock = threading.Lock()

@@ -199,6 +199,7 @@ class ModelRunner:
                 else "the transposed row kernel"
             self.captured = built if isinstance(built, CapturedLlama) else None
             log.info("decode steps and prompts: %s", f"captured (decode up to {self.captured.max_rows} rows, "
+                     f"{'fused' if self.captured.fused_lanes else 'ATen'} norms and rotary, "
                      f"{self.captured.max_prompts} prompt(s) per prefill)" if self.captured
                      else f"the eager forward ({built})")
         # CPU: captured decode steps split their kernels' work through the pool where it pays (engine/threads.py).

@@ -2,10 +2,11 @@
 // new token per row, `llama_decode`) and prompts computed from scratch (`llama_prefill`, one or several packed end to
 // end). Each runs the same ATen operations, in the same order and on the same shapes, as transformers' eager
 // LlamaForCausalLM forward runs for that pass in engine/model_runner.py (batch_forward; prefill / prefill_packed),
-// with the engine's own linear and attention kernels where the Python path calls them. So logits and KV are the eager
-// path's, bit for bit (tests/engine/test_captured.py); what goes is the Python around ~2,000 small operations per
-// forward (module calls, argument parsing, the cache adapter), and the GIL while it runs: the replica's event loop
-// runs meanwhile.
+// with the engine's own linear and attention kernels where the Python path calls them; the decode step's norms,
+// rotary, residual adds and cache writes run as fused loops that round exactly as those operations do (below). So
+// logits and KV are the eager path's, bit for bit (tests/engine/test_captured.py); what goes is the Python around
+// ~2,000 small operations per forward (module calls, argument parsing, the cache adapter), and the GIL while it
+// runs: the replica's event loop runs meanwhile.
 //
 // Per layer, as LlamaDecoderLayer: h = x + o_proj(attention(rope(q_proj(n)), rope(k_proj(n)), v_proj(n))) with
 // n = rms_norm(x); out = h + down_proj(silu(gate_proj(m)) * up_proj(m)) with m = rms_norm(h). A decode step writes
@@ -16,6 +17,10 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/GradMode.h>
 
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <limits>
 #include <mutex>
 #include <tuple>
@@ -99,15 +104,210 @@ at::Tensor feed_forward(const at::Tensor& hidden, const at::Tensor& norm, double
 // A layer's 9 weights are (input norm, q, k, v, o, post-attention norm, gate, up, down): its linear i of 7.
 inline const at::Tensor& linear_weight(const at::Tensor* w, int i) { return w[i < 4 ? i + 1 : i + 2]; }
 
+// ---- The decode step's small operations, fused (llama_decode with `fused_lanes` > 0) ----
+// A decode step's rows are few, so ATen's per-call cost, not arithmetic, is what RMSNorm, rotary, the residual adds
+// and the cache writes cost: ~40 calls a layer. These loops do the same arithmetic as those calls, with the same
+// rounding after every operation (bfloat16 values are widened to float, computed, and rounded to nearest even, as
+// ATen's kernels do; this file is built with -ffp-contract=off so no product and sum fuse), in one pass per row.
+// The one order-dependent step is RMSNorm's mean: it is summed in the order ATen's CPU sum kernel uses for a
+// contiguous row with its vectors of `lanes` floats (SumKernel.cpp: vectorized_inner_sum over row_sum's 4
+// interleaved accumulators and multi_row_sum's cascade). engine/captured.py finds that width (row_sum against
+// at::sum) and checks the fused step against the ATen one on the real model before it uses it;
+// tests/engine/test_captured.py compares both with the eager forward.
+
+// Widening and rounding, written as integer arithmetic without branches so the loops below vectorize: the same
+// bits as c10::BFloat16's conversions (round to nearest even; NaN -> 0x7FC0).
+inline float widen(float v) { return v; }
+inline float widen(c10::BFloat16 v) {
+  const uint32_t bits = static_cast<uint32_t>(v.x) << 16;
+  float out;
+  std::memcpy(&out, &bits, sizeof out);
+  return out;
+}
+template <typename T>
+inline T narrow(float v);
+template <>
+inline float narrow<float>(float v) { return v; }
+template <>
+inline c10::BFloat16 narrow<c10::BFloat16>(float v) {
+  uint32_t bits;
+  std::memcpy(&bits, &v, sizeof bits);
+  const uint32_t rounded = (bits + (((bits >> 16) & 1u) + 0x7FFFu)) >> 16;
+  const bool nan = (bits & 0x7FFFFFFFu) > 0x7F800000u;
+  return c10::BFloat16(static_cast<uint16_t>(nan ? 0x7FC0u : rounded), c10::BFloat16::from_bits());
+}
+
+constexpr int kMaxLanes = 16;
+
+template <typename T>
+inline T* data(const at::Tensor& t) { return static_cast<T*>(t.data_ptr()); }
+
+// at::sum of a contiguous float row of n values, in the CPU kernel's order for Vectorized<float> of L lanes.
+template <int L>
+float aten_row_sum(const float* x, int64_t n) {
+  const int64_t vecs = n / L, groups = vecs / 4;  // row_sum: the vectors as [groups, 4]
+  const int64_t ceil_log2 = groups <= 2 ? 1 : 64 - __builtin_clzll(static_cast<uint64_t>(groups - 1));
+  const int64_t level_power = std::max<int64_t>(4, ceil_log2 / 4), level_step = int64_t{1} << level_power;
+  const int64_t level_mask = level_step - 1;
+  float acc[4][4][L] = {};  // [level][interleaved accumulator][lane]
+  auto add = [](float* dst, const float* src) {
+    for (int l = 0; l < L; ++l) dst[l] += src[l];
+  };
+  auto group = [&](int64_t i) {
+    for (int k = 0; k < 4; ++k) add(acc[0][k], x + (i * 4 + k) * L);
+  };
+  int64_t i = 0;
+  while (i + level_step <= groups) {  // multi_row_sum's cascade
+    for (int64_t j = 0; j < level_step; ++j, ++i) group(i);
+    for (int j = 1; j < 4; ++j) {
+      for (int k = 0; k < 4; ++k) {
+        add(acc[j][k], acc[j - 1][k]);
+        std::fill_n(acc[j - 1][k], L, 0.0f);
+      }
+      if ((i & (level_mask << (j * level_power))) != 0) break;
+    }
+  }
+  for (; i < groups; ++i) group(i);
+  for (int j = 1; j < 4; ++j)
+    for (int k = 0; k < 4; ++k) add(acc[0][k], acc[j][k]);
+  float* partial = acc[0][0];
+  for (int64_t v = groups * 4; v < vecs; ++v) add(partial, x + v * L);  // row_sum's leftover vectors
+  for (int k = 1; k < 4; ++k) add(partial, acc[0][k]);
+  float total = 0.0f;
+  for (int64_t t = vecs * L; t < n; ++t) total += x[t];  // vectorized_inner_sum: the scalar tail, then the lanes
+  for (int l = 0; l < L; ++l) total += partial[l];
+  return total;
+}
+
+float aten_row_sum(const float* x, int64_t n, int lanes) {
+  return lanes == 16 ? aten_row_sum<16>(x, n) : lanes == 8 ? aten_row_sum<8>(x, n) : aten_row_sum<4>(x, n);
+}
+
+// hidden += delta (the residual, where delta is given); out = rms_norm(hidden) as LlamaRMSNorm computes it:
+// h = float(x); h * rsqrt(mean(h.pow(2)) + eps), rounded to the dtype, times the weight. hidden, delta, out [rows, n].
+template <typename T>
+void add_rms_norm(T* hidden, const T* delta, const T* weight, T* out, int64_t rows, int64_t n, double eps,
+                  int lanes) {
+  std::vector<float> widened(n), squared(n);
+  float* h = widened.data();
+  float* squares = squared.data();
+  const float eps_f = static_cast<float>(eps);
+  for (int64_t r = 0; r < rows; ++r) {
+    T* x = hidden + r * n;
+    if (delta != nullptr) {
+      const T* d = delta + r * n;
+      for (int64_t i = 0; i < n; ++i) {
+        const T sum = narrow<T>(widen(x[i]) + widen(d[i]));
+        x[i] = sum;
+        h[i] = widen(sum);
+      }
+    } else {
+      for (int64_t i = 0; i < n; ++i) h[i] = widen(x[i]);
+    }
+    for (int64_t i = 0; i < n; ++i) squares[i] = h[i] * h[i];
+    const float variance = aten_row_sum(squares, n, lanes) / static_cast<float>(n);  // sum, then div_
+    const float inverse = 1.0f / std::sqrt(variance + eps_f);
+    T* y = out + r * n;
+    for (int64_t i = 0; i < n; ++i) y[i] = narrow<T>(widen(weight[i]) * widen(narrow<T>(h[i] * inverse)));
+  }
+}
+
+// rope() on heads of head_dim values: x * cos + cat(-x2, x1) * sin, each product and the sum rounded to the dtype.
+// x: row r's heads at x + r * x_row; cos, sin [rows, head_dim]; out: row r, head h at out + r * out_row + h * out_head.
+template <typename T>
+void rotate(const T* x, int64_t x_row, const T* cos, const T* sin, T* out, int64_t out_row, int64_t out_head,
+            int64_t rows, int64_t heads, int64_t head_dim) {
+  const int64_t half = head_dim / 2;
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* c = cos + r * head_dim;
+    const T* s = sin + r * head_dim;
+    for (int64_t h = 0; h < heads; ++h) {
+      const T* in = x + r * x_row + h * head_dim;
+      T* y = out + r * out_row + h * out_head;
+      for (int64_t d = 0; d < half; ++d) {  // rotated: -x2
+        const float a = widen(narrow<T>(widen(in[d]) * widen(c[d])));
+        const float b = widen(narrow<T>(widen(narrow<T>(-widen(in[d + half]))) * widen(s[d])));
+        y[d] = narrow<T>(a + b);
+      }
+      for (int64_t d = half; d < head_dim; ++d) {  // rotated: x1
+        const float a = widen(narrow<T>(widen(in[d]) * widen(c[d])));
+        const float b = widen(narrow<T>(widen(in[d - half]) * widen(s[d])));
+        y[d] = narrow<T>(a + b);
+      }
+    }
+  }
+}
+
+// cache[row r, head g, one column] = x's head g of row r (the cache's strides for rows and heads).
+template <typename T>
+void write_column(const T* x, int64_t x_row, T* column, int64_t cache_row, int64_t cache_head, int64_t rows,
+                  int64_t heads, int64_t head_dim) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t g = 0; g < heads; ++g)
+      std::copy_n(x + r * x_row + g * head_dim, head_dim, column + r * cache_row + g * cache_head);
+}
+
+// llama_decode's layers with the fused operations above: per layer 7 linears, the attention kernel, silu and the
+// gate product (ATen), and three fused passes. Returns the logits [rows, 1, vocab].
+template <typename T>
+at::Tensor fused_decode(at::Tensor hidden, const at::Tensor& cos_table, const at::Tensor& sin_table,
+                        const at::Tensor& step_mask, const at::Tensor& keys, const at::Tensor& values, int64_t start,
+                        int64_t end, at::TensorList layers, const at::Tensor& final_norm, const at::Tensor& lm_head,
+                        double eps, double scale, int64_t heads, int64_t kv_heads, int64_t head_dim,
+                        const Linear2* kernel, int lanes) {
+  const auto& attend = attention_kernel();
+  const int64_t rows = hidden.size(0), width = hidden.size(1), n_layers = keys.size(0);
+  TORCH_CHECK(keys.stride(4) == 1 && values.stride(4) == 1 && keys.strides() == values.strides(),
+              "cache columns of contiguous head_dim values");
+  auto cos = cos_table.reshape({rows, head_dim}).contiguous();
+  auto sin = sin_table.reshape({rows, head_dim}).contiguous();
+  auto normed = at::empty_like(hidden);
+  auto q_rotated = at::empty({rows, heads, 1, head_dim}, hidden.options());
+  auto norm = [&](const at::Tensor* delta, const at::Tensor& weight) {
+    add_rms_norm<T>(data<T>(hidden), delta == nullptr ? nullptr : data<T>(*delta), data<T>(weight),
+                    data<T>(normed), rows, width, eps, lanes);
+  };
+  norm(nullptr, layers[0]);
+  for (int64_t layer = 0; layer < n_layers; ++layer) {
+    const at::Tensor* w = layers.data() + 9 * layer;
+    auto lin = [&](const at::Tensor& x, int i) {
+      const auto& weight = linear_weight(w, i);
+      return kernel == nullptr ? at::linear(x, weight) : kernel->call(x, weight);
+    };
+    auto q = lin(normed, 0), k = lin(normed, 1), v = lin(normed, 2);  // [R, H * D], [R, G * D] (contiguous)
+    auto layer_keys = keys.select(0, layer), layer_values = values.select(0, layer);  // [rows, G, C, D]
+    rotate<T>(data<T>(q), q.size(1), data<T>(cos), data<T>(sin), data<T>(q_rotated),
+              heads * head_dim, head_dim, rows, heads, head_dim);
+    T* key_column = data<T>(layer_keys) + end * keys.stride(3);
+    rotate<T>(data<T>(k), k.size(1), data<T>(cos), data<T>(sin), key_column, keys.stride(1),
+              keys.stride(2), rows, kv_heads, head_dim);
+    write_column<T>(data<T>(v), v.size(1), data<T>(layer_values) + end * values.stride(3),
+                    values.stride(1), values.stride(2), rows, kv_heads, head_dim);
+    auto attn = attend.call(q_rotated, layer_keys.slice(0, 0, rows).slice(2, start, end + 1),
+                            layer_values.slice(0, 0, rows).slice(2, start, end + 1), step_mask, scale);
+    auto out = lin(attn.reshape({rows, -1}).contiguous(), 3);
+    norm(&out, w[5]);
+    auto gated = lin(normed, 4);
+    at::silu_(gated);
+    gated.mul_(lin(normed, 5));
+    auto down = lin(gated, 6);
+    norm(&down, layer + 1 < n_layers ? layers[9 * (layer + 1)] : final_norm);
+  }
+  auto logits = kernel == nullptr ? at::linear(normed, lm_head) : kernel->call(normed, lm_head);
+  return logits.view({rows, 1, logits.size(1)});
+}
+
 at::Tensor llama_decode(const at::Tensor& input_ids, const at::Tensor& positions, const at::Tensor& mask,
                         const at::Tensor& keys, const at::Tensor& values, int64_t start, int64_t end,
                         const at::Tensor& embed, const at::Tensor& inv_freq, at::TensorList layers,
                         const at::Tensor& final_norm, const at::Tensor& lm_head, double eps, double scale,
                         double rope_scaling, int64_t heads, int64_t kv_heads, int64_t head_dim,
-                        const std::string& linear_kernel) {
+                        const std::string& linear_kernel, int64_t fused_lanes) {
   // input_ids, positions [R, 1]; mask [R, W] (the aligned window's, new column included, W = end + 1 - start);
   // keys/values [layers, row_capacity, kv_heads, col_capacity, head_dim]; layers: 9 weights per layer (input norm,
   // q, k, v, o, post-attention norm, gate, up, down). Returns the logits [R, 1, vocab] in the model's dtype.
+  // fused_lanes: 0 runs the ATen operations below; 4, 8 or 16 runs fused_decode, whose RMSNorm sums in the order of
+  // ATen's sum kernel with vectors of that many floats (the width ATen's float sum runs at here).
   TORCH_CHECK(input_ids.dim() == 2 && input_ids.size(1) == 1, "one new token per row");
   TORCH_CHECK(layers.size() % 9 == 0 && static_cast<int64_t>(layers.size() / 9) == keys.size(0), "9 weights a layer");
   TORCH_CHECK(end + 1 <= keys.size(3) && start >= 0 && mask.size(1) == end + 1 - start, "the window fits the cache");
@@ -116,9 +316,21 @@ at::Tensor llama_decode(const at::Tensor& input_ids, const at::Tensor& positions
   const Linear2* kernel = row_kernel(linear_kernel);
   const auto& attend = attention_kernel();
 
+  TORCH_CHECK(fused_lanes == 0 || fused_lanes == 4 || fused_lanes == 8 || fused_lanes == kMaxLanes,
+              "fused_lanes is 0, 4, 8 or 16");
   auto hidden = at::embedding(embed, input_ids);  // [R, 1, hidden]
   auto [cos, sin] = rotary_tables(positions, inv_freq, rope_scaling, hidden.scalar_type());  // [R, 1, 1, D]
   auto step_mask = mask.unsqueeze(1);  // [R, 1, W]
+  if (fused_lanes > 0) {
+    const int lanes = static_cast<int>(fused_lanes);
+    auto flat = hidden.view({rows, -1});
+    if (hidden.scalar_type() == at::kFloat)
+      return fused_decode<float>(flat, cos, sin, step_mask, keys, values, start, end, layers, final_norm, lm_head,
+                                 eps, scale, heads, kv_heads, head_dim, kernel, lanes);
+    TORCH_CHECK(hidden.scalar_type() == at::kBFloat16, "float32 or bfloat16");
+    return fused_decode<c10::BFloat16>(flat, cos, sin, step_mask, keys, values, start, end, layers, final_norm,
+                                       lm_head, eps, scale, heads, kv_heads, head_dim, kernel, lanes);
+  }
 
   for (int64_t layer = 0; layer < keys.size(0); ++layer) {
     const at::Tensor* w = layers.data() + 9 * layer;
@@ -219,19 +431,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> llama_prefill(
   return {at::stack(keys).select(1, 0), at::stack(values).select(1, 0), logits.select(0, 0)};
 }
 
+// aten_row_sum over each row of x [rows, n] (float32, contiguous): engine/captured.py finds the lanes with which it
+// equals at::sum here.
+at::Tensor row_sum(const at::Tensor& x, int64_t lanes) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x: float32 [rows, n], contiguous");
+  TORCH_CHECK(lanes == 4 || lanes == 8 || lanes == kMaxLanes, "lanes is 4, 8 or 16");
+  auto out = at::empty({x.size(0)}, x.options());
+  for (int64_t r = 0; r < x.size(0); ++r)
+    data<float>(out)[r] = aten_row_sum(data<float>(x) + r * x.size(1), x.size(1), static_cast<int>(lanes));
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(baton_captured, m) {
   m.def("llama_decode(Tensor input_ids, Tensor positions, Tensor mask, Tensor(a!) keys, Tensor(b!) values, "
         "int start, int end, Tensor embed, Tensor inv_freq, Tensor[] layers, Tensor final_norm, Tensor lm_head, "
-        "float eps, float scale, float rope_scaling, int heads, int kv_heads, int head_dim, str linear_kernel) "
-        "-> Tensor");
+        "float eps, float scale, float rope_scaling, int heads, int kv_heads, int head_dim, str linear_kernel, "
+        "int fused_lanes=0) -> Tensor");
   m.def("llama_prefill(Tensor input_ids, Tensor positions, int[] lengths, Tensor embed, Tensor inv_freq, "
         "Tensor[] layers, Tensor[] packed, Tensor final_norm, Tensor lm_head, float eps, float scale, "
         "float rope_scaling, int heads, int kv_heads, int head_dim, int few_max, str few_kernel, str packed_kernel) "
         "-> (Tensor, Tensor, Tensor)");
+  m.def("row_sum(Tensor x, int lanes) -> Tensor");
 }
 TORCH_LIBRARY_IMPL(baton_captured, CPU, m) {
+  m.impl("row_sum", &row_sum);
   m.impl("llama_decode", &llama_decode);
   m.impl("llama_prefill", &llama_prefill);
 }

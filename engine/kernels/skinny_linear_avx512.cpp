@@ -264,10 +264,18 @@ struct F32Lanes {
   static __m512 madd(__m512 acc, V x, V w) { return _mm512_fmadd_ps(x, w, acc); }
 };
 
+// An output value as float32, or rounded to bfloat16 (to nearest even, as at::Tensor::to rounds; NaN stays NaN).
+inline void store_out(float* y, float v) { *y = v; }
+inline void store_out(uint16_t* y, float v) {
+  uint32_t bits;
+  std::memcpy(&bits, &v, sizeof bits);
+  *y = static_cast<uint16_t>(v != v ? 0xFFFFu : (bits + (((bits >> 16) & 1u) + 0x7FFFu)) >> 16);
+}
+
 // J consecutive weight rows against R input rows: R x J accumulators; each weight load is used R times. The
-// in % K tail is one more chunk, zero beyond `in`; then each accumulator's 16 lanes are summed.
-template <class L, int R, int J>
-inline void block(const typename L::T* w, int64_t in, const typename L::T* x, int64_t x_stride, float* y,
+// in % K tail is one more chunk, zero beyond `in`; then each accumulator's 16 lanes are summed (and stored as Out).
+template <class L, int R, int J, typename Out>
+inline void block(const typename L::T* w, int64_t in, const typename L::T* x, int64_t x_stride, Out* y,
                   int64_t y_stride) {
   __m512 acc[R][J];
   for (int r = 0; r < R; ++r)
@@ -293,12 +301,12 @@ inline void block(const typename L::T* w, int64_t in, const typename L::T* x, in
     }
   }
   for (int r = 0; r < R; ++r)
-    for (int j = 0; j < J; ++j) y[r * y_stride + j] = _mm512_reduce_add_ps(acc[r][j]);
+    for (int j = 0; j < J; ++j) store_out(y + r * y_stride + j, _mm512_reduce_add_ps(acc[r][j]));
 }
 
 // Every input row against J weight rows starting at w, in groups of 4 rows (then the n % 4 rest).
-template <class L, int J>
-inline void rows(const typename L::T* w, int64_t in, const typename L::T* x, int64_t n, float* y, int64_t out) {
+template <class L, int J, typename Out>
+inline void rows(const typename L::T* w, int64_t in, const typename L::T* x, int64_t n, Out* y, int64_t out) {
   int64_t r = 0;
   for (; r + 4 <= n; r += 4) block<L, 4, J>(w, in, x + r * in, in, y + r * out, out);
   switch (n - r) {
@@ -311,8 +319,8 @@ inline void rows(const typename L::T* w, int64_t in, const typename L::T* x, int
 
 // All rows of x against every weight row; threads split the weight's rows (blocks of 4), so each weight byte
 // is read once per call, by one thread.
-template <class L>
-void lanes_linear(const typename L::T* X, const typename L::T* W, float* Y, int64_t n, int64_t in, int64_t out) {
+template <class L, typename Out>
+void lanes_linear(const typename L::T* X, const typename L::T* W, Out* Y, int64_t n, int64_t in, int64_t out) {
   const int64_t blocks = out / 4;
   const int64_t smallest = baton_share::smallest_chunk(4 * in * n);  // a block: 4 weight rows x n rows
   baton_share::share_for(0, blocks + (out % 4 ? 1 : 0), 16, [&](int64_t b0, int64_t b1) {
@@ -343,10 +351,13 @@ at::Tensor skinny_linear(const at::Tensor& x, const at::Tensor& w) {
     return y;
   }
   if (amx_ready && amx_fits(in, out)) return amx_linear(x, w);
-  at::Tensor acc = at::empty({n, out}, x.options().dtype(at::kFloat));
+  // Each output summed in float32 and rounded once to bfloat16 as it is stored (to nearest even, the bits
+  // `.to(torch.bfloat16)` of the float32 sums gives).
+  at::Tensor y = at::empty({n, out}, x.options());
   lanes_linear<Bf16Lanes>(reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>()),
-               reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>()), acc.data_ptr<float>(), n, in, out);
-  return acc.to(at::kBFloat16);  // one rounding per element, to nearest even
+               reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>()),
+               reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>()), n, in, out);
+  return y;
 }
 
 // Use the AMX path from now on (call once the process has AMX permission: torch's _init_amx). Returns its state.

@@ -142,3 +142,48 @@ def test_packed_prompts_do_not_depend_on_the_thread_count(model) -> None:
         torch.set_num_threads(before)
     for (a, la), (b, lb) in zip(two, one, strict=True):
         assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values) and torch.equal(la, lb)
+
+
+def test_the_fused_loops_sum_in_atens_order() -> None:
+    """RMSNorm's mean is the one order-dependent step of the fused decode loops: its emulated sum must be
+    `torch.sum`'s bits for the vector width the runner picks, on row widths with a scalar tail, leftover vectors and
+    one or more cascade levels; other widths must give other bits somewhere (the check that picks it has teeth)."""
+    lanes = captured.sum_lanes()
+    assert lanes in (4, 8, 16), "no emulated order matches torch.sum here"
+    gen = torch.Generator().manual_seed(5)
+    for width in (3, 8, 100, 576, 577, 1000, 4096, 70001):
+        rows = (torch.randn(16, width, generator=gen) * torch.rand(16, 1, generator=gen) * 8).pow(2)
+        assert torch.equal(torch.ops.baton_captured.row_sum(rows, lanes), rows.sum(-1)), width
+    wide = (torch.randn(64, 4096, generator=gen) * 4).pow(2)
+    for other in {4, 8, 16} - {lanes}:
+        assert not torch.equal(torch.ops.baton_captured.row_sum(wide, other), wide.sum(-1)), other
+
+
+def test_the_fused_decode_step_is_the_aten_one_bit_for_bit(model) -> None:
+    """The runner's captured step fuses the norms, rotary, residuals and cache writes (`fused_lanes` > 0 here), and
+    its logits and cache buffers equal the same step made of ATen calls (`fused_lanes` 0) over three steps of 16 rows
+    with left padding of every width; with the wrong sum order (another vector width) float32 logits differ: the
+    comparison sees a one-ulp change in one norm's mean."""
+    fused = model_runner.ModelRunner(model.model, model.device)
+    assert fused.captured is not None and fused.captured.fused_lanes > 0
+    aten = model_runner.ModelRunner(model.model, model.device)
+    aten.captured = dataclasses.replace(fused.captured, fused_lanes=0)
+    gen = torch.Generator().manual_seed(9)
+    lengths = [40, 200, 17, 120, 90, 33, 250, 60, 16, 180, 75, 140, 25, 220, 100, 50]
+    kvs = [aten.prefill(torch.randint(100, 40000, (n,), generator=gen).tolist())[0] for n in lengths]
+    a, b = _cache(model, fused, kvs), _cache(model, aten, kvs)
+    for step in range(3):
+        assert torch.equal(_step(fused, a, 500 + step), _step(aten, b, 500 + step)), step
+        assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values), step
+    if model.dtype is torch.float32:
+        wrong = model_runner.ModelRunner(model.model, model.device)
+        wrong.captured = dataclasses.replace(fused.captured, fused_lanes=16 if fused.captured.fused_lanes != 16 else 4)
+        c = _cache(model, wrong, kvs)
+        assert not torch.equal(_step(wrong, c, 500), _step(fused, _cache(model, fused, kvs), 500))
+
+
+def test_fusing_stands_aside_where_atens_sum_order_is_unknown(model, monkeypatch) -> None:
+    """Where no emulated order matches `torch.sum` (another torch, another CPU), the step keeps ATen's calls."""
+    monkeypatch.setattr(captured, "sum_lanes", lambda: 0)
+    runner = model_runner.ModelRunner(model.model, model.device)
+    assert runner.captured is not None and runner.captured.fused_lanes == 0
