@@ -36,6 +36,12 @@ class StreamSink:
         return True
 
 
+def _put_all(pairs: list[tuple[StreamSink, RequestOutput]]) -> None:
+    """On the consumers' event loop: each output onto its stream's queue, in order."""
+    for sink, out in pairs:
+        sink.queue.put_nowait(out)
+
+
 # The front's abort path: (request_id, the stream's sink, on_dropped). `on_dropped`, if given, is called
 # (from any thread) once the engine no longer holds the request. It must be safe to call from a garbage
 # collector's finalizer: it may not take a lock its callers could hold.
@@ -162,18 +168,28 @@ class OpenStreams:
             return self._sinks.get(request_id) is sink
 
     def deliver(self, outs: Iterable[RequestOutput]) -> list[str]:
-        """Hand outputs to their streams (a finished one closes its stream). Returns the ids whose
-        consumer's event loop is gone, for the caller to abort."""
-        orphans = []
-        for out in outs:
-            with self._lock:
+        """Hand outputs to their streams (a finished one closes its stream), in order. Returns the ids whose
+        consumer's event loop is gone, for the caller to abort.
+
+        Each consumer event loop is woken once per call, with all of its streams' outputs (a step's outputs for a
+        replica's requests share one loop): one wake-up and one callback per step, not one per request."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[StreamSink, RequestOutput]]] = {}
+        with self._lock:
+            for out in outs:
                 sink = self._sinks.get(out.request_id)
-                if sink is not None and out.finished:
+                if sink is None:
+                    continue
+                if out.finished:
                     sink.unfinished.discard(out.index)
                     if not sink.unfinished:
                         del self._sinks[out.request_id]
-            if sink is not None and not sink.put(out):
-                orphans.append(out.request_id)
+                by_loop.setdefault(sink.loop, []).append((sink, out))
+        orphans = []
+        for loop, pairs in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, pairs)
+            except RuntimeError:  # the loop is closed: nobody can read these streams
+                orphans.extend(out.request_id for _, out in pairs)
         return orphans
 
     def close(self, message: str) -> None:
