@@ -184,7 +184,7 @@ class OpenStreams:
                     if not sink.unfinished:
                         del self._sinks[out.request_id]
                 by_loop.setdefault(sink.loop, []).append((sink, out))
-        orphans = []
+        orphans: list[str] = []
         for loop, pairs in by_loop.items():
             try:
                 loop.call_soon_threadsafe(_put_all, pairs)

@@ -6,7 +6,7 @@ import asyncio
 import threading
 
 from engine.request import RequestOutput
-from engine.streams import OpenStreams
+from engine.streams import OpenStreams, RequestStream
 
 
 def _no_abort(*_: object) -> None:
@@ -38,7 +38,7 @@ def test_a_steps_outputs_wake_each_event_loop_once_and_keep_their_order() -> Non
         thread = threading.Thread(target=lambda: orphans.extend(streams.deliver(outs)))
         thread.start()
         thread.join()
-        got = [[t for o in [o async for o in s] for t in o.new_token_ids] for s in (a, b)]
+        got = [await _tokens(s) for s in (a, b)]
         return len(wakes), got, orphans
 
     wakes, got, orphans = asyncio.run(run())
@@ -58,7 +58,7 @@ def test_outputs_for_a_closed_event_loop_come_back_as_orphans() -> None:
     async def run() -> tuple[list[str], list[int]]:
         alive = streams.open("kept", _no_abort)
         orphans = streams.deliver([RequestOutput("lost", [1], "a"), RequestOutput("kept", [2], "b", True, "length")])
-        return orphans, [t for o in [o async for o in alive] for t in o.new_token_ids]
+        return orphans, await _tokens(alive)
 
     orphans, kept = asyncio.run(run())
     assert orphans == ["lost"]
@@ -67,3 +67,7 @@ def test_outputs_for_a_closed_event_loop_come_back_as_orphans() -> None:
 
 async def _open(streams: OpenStreams, request_id: str) -> None:
     streams._kept = streams.open(request_id, lambda *_: None)  # type: ignore[attr-defined]  # held past the loop
+
+
+async def _tokens(stream: RequestStream) -> list[int]:
+    return [t async for out in stream for t in out.new_token_ids]
