@@ -128,7 +128,7 @@ class CapturedLlama:
         keys, values, logits = torch.ops.baton_captured.llama_prefill(
             ids, positions, lengths, self.embed, self.inv_freq, list(self.layer_weights), list(k.packed),
             self.final_norm, self.lm_head, self.eps, self.scale, self.rope_scaling, self.heads, self.kv_heads,
-            self.head_dim, k.few_rows, k.few_kernel, k.packed_kernel)
+            self.head_dim, k.few_rows, k.few_kernel, k.packed_kernel, k.lm_head)
         out, lo = [], 0
         for i, n in enumerate(lengths):
             out.append((RowKV(keys[:, :, lo:lo + n].contiguous(), values[:, :, lo:lo + n].contiguous()),
@@ -139,8 +139,9 @@ class CapturedLlama:
     @property
     def max_prompts(self) -> int:
         """The most prompts one `prefill` takes: their last positions go through the output embedding's few-rows
-        path."""
-        return self.prompt_kernel.few_rows if self.packs else 1
+        path (any number through its packed copy)."""
+        k = self.prompt_kernel
+        return 1 if not self.packs else NO_ROW_LIMIT if k.lm_head is not None else k.few_rows
 
 
 @dataclass(frozen=True)
@@ -149,17 +150,21 @@ class PromptKernel:
     `few_rows` 0), or bfloat16 on AMX (`narrow_linear.amx_linear`): up to `few_rows` rows through `few_kernel` with
     the weight as it is, beyond through `packed_kernel` with the weight's packed copy (`packed`: the 7 linear
     weights' copies per layer, q k v o gate up down); or float32 through `few_kernel` for any row count
-    (`few_rows` NO_ROW_LIMIT, nothing packed)."""
+    (`few_rows` NO_ROW_LIMIT, nothing packed); or bfloat16 without AMX, every row through `packed_kernel` with the
+    weights' `narrow_linear.lanes_weight` copies (`few_rows` 0; `lm_head`: the output embedding's copy)."""
 
     few_rows: int = 0
     few_kernel: str = ""
     packed_kernel: str = ""
     packed: tuple[torch.Tensor, ...] = ()
+    lm_head: torch.Tensor | None = None  # the output embedding as `packed_kernel` takes it, for any row count
 
     @property
     def row_invariant(self) -> bool:
         """Whether every prompt row goes through a row-invariant kernel: past `few_rows` through the packed copies, or
         `few_kernel` for any row count (the AVX-512 kernel's lanes, `narrow_linear.lanes_prompt_kernel`)."""
+        if self.few_rows == 0:
+            return bool(self.packed_kernel) and bool(self.packed) and self.lm_head is not None
         return bool(self.few_kernel) and (bool(self.packed) or self.few_rows >= NO_ROW_LIMIT)
 
 

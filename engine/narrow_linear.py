@@ -41,6 +41,7 @@ from engine import cpu_kernel
 
 _LINEAR = torch.nn.functional.linear
 _PACKED = "_baton_amx_packed"  # a weight's packed copy (packed_weight)
+_LANES = "_baton_lanes_packed"  # a weight's copy for 16 outputs per vector (lanes_weight)
 _ATTR = "_baton_narrow_linear"  # where a model keeps its switch, so engines sharing it share one
 MAX_ROWS = 16  # measured from 1 to 16 rows (benchmarks/step_profile.py); wider inputs keep F.linear
 # bfloat16: up to 32 rows, the range where F.linear (which it replaces) was row-invariant, so that batch
@@ -74,15 +75,15 @@ def transposed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
 
 def compiled_linear(kernel: cpu_kernel.Kernel, x: torch.Tensor, weight: torch.Tensor,
                     bias: torch.Tensor | None = None, *, max_rows: int = MAX_ROWS,
-                    dtype: torch.dtype = torch.float32) -> torch.Tensor | None:
+                    dtype: torch.dtype = torch.float32, lanes: bool = False) -> torch.Tensor | None:
     """`F.linear(x, weight, bias)` through the compiled kernel for 1..max_rows rows of `dtype` (the kernel's)
-    on CPU; None where it does not apply."""
+    on CPU; None where it does not apply. `lanes`: the AVX-512 kernel with the weight's `lanes_weight` copy."""
     if x.dtype is not dtype or weight.dtype is not dtype:
         return None
     rows = _rows(x, max_rows, 1)
     if rows is None or weight.dim() != 2 or not weight.is_contiguous():
         return None
-    out = kernel(x.reshape(rows, x.shape[-1]).contiguous(), weight)
+    out = kernel(x.reshape(rows, x.shape[-1]).contiguous(), lanes_weight(weight) if lanes else weight)
     if bias is not None:
         out = out + bias
     return out.view(*x.shape[:-1], weight.shape[0])
@@ -166,8 +167,32 @@ def lanes_prompt_kernel(dtype: torch.dtype) -> RowKernel | None:
     if dtype is torch.float32 and cpu_vendor() not in ("GenuineIntel", ""):
         return functools.partial(compiled_linear, wide, max_rows=NO_ROW_LIMIT)
     if dtype is torch.bfloat16 and not cpu_kernel.amx_in_use():
-        return functools.partial(compiled_linear, wide, max_rows=NO_ROW_LIMIT, dtype=torch.bfloat16)
+        return functools.partial(compiled_linear, wide, max_rows=NO_ROW_LIMIT, dtype=torch.bfloat16, lanes=True)
     return None
+
+
+def lanes_packs(weight: torch.Tensor) -> bool:
+    """Whether bfloat16 prompt rows without AMX take `weight` as a `lanes_weight` copy: [out, in] bfloat16 on CPU,
+    contiguous, out a multiple of 16, in even (every linear of the default model)."""
+    return (weight.dim() == 2 and weight.dtype is torch.bfloat16 and weight.device.type == "cpu"
+            and weight.is_contiguous() and weight.shape[0] % 16 == 0 and weight.shape[1] % 2 == 0
+            and cpu_kernel.skinny_linear_avx512() is not None and not cpu_kernel.amx_in_use())
+
+
+def lanes_weight(weight: torch.Tensor) -> torch.Tensor:
+    """What the AVX-512 kernel takes for `weight` on bfloat16 prompt rows without AMX (`lanes_prompt_kernel`, and the
+    captured prefill): its copy packed for 16 outputs per vector (`pack_lanes`: each output's chain of pair products
+    in its own lane, no horizontal sum), packed on first use and kept on the weight, where `lanes_packs`; else the
+    weight. Prompt rows are compute-bound, where the copy runs 1.3-1.55x faster; decode rows keep the weight as it
+    is (memory-bound: no gain there)."""
+    if not lanes_packs(weight):
+        return weight
+    packed = getattr(weight, _LANES, None)
+    if packed is None:
+        with torch.no_grad():
+            packed = torch.ops.baton_avx512.pack_lanes(weight.detach())
+        setattr(weight, _LANES, packed)
+    return packed
 
 
 def amx_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,

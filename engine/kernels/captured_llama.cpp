@@ -23,6 +23,7 @@
 #include <cstring>
 #include <limits>
 #include <mutex>
+#include <optional>
 #include <tuple>
 #include <vector>
 #include <string>
@@ -72,16 +73,18 @@ at::Tensor rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& si
   return (x * cos) + (at::cat({-x2, x1}, -1) * sin);
 }
 
-// engine/narrow_linear.py: x [B, T, in] -> [B, T, out]. Without a row kernel, F.linear; else up to `few_max` rows
-// through it (it takes x as [rows, in], contiguous), beyond through `many` with the weight's packed copy (amx_linear).
+// engine/narrow_linear.py: x [B, T, in] -> [B, T, out]. Up to `few_max` rows through the row kernel (it takes x as
+// [rows, in], contiguous; without one, F.linear), beyond through `many` with the weight's packed copy (amx_linear;
+// with few_max 0, every row: lanes_prompt_kernel's copies).
 at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const Linear2* kernel,
                   int64_t few_max = std::numeric_limits<int64_t>::max(), const at::Tensor* packed = nullptr,
                   const Linear2* many = nullptr) {
-  if (kernel == nullptr) return at::linear(x, w);
   const int64_t rows = x.numel() / x.size(-1);
-  TORCH_CHECK(rows <= few_max || (packed != nullptr && many != nullptr), "no packed weight for many rows");
+  const bool wide = rows > few_max && packed != nullptr && many != nullptr;
+  if (kernel == nullptr && !wide) return at::linear(x, w);
+  TORCH_CHECK(rows <= few_max || wide, "no packed weight for many rows");
   auto flat = x.reshape({rows, x.size(-1)}).contiguous();
-  auto out = rows <= few_max ? kernel->call(flat, w) : many->call(flat, *packed);
+  auto out = wide ? many->call(flat, *packed) : kernel->call(flat, w);
   return out.view({x.size(0), x.size(1), w.size(0)});
 }
 
@@ -358,7 +361,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> llama_prefill(
     const at::Tensor& input_ids, const at::Tensor& positions, at::IntArrayRef lengths, const at::Tensor& embed,
     const at::Tensor& inv_freq, at::TensorList layers, at::TensorList packed, const at::Tensor& final_norm,
     const at::Tensor& lm_head, double eps, double scale, double rope_scaling, int64_t heads, int64_t kv_heads,
-    int64_t head_dim, int64_t few_max, const std::string& few_kernel, const std::string& packed_kernel) {
+    int64_t head_dim, int64_t few_max, const std::string& few_kernel, const std::string& packed_kernel,
+    const std::optional<at::Tensor>& lm_head_packed) {
   // Prompts computed from scratch, end to end in one forward (engine/model_runner.py: prefill_packed; one prompt:
   // prefill): input_ids, positions [1, N]; `lengths` the prompts' token counts; layers: 9 weights per layer as in
   // llama_decode; packed: the 7 linear weights' packed copies per layer (empty: F.linear). Each prompt attends
@@ -427,7 +431,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> llama_prefill(
   int64_t end = 0;
   for (auto len : lengths) last.push_back((end += len) - 1);
   auto tail = hidden.index_select(1, at::tensor(last, input_ids.options()));  // [1, S, hidden]
-  auto logits = linear(tail, lm_head, few, few_max);
+  // The last positions' logits: through the few-rows kernel, or with the output embedding's packed copy (any rows).
+  auto logits = lm_head_packed.has_value() ? linear(tail, lm_head, few, few_max, &*lm_head_packed, many)
+                                           : linear(tail, lm_head, few, few_max);
   return {at::stack(keys).select(1, 0), at::stack(values).select(1, 0), logits.select(0, 0)};
 }
 
@@ -451,8 +457,8 @@ TORCH_LIBRARY(baton_captured, m) {
         "int fused_lanes=0) -> Tensor");
   m.def("llama_prefill(Tensor input_ids, Tensor positions, int[] lengths, Tensor embed, Tensor inv_freq, "
         "Tensor[] layers, Tensor[] packed, Tensor final_norm, Tensor lm_head, float eps, float scale, "
-        "float rope_scaling, int heads, int kv_heads, int head_dim, int few_max, str few_kernel, str packed_kernel) "
-        "-> (Tensor, Tensor, Tensor)");
+        "float rope_scaling, int heads, int kv_heads, int head_dim, int few_max, str few_kernel, str packed_kernel, "
+        "Tensor? lm_head_packed=None) -> (Tensor, Tensor, Tensor)");
   m.def("row_sum(Tensor x, int lanes) -> Tensor");
 }
 TORCH_LIBRARY_IMPL(baton_captured, CPU, m) {

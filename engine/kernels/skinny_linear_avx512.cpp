@@ -13,6 +13,11 @@
 //   hardware never mixes columns, so a row's bits do not depend on the other rows (or on the zero padding).
 // * vdpbf16ps otherwise: 16 float lanes, each taking the pairs k = 32j + 2i, 32j + 2i + 1 for j = 0, 1, ... in
 //   order (the in % 32 tail as a zero-padded last chunk), then the 16 lanes summed by one fixed reduction.
+// * packed (bfloat16, `out` a multiple of 16, `in` even; the weight given as `pack_lanes`' copy, below): 16
+//   outputs per vector, each lane one output's chain of pair products over k in order, the pair of x broadcast:
+//   no horizontal sum. For prompts (many rows, compute-bound): 1.3x the vdpbf16ps path at 40 rows, 1.55x at 136
+//   on the default model's layers; a decode batch (memory-bound) gains nothing, so it keeps the weight as it is
+//   (benchmarks/NOTES.md, session 15).
 // Either way every output element y[r, o] is one dot product of x[r, :] and w[o, :] in a fixed order, rounded
 // once to bfloat16. Nothing in that order depends on n, on the other rows or on the thread split, so a row gets
 // the same bits alone or beside any others: the decode batch's linears stay batch-invariant.
@@ -264,6 +269,8 @@ struct F32Lanes {
   static __m512 madd(__m512 acc, V x, V w) { return _mm512_fmadd_ps(x, w, acc); }
 };
 
+// J consecutive weight rows against R input rows: R x J accumulators; each weight load is used R times. The
+// in % K tail is one more chunk, zero beyond `in`; then each accumulator's 16 lanes are summed.
 // An output value as float32, or rounded to bfloat16 (to nearest even, as at::Tensor::to rounds; NaN stays NaN).
 inline void store_out(float* y, float v) { *y = v; }
 inline void store_out(uint16_t* y, float v) {
@@ -272,8 +279,15 @@ inline void store_out(uint16_t* y, float v) {
   *y = static_cast<uint16_t>(v != v ? 0xFFFFu : (bits + (((bits >> 16) & 1u) + 0x7FFFu)) >> 16);
 }
 
-// J consecutive weight rows against R input rows: R x J accumulators; each weight load is used R times. The
-// in % K tail is one more chunk, zero beyond `in`; then each accumulator's 16 lanes are summed (and stored as Out).
+// 16 values rounded as store_out rounds each.
+inline void store_out16(uint16_t* y, __m512 v) {
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
+  r = _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(v, v, _CMP_ORD_Q), _mm512_set1_epi32(0xFFFF), r);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(y), _mm512_cvtepi32_epi16(r));
+}
+
 template <class L, int R, int J, typename Out>
 inline void block(const typename L::T* w, int64_t in, const typename L::T* x, int64_t x_stride, Out* y,
                   int64_t y_stride) {
@@ -335,15 +349,110 @@ void lanes_linear(const typename L::T* X, const typename L::T* W, Out* Y, int64_
   }, smallest);
 }
 
+// ---- bfloat16 with the weight packed for 16 outputs per vector (pack_lanes) ----
+// packed[g, i, l, e] = w[16 g + l, 2 i + e]: per group of 16 outputs and pair of inputs, the 16 outputs' pairs side by
+// side, so one vdpbf16ps adds x's broadcast pair times each output's pair into that output's own lane. A lane's
+// chain runs over the pairs in input order and is rounded once to bfloat16 as it is stored: y[r, o] depends on x's
+// row r and w's row o only.
+constexpr int64_t kLanesJ = 4;  // output groups per block: 4 x 4 accumulators, 4 weight vectors, 1 broadcast
+constexpr int64_t kAhead = 24;  // prefetch distance, in pairs (64-byte lines) of each group
+
+template <int R, int J>
+inline void lanes_block(const uint16_t* P, int64_t pairs, const uint16_t* x, int64_t in, uint16_t* y, int64_t out,
+                        bool prefetch) {
+  // prefetch: each group's line kAhead pairs on (the first rows of a block read its weights from memory; the rest
+  // find them in cache).
+  __m512 acc[R][J];
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < J; ++j) acc[r][j] = _mm512_setzero_ps();
+  for (int64_t i = 0; i < pairs; ++i) {
+    __m512bh wv[J];
+    if (prefetch)
+      for (int j = 0; j < J; ++j) _mm_prefetch(reinterpret_cast<const char*>(P + (j * pairs + i + kAhead) * 32), _MM_HINT_T0);
+    for (int j = 0; j < J; ++j) wv[j] = (__m512bh)_mm512_loadu_si512(P + (j * pairs + i) * 32);
+    for (int r = 0; r < R; ++r) {
+      int32_t pair;
+      std::memcpy(&pair, x + r * in + 2 * i, sizeof pair);
+      const __m512bh xb = (__m512bh)_mm512_set1_epi32(pair);
+      for (int j = 0; j < J; ++j) acc[r][j] = _mm512_dpbf16_ps(acc[r][j], xb, wv[j]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < J; ++j) store_out16(y + r * out + j * 16, acc[r][j]);
+}
+
+// Every row of x against J output groups starting at P (4 rows at a time, then the n % 4 rest).
+template <int J>
+inline void lanes_rows(const uint16_t* P, int64_t pairs, const uint16_t* x, int64_t n, int64_t in, uint16_t* y,
+                       int64_t out) {
+  int64_t r = 0;
+  for (; r + 4 <= n; r += 4) lanes_block<4, J>(P, pairs, x + r * in, in, y + r * out, out, r == 0);
+  switch (n - r) {
+    case 3: lanes_block<3, J>(P, pairs, x + r * in, in, y + r * out, out, r == 0); break;
+    case 2: lanes_block<2, J>(P, pairs, x + r * in, in, y + r * out, out, r == 0); break;
+    case 1: lanes_block<1, J>(P, pairs, x + r * in, in, y + r * out, out, r == 0); break;
+    default: break;
+  }
+}
+
+at::Tensor packed_lanes_linear(const at::Tensor& x, const at::Tensor& packed) {
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && packed.scalar_type() == at::kBFloat16, "packed: bfloat16 only");
+  TORCH_CHECK(packed.dim() == 4 && packed.size(2) == 16 && packed.size(3) == 2 && packed.is_contiguous(),
+              "a pack_lanes weight [out / 16, in / 2, 16, 2]");
+  const int64_t n = x.size(0), in = x.size(1), groups = packed.size(0), pairs = packed.size(1), out = groups * 16;
+  TORCH_CHECK(in == 2 * pairs, "x [n, in] and a packed weight of in / 2 pairs");
+  at::Tensor y = at::empty({n, out}, x.options());
+  const auto* X = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
+  const auto* P = reinterpret_cast<const uint16_t*>(packed.data_ptr<at::BFloat16>());
+  auto* Y = reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>());
+  const int64_t blocks = (groups + kLanesJ - 1) / kLanesJ, group_size = pairs * 32;
+  const int64_t smallest = baton_share::smallest_chunk(kLanesJ * 16 * in * n);  // a block: 64 outputs x n rows
+  baton_share::share_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t g = b * kLanesJ, j = std::min(kLanesJ, groups - g);
+      const uint16_t* w = P + g * group_size;
+      uint16_t* yb = Y + g * 16;
+      switch (j) {
+        case 4: lanes_rows<4>(w, pairs, X, n, in, yb, out); break;
+        case 3: lanes_rows<3>(w, pairs, X, n, in, yb, out); break;
+        case 2: lanes_rows<2>(w, pairs, X, n, in, yb, out); break;
+        default: lanes_rows<1>(w, pairs, X, n, in, yb, out); break;
+      }
+    }
+  }, smallest);
+  return y;
+}
+
 }  // namespace
+
+// The weight in packed_lanes_linear's layout (bfloat16 [out, in], out % 16 == 0, in even).
+at::Tensor pack_lanes(const at::Tensor& w) {
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kBFloat16 && w.is_contiguous(), "pack_lanes: bf16 [out, in]");
+  const int64_t out = w.size(0), in = w.size(1);
+  TORCH_CHECK(out % 16 == 0 && in % 2 == 0, "pack_lanes: out a multiple of 16, in even");
+  at::Tensor packed = at::empty({out / 16, in / 2, 16, 2}, w.options());
+  const auto* W = reinterpret_cast<const uint32_t*>(w.data_ptr<at::BFloat16>());  // pairs of k
+  auto* P = reinterpret_cast<uint32_t*>(packed.data_ptr<at::BFloat16>());
+  const int64_t pairs = in / 2;
+  at::parallel_for(0, out / 16, 1, [&](int64_t g0, int64_t g1) {
+    for (int64_t g = g0; g < g1; ++g)
+      for (int64_t i = 0; i < pairs; ++i)
+        for (int64_t l = 0; l < 16; ++l) P[(g * pairs + i) * 16 + l] = W[(g * 16 + l) * pairs + i];
+  });
+  return packed;
+}
 
 at::Tensor skinny_linear(const at::Tensor& x, const at::Tensor& w) {
   TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), "skinny_linear (AVX-512): CPU tensors only");
   TORCH_CHECK(x.scalar_type() == w.scalar_type() &&
               (x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat),
               "skinny_linear (AVX-512): bfloat16 or float32, the same for x and w");
-  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "skinny_linear (AVX-512): x [n, in] and w [out, in]");
   TORCH_CHECK(x.is_contiguous() && w.is_contiguous(), "skinny_linear (AVX-512): contiguous tensors only");
+  if (w.dim() == 4) {  // a pack_lanes copy
+    TORCH_CHECK(x.dim() == 2, "skinny_linear (AVX-512): x [n, in]");
+    return packed_lanes_linear(x, w);
+  }
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "skinny_linear (AVX-512): x [n, in] and w [out, in]");
   const int64_t n = x.size(0), in = x.size(1), out = w.size(0);
   if (x.scalar_type() == at::kFloat) {
     at::Tensor y = at::empty({n, out}, x.options());
@@ -368,6 +477,7 @@ bool amx_enabled() { return amx_ready; }
 TORCH_LIBRARY(baton_avx512, m) {
   m.def("skinny_linear(Tensor x, Tensor w) -> Tensor");
   m.def("pack_weight(Tensor w) -> Tensor");
+  m.def("pack_lanes(Tensor w) -> Tensor");
   m.def("skinny_linear_packed(Tensor x, Tensor packed) -> Tensor");
   m.def("enable_amx(bool on) -> bool", &enable_amx);
   m.def("amx_enabled() -> bool", &amx_enabled);
@@ -375,5 +485,6 @@ TORCH_LIBRARY(baton_avx512, m) {
 TORCH_LIBRARY_IMPL(baton_avx512, CPU, m) {
   m.impl("skinny_linear", &skinny_linear);
   m.impl("pack_weight", &pack_weight);
+  m.impl("pack_lanes", &pack_lanes);
   m.impl("skinny_linear_packed", &skinny_linear_packed);
 }
