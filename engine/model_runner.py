@@ -183,10 +183,10 @@ class ModelRunner:
                 self._prompt_kernel = lanes_prompt_kernel(dtype)
         self.packs = self._prompt_kernel is not None and self.attention is not None
         packed = pack_layer_weights(model) if amx else 0
-        if self.packs and not amx and dtype is torch.bfloat16:  # the prompts' weight copies, now, not on the first one
+        if self.packs and not amx:  # the prompts' weight copies, now, not on the first prompt
             lanes = sum(lanes_weight(m.weight).nbytes for m in model.modules()
                         if type(m) is torch.nn.Linear and lanes_packs(m.weight))
-            log.info("bfloat16 prompts: %.0f MiB of weights packed for 16 outputs per vector", lanes / 2**20)
+            log.info("prompts: %.0f MiB of weights packed for 16 outputs per vector", lanes / 2**20)
         log.info("prefill: %s", "one prompt per forward" if not self.packs else
                  f"prompts packed into one forward (AMX; {packed / 2**20:.0f} MiB of weights packed into tiles)" if amx
                  else f"prompts packed into one forward ({str(dtype).removeprefix('torch.')} through the AVX-512 kernel)")
@@ -199,11 +199,10 @@ class ModelRunner:
             if self.packs and amx:  # the prompts' linears as amx_linear computes them
                 prompt = PromptKernel(MAX_ROWS_BF16, AVX512_OP, AMX_PACKED_OP,
                                       tuple(packed_weight(w) for w in layer_linears(model)))
-            elif self.packs and dtype is torch.bfloat16:  # as lanes_prompt_kernel does: the weights' lanes copies
+            elif self.packs:  # as lanes_prompt_kernel does: every row through the AVX-512 kernel, with the weights'
+                # lanes copies where they pack
                 prompt = PromptKernel(0, "", AVX512_OP, tuple(lanes_weight(w) for w in layer_linears(model)),
                                       lanes_weight(model.lm_head.weight))
-            elif self.packs:  # as lanes_prompt_kernel does: every row through the AVX-512 kernel
-                prompt = PromptKernel(NO_ROW_LIMIT, AVX512_OP)
             built = CapturedLlama.build(model, *op, prompt_kernel=prompt) if op is not None \
                 else "the transposed row kernel"
             self.captured = built if isinstance(built, CapturedLlama) else None

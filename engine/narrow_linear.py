@@ -165,26 +165,31 @@ def lanes_prompt_kernel(dtype: torch.dtype) -> RowKernel | None:
     if wide is None:
         return None
     if dtype is torch.float32 and cpu_vendor() not in ("GenuineIntel", ""):
-        return functools.partial(compiled_linear, wide, max_rows=NO_ROW_LIMIT)
+        return functools.partial(compiled_linear, wide, max_rows=NO_ROW_LIMIT, lanes=True)
     if dtype is torch.bfloat16 and not cpu_kernel.amx_in_use():
         return functools.partial(compiled_linear, wide, max_rows=NO_ROW_LIMIT, dtype=torch.bfloat16, lanes=True)
     return None
 
 
 def lanes_packs(weight: torch.Tensor) -> bool:
-    """Whether bfloat16 prompt rows without AMX take `weight` as a `lanes_weight` copy: [out, in] bfloat16 on CPU,
-    contiguous, out a multiple of 16, in even (every linear of the default model)."""
-    return (weight.dim() == 2 and weight.dtype is torch.bfloat16 and weight.device.type == "cpu"
-            and weight.is_contiguous() and weight.shape[0] % 16 == 0 and weight.shape[1] % 2 == 0
-            and cpu_kernel.skinny_linear_avx512() is not None and not cpu_kernel.amx_in_use())
+    """Whether prompt rows through the AVX-512 kernel's lanes (`lanes_prompt_kernel`) take `weight` as a
+    `lanes_weight` copy: [out, in] on CPU, contiguous, out a multiple of 16; bfloat16 (in even, and not where AMX
+    takes bfloat16 prompts) or float32 (every linear of the default model)."""
+    if weight.dim() != 2 or weight.device.type != "cpu" or not weight.is_contiguous() or weight.shape[0] % 16:
+        return False
+    if cpu_kernel.skinny_linear_avx512() is None:
+        return False
+    if weight.dtype is torch.bfloat16:
+        return weight.shape[1] % 2 == 0 and not cpu_kernel.amx_in_use()
+    return weight.dtype is torch.float32
 
 
 def lanes_weight(weight: torch.Tensor) -> torch.Tensor:
-    """What the AVX-512 kernel takes for `weight` on bfloat16 prompt rows without AMX (`lanes_prompt_kernel`, and the
-    captured prefill): its copy packed for 16 outputs per vector (`pack_lanes`: each output's chain of pair products
-    in its own lane, no horizontal sum), packed on first use and kept on the weight, where `lanes_packs`; else the
-    weight. Prompt rows are compute-bound, where the copy runs 1.3-1.55x faster; decode rows keep the weight as it
-    is (memory-bound: no gain there)."""
+    """What the AVX-512 kernel takes for `weight` on prompt rows (`lanes_prompt_kernel`, and the captured prefill): its
+    copy packed for 16 outputs per vector (`pack_lanes`: each output's chain of products in its own lane, no
+    horizontal sum), packed on first use and kept on the weight, where `lanes_packs`; else the weight. Prompt rows are
+    compute-bound, where the copy runs faster (bfloat16: 1.3-1.55x on the layers at 40-136 rows); decode rows keep
+    the weight as it is (memory-bound: no gain there)."""
     if not lanes_packs(weight):
         return weight
     packed = getattr(weight, _LANES, None)

@@ -13,9 +13,9 @@
 //   hardware never mixes columns, so a row's bits do not depend on the other rows (or on the zero padding).
 // * vdpbf16ps otherwise: 16 float lanes, each taking the pairs k = 32j + 2i, 32j + 2i + 1 for j = 0, 1, ... in
 //   order (the in % 32 tail as a zero-padded last chunk), then the 16 lanes summed by one fixed reduction.
-// * packed (bfloat16, `out` a multiple of 16, `in` even; the weight given as `pack_lanes`' copy, below): 16
-//   outputs per vector, each lane one output's chain of pair products over k in order, the pair of x broadcast:
-//   no horizontal sum. For prompts (many rows, compute-bound): 1.3x the vdpbf16ps path at 40 rows, 1.55x at 136
+// * packed (bfloat16 or float32, `out` a multiple of 16, bfloat16 `in` even; the weight given as `pack_lanes`' copy,
+//   below): 16 outputs per vector, each lane one output's chain of products over k in order, x's pair (or value)
+//   broadcast: no horizontal sum. For prompts (many rows, compute-bound): 1.3x the vdpbf16ps path at 40 rows, 1.55x at 136
 //   on the default model's layers; a decode batch (memory-bound) gains nothing, so it keeps the weight as it is
 //   (benchmarks/NOTES.md, session 15).
 // Either way every output element y[r, o] is one dot product of x[r, :] and w[o, :] in a fixed order, rounded
@@ -349,95 +349,133 @@ void lanes_linear(const typename L::T* X, const typename L::T* W, Out* Y, int64_
   }, smallest);
 }
 
-// ---- bfloat16 with the weight packed for 16 outputs per vector (pack_lanes) ----
-// packed[g, i, l, e] = w[16 g + l, 2 i + e]: per group of 16 outputs and pair of inputs, the 16 outputs' pairs side by
-// side, so one vdpbf16ps adds x's broadcast pair times each output's pair into that output's own lane. A lane's
-// chain runs over the pairs in input order and is rounded once to bfloat16 as it is stored: y[r, o] depends on x's
-// row r and w's row o only.
-constexpr int64_t kLanesJ = 4;  // output groups per block: 4 x 4 accumulators, 4 weight vectors, 1 broadcast
-constexpr int64_t kAhead = 24;  // prefetch distance, in pairs (64-byte lines) of each group
+// ---- The weight packed for 16 outputs per vector (pack_lanes) ----
+// bfloat16: packed[g, i, l, e] = w[16 g + l, 2 i + e], per group of 16 outputs and pair of inputs the 16 outputs'
+// pairs side by side, so one vdpbf16ps adds x's broadcast pair times each output's pair into that output's own lane;
+// float32: packed[g, k, l, 0] = w[16 g + l, k], one FMA per input. A lane's chain runs over the inputs in order and
+// is stored once (bfloat16: rounded to nearest even): y[r, o] depends on x's row r and w's row o only.
+struct Bf16Packed {  // a step: one pair of inputs
+  using T = uint16_t;
+  using W = __m512bh;
+  static constexpr int64_t per_step = 2;
+  static W load(const T* p) { return (W)_mm512_loadu_si512(p); }
+  static W broadcast(const T* x) {
+    int32_t pair;
+    std::memcpy(&pair, x, sizeof pair);
+    return (W)_mm512_set1_epi32(pair);
+  }
+  static __m512 madd(__m512 acc, W x, W w) { return _mm512_dpbf16_ps(acc, x, w); }
+  static void store(T* y, __m512 v) { store_out16(y, v); }
+};
 
-template <int R, int J>
-inline void lanes_block(const uint16_t* P, int64_t pairs, const uint16_t* x, int64_t in, uint16_t* y, int64_t out,
-                        bool prefetch) {
-  // prefetch: each group's line kAhead pairs on (the first rows of a block read its weights from memory; the rest
+struct F32Packed {  // a step: one input
+  using T = float;
+  using W = __m512;
+  static constexpr int64_t per_step = 1;
+  static W load(const T* p) { return _mm512_loadu_ps(p); }
+  static W broadcast(const T* x) { return _mm512_set1_ps(*x); }
+  static __m512 madd(__m512 acc, W x, W w) { return _mm512_fmadd_ps(x, w, acc); }
+  static void store(T* y, __m512 v) { _mm512_storeu_ps(y, v); }
+};
+
+constexpr int64_t kLanesJ = 4;  // output groups per block: 4 x 4 accumulators, 4 weight vectors, 1 broadcast
+constexpr int64_t kAhead = 24;  // prefetch distance, in steps (64-byte lines) of each group
+
+template <class P, int R, int J>
+inline void lanes_block(const typename P::T* W, int64_t steps, const typename P::T* x, int64_t in, typename P::T* y,
+                        int64_t out, bool prefetch) {
+  // prefetch: each group's line kAhead steps on (the first rows of a block read its weights from memory; the rest
   // find them in cache).
+  constexpr int64_t line = 64 / sizeof(typename P::T);  // elements of one step of one group
   __m512 acc[R][J];
   for (int r = 0; r < R; ++r)
     for (int j = 0; j < J; ++j) acc[r][j] = _mm512_setzero_ps();
-  for (int64_t i = 0; i < pairs; ++i) {
-    __m512bh wv[J];
+  for (int64_t i = 0; i < steps; ++i) {
+    typename P::W wv[J];
     if (prefetch)
-      for (int j = 0; j < J; ++j) _mm_prefetch(reinterpret_cast<const char*>(P + (j * pairs + i + kAhead) * 32), _MM_HINT_T0);
-    for (int j = 0; j < J; ++j) wv[j] = (__m512bh)_mm512_loadu_si512(P + (j * pairs + i) * 32);
+      for (int j = 0; j < J; ++j) _mm_prefetch(reinterpret_cast<const char*>(W + (j * steps + i + kAhead) * line), _MM_HINT_T0);
+    for (int j = 0; j < J; ++j) wv[j] = P::load(W + (j * steps + i) * line);
     for (int r = 0; r < R; ++r) {
-      int32_t pair;
-      std::memcpy(&pair, x + r * in + 2 * i, sizeof pair);
-      const __m512bh xb = (__m512bh)_mm512_set1_epi32(pair);
-      for (int j = 0; j < J; ++j) acc[r][j] = _mm512_dpbf16_ps(acc[r][j], xb, wv[j]);
+      const typename P::W xb = P::broadcast(x + r * in + P::per_step * i);
+      for (int j = 0; j < J; ++j) acc[r][j] = P::madd(acc[r][j], xb, wv[j]);
     }
   }
   for (int r = 0; r < R; ++r)
-    for (int j = 0; j < J; ++j) store_out16(y + r * out + j * 16, acc[r][j]);
+    for (int j = 0; j < J; ++j) P::store(y + r * out + j * 16, acc[r][j]);
 }
 
-// Every row of x against J output groups starting at P (4 rows at a time, then the n % 4 rest).
-template <int J>
-inline void lanes_rows(const uint16_t* P, int64_t pairs, const uint16_t* x, int64_t n, int64_t in, uint16_t* y,
-                       int64_t out) {
+// Every row of x against J output groups starting at W (4 rows at a time, then the n % 4 rest).
+template <class P, int J>
+inline void lanes_rows(const typename P::T* W, int64_t steps, const typename P::T* x, int64_t n, int64_t in,
+                       typename P::T* y, int64_t out) {
   int64_t r = 0;
-  for (; r + 4 <= n; r += 4) lanes_block<4, J>(P, pairs, x + r * in, in, y + r * out, out, r == 0);
+  for (; r + 4 <= n; r += 4) lanes_block<P, 4, J>(W, steps, x + r * in, in, y + r * out, out, r == 0);
   switch (n - r) {
-    case 3: lanes_block<3, J>(P, pairs, x + r * in, in, y + r * out, out, r == 0); break;
-    case 2: lanes_block<2, J>(P, pairs, x + r * in, in, y + r * out, out, r == 0); break;
-    case 1: lanes_block<1, J>(P, pairs, x + r * in, in, y + r * out, out, r == 0); break;
+    case 3: lanes_block<P, 3, J>(W, steps, x + r * in, in, y + r * out, out, r == 0); break;
+    case 2: lanes_block<P, 2, J>(W, steps, x + r * in, in, y + r * out, out, r == 0); break;
+    case 1: lanes_block<P, 1, J>(W, steps, x + r * in, in, y + r * out, out, r == 0); break;
     default: break;
   }
 }
 
-at::Tensor packed_lanes_linear(const at::Tensor& x, const at::Tensor& packed) {
-  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && packed.scalar_type() == at::kBFloat16, "packed: bfloat16 only");
-  TORCH_CHECK(packed.dim() == 4 && packed.size(2) == 16 && packed.size(3) == 2 && packed.is_contiguous(),
-              "a pack_lanes weight [out / 16, in / 2, 16, 2]");
-  const int64_t n = x.size(0), in = x.size(1), groups = packed.size(0), pairs = packed.size(1), out = groups * 16;
-  TORCH_CHECK(in == 2 * pairs, "x [n, in] and a packed weight of in / 2 pairs");
-  at::Tensor y = at::empty({n, out}, x.options());
-  const auto* X = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
-  const auto* P = reinterpret_cast<const uint16_t*>(packed.data_ptr<at::BFloat16>());
-  auto* Y = reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>());
-  const int64_t blocks = (groups + kLanesJ - 1) / kLanesJ, group_size = pairs * 32;
+template <class P>
+void packed_lanes(const typename P::T* X, const typename P::T* W, typename P::T* Y, int64_t n, int64_t in,
+                  int64_t groups) {
+  const int64_t out = groups * 16, steps = in / P::per_step, group_size = steps * 64 / sizeof(typename P::T);
+  const int64_t blocks = (groups + kLanesJ - 1) / kLanesJ;
   const int64_t smallest = baton_share::smallest_chunk(kLanesJ * 16 * in * n);  // a block: 64 outputs x n rows
   baton_share::share_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t g = b * kLanesJ, j = std::min(kLanesJ, groups - g);
-      const uint16_t* w = P + g * group_size;
-      uint16_t* yb = Y + g * 16;
+      const typename P::T* w = W + g * group_size;
+      typename P::T* yb = Y + g * 16;
       switch (j) {
-        case 4: lanes_rows<4>(w, pairs, X, n, in, yb, out); break;
-        case 3: lanes_rows<3>(w, pairs, X, n, in, yb, out); break;
-        case 2: lanes_rows<2>(w, pairs, X, n, in, yb, out); break;
-        default: lanes_rows<1>(w, pairs, X, n, in, yb, out); break;
+        case 4: lanes_rows<P, 4>(w, steps, X, n, in, yb, out); break;
+        case 3: lanes_rows<P, 3>(w, steps, X, n, in, yb, out); break;
+        case 2: lanes_rows<P, 2>(w, steps, X, n, in, yb, out); break;
+        default: lanes_rows<P, 1>(w, steps, X, n, in, yb, out); break;
       }
     }
   }, smallest);
+}
+
+at::Tensor packed_lanes_linear(const at::Tensor& x, const at::Tensor& packed) {
+  TORCH_CHECK(x.scalar_type() == packed.scalar_type(), "x and the packed weight: one dtype");
+  TORCH_CHECK(packed.dim() == 4 && packed.size(2) == 16 && packed.is_contiguous(), "a pack_lanes weight");
+  const bool bf16 = x.scalar_type() == at::kBFloat16;
+  TORCH_CHECK(bf16 || x.scalar_type() == at::kFloat, "packed: bfloat16 or float32");
+  TORCH_CHECK(packed.size(3) == (bf16 ? 2 : 1), "a pack_lanes weight of this dtype");
+  const int64_t n = x.size(0), in = x.size(1), groups = packed.size(0);
+  TORCH_CHECK(in == packed.size(1) * packed.size(3), "x [n, in] and a packed weight of `in` inputs");
+  at::Tensor y = at::empty({n, groups * 16}, x.options());
+  if (bf16)
+    packed_lanes<Bf16Packed>(reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>()),
+                             reinterpret_cast<const uint16_t*>(packed.data_ptr<at::BFloat16>()),
+                             reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>()), n, in, groups);
+  else
+    packed_lanes<F32Packed>(x.data_ptr<float>(), packed.data_ptr<float>(), y.data_ptr<float>(), n, in, groups);
   return y;
 }
 
 }  // namespace
 
-// The weight in packed_lanes_linear's layout (bfloat16 [out, in], out % 16 == 0, in even).
+// The weight in packed_lanes_linear's layout: bfloat16 [out, in] (out % 16 == 0, in even) as [out / 16, in / 2, 16,
+// 2]; float32 [out, in] (out % 16 == 0) as [out / 16, in, 16, 1].
 at::Tensor pack_lanes(const at::Tensor& w) {
-  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kBFloat16 && w.is_contiguous(), "pack_lanes: bf16 [out, in]");
-  const int64_t out = w.size(0), in = w.size(1);
-  TORCH_CHECK(out % 16 == 0 && in % 2 == 0, "pack_lanes: out a multiple of 16, in even");
-  at::Tensor packed = at::empty({out / 16, in / 2, 16, 2}, w.options());
-  const auto* W = reinterpret_cast<const uint32_t*>(w.data_ptr<at::BFloat16>());  // pairs of k
-  auto* P = reinterpret_cast<uint32_t*>(packed.data_ptr<at::BFloat16>());
-  const int64_t pairs = in / 2;
+  TORCH_CHECK(w.dim() == 2 && w.is_contiguous(), "pack_lanes: [out, in], contiguous");
+  const bool bf16 = w.scalar_type() == at::kBFloat16;
+  TORCH_CHECK(bf16 || w.scalar_type() == at::kFloat, "pack_lanes: bfloat16 or float32");
+  const int64_t out = w.size(0), in = w.size(1), per = bf16 ? 2 : 1;
+  TORCH_CHECK(out % 16 == 0 && in % per == 0, "pack_lanes: out a multiple of 16 (bfloat16: in even)");
+  at::Tensor packed = at::empty({out / 16, in / per, 16, per}, w.options());
+  // Move 32-bit units: a bfloat16 pair, or a float.
+  const auto* W = reinterpret_cast<const uint32_t*>(w.data_ptr());
+  auto* P = reinterpret_cast<uint32_t*>(packed.data_ptr());
+  const int64_t steps = in / per;
   at::parallel_for(0, out / 16, 1, [&](int64_t g0, int64_t g1) {
     for (int64_t g = g0; g < g1; ++g)
-      for (int64_t i = 0; i < pairs; ++i)
-        for (int64_t l = 0; l < 16; ++l) P[(g * pairs + i) * 16 + l] = W[(g * 16 + l) * pairs + i];
+      for (int64_t i = 0; i < steps; ++i)
+        for (int64_t l = 0; l < 16; ++l) P[(g * steps + i) * 16 + l] = W[(g * 16 + l) * steps + i];
   });
   return packed;
 }

@@ -225,33 +225,40 @@ def test_bfloat16_prompts_go_through_the_avx512_kernel_without_amx(monkeypatch) 
     assert kernel(x.float(), w.float(), None) is None  # bfloat16 only
 
 
-@pytest.mark.parametrize("out,inp", [(64, 96), (576, 576), (48, 34), (16, 2)])
-def test_bfloat16_prompts_use_the_weights_lanes_copies(out: int, inp: int, monkeypatch) -> None:
-    """Without AMX, `lanes_prompt_kernel(bfloat16)` takes each packable weight (out % 16 == 0, in even) as its
-    `pack_lanes` copy, kept on the weight: the layout is the weight's (packed[g, i, l, e] = w[16 g + l, 2 i + e]), a
-    row's bits are those of the row alone at any row count (1-70, so every 4-row block and remainder), and the result
-    is the product up to bfloat16 rounding (no further from it than F.linear's own bfloat16 result, plus one
-    rounding step). Decode rows keep the weight as it is."""
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("out,inp", [(64, 96), (576, 576), (48, 34), (16, 2), (32, 33)])
+def test_prompts_use_the_weights_lanes_copies(out: int, inp: int, dtype: torch.dtype, monkeypatch) -> None:
+    """`lanes_prompt_kernel` (bfloat16 without AMX; float32 off Intel) takes each packable weight (out % 16 == 0;
+    bfloat16: in even) as its `pack_lanes` copy, kept on the weight: the layout is the weight's (bfloat16
+    packed[g, i, l, e] = w[16 g + l, 2 i + e], float32 packed[g, k, l, 0] = w[16 g + l, k]), a row's bits are those
+    of the row alone at any row count (1-70: every 4-row block and remainder), and the result is the product up to
+    rounding (no further from it than F.linear's own result, plus one rounding step). Decode rows keep the weight as
+    it is."""
     from engine import narrow_linear
 
     if cpu_kernel.skinny_linear_avx512() is None:
         pytest.skip("no AVX512-BF16 or no C++ compiler here")
     monkeypatch.setattr(cpu_kernel, "amx_in_use", lambda: False)
+    monkeypatch.setattr("engine.model_loader.cpu_vendor", lambda: "AuthenticAMD")
     torch.manual_seed(out + inp)
-    w = torch.randn(out, inp).bfloat16()
+    w = torch.randn(out, inp).to(dtype)
+    if not narrow_linear.lanes_packs(w):
+        assert dtype is torch.bfloat16 and inp % 2
+        assert narrow_linear.lanes_weight(w) is w
+        return
     packed = torch.ops.baton_avx512.pack_lanes(w)
     assert torch.equal(packed.permute(0, 2, 1, 3).reshape(out, inp), w)
-    kernel = narrow_linear.lanes_prompt_kernel(torch.bfloat16)
+    kernel = narrow_linear.lanes_prompt_kernel(dtype)
     assert kernel is not None
-    x = torch.randn(70, inp).bfloat16()
+    x = torch.randn(70, inp).to(dtype)
     got = kernel(x, w, None)
-    assert got is not None and torch.equal(narrow_linear.lanes_weight(w), packed)
+    assert got is not None and got.dtype is dtype and torch.equal(narrow_linear.lanes_weight(w), packed)
     alone = torch.cat([torch.ops.baton_avx512.skinny_linear(x[r:r + 1].contiguous(), packed) for r in range(70)])
     assert torch.equal(got, alone)
     for n in (1, 2, 3, 5, 17, 33):
         assert torch.equal(kernel(x[:n], w, None), alone[:n]), n
     exact = x.double() @ w.double().T
     ref = (torch.nn.functional.linear(x, w).double() - exact).abs().max().item()
-    assert (got.double() - exact).abs().max().item() <= 2 * ref + 1e-2
+    assert (got.double() - exact).abs().max().item() <= 2 * ref + (1e-2 if dtype is torch.bfloat16 else 1e-5)
     decode = narrow_linear.resolve_kernel("compiled")[1]
     assert torch.equal(decode(x[:4], w, None), torch.ops.baton_avx512.skinny_linear(x[:4].contiguous(), w))
