@@ -33,7 +33,6 @@ from engine.narrow_linear import (
     AMX_PACKED_OP,
     AVX512_OP,
     MAX_ROWS_BF16,
-    NO_ROW_LIMIT,
     KernelName,
     NarrowLinear,
     RowKernel,
