@@ -67,10 +67,10 @@ class CapturedLlama:
     fused_lanes: int = 0
 
     @staticmethod
-    def build(model: Any, linear_kernel: str, max_rows: int, prompt_kernel: PromptKernel | None = None,
-              fuse: bool = True) -> CapturedLlama | str:
-        """The captured step for `model`, or why it does not apply (a sentence). `fuse`: the decode step's small
-        operations as fused loops where they reproduce ATen's here (`fused_lanes`)."""
+    def build(model: Any, linear_kernel: str, max_rows: int, prompt_kernel: PromptKernel | None = None
+              ) -> CapturedLlama | str:
+        """The captured step for `model`, or why it does not apply (a sentence); its decode step's small operations
+        as fused loops where they reproduce ATen's calls here (`fused_lanes`)."""
         reason = why_not(model)
         if reason is not None:
             return reason
@@ -93,7 +93,7 @@ class CapturedLlama:
             heads=heads, kv_heads=config.num_key_value_heads, head_dim=head_dim, linear_kernel=linear_kernel,
             max_rows=max_rows, prompt_kernel=prompt_kernel or PromptKernel(),
         )
-        return dataclasses.replace(built, fused_lanes=fused_lanes(built)) if fuse else built
+        return dataclasses.replace(built, fused_lanes=fused_lanes(built))
 
     def takes(self, rows: int, new_columns: int) -> bool:
         """Whether a batch forward of `rows` rows adding `new_columns` columns runs here."""
@@ -150,8 +150,9 @@ class PromptKernel:
     `few_rows` 0), or bfloat16 on AMX (`narrow_linear.amx_linear`): up to `few_rows` rows through `few_kernel` with
     the weight as it is, beyond through `packed_kernel` with the weight's packed copy (`packed`: the 7 linear
     weights' copies per layer, q k v o gate up down); or float32 through `few_kernel` for any row count
-    (`few_rows` NO_ROW_LIMIT, nothing packed); or bfloat16 without AMX, every row through `packed_kernel` with the
-    weights' `narrow_linear.lanes_weight` copies (`few_rows` 0; `lm_head`: the output embedding's copy)."""
+    (`few_rows` NO_ROW_LIMIT, nothing packed); or, through the AVX-512 kernel's lanes (bfloat16 without AMX, float32
+    off Intel: `narrow_linear.lanes_prompt_kernel`), every row through `packed_kernel` with the weights'
+    `narrow_linear.lanes_weight` copies (`few_rows` 0; `lm_head`: the output embedding's)."""
 
     few_rows: int = 0
     few_kernel: str = ""

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from engine import cpu_kernel
 from engine.request import SamplingParams, TokenLogprobs
 
 if TYPE_CHECKING:
@@ -184,10 +185,20 @@ def sample_one(logits: torch.Tensor, params: SamplingParams, seed: int, index: i
     return tok
 
 
+def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
+    """`logits.argmax(dim=-1)` of [rows, V], the same indices (the first maximum; a NaN counts as the maximum): on CPU
+    float32 through the compiled two-pass scan where it builds (`baton_captured::argmax_rows`, ~4x faster than ATen's
+    reduction on a decode step's 16 x 49,152 logits), else ATen's."""
+    if (logits.dim() == 2 and logits.dtype is torch.float32 and logits.device.type == "cpu" and logits.shape[1] > 0
+            and logits.is_contiguous() and cpu_kernel.captured_llama() is not None):
+        return torch.ops.baton_captured.argmax_rows(logits)
+    return logits.argmax(dim=-1)
+
+
 def sample(logits: torch.Tensor, params: list[SamplingParams], seeds: list[int], indices: list[int]) -> list[int]:
     """One token per row of `logits` [rows, V]. Greedy rows share one argmax over the batch."""
     _check_finite(logits)
-    out = logits.argmax(dim=-1).tolist()
+    out = argmax_rows(logits).tolist()
     for r, p in enumerate(params):
         if not p.greedy:
             out[r] = sample_one(logits[r], p, seeds[r], indices[r])

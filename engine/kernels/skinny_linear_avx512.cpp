@@ -6,7 +6,7 @@
 // kernel splits the weight's rows over torch's own OpenMP threads (at::parallel_for) and multiplies bfloat16
 // pairs straight into float32 lanes (vdpbf16ps: 32 products per instruction, no conversion of the weight).
 //
-// Two paths, chosen by the weight's shape only (never by n):
+// Three paths, chosen by the weight given (its shape, or its packed copy), never by n:
 // * AMX (CPUs with AMX-BF16, `in` a multiple of 32 and `out` of 16, every linear of the default model): the
 //   tile product C[16 outputs, 16 rows] += W[16 outputs, 32 k] . X[32 k, 16 rows], the rows of x packed in
 //   pairs of k and zero-padded to 16. Each element of C is its own chain of pair products over k in order; the
@@ -15,11 +15,11 @@
 //   order (the in % 32 tail as a zero-padded last chunk), then the 16 lanes summed by one fixed reduction.
 // * packed (bfloat16 or float32, `out` a multiple of 16, bfloat16 `in` even; the weight given as `pack_lanes`' copy,
 //   below): 16 outputs per vector, each lane one output's chain of products over k in order, x's pair (or value)
-//   broadcast: no horizontal sum. For prompts (many rows, compute-bound): 1.3x the vdpbf16ps path at 40 rows, 1.55x at 136
-//   on the default model's layers; a decode batch (memory-bound) gains nothing, so it keeps the weight as it is
-//   (benchmarks/NOTES.md, session 15).
-// Either way every output element y[r, o] is one dot product of x[r, :] and w[o, :] in a fixed order, rounded
-// once to bfloat16. Nothing in that order depends on n, on the other rows or on the thread split, so a row gets
+//   broadcast: no horizontal sum. For prompts (many rows, compute-bound) bfloat16 runs 1.3x the vdpbf16ps path at
+//   40 rows and 1.55x at 136 on the default model's layers; a decode batch (memory-bound) gains nothing, so it keeps
+//   the weight as it is (benchmarks/NOTES.md, session 15).
+// Every way, every output element y[r, o] is one dot product of x[r, :] and w[o, :] in a fixed order, rounded
+// once to bfloat16 (float32: stored as summed). Nothing in that order depends on n, on the other rows or on the thread split, so a row gets
 // the same bits alone or beside any others: the decode batch's linears stay batch-invariant.
 #include <torch/library.h>
 #include <ATen/ATen.h>

@@ -298,3 +298,31 @@ def test_nan_logits_never_become_a_token() -> None:
         sample_one(logits, SamplingParams(temperature=0.7, seed=1), seed=1, index=0)
     with pytest.raises(ValueError, match="NaN"):
         sample(logits[None, :], [SamplingParams(temperature=0.0)], [1], [0])
+
+
+def test_the_compiled_argmax_picks_what_torch_argmax_picks() -> None:
+    """`sampler.argmax_rows` (the compiled two-pass scan on CPU float32) against `torch.argmax` on rows of every kind:
+    random logits of vocabulary widths with and without a vector tail, ties for the maximum (the first wins), -0.0
+    against 0.0, all -inf, +inf twice, a NaN before and after the maximum (the first NaN wins), and a single column;
+    and rows it does not take (not contiguous) through ATen's."""
+    from engine import cpu_kernel, sampler
+
+    gen = torch.Generator().manual_seed(3)
+    for width in (1, 5, 16, 17, 49152, 49157):
+        rows = torch.randn(16, width, generator=gen) * 5
+        if width >= 17:
+            rows[1, 3] = rows[1, 12] = rows[1].max() + 1  # a tie: the first one
+            rows[2] = float("-inf")
+            rows[3, [2, 9]] = float("inf")
+            rows[4, width - 1] = float("nan")  # after the maximum
+            rows[5, 0] = float("nan")  # before everything
+            rows[5, 7] = float("nan")
+            rows[6] = 0.0
+            rows[6, 4] = -0.0
+            rows[7, width - 2] = rows[7].max() + 1  # in the tail
+        want = rows.argmax(dim=-1)
+        assert torch.equal(sampler.argmax_rows(rows), want), width
+        if cpu_kernel.captured_llama() is not None:  # the compiled scan itself
+            assert torch.equal(torch.ops.baton_captured.argmax_rows(rows), want), width
+    transposed = torch.randn(40, 3, generator=gen).t()  # not contiguous: ATen's argmax, the same answer
+    assert torch.equal(sampler.argmax_rows(transposed), transposed.argmax(dim=-1))
