@@ -19,15 +19,18 @@ import os, threading
 from deployments import thread_policy
 from engine.threads import normal_policy
 
-go, done = threading.Event(), threading.Event()
+go = threading.Event()
+named = threading.Barrier(4)  # the three workers, named, and this thread: no policy is set before the names
 def worker(name=None):
     if name:
         with open(f"/proc/self/task/{threading.get_native_id()}/comm", "w") as f:
             f.write(name)
+    named.wait()
     go.wait()
 threads = [threading.Thread(target=worker, args=(n,)) for n in (None, "baton-share", None)]
 for t in threads:
     t.start()
+named.wait()
 plain, helper, kept = (t.native_id for t in threads)
 changed = thread_policy.batch_threads(keep=frozenset({kept}))
 policy = os.sched_getscheduler
