@@ -18,6 +18,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from transformers import AutoTokenizer
@@ -56,7 +57,7 @@ def walk(ids: list[int], fill: Callable[[], None], apply: Callable[[torch.Tensor
     return fills, applies
 
 
-def llguidance_run(tok: object, ids: list[int]) -> tuple[float, list[float], list[float]]:
+def llguidance_run(tok: Any, ids: list[int]) -> tuple[float, list[float], list[float]]:
     import llguidance
     import llguidance.hf
     import llguidance.torch

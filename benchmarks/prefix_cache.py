@@ -115,7 +115,7 @@ def ours(plan: Plan, loaded: Any, work: Workload, prefix_caching: bool) -> dict[
     from benchmarks.meters import CpuMeter
     from benchmarks.systems import run_engine
 
-    chunk = {"prefill_chunk_tokens": plan.block_size, "prefix_caching": prefix_caching}
+    chunk: dict[str, Any] = {"prefill_chunk_tokens": plan.block_size, "prefix_caching": prefix_caching}
     run_engine("baton-pd", loaded, warmup_workload(work), plan.rows, lambda n: None, **chunk)
     with CpuMeter() as cpu:
         run = run_engine("baton-pd", loaded, work, plan.rows, lambda n: None, **chunk)

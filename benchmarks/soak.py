@@ -485,7 +485,7 @@ def run(plan: Plan, command: str, smoke: bool, base_url: str | None = None) -> d
     bad = bad_specs(str((valid[0].body or {})["prompt"]))
     specs = {s.key: s for s in valid + bad}
     work = jobs(plan, valid, bad)
-    meta = {"command": command, "smoke": smoke, "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+    meta: dict[str, Any] = {"command": command, "smoke": smoke, "started": time.strftime("%Y-%m-%d %H:%M:%S"),
             "machine": f"{platform.machine()}, {os.cpu_count()} cores", "torch": torch.__version__,
             "transformers": transformers.__version__, "ray": ray.__version__,
             "plan": asdict(plan), "mix": dict(zip(KINDS, MIX, strict=True)), "bad_inputs": [s.key for s in bad],

@@ -28,7 +28,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from tqdm import tqdm
@@ -37,6 +37,7 @@ from autoscaler.probes import SimulatedProbe
 from benchmarks.models import tiny_llama
 from configs import EngineConfig
 from configs.controller import ControllerConfig
+from configs.engine import DTypeName
 from engine import BatonEngine, SamplingParams
 from engine.capacity import FixedCapacityController
 from engine.memory_controller import MemoryController
@@ -118,7 +119,7 @@ def run(name: str, engine: BatonEngine, work: list[tuple[str, list[int], int]]) 
 
 
 def engine_config(s: Scenario, model: str, dtype: str, threads: int, controller: ControllerConfig) -> EngineConfig:
-    return EngineConfig(model=model, dtype=dtype, device="cpu", policy="baton-pd", max_batch_size=s.max_batch_size,
+    return EngineConfig(model=model, dtype=cast(DTypeName, dtype), device="cpu", policy="baton-pd", max_batch_size=s.max_batch_size,
                         num_threads=threads, controller=controller)
 
 

@@ -103,10 +103,10 @@ def run_engine(policy: str, loaded: LoadedModel, work: Workload, max_batch_size:
                prefill_token_budget: int = 512, prefix_caching: bool = False,
                prefill_chunk_tokens: int | None = None) -> SystemRun:
     """Step the engine; before each step submit every request whose arrival time has passed."""
+    chunk: dict[str, Any] = {} if prefill_chunk_tokens is None else {"prefill_chunk_tokens": prefill_chunk_tokens}
     config = EngineConfig(model=loaded.name, policy=cast(PolicyName, policy), max_batch_size=max_batch_size,
                           prefill_token_budget=prefill_token_budget, num_threads=torch.get_num_threads(),
-                          prefix_caching=prefix_caching,
-                          **({} if prefill_chunk_tokens is None else {"prefill_chunk_tokens": prefill_chunk_tokens}))
+                          prefix_caching=prefix_caching, **chunk)
     engine = BatonEngine(config, loaded=loaded)
     pending = _by_arrival(work)
     records = {r.request_id: RequestRecord(r.arrival_s) for r in work.requests}

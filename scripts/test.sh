@@ -9,7 +9,7 @@ py="${BATON_VENV:-$root/.venv}/bin"
 echo "[test] ruff"
 "$py/ruff" check engine autoscaler deployments configs tests benchmarks
 echo "[test] mypy"
-"$py/mypy" engine autoscaler deployments configs
+"$py/mypy" engine autoscaler deployments configs benchmarks
 echo "[test] pytest"
 # Two xdist workers (tests/conftest.py schedules the Ray/Serve and timing tests on one, one at a time);
 # BATON_TEST_WORKERS=0 runs everything in this process.
