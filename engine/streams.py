@@ -20,26 +20,34 @@ from engine.request import RequestOutput
 
 
 class StreamSink:
-    """The loop thread's end of a stream: puts outputs on the consumer's event loop."""
+    """The loop thread's end of a stream: its consumer's event loop and queue (outputs reach it through `_post`)."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, choices: tuple[int, ...] = (0,)) -> None:
         self.loop = loop
         self.queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
         self.unfinished = set(choices)  # the choices (engine/choices.py) whose final output is still to come
 
-    def put(self, out: RequestOutput) -> bool:
-        """Thread-safe. False when the consumer's event loop is closed (nobody can read the stream)."""
-        try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, out)
-        except RuntimeError:
-            return False
-        return True
-
 
 def _put_all(pairs: list[tuple[StreamSink, RequestOutput]]) -> None:
     """On the consumers' event loop: each output onto its stream's queue, in order."""
     for sink, out in pairs:
         sink.queue.put_nowait(out)
+
+
+def _post(pairs: Iterable[tuple[StreamSink, RequestOutput]]) -> list[str]:
+    """Thread-safe: hand each output to its stream, in order, waking each consumer event loop once (one
+    `call_soon_threadsafe` with all of its streams' outputs: a step's outputs for a replica's requests share one
+    loop). Returns the request ids whose consumer's event loop is closed (nobody can read those streams)."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[StreamSink, RequestOutput]]] = {}
+    for sink, out in pairs:
+        by_loop.setdefault(sink.loop, []).append((sink, out))
+    orphans: list[str] = []
+    for loop, posted in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_put_all, posted)
+        except RuntimeError:  # the loop is closed
+            orphans.extend(out.request_id for _, out in posted)
+    return orphans
 
 
 # The front's abort path: (request_id, the stream's sink, on_dropped). `on_dropped`, if given, is called
@@ -168,12 +176,10 @@ class OpenStreams:
             return self._sinks.get(request_id) is sink
 
     def deliver(self, outs: Iterable[RequestOutput]) -> list[str]:
-        """Hand outputs to their streams (a finished one closes its stream), in order. Returns the ids whose
-        consumer's event loop is gone, for the caller to abort.
-
-        Each consumer event loop is woken once per call, with all of its streams' outputs (a step's outputs for a
-        replica's requests share one loop): one wake-up and one callback per step, not one per request."""
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[StreamSink, RequestOutput]]] = {}
+        """Hand outputs to their streams (a finished one closes its stream), in order, each consumer event loop
+        woken once per call (`_post`: one wake-up per step, not one per request). Returns the ids whose consumer's
+        event loop is gone, for the caller to abort."""
+        pairs = []
         with self._lock:
             for out in outs:
                 sink = self._sinks.get(out.request_id)
@@ -183,23 +189,16 @@ class OpenStreams:
                     sink.unfinished.discard(out.index)
                     if not sink.unfinished:
                         del self._sinks[out.request_id]
-                by_loop.setdefault(sink.loop, []).append((sink, out))
-        orphans: list[str] = []
-        for loop, pairs in by_loop.items():
-            try:
-                loop.call_soon_threadsafe(_put_all, pairs)
-            except RuntimeError:  # the loop is closed: nobody can read these streams
-                orphans.extend(out.request_id for _, out in pairs)
-        return orphans
+                pairs.append((sink, out))
+        return _post(pairs)
 
     def close(self, message: str) -> None:
         """Refuse new streams and fail every open one with an `error` output carrying `message`."""
         with self._lock:
             self._closed = True
             sinks, self._sinks = self._sinks, {}
-        for request_id, sink in sinks.items():
-            for index in sorted(sink.unfinished):
-                sink.put(RequestOutput(request_id, [], "", True, "error", error=message, index=index))
+        _post((sink, RequestOutput(request_id, [], "", True, "error", error=message, index=index))
+              for request_id, sink in sinks.items() for index in sorted(sink.unfinished))
 
     @property
     def closed(self) -> bool:
