@@ -254,6 +254,11 @@ void write_column(const T* x, int64_t x_row, T* column, int64_t cache_row, int64
       std::copy_n(x + r * x_row + g * head_dim, head_dim, column + r * cache_row + g * cache_head);
 }
 
+// x [rows, in] (contiguous) -> [rows, out]: the row kernel, or F.linear without one.
+inline at::Tensor rows_linear(const at::Tensor& x, const at::Tensor& w, const Linear2* kernel) {
+  return kernel == nullptr ? at::linear(x, w) : kernel->call(x, w);
+}
+
 // llama_decode's layers with the fused operations above: per layer 7 linears, the attention kernel, silu and the
 // gate product (ATen), and three fused passes. Returns the logits [rows, 1, vocab].
 template <typename T>
@@ -277,10 +282,7 @@ at::Tensor fused_decode(at::Tensor hidden, const at::Tensor& cos_table, const at
   norm(nullptr, layers[0]);
   for (int64_t layer = 0; layer < n_layers; ++layer) {
     const at::Tensor* w = layers.data() + 9 * layer;
-    auto lin = [&](const at::Tensor& x, int i) {
-      const auto& weight = linear_weight(w, i);
-      return kernel == nullptr ? at::linear(x, weight) : kernel->call(x, weight);
-    };
+    auto lin = [&](const at::Tensor& x, int i) { return rows_linear(x, linear_weight(w, i), kernel); };
     auto q = lin(normed, 0), k = lin(normed, 1), v = lin(normed, 2);  // [R, H * D], [R, G * D] (contiguous)
     auto layer_keys = keys.select(0, layer), layer_values = values.select(0, layer);  // [rows, G, C, D]
     rotate<T>(data<T>(q), q.size(1), data<T>(cos), data<T>(sin), data<T>(q_rotated),
@@ -300,8 +302,7 @@ at::Tensor fused_decode(at::Tensor hidden, const at::Tensor& cos_table, const at
     auto down = lin(gated, 6);
     norm(&down, layer + 1 < n_layers ? layers[9 * (layer + 1)] : final_norm);
   }
-  auto logits = kernel == nullptr ? at::linear(normed, lm_head) : kernel->call(normed, lm_head);
-  return logits.view({rows, 1, logits.size(1)});
+  return rows_linear(normed, lm_head, kernel).view({rows, 1, lm_head.size(0)});
 }
 
 at::Tensor llama_decode(const at::Tensor& input_ids, const at::Tensor& positions, const at::Tensor& mask,
