@@ -13,9 +13,12 @@ the same machine: the kill is a local `os.kill`). Then:
 2. **Soak.** `--workers` clients take `--requests` seeded jobs in turn from one list: a valid request, unary
    or streamed; a stream whose client disconnects after a few chunks; or a bad input (invalid JSON, a lone
    surrogate in the prompt or the messages, negative max_tokens, priority out of range, wrong types, an
-   unknown field, an unknown model, max_tokens beyond the context). When half of the jobs have started, one
-   engine replica's process is killed (SIGKILL; the replica holding the most requests, by the engine
-   deployment's `status` of each replica).
+   unknown field, an unknown model, max_tokens beyond the context). When half of the jobs have started,
+   `anchors` long streams (a few hundred tokens, checked against their own references like every answer) join
+   them, and once each has streamed its first token one engine replica's process is killed (SIGKILL; the
+   replica holding the most requests, by the engine deployment's `status` of each replica). The anchors make
+   the kill move requests whatever the timing: the valid jobs are short, and one could finish between the
+   status reading and the kill.
 3. **Settle.** The ingress's in-flight count must return to 0 and every engine replica (the replacement
    included) must hold no running or waiting request.
 
@@ -56,6 +59,7 @@ APP = "soak"
 COMPLETIONS, CHAT = "/v1/completions", "/v1/chat/completions"
 KINDS = ("unary", "stream", "disconnect", "bad")
 MIX = (0.30, 0.35, 0.15, 0.20)  # the share of each kind among the jobs
+ANCHOR = "anchor"  # the long streams around the kill (not among the jobs; summarized as their own kind)
 PROBLEMS = ("lost", "hung", "wrong_tokens", "http_5xx", "bad_not_refused")
 
 
@@ -73,12 +77,14 @@ class Plan:
     failover_timeout_s: float  # ServerConfig.failover_timeout_s
     kill_at: float  # the kill comes when this fraction of the jobs has started
     seed: int
+    anchors: int = 4  # long streams started just before the kill (two per replica), so that it moves requests
+    anchor_tokens: int = 256  # their max_tokens
 
 
 FULL = Plan(model="default", requests=1000, workers=16, distinct=32, max_tokens=(8, 24), replicas=2, threads=1,
             max_batch_size=16, timeout_s=300.0, failover_timeout_s=120.0, kill_at=0.5, seed=0)
 SMOKE = Plan(model="tiny", requests=120, workers=16, distinct=24, max_tokens=(8, 24), replicas=2, threads=1,
-             max_batch_size=16, timeout_s=60.0, failover_timeout_s=30.0, kill_at=0.5, seed=0)
+             max_batch_size=16, timeout_s=60.0, failover_timeout_s=30.0, kill_at=0.5, seed=0, anchor_tokens=400)
 
 
 # ---- the requests ------------------------------------------------------------------------------------------------
@@ -136,6 +142,13 @@ def valid_specs(plan: Plan) -> list[Spec]:
         key = f"{'chat' if chat else 'completion'}-{'sampled' if sampled else 'greedy'}-{i}"
         specs.append(Spec(key, CHAT if chat else COMPLETIONS, {**body, **params}))
     return specs
+
+
+def anchor_specs(plan: Plan, valid: list[Spec]) -> list[Spec]:
+    """The long streams around the kill: the first two valid requests (a greedy completion and a greedy
+    chat) with `plan.anchor_tokens` tokens."""
+    return [Spec(f"anchor-{s.key}", s.route, {**(s.body or {}), "max_tokens": plan.anchor_tokens})
+            for s in valid[:2]]
 
 
 def bad_specs(prompt: str) -> list[Spec]:
@@ -223,7 +236,9 @@ async def _unary(client: httpx.AsyncClient, url: str, spec: Spec, o: Outcome) ->
     o.done = True
 
 
-async def _stream(client: httpx.AsyncClient, url: str, spec: Spec, o: Outcome, disconnect_after: int) -> None:
+async def _stream(client: httpx.AsyncClient, url: str, spec: Spec, o: Outcome, disconnect_after: int,
+                  started: asyncio.Event | None = None) -> None:
+    """`started` (if given) is set when the first text arrives."""
     body = {**(spec.body or {}), "stream": True, "stream_options": {"include_usage": True}}
     chunks = 0
     async with client.stream("POST", url, json=body) as r:
@@ -245,6 +260,8 @@ async def _stream(client: httpx.AsyncClient, url: str, spec: Spec, o: Outcome, d
             before = len(o.text)
             _read_choice(o, event)
             chunks += len(o.text) > before
+            if started is not None and o.text:
+                started.set()
             if disconnect_after and chunks >= disconnect_after and not o.finish_reasons:
                 o.disconnected = True  # leaving the `async with` closes the connection mid-stream
                 return
@@ -264,8 +281,10 @@ def _json_or_text(text: str) -> Any:
         return text[:500]
 
 
-async def send(client: httpx.AsyncClient, prefix: str, job: Job, spec: Spec, timeout_s: float) -> Outcome:
-    """Run one job; never raises (a failure is in the outcome)."""
+async def send(client: httpx.AsyncClient, prefix: str, job: Job, spec: Spec, timeout_s: float,
+               started: asyncio.Event | None = None) -> Outcome:
+    """Run one job; never raises (a failure is in the outcome). A stream sets `started` at its first text, and
+    every job sets it when it ends (so that nothing waits on a request that failed)."""
     o = Outcome(job.index, job.kind, job.key)
     url = f"{prefix}{spec.route}"
     t0 = time.perf_counter()
@@ -275,12 +294,15 @@ async def send(client: httpx.AsyncClient, prefix: str, job: Job, spec: Spec, tim
         elif job.kind == "unary":
             coro = _unary(client, url, spec, o)
         else:
-            coro = _stream(client, url, spec, o, job.disconnect_after)
+            coro = _stream(client, url, spec, o, job.disconnect_after, started)
         await asyncio.wait_for(coro, timeout_s)
     except TimeoutError:
         o.hung = True
     except Exception as e:  # noqa: BLE001 - a broken connection or bad payload is this request's failure
         o.exception = f"{type(e).__name__}: {e}"[:300]
+    finally:
+        if started is not None:
+            started.set()
     o.latency_s = time.perf_counter() - t0
     return o
 
@@ -417,25 +439,42 @@ def kill_one_engine_replica(replicas: int, timeout_s: float = 10.0) -> int:
 
 # ---- the run -----------------------------------------------------------------------------------------------------
 async def soak(url: str, plan: Plan, work: list[Job], specs: dict[str, Spec], refs: dict[str, Reference],
-               progress: Callable[[int, int], None]) -> tuple[list[Outcome], dict[str, Any], float]:
-    """`plan.workers` clients over the jobs, each outcome judged as it ends; the kill when `plan.kill_at` of
-    the jobs have started."""
+               progress: Callable[[int, int], None], anchors: list[Spec] | None = None,
+               ) -> tuple[list[Outcome], dict[str, Any], float]:
+    """`plan.workers` clients over the jobs, each outcome judged as it ends; when `plan.kill_at` of the jobs
+    have started, `plan.anchors` long streams (drawn in turn from `anchors`) join them, and the kill comes once
+    each anchor has streamed its first text (or ended)."""
     todo = iter(work)
     outcomes: list[Outcome] = []
+    anchored: list[Outcome] = []
     kill: dict[str, Any] = {}
     kill_task: list[asyncio.Task[None]] = []
     kill_index = int(plan.kill_at * len(work))
     t0 = time.perf_counter()
 
-    async def do_kill() -> None:
+    async def anchor(client: httpx.AsyncClient, i: int, spec: Spec, started: asyncio.Event) -> None:
+        o = await send(client, f"/{APP}", Job(len(work) + i, ANCHOR, spec.key), spec, plan.timeout_s, started)
+        o.problem, o.detail = judge(o, refs.get(spec.key))
+        if "done_s" in kill:  # how long it outlived the kill: the margin that made the kill move it
+            kill.setdefault("anchors_ended_after_kill_s", []).append(time.perf_counter() - t0 - kill["done_s"])
+        anchored.append(o)
+
+    async def do_kill(client: httpx.AsyncClient) -> None:
         kill["at_s"] = time.perf_counter() - t0
         kill["jobs_done_before"] = len(outcomes)
+        started = [asyncio.Event() for _ in range(plan.anchors)]
+        tasks = [asyncio.create_task(anchor(client, i, anchors[i % len(anchors)], e))
+                 for i, e in enumerate(started)] if anchors else []
+        await asyncio.wait_for(asyncio.gather(*(e.wait() for e in started[:len(tasks)])), plan.timeout_s)
+        kill["anchors_started_s"] = time.perf_counter() - t0
         kill["pid"] = await asyncio.to_thread(kill_one_engine_replica, plan.replicas)
+        kill["done_s"] = time.perf_counter() - t0
+        await asyncio.gather(*tasks)
 
     async def worker(client: httpx.AsyncClient) -> None:
         for job in todo:  # one shared iterator: each job is taken once
             if job.index == kill_index:
-                kill_task.append(asyncio.create_task(do_kill()))
+                kill_task.append(asyncio.create_task(do_kill(client)))
             o = await send(client, f"/{APP}", job, specs[job.key], plan.timeout_s)
             o.problem, o.detail = judge(o, refs.get(job.key))
             outcomes.append(o)
@@ -446,13 +485,13 @@ async def soak(url: str, plan: Plan, work: list[Job], specs: dict[str, Spec], re
         await asyncio.gather(*(worker(c) for _ in range(plan.workers)))
         for task in kill_task:
             await task
-    return sorted(outcomes, key=lambda o: o.index), kill, time.perf_counter() - t0
+    return sorted(outcomes + anchored, key=lambda o: o.index), kill, time.perf_counter() - t0
 
 
 def summarize(outcomes: list[Outcome]) -> dict[str, Any]:
     """Counts per kind and problem, latency of the good valid answers, the bad inputs' statuses."""
     kinds: dict[str, Any] = {}
-    for kind in KINDS:
+    for kind in KINDS + ((ANCHOR,) if any(o.kind == ANCHOR for o in outcomes) else ()):
         mine = [o for o in outcomes if o.kind == kind]
         problems = Counter(o.problem for o in mine if o.problem)
         kinds[kind] = {"sent": len(mine), "ok": len(mine) - sum(problems.values()),
@@ -482,8 +521,9 @@ def run(plan: Plan, command: str, smoke: bool, base_url: str | None = None) -> d
     from benchmarks.http_load import wait_ready
 
     valid = valid_specs(plan)
+    anchors = anchor_specs(plan, valid)
     bad = bad_specs(str((valid[0].body or {})["prompt"]))
-    specs = {s.key: s for s in valid + bad}
+    specs = {s.key: s for s in valid + bad + anchors}
     work = jobs(plan, valid, bad)
     meta: dict[str, Any] = {"command": command, "smoke": smoke, "started": time.strftime("%Y-%m-%d %H:%M:%S"),
             "machine": f"{platform.machine()}, {os.cpu_count()} cores", "torch": torch.__version__,
@@ -498,13 +538,14 @@ def run(plan: Plan, command: str, smoke: bool, base_url: str | None = None) -> d
             meta["deploy_s"] = time.perf_counter() - t_deploy
             pids_before = sorted(engine_statuses(APP, plan.replicas, 60))
             _say(f"deployed in {meta['deploy_s']:.1f} s, engine replicas {pids_before}; references for "
-                 f"{len(valid)} distinct requests")
+                 f"{len(valid)} distinct requests and {len(anchors)} anchors")
             t_ref = time.perf_counter()
-            refs = asyncio.run(references(url, valid, plan.timeout_s))
+            refs = asyncio.run(references(url, valid + anchors, plan.timeout_s))
             meta["references_s"] = time.perf_counter() - t_ref
             failovers_before = ingress_stats(url)["server_failovers_total"]
             _say(f"references in {meta['references_s']:.1f} s; soak: {plan.requests} jobs, {plan.workers} workers")
-            outcomes, kill, wall = asyncio.run(soak(url, plan, work, specs, refs, _progress(plan.requests)))
+            outcomes, kill, wall = asyncio.run(soak(url, plan, work, specs, refs, _progress(plan.requests),
+                                                    anchors))
             _say(f"soak done in {wall:.1f} s; killed pid {kill.get('pid')} at {kill.get('at_s', 0):.1f} s; settling")
             meta["load_average_1min"].append(os.getloadavg()[0])
             end = settle(url, frozenset(pids_before) - {kill.get("pid")})
@@ -564,7 +605,7 @@ def markdown(report: dict[str, Any]) -> str:
         "their client mid-way." + _load(m),
         f"- Kill: SIGKILL of engine replica pid {kill.get('pid', 'none')} at {_f(kill.get('at_s'), '.1f')} s, "
         f"after {kill.get('jobs_done_before', 'n/a')} jobs had finished; failovers (continuations on another "
-        f"replica): {report['failovers']:.0f}.",
+        f"replica): {report['failovers']:.0f}." + _anchors(plan, kill),
         f"- Latency of the valid unary and streamed requests (client, end to end): p50 "
         f"{_f(lat['p50'], '.2f')} s, p99 {_f(lat['p99'], '.2f')} s, max {_f(lat['max'], '.2f')} s.",
         f"- At the end: ingress in flight {end['in_flight']:.0f}; running + waiting requests of the engine "
@@ -576,6 +617,15 @@ def markdown(report: dict[str, Any]) -> str:
     for f in report["failures"][:10]:
         lines.append(f"- failure: job {f['index']} ({f['kind']}, {f['key']}): {f['problem']}: {f['detail']}")
     return "\n".join(lines) + "\n"
+
+
+def _anchors(plan: dict[str, Any], kill: dict[str, Any]) -> str:
+    ended = kill.get("anchors_ended_after_kill_s")  # absent from reports made before the anchors
+    if not plan.get("anchors") or "anchors_started_s" not in kill:
+        return ""
+    margin = f"; they ended {min(ended):.1f}-{max(ended):.1f} s after it" if ended else ""
+    return (f" {plan['anchors']} anchor streams of {plan['anchor_tokens']} tokens joined at the kill's turn; each "
+            f"had streamed its first text by {kill['anchors_started_s']:.1f} s, when the replica was chosen{margin}.")
 
 
 def _load(meta: dict[str, Any]) -> str:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 
-from benchmarks.soak import KINDS, PROBLEMS, SMOKE, Outcome, Reference, bad_specs, judge, main
+from benchmarks.soak import ANCHOR, KINDS, PROBLEMS, SMOKE, Outcome, Reference, bad_specs, judge, main
 
 
 def test_soak_smoke_loses_nothing_across_a_replica_kill(ray_serve: str, tmp_path) -> None:
@@ -15,7 +15,9 @@ def test_soak_smoke_loses_nothing_across_a_replica_kill(ray_serve: str, tmp_path
 
     report = json.loads((tmp_path / "soak.json").read_text())
     assert report["passed"] and report["meta"]["plan"]["model"] == "tiny"
-    assert sum(k["sent"] for k in report["kinds"].values()) == SMOKE.requests
+    assert sum(report["kinds"][kind]["sent"] for kind in KINDS) == SMOKE.requests
+    anchors = report["kinds"][ANCHOR]  # the long streams that the kill waited for: each whole and exact
+    assert anchors["sent"] == anchors["ok"] == SMOKE.anchors > 0, anchors
     for kind in KINDS:  # every kind ran, and every request of it was fine
         k = report["kinds"][kind]
         assert k["sent"] > 0 and k["ok"] == k["sent"], (kind, k)
@@ -28,6 +30,8 @@ def test_soak_smoke_loses_nothing_across_a_replica_kill(ray_serve: str, tmp_path
     kill = report["kill"]
     assert kill["pid"] in kill["pids_before"] and 0 < kill["jobs_done_before"] < SMOKE.requests
     assert report["failovers"] > 0
+    assert kill["at_s"] <= kill["anchors_started_s"] < kill["done_s"]  # the kill came after the anchors started
+    assert len(kill["anchors_ended_after_kill_s"]) == SMOKE.anchors  # and every anchor outlived it
     end = report["end"]
     assert end["in_flight"] == 0 and end["survivors_answered"] and str(kill["pid"]) not in end["engine_rows"]
     assert end["engine_rows"] and not any(end["engine_rows"].values())
