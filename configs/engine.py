@@ -111,9 +111,9 @@ class EngineConfig(BaseModel):
     )
     packed_prefill: bool = Field(
         default=True,
-        description="CPU with AVX512-BF16 (bfloat16; float32 on a non-Intel CPU): prompts' linears through a "
-        "row-invariant kernel (the AMX kernel on AMX, else the AVX-512 kernel's lanes, faster there than F.linear "
-        "for prompts), so that an "
+        description="CPU with AVX512-BF16 (bfloat16), or a non-Intel CPU with AVX2 (float32): prompts' linears through "
+        "a row-invariant kernel (the AMX kernel on AMX, else the AVX-512 or AVX2 kernel's lanes, faster there than "
+        "F.linear for prompts), so that an "
         "iteration's prompts share one prefill forward, each with its solo bits (engine/attention.py). It costs one "
         "more copy of the linear weights in the prompt kernel's layout (the default model: bfloat16 202 MiB on AMX, "
         "256 MiB without; float32 513 MiB); off: one prompt per forward through F.linear.",

@@ -37,6 +37,7 @@ from engine.narrow_linear import (
     NarrowLinear,
     RowKernel,
     amx_linear,
+    lanes_op,
     lanes_packs,
     lanes_prompt_kernel,
     lanes_weight,
@@ -188,7 +189,8 @@ class ModelRunner:
             log.info("prompts: %.0f MiB of weights packed for 16 outputs per vector", lanes / 2**20)
         log.info("prefill: %s", "one prompt per forward" if not self.packs else
                  f"prompts packed into one forward (AMX; {packed / 2**20:.0f} MiB of weights packed into tiles)" if amx
-                 else f"prompts packed into one forward ({str(dtype).removeprefix('torch.')} through the AVX-512 kernel)")
+                 else f"prompts packed into one forward ({str(dtype).removeprefix('torch.')} through the "
+                      f"{'AVX-512' if lanes_op() == AVX512_OP else 'AVX2'} kernel)")
         # CPU, a Llama-family model: pure decode steps and from-scratch prompts as compiled operators, bit for bit the
         # eager forward's with these kernels (engine/captured.py).
         self.captured: CapturedLlama | None = None
@@ -198,9 +200,9 @@ class ModelRunner:
             if self.packs and amx:  # the prompts' linears as amx_linear computes them
                 prompt = PromptKernel(MAX_ROWS_BF16, AVX512_OP, AMX_PACKED_OP,
                                       tuple(packed_weight(w) for w in layer_linears(model)))
-            elif self.packs:  # as lanes_prompt_kernel does: every row through the AVX-512 kernel, with the weights'
+            elif self.packs:  # as lanes_prompt_kernel does: every row through the compiled kernel, with the weights
                 # lanes copies where they pack
-                prompt = PromptKernel(0, "", AVX512_OP, tuple(lanes_weight(w) for w in layer_linears(model)),
+                prompt = PromptKernel(0, "", lanes_op(), tuple(lanes_weight(w) for w in layer_linears(model)),
                                       lanes_weight(model.lm_head.weight))
             built = CapturedLlama.build(model, *op, prompt_kernel=prompt) if op is not None \
                 else "the transposed row kernel"

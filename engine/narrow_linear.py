@@ -131,6 +131,7 @@ NO_ROW_LIMIT = 1 << 30
 # (float32; bfloat16 through AMX up to MAX_ROWS_BF16 rows, else through vdpbf16ps), and bfloat16 on AMX for any row
 # count with the weight's packed copy.
 AVX512_OP = "baton_avx512::skinny_linear"
+AVX2_OP = "baton::skinny_linear"
 AMX_PACKED_OP = "baton_avx512::skinny_linear_packed"
 
 
@@ -144,7 +145,7 @@ def row_kernel_op(name: str, dtype: torch.dtype) -> tuple[str, int] | None:
     if name != "compiled" or dtype not in (torch.float32, torch.bfloat16):
         return None
     if cpu_kernel.skinny_linear_avx512() is None:
-        return ("baton::skinny_linear", MAX_ROWS) if dtype is torch.float32 else ("", NO_ROW_LIMIT)
+        return (AVX2_OP, MAX_ROWS) if dtype is torch.float32 else ("", NO_ROW_LIMIT)
     if dtype is torch.float32:
         return AVX512_OP, MAX_ROWS
     # bfloat16: the same operator, on AMX up to its few-rows limit, else its vdpbf16ps path for any row count
@@ -152,23 +153,36 @@ def row_kernel_op(name: str, dtype: torch.dtype) -> tuple[str, int] | None:
 
 
 def lanes_prompt_kernel(dtype: torch.dtype) -> RowKernel | None:
-    """Prompts' linears through the AVX-512 kernel's lanes, any number of rows, where that beats F.linear:
-    - float32 on CPUs other than Intel's, where MKL (F.linear's float32 GEMM) runs a generic path: on the 2-core
-      AMD EPYC 300-385 GFLOP/s on prompt shapes against MKL's ~200 (benchmarks/NOTES.md, session 12);
+    """Prompts' linears through a compiled kernel's packed lanes (`lanes_weight`), any number of rows, where that beats
+    F.linear:
+    - float32 on CPUs other than Intel's, where MKL (F.linear's float32 GEMM) runs a generic path: the AVX-512
+      kernel on the 2-core AMD EPYC with AVX512-BF16, 300-385 GFLOP/s on prompt shapes against MKL's ~200
+      (benchmarks/NOTES.md, session 12); the AVX2 kernel on the AVX2-only EPYC, 144 against 117 at 136 rows and
+      two threads (session 16);
     - bfloat16 where AMX is not in use (the AMX kernel has its own prompt path): there F.linear is oneDNN's
       bfloat16 GEMM, 1.3-1.7x slower at 16-96 rows and level at 192 on the EPYC (session 13).
     Its bits do not depend on the rows beside a row or on the thread count, so prompts can share one forward and
-    follow the thread tuner. None elsewhere (Intel's MKL is fast; no AVX-512 kernel): prompts keep F.linear."""
+    follow the thread tuner. None elsewhere (Intel's MKL is fast; bfloat16 without the AVX-512 kernel; no compiled
+    kernel): prompts keep F.linear."""
     from engine.model_loader import cpu_vendor
 
     wide = cpu_kernel.skinny_linear_avx512()
-    if wide is None:
-        return None
+    if wide is None:  # float32 through the AVX2 kernel's packed path (AMD's 2-core AVX2-only EPYC: 1.24x MKL)
+        avx2 = cpu_kernel.skinny_linear()
+        if avx2 is None or dtype is not torch.float32 or cpu_vendor() in ("GenuineIntel", ""):
+            return None
+        return functools.partial(compiled_linear, avx2, max_rows=NO_ROW_LIMIT, lanes=True)
     if dtype is torch.float32 and cpu_vendor() not in ("GenuineIntel", ""):
         return functools.partial(compiled_linear, wide, max_rows=NO_ROW_LIMIT, lanes=True)
     if dtype is torch.bfloat16 and not cpu_kernel.amx_in_use():
         return functools.partial(compiled_linear, wide, max_rows=NO_ROW_LIMIT, dtype=torch.bfloat16, lanes=True)
     return None
+
+
+def lanes_op() -> str:
+    """The operator prompt rows run through with `lanes_weight` copies (for compiled callers: engine/captured.py): the
+    AVX-512 kernel's where it runs here, else the AVX2 kernel's (float32)."""
+    return AVX512_OP if cpu_kernel.skinny_linear_avx512() is not None else AVX2_OP
 
 
 def lanes_packs(weight: torch.Tensor) -> bool:
@@ -177,8 +191,8 @@ def lanes_packs(weight: torch.Tensor) -> bool:
     takes bfloat16 prompts) or float32 (every linear of the default model)."""
     if weight.dim() != 2 or weight.device.type != "cpu" or not weight.is_contiguous() or weight.shape[0] % 16:
         return False
-    if cpu_kernel.skinny_linear_avx512() is None:
-        return False
+    if cpu_kernel.skinny_linear_avx512() is None:  # the AVX2 kernel's packed path: float32 only
+        return weight.dtype is torch.float32 and cpu_kernel.skinny_linear() is not None
     if weight.dtype is torch.bfloat16:
         return weight.shape[1] % 2 == 0 and not cpu_kernel.amx_in_use()
     return weight.dtype is torch.float32
@@ -195,8 +209,9 @@ def lanes_weight(weight: torch.Tensor) -> torch.Tensor:
         return packed
     if not lanes_packs(weight):
         return weight
-    with torch.no_grad():
-        packed = torch.ops.baton_avx512.pack_lanes(weight.detach())
+    with torch.no_grad():  # (one float32 layout for both kernels)
+        pack = torch.ops.baton_avx512 if cpu_kernel.skinny_linear_avx512() is not None else torch.ops.baton
+        packed = pack.pack_lanes(weight.detach())
     setattr(weight, _LANES, packed)
     return packed
 

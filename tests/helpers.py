@@ -128,3 +128,45 @@ def run_workload(engine, workload: list[dict], check=None) -> dict[str, list[int
 
 def mismatches(got: dict[str, list[int]], ref: dict[str, list[int]]) -> list[str]:
     return [rid for rid in ref if got.get(rid) != ref[rid]]
+
+
+# bfloat16 on a CPU without native bf16 (no AVX512-BF16, no AMX): every bf16 matmul converts to float32 and back,
+# so a bf16 forward costs ~6x a float32 one (the sixteen prompts below: 51 s against 8 s at one thread on an
+# AVX2-only AMD EPYC). There the bf16 variants of the heaviest exactness tests take prompts of at most this many
+# tokens: the same checks over several attention-window widths, a third of the work.
+EMULATED_BF16_PROMPT_CAP = 96
+
+
+def bf16_emulated(loaded) -> bool:
+    """Whether `loaded` computes in bfloat16 on a CPU that has no native bf16."""
+    import torch
+
+    from engine.model_loader import cpu_has_native_bf16
+
+    return loaded.dtype is torch.bfloat16 and loaded.device.type == "cpu" and not cpu_has_native_bf16()
+
+
+def prompt_range(loaded, lo: int, hi: int) -> tuple[int, int]:
+    """A test's range of prompt lengths: (lo, hi), capped at EMULATED_BF16_PROMPT_CAP where bf16 is emulated."""
+    return (lo, min(hi, EMULATED_BF16_PROMPT_CAP)) if bf16_emulated(loaded) else (lo, hi)
+
+
+# Sixteen prompts whose lengths give a batch left padding of every width (16-250 tokens, random ids >= 100).
+SIXTEEN_LENGTHS = (40, 200, 17, 120, 90, 33, 250, 60, 16, 180, 75, 140, 25, 220, 100, 50)
+_SIXTEEN: dict[int, list] = {}
+
+
+def sixteen_prefilled(loaded) -> list:
+    """The sixteen prompts' KV (`RowKV`s), each prefilled alone by the eager forward; made once per model in a
+    test process (several decode-step tests batch them; `BatchKVCache.insert` copies, so nobody changes them)."""
+    import torch
+
+    from engine import model_runner
+
+    key = id(loaded.model)
+    if key not in _SIXTEEN:
+        runner = model_runner.ModelRunner(loaded.model, loaded.device, captured_forward=False)
+        gen = torch.Generator().manual_seed(7)
+        _SIXTEEN[key] = [runner.prefill(torch.randint(100, 40000, (n,), generator=gen).tolist())[0]
+                         for n in SIXTEEN_LENGTHS]
+    return _SIXTEEN[key]

@@ -16,7 +16,15 @@ import torch.nn.functional as F
 from engine import cpu_kernel, kv_cache, model_runner
 from engine.kv_cache import BatchKVCache, attention_width
 from engine.narrow_linear import MAX_ROWS, resolve_kernel
-from tests.helpers import make_engine, mismatches, random_workload, run_workload
+from tests.helpers import (
+    SIXTEEN_LENGTHS,
+    make_engine,
+    mismatches,
+    prompt_range,
+    random_workload,
+    run_workload,
+    sixteen_prefilled,
+)
 
 DTYPES = [torch.float32, torch.bfloat16]
 # The default model's linear shapes (out, in): q/o, k/v, gate/up, down, the LM head.
@@ -100,10 +108,8 @@ def test_one_decode_step_gives_a_row_the_same_logits_alone_and_in_a_batch(model,
     kernel = attention == "kernel"
     if kernel and cpu_kernel.decode_attention() is None:
         pytest.skip(f"the attention kernel does not run here: {cpu_kernel.why_not_attention()}")
-    gen = torch.Generator().manual_seed(5)
-    lengths = [40, 200, 17, 120, 90, 33, 250, 60, 16, 180, 75, 140, 25, 220, 100, 50]
-    runner = model_runner.ModelRunner(model.model, model.device)
-    kvs = [runner.prefill(torch.randint(100, 40000, (n,), generator=gen).tolist())[0] for n in lengths]
+    kvs = sixteen_prefilled(model)
+    lengths = SIXTEEN_LENGTHS
     differ = []
     for target in (0, 2, 5):
         others = [i for i in range(len(lengths)) if i != target]
@@ -123,7 +129,7 @@ def test_one_decode_step_gives_a_row_the_same_logits_alone_and_in_a_batch(model,
 def test_sixteen_requests_get_their_solo_tokens(model) -> None:
     """16 requests (prompts 16-256 token ids, 1-12 new tokens, greedy, EOS ignored) arrive over 16 iterations
     into one engine, joining and leaving; each gets exactly the tokens the engine gives it alone."""
-    work = random_workload(seed=21, n=16, vocab=model.model.config.vocab_size, prompt_len=(16, 256),
+    work = random_workload(seed=21, n=16, vocab=model.model.config.vocab_size, prompt_len=prompt_range(model, 16, 256),
                            max_tokens=(1, 12), arrival_span=16)
     together = run_workload(make_engine(model, max_batch_size=16), work,
                             check=lambda engine: engine.cache.check_invariants())

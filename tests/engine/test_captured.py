@@ -11,7 +11,14 @@ import torch
 
 from engine import captured, cpu_kernel, model_runner
 from engine.kv_cache import BatchKVCache
-from tests.helpers import make_engine, mismatches, random_workload, run_workload
+from tests.helpers import (
+    make_engine,
+    mismatches,
+    prompt_range,
+    random_workload,
+    run_workload,
+    sixteen_prefilled,
+)
 
 pytestmark = pytest.mark.skipif(cpu_kernel.captured_llama() is None or cpu_kernel.decode_attention() is None,
                                 reason="the captured step or the attention kernel does not build here")
@@ -43,9 +50,7 @@ def test_a_captured_step_is_the_eager_forward_bit_for_bit(model) -> None:
     captured = model_runner.ModelRunner(model.model, model.device)
     eager = model_runner.ModelRunner(model.model, model.device, captured_forward=False)
     assert captured.captured is not None and eager.captured is None
-    gen = torch.Generator().manual_seed(7)
-    lengths = [40, 200, 17, 120, 90, 33, 250, 60, 16, 180, 75, 140, 25, 220, 100, 50]
-    kvs = [eager.prefill(torch.randint(100, 40000, (n,), generator=gen).tolist())[0] for n in lengths]
+    kvs = sixteen_prefilled(model)
     a, b = _cache(model, captured, kvs), _cache(model, eager, kvs)
     for step in range(3):
         fast, slow = _step(captured, a, 1000 + step), _step(eager, b, 1000 + step)
@@ -80,7 +85,7 @@ def test_a_model_with_biases_is_refused() -> None:
 def test_an_engine_gives_the_same_tokens_captured_or_eager(model) -> None:
     """Requests joining and leaving one engine (batch sizes 1-12, prompts joining as decode goes on): the same
     tokens with the captured step as with the eager forward."""
-    work = random_workload(seed=33, n=12, vocab=model.model.config.vocab_size, prompt_len=(16, 200),
+    work = random_workload(seed=33, n=12, vocab=model.model.config.vocab_size, prompt_len=prompt_range(model, 16, 200),
                            max_tokens=(1, 10), arrival_span=8)
     captured = run_workload(make_engine(model, max_batch_size=12), work)
     eager = run_workload(make_engine(model, max_batch_size=12, captured_forward=False), work)
@@ -112,7 +117,7 @@ def test_captured_prompts_are_the_eager_prefill_bit_for_bit(model) -> None:
 def test_an_engine_prefills_through_the_captured_forward(model) -> None:
     """The engine's prompts that fit one chunk go through the captured prefill (its forward count moves), and a burst
     of them gets the same tokens as the eager engine's."""
-    work = random_workload(seed=34, n=10, vocab=model.model.config.vocab_size, prompt_len=(1, 250),
+    work = random_workload(seed=34, n=10, vocab=model.model.config.vocab_size, prompt_len=prompt_range(model, 1, 250),
                            max_tokens=(1, 6), arrival_span=0)
     engine = make_engine(model, max_batch_size=10)
     calls = []
@@ -125,11 +130,11 @@ def test_an_engine_prefills_through_the_captured_forward(model) -> None:
 
 
 def test_packed_prompts_do_not_depend_on_the_thread_count(model) -> None:
-    """The runner runs prompts at the thread tuner's count where they pack (bfloat16 on AMX, float32 through the
-    AVX-512 kernel off Intel): their bits must not depend on it."""
+    """The runner runs prompts at the thread tuner's count where they pack (bfloat16 on AMX or AVX512-BF16, float32
+    through a compiled kernel off Intel): their bits must not depend on it."""
     runner = model_runner.ModelRunner(model.model, model.device)
     if runner.captured is None or not runner.packs:
-        pytest.skip(f"{model.dtype} prompts do not pack here (bfloat16 on AMX, float32 on a non-Intel AVX-512 CPU)")
+        pytest.skip(f"{model.dtype} prompts do not pack here (bfloat16 on AVX512-BF16, float32 off Intel with a compiled kernel)")
     gen = torch.Generator().manual_seed(12)
     prompts = [torch.randint(100, 40000, (n,), generator=gen).tolist() for n in (5, 64, 200, 31)]
     before = torch.get_num_threads()
@@ -168,9 +173,7 @@ def test_the_fused_decode_step_is_the_aten_one_bit_for_bit(model) -> None:
     assert fused.captured is not None and fused.captured.fused_lanes > 0
     aten = model_runner.ModelRunner(model.model, model.device)
     aten.captured = dataclasses.replace(fused.captured, fused_lanes=0)
-    gen = torch.Generator().manual_seed(9)
-    lengths = [40, 200, 17, 120, 90, 33, 250, 60, 16, 180, 75, 140, 25, 220, 100, 50]
-    kvs = [aten.prefill(torch.randint(100, 40000, (n,), generator=gen).tolist())[0] for n in lengths]
+    kvs = sixteen_prefilled(model)
     a, b = _cache(model, fused, kvs), _cache(model, aten, kvs)
     for step in range(3):
         assert torch.equal(_step(fused, a, 500 + step), _step(aten, b, 500 + step)), step

@@ -170,17 +170,17 @@ def test_the_packed_weight_path_gives_any_row_count_the_few_rows_bits(kernel_bf1
     assert torch.equal(alone, few[70:71])
 
 
-def test_float32_prompts_go_through_the_avx512_kernel_off_intel_only(monkeypatch, tmp_path: Path) -> None:
-    """`lanes_prompt_kernel(float32)`: where MKL (F.linear's float32 GEMM) runs its generic path, i.e. on CPUs
-    other than Intel's, float32 prompts take the AVX-512 kernel's lanes, any number of rows, the bits per row of
-    each row alone; on Intel (or an unknown vendor) they keep F.linear."""
+def test_float32_prompts_go_through_the_compiled_kernel_off_intel_only(monkeypatch, tmp_path: Path) -> None:
+    """`lanes_prompt_kernel(float32)`: on CPUs other than Intel's, float32 prompts take a compiled kernel's packed
+    lanes (the AVX-512 kernel's, else the AVX2 kernel's), any number of rows, the bits per row of each row alone;
+    on Intel (or an unknown vendor) they keep F.linear."""
     from engine import model_loader, narrow_linear
 
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\nflags\t\t: avx2\n")
     assert model_loader.cpu_vendor(cpuinfo) == "AuthenticAMD"
     assert model_loader.cpu_vendor(tmp_path / "missing") == ""
-    if cpu_kernel.skinny_linear_avx512() is None:
+    if cpu_kernel.skinny_linear() is None:
         assert narrow_linear.lanes_prompt_kernel(torch.float32) is None
         return
     for vendor in ("GenuineIntel", ""):
@@ -236,8 +236,9 @@ def test_prompts_use_the_weights_lanes_copies(out: int, inp: int, dtype: torch.d
     it is."""
     from engine import narrow_linear
 
-    if cpu_kernel.skinny_linear_avx512() is None:
-        pytest.skip("no AVX512-BF16 or no C++ compiler here")
+    if cpu_kernel.skinny_linear_avx512() is None and (dtype is torch.bfloat16 or cpu_kernel.skinny_linear() is None):
+        pytest.skip("no AVX512-BF16 (bfloat16) or no C++ compiler here")
+    ops = torch.ops.baton_avx512 if cpu_kernel.skinny_linear_avx512() is not None else torch.ops.baton
     monkeypatch.setattr(cpu_kernel, "amx_in_use", lambda: False)
     monkeypatch.setattr("engine.model_loader.cpu_vendor", lambda: "AuthenticAMD")
     torch.manual_seed(out + inp)
@@ -246,14 +247,14 @@ def test_prompts_use_the_weights_lanes_copies(out: int, inp: int, dtype: torch.d
         assert dtype is torch.bfloat16 and inp % 2
         assert narrow_linear.lanes_weight(w) is w
         return
-    packed = torch.ops.baton_avx512.pack_lanes(w)
+    packed = ops.pack_lanes(w)
     assert torch.equal(packed.permute(0, 2, 1, 3).reshape(out, inp), w)
     kernel = narrow_linear.lanes_prompt_kernel(dtype)
     assert kernel is not None
     x = torch.randn(70, inp).to(dtype)
     got = kernel(x, w, None)
     assert got is not None and got.dtype is dtype and torch.equal(narrow_linear.lanes_weight(w), packed)
-    alone = torch.cat([torch.ops.baton_avx512.skinny_linear(x[r:r + 1].contiguous(), packed) for r in range(70)])
+    alone = torch.cat([ops.skinny_linear(x[r:r + 1].contiguous(), packed) for r in range(70)])
     assert torch.equal(got, alone)
     for n in (1, 2, 3, 5, 17, 33):
         assert torch.equal(kernel(x[:n], w, None), alone[:n]), n
@@ -261,4 +262,39 @@ def test_prompts_use_the_weights_lanes_copies(out: int, inp: int, dtype: torch.d
     ref = (torch.nn.functional.linear(x, w).double() - exact).abs().max().item()
     assert (got.double() - exact).abs().max().item() <= 2 * ref + (1e-2 if dtype is torch.bfloat16 else 1e-5)
     decode = narrow_linear.resolve_kernel("compiled")[1]
-    assert torch.equal(decode(x[:4], w, None), torch.ops.baton_avx512.skinny_linear(x[:4].contiguous(), w))
+    assert torch.equal(decode(x[:4], w, None), ops.skinny_linear(x[:4].contiguous(), w))
+
+
+def _fma_chain(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """float32 y[r, o]: from zero, one fused multiply-add per input k in order, rounded to float32 after each (the
+    product of two floats is exact in float64, so each step rounds once, as an FMA does, but for a sum whose float64
+    rounding lands on a float32 tie)."""
+    acc = torch.zeros(x.shape[0], w.shape[0], dtype=torch.float64)
+    for k in range(x.shape[1]):
+        acc = (acc + x[:, k : k + 1].double() * w[:, k].double()).float().double()
+    return acc.float()
+
+
+def test_the_avx2_packed_path_is_one_fma_chain_per_output(kernel) -> None:
+    """The AVX2 kernel's prompt path (`pack_lanes` copy, float32): each output is one fused multiply-add per input,
+    in input order, from zero, whatever the rows beside it or the thread count: equal to that chain emulated here,
+    and, where this CPU has the AVX-512 kernel too, bit for bit its packed float32 path (one layout, one chain). A
+    chain summed in the reverse order differs (the comparison has teeth; F.linear is no such witness, as MKL's order
+    matches this chain on some CPUs)."""
+    torch.manual_seed(3)
+    w, x = torch.randn(48, 37), torch.randn(11, 37)  # 3 groups of 16; in not a multiple of 8; 4-row blocks and 3 left
+    packed = torch.ops.baton.pack_lanes(w)
+    assert torch.equal(packed.permute(0, 2, 1, 3).reshape(48, 37), w)
+    got = torch.ops.baton.skinny_linear(x, packed)
+    assert torch.equal(got, _fma_chain(x, w))
+    assert not torch.equal(got, _fma_chain(x.flip(1), w.flip(1)))
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert torch.equal(torch.ops.baton.skinny_linear(x, packed), got)
+    finally:
+        torch.set_num_threads(before)
+    for n in (1, 2, 3, 4, 5, 9):
+        assert torch.equal(torch.ops.baton.skinny_linear(x[:n].contiguous(), packed), got[:n]), n
+    if cpu_kernel.skinny_linear_avx512() is not None:
+        assert torch.equal(torch.ops.baton_avx512.skinny_linear(x, torch.ops.baton_avx512.pack_lanes(w)), got)
