@@ -12,7 +12,11 @@ use another kernel; nothing else changes.
 The extension is built once per environment with torch's own toolchain (`torch.utils.cpp_extension`), into
 `BATON_KERNEL_DIR` (default: `baton-kernels/` inside the active virtual environment, else
 `~/.cache/baton-kernels`). `scripts/setup.sh` builds it (`python -m engine.cpu_kernel`), so servers and tests
-find it ready; otherwise the first engine on the CPU builds it (about a minute on 2 cores, logged). It links
+find it ready; otherwise the first engine on the CPU builds it (about a minute on 2 cores, logged). Each build
+is also kept under a name that hashes its source, header, flags and torch version (`prebuilt()`), and a later
+process loads that copy without asking torch's build system: a copy of this repository elsewhere (a Ray
+`runtime_env` working_dir, a second checkout sharing the environment) has other source paths, which torch would
+take for a change and rebuild for, twice over when two replicas start at once. It links
 the OpenMP runtime torch itself loaded (the same `libgomp.so.1`), so its threads are torch's threads: a second
 OpenMP pool in the process would cost every parallel region its spin-wait (benchmarks/NOTES.md, session 2).
 """
@@ -226,21 +230,51 @@ def _load(build: KernelBuild, supported: Callable[[], bool], reasons: list[str])
     try:
         directory.mkdir(parents=True, exist_ok=True)
         _clear_stale_lock(directory)
-        built_before = any(directory.glob(f"{build.name}*.so"))
-        if not built_before:
-            log.warning("building the CPU decode kernel %s into %s (once per environment, about a minute)",
-                        build.name, directory)
+        kept = prebuilt(build, directory)
+        built_before = kept.is_file() or (directory / f"{build.name}.so").is_file()
         ops = getattr(torch.ops, build.namespace)
-        if not hasattr(ops, build.op):  # (another copy of this module may have loaded it)
+        if not hasattr(ops, build.op) and kept.is_file():  # (another copy of this module may have loaded it)
+            torch.ops.load_library(str(kept))
+        elif not hasattr(ops, build.op):
+            if not built_before:
+                log.warning("building the CPU decode kernel %s into %s (once per environment, about a minute)",
+                            build.name, directory)
             cpp_extension.load(name=build.name, sources=[str(build.source)], extra_cflags=list(build.flags),
                                extra_ldflags=["-fopenmp"], build_directory=str(directory), is_python_module=False,
                                verbose=False)
+            _keep(directory / f"{build.name}.so", kept)
         kernel: Kernel = getattr(ops, build.op)
     except Exception as exc:  # no compiler, no headers, a read-only directory: fall back, say why
         return _fail(build, reasons, f"build failed in {directory}: {type(exc).__name__}: {str(exc).strip()[-400:]}")
     if not built_before:
         log.warning("CPU decode kernel %s ready (%.0f s)", build.name, time.perf_counter() - t0)
     return kernel
+
+
+def prebuilt(build: KernelBuild, directory: Path) -> Path:
+    """Where a finished build of `build` is kept: named by a hash of what its binary depends on (the source's and
+    the headers' bytes, the flags, the torch version), not by where the source lies."""
+    digest = hashlib.sha256()
+    for part in (build.name, torch.__version__, *build.flags):
+        digest.update(part.encode() + b"\0")
+    for path in (build.source, *sorted(build.source.parent.glob("*.h"))):
+        digest.update(path.read_bytes())
+    return directory / f"{build.name}.{digest.hexdigest()[:16]}.so"
+
+
+def _keep(built: Path, kept: Path) -> None:
+    """Copy a fresh build to its hashed name (atomically: a process may load it while another writes it) and drop
+    the copies of older sources."""
+    import shutil
+
+    partial = kept.with_name(f"{kept.name}.{os.getpid()}.partial")
+    shutil.copy2(built, partial)
+    os.replace(partial, kept)
+    stem = kept.name.split(".", 1)[0]
+    for old in kept.parent.glob(f"{stem}.*.so"):
+        if old != kept and old.name.count(".") == 2:
+            with contextlib.suppress(OSError):
+                old.unlink()
 
 
 STALE_LOCK_S = 600.0  # a build takes ~20-60 s; a lock this old belongs to a build that was killed

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -74,6 +76,51 @@ def test_a_stale_build_lock_is_removed_and_a_fresh_one_kept(tmp_path: Path) -> N
     cpu_kernel._clear_stale_lock(tmp_path)
     assert not lock.exists()
     cpu_kernel._clear_stale_lock(tmp_path)  # and no lock at all is fine
+
+
+def test_a_build_is_kept_under_a_name_its_content_decides(tmp_path: Path) -> None:
+    """The kept copy's name hashes the source, the headers and the flags, not the source's path: a copy of the
+    repository elsewhere finds it; any changed byte or flag names another."""
+    copy = tmp_path / "kernels"
+    shutil.copytree(cpu_kernel.SOURCE.parent, copy)
+    build = cpu_kernel.FLOAT32
+    moved = cpu_kernel.KernelBuild(build.name, copy / build.source.name, build.flags, build.namespace, build.needs,
+                                   build.fallback)
+    assert cpu_kernel.prebuilt(moved, tmp_path) == cpu_kernel.prebuilt(build, tmp_path)
+    assert cpu_kernel.prebuilt(moved, tmp_path).name.startswith(f"{build.name}.")
+    flagged = cpu_kernel.KernelBuild(build.name, moved.source, (*build.flags, "-g"), build.namespace, build.needs,
+                                     build.fallback)
+    assert cpu_kernel.prebuilt(flagged, tmp_path) != cpu_kernel.prebuilt(build, tmp_path)
+    (copy / "work_share.h").write_text((copy / "work_share.h").read_text() + "\n// changed\n")
+    assert cpu_kernel.prebuilt(moved, tmp_path) != cpu_kernel.prebuilt(build, tmp_path)
+
+
+def test_a_copy_of_the_repository_loads_every_kernel_without_building(tmp_path: Path) -> None:
+    """What a Ray runtime_env working_dir does: the same code at another path. torch's build system would take the
+    new source paths for a change and rebuild (a minute per kernel, per replica); the kept copies load instead."""
+    if cpu_kernel.skinny_linear() is None or cpu_kernel.captured_llama() is None:
+        pytest.skip(f"no compiled kernels here: {cpu_kernel.why_not() or cpu_kernel.why_not_captured()}")
+    repo = Path(cpu_kernel.__file__).resolve().parents[1]
+    for part in ("engine", "configs"):
+        shutil.copytree(repo / part, tmp_path / part, ignore=shutil.ignore_patterns("__pycache__"))
+    script = (
+        "import torch.utils.cpp_extension as ce\n"
+        "def refuse(*a, **k): raise SystemExit('rebuilt: ' + k['name'])\n"
+        "ce.load = refuse\n"
+        "from engine import cpu_kernel\n"
+        f"assert cpu_kernel.__file__.startswith({str(tmp_path)!r}), cpu_kernel.__file__\n"
+        "kernels = [cpu_kernel.skinny_linear(), cpu_kernel.skinny_linear_avx512(), cpu_kernel.decode_attention(),\n"
+        "           cpu_kernel.captured_llama(), cpu_kernel.work_share()]\n"
+        "print([k is not None for k in kernels], cpu_kernel.why_not(), cpu_kernel.why_not_avx512())\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(tmp_path), "BATON_KERNEL_DIR": str(cpu_kernel.build_dir())}
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=120, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    here = [k is not None for k in (cpu_kernel.skinny_linear(), cpu_kernel.skinny_linear_avx512(),
+                                    cpu_kernel.decode_attention(), cpu_kernel.captured_llama(),
+                                    cpu_kernel.work_share())]
+    assert done.stdout.strip().startswith(str(here)), done.stdout + done.stderr
 
 
 def test_build_dir_is_configurable_and_never_an_unwritable_environment(monkeypatch, tmp_path: Path) -> None:
