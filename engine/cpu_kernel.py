@@ -234,8 +234,11 @@ def _load(build: KernelBuild, supported: Callable[[], bool], reasons: list[str])
         built_before = kept.is_file() or (directory / f"{build.name}.so").is_file()
         ops = getattr(torch.ops, build.namespace)
         if not hasattr(ops, build.op) and kept.is_file():  # (another copy of this module may have loaded it)
-            torch.ops.load_library(str(kept))
-        elif not hasattr(ops, build.op):
+            try:
+                torch.ops.load_library(str(kept))
+            except (OSError, RuntimeError) as exc:  # unreadable or damaged: build it again
+                log.warning("kept CPU kernel %s did not load (%s); building it again", kept, exc)
+        if not hasattr(ops, build.op):
             if not built_before:
                 log.warning("building the CPU decode kernel %s into %s (once per environment, about a minute)",
                             build.name, directory)
@@ -268,8 +271,14 @@ def _keep(built: Path, kept: Path) -> None:
     import shutil
 
     partial = kept.with_name(f"{kept.name}.{os.getpid()}.partial")
-    shutil.copy2(built, partial)
-    os.replace(partial, kept)
+    try:
+        shutil.copy2(built, partial)
+        os.replace(partial, kept)
+    except OSError as exc:  # a full disk: this process has its kernel; the next one builds (or checks) again
+        log.warning("could not keep the CPU kernel as %s: %s", kept, exc)
+        with contextlib.suppress(OSError):
+            partial.unlink()
+        return
     stem = kept.name.split(".", 1)[0]
     for old in kept.parent.glob(f"{stem}.*.so"):
         if old != kept and old.name.count(".") == 2:

@@ -123,6 +123,30 @@ def test_a_copy_of_the_repository_loads_every_kernel_without_building(tmp_path: 
     assert done.stdout.strip().startswith(str(here)), done.stdout + done.stderr
 
 
+def test_a_damaged_kept_copy_is_built_again_and_a_failed_copy_is_only_a_warning(tmp_path: Path, monkeypatch,
+                                                                                caplog) -> None:
+    """A kept copy that does not load (truncated, another machine's) is replaced by a build, not taken as a missing
+    kernel; a copy that cannot be written (a full disk) leaves the process its kernel."""
+    if cpu_kernel.work_share() is None:
+        pytest.skip(f"no work-sharing pool here: {cpu_kernel.why_not_share()}")
+    directory = tmp_path / "k"
+    shutil.copytree(cpu_kernel.build_dir(), directory, ignore=shutil.ignore_patterns("lock"))
+    kept = cpu_kernel.prebuilt(cpu_kernel.WORK_SHARE, directory)
+    good = kept.read_bytes()
+    kept.write_bytes(b"not a shared object")
+    script = "from engine import cpu_kernel\nprint(cpu_kernel.work_share() is not None, cpu_kernel.why_not_share())\n"
+    env = {**os.environ, "BATON_KERNEL_DIR": str(directory)}
+    done = subprocess.run([sys.executable, "-c", script], cwd=Path(cpu_kernel.__file__).resolve().parents[1], env=env,
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0 and done.stdout.startswith("True"), done.stdout + done.stderr
+    assert "did not load" in done.stderr and kept.read_bytes() == good
+    built = directory / f"{cpu_kernel.WORK_SHARE.name}.so"
+    monkeypatch.setattr(shutil, "copy2", lambda *a, **k: (_ for _ in ()).throw(OSError(28, "No space left")))
+    with caplog.at_level("WARNING", logger=cpu_kernel.log.name):
+        cpu_kernel._keep(built, tmp_path / "other.0123456789abcdef.so")
+    assert "could not keep" in caplog.text and not list(tmp_path.glob("other.*"))
+
+
 def test_build_dir_is_configurable_and_never_an_unwritable_environment(monkeypatch, tmp_path: Path) -> None:
     monkeypatch.setenv("BATON_KERNEL_DIR", str(tmp_path / "k"))
     assert cpu_kernel.build_dir() == tmp_path / "k"
