@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -125,9 +126,9 @@ def main(argv: list[str] | None = None) -> None:
         stem = "contention" if a.dtype == "float32" else f"contention_{a.dtype}"
         (out / f"{stem}.json").write_text(json.dumps({"when": stamp, "requests": requests, "dtype": a.dtype,
                                                       "rows": rows}, indent=2))
-        (out / f"{stem}.md").write_text(f"# Throughput with one core busy ({a.dtype})\n\n`python -m "
-                                        f"benchmarks.contention --dtype {a.dtype}`, {stamp}, {requests} anyscale "
-                                        f"requests per pass.\n\n{report}\n")
+        command = shlex.join(["python", "-m", "benchmarks.contention", *(sys.argv[1:] if argv is None else argv)])
+        (out / f"{stem}.md").write_text(f"# Throughput with one core busy ({a.dtype})\n\n`{command}`, {stamp}, "
+                                        f"{requests} anyscale requests per pass.\n\n{report}\n")
 
 
 if __name__ == "__main__":

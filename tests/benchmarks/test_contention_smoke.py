@@ -25,4 +25,6 @@ def test_contention_smoke_measures_each_variant_quiet_and_contended(tmp_path: Pa
     for r in rows:
         assert r["quiet_tok_s"] > 0 and r["contended_tok_s"] > 0
         assert r["kept"] == r["contended_tok_s"] / r["quiet_tok_s"]
-    assert "| adaptive | 2 |" in (tmp_path / "contention.md").read_text()
+    md = (tmp_path / "contention.md").read_text()
+    assert "| adaptive | 2 |" in md
+    assert "`python -m benchmarks.contention --smoke --variants 'adaptive,passive,1 thread' --out " in md  # as run
