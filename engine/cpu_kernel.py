@@ -27,6 +27,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import shutil
 import sys
 import threading
 import time
@@ -268,8 +269,6 @@ def prebuilt(build: KernelBuild, directory: Path) -> Path:
 def _keep(built: Path, kept: Path) -> None:
     """Copy a fresh build to its hashed name (atomically: a process may load it while another writes it) and drop
     the copies of older sources."""
-    import shutil
-
     partial = kept.with_name(f"{kept.name}.{os.getpid()}.partial")
     try:
         shutil.copy2(built, partial)

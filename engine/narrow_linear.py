@@ -167,14 +167,10 @@ def lanes_prompt_kernel(dtype: torch.dtype) -> RowKernel | None:
     from engine.model_loader import cpu_vendor
 
     wide = cpu_kernel.skinny_linear_avx512()
-    if wide is None:  # float32 through the AVX2 kernel's packed path (AMD's 2-core AVX2-only EPYC: 1.24x MKL)
-        avx2 = cpu_kernel.skinny_linear()
-        if avx2 is None or dtype is not torch.float32 or cpu_vendor() in ("GenuineIntel", ""):
-            return None
-        return functools.partial(compiled_linear, avx2, max_rows=NO_ROW_LIMIT, lanes=True)
     if dtype is torch.float32 and cpu_vendor() not in ("GenuineIntel", ""):
-        return functools.partial(compiled_linear, wide, max_rows=NO_ROW_LIMIT, lanes=True)
-    if dtype is torch.bfloat16 and not cpu_kernel.amx_in_use():
+        kernel = wide if wide is not None else cpu_kernel.skinny_linear()  # else the AVX2 kernel's packed path
+        return None if kernel is None else functools.partial(compiled_linear, kernel, max_rows=NO_ROW_LIMIT, lanes=True)
+    if dtype is torch.bfloat16 and wide is not None and not cpu_kernel.amx_in_use():
         return functools.partial(compiled_linear, wide, max_rows=NO_ROW_LIMIT, dtype=torch.bfloat16, lanes=True)
     return None
 
@@ -209,9 +205,8 @@ def lanes_weight(weight: torch.Tensor) -> torch.Tensor:
         return packed
     if not lanes_packs(weight):
         return weight
-    with torch.no_grad():  # (one float32 layout for both kernels)
-        pack = torch.ops.baton_avx512 if cpu_kernel.skinny_linear_avx512() is not None else torch.ops.baton
-        packed = pack.pack_lanes(weight.detach())
+    with torch.no_grad():  # the pack_lanes of lanes_op's extension (one float32 layout for both kernels)
+        packed = getattr(torch.ops, lanes_op().split("::")[0]).pack_lanes(weight.detach())
     setattr(weight, _LANES, packed)
     return packed
 
