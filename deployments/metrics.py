@@ -68,6 +68,13 @@ _COUNTERS = {
     "baton_decode_rows": ("decode_rows_total", "Rows computed by decode forwards, summed over iterations."),
     "baton_forward_seconds": ("forward_seconds_total", "Seconds inside model forward passes."),
     "baton_iteration_seconds": ("iteration_seconds_total", "Seconds of engine iterations (forwards included)."),
+    # The CPU kernels' work-sharing pool: the compute thread's seconds in its jobs, and of those waiting for chunks a
+    # helper thread had taken (a helper that lost its core mid-chunk shows here).
+    "baton_share_job_seconds": ("share_job_seconds_total", "Seconds the compute thread spent in work-sharing jobs."),
+    "baton_share_wait_seconds": (
+        "share_wait_seconds_total",
+        "Of those, seconds waiting for chunks a helper thread had taken.",
+    ),
     # Hit rate = hits / queries (vLLM: prefix_cache_hits / prefix_cache_queries, in tokens).
     "baton_prefix_cache_hit_tokens": (
         "prefix_cache_hit_tokens_total",

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from configs import EngineConfig
+from engine import cpu_kernel
 from engine.choices import Resume
 from engine.engine import BatonEngine
 from engine.request import Request, RequestOutput, SamplingParams
@@ -174,6 +175,7 @@ class AsyncBatonEngine:
     def metrics(self) -> dict[str, float]:
         s = self.engine.stats
         cfg = self.engine.config
+        share = cpu_kernel.share_stats()
         return {
             "num_requests_running": float(s.running),
             "num_requests_waiting": float(s.waiting + s.prefilled),
@@ -196,6 +198,10 @@ class AsyncBatonEngine:
             "prefix_cache_hit_tokens_total": float(s.prefix_hit_tokens),
             "prefix_cache_query_tokens_total": float(s.prefix_query_tokens),
             "prefix_cache_bytes": float(s.prefix_cache_bytes),
+            # the kernels' work-sharing pool: the compute thread's time in its jobs, and waiting for helpers there
+            "share_job_seconds_total": share["job_ns"] / 1e9,
+            "share_wait_seconds_total": share["wait_ns"] / 1e9,
+            "share_stalls_total": float(share["stalls"]),
         }
 
     # ---- the loop thread ---------------------------------------------------------------------------------

@@ -166,6 +166,19 @@ def share_workers() -> int:
     return int(torch.ops.baton_share.workers()) if _loaded.get(WORK_SHARE.name) is not None else 1
 
 
+SHARE_STATS = ("jobs", "chunks", "helper_chunks", "caller_sleeps", "helper_sleeps", "stalls", "job_ns", "wait_ns",
+               "waits")
+
+
+def share_stats() -> dict[str, int]:
+    """The pool's counters since the process started (work_share.cpp, `stats`), by the names in SHARE_STATS:
+    `job_ns` is the caller's time inside pool jobs, `wait_ns` the part of it spent waiting for chunks a helper had
+    taken, `waits` the jobs that waited at all. All zero where the pool is not loaded."""
+    if _loaded.get(WORK_SHARE.name) is None:
+        return dict.fromkeys(SHARE_STATS, 0)
+    return dict(zip(SHARE_STATS, (int(v) for v in torch.ops.baton_share.stats()), strict=True))
+
+
 def use_amx(on: bool) -> bool:
     """Switch the AVX-512 kernel's bfloat16 AMX path on (where this CPU and OS allow it) or off; returns whether it is on.
     Both paths give a row the same bits in any batch; they differ from each other, so one process keeps one."""

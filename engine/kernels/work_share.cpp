@@ -81,6 +81,9 @@ struct Pool {
   std::atomic<int> caller_sleeps{0};
   std::atomic<bool> busy{false};         // a job is running
   std::atomic<int64_t> helper_chunks{0}, jobs{0}, chunks_total{0}, caller_slept{0}, helper_slept{0}, stalls{0};
+  // Where the caller's time in a job goes: the whole job (deal to return), and the part spent waiting for chunks
+  // a helper had taken (ns), with the jobs that waited at all.
+  std::atomic<int64_t> job_ns{0}, wait_ns{0}, waits{0};
   std::chrono::steady_clock::time_point paused_until{};  // after a stall: jobs run inline until then (under `busy`)
   std::mutex start_lock;
   int64_t started = 0;                   // helper threads created (never stopped: surplus ones sleep)
@@ -182,6 +185,7 @@ struct Pool {
       return;
     }
     if (started < want - 1) start_helpers(want - 1);
+    const auto t0 = std::chrono::steady_clock::now();
     const int64_t before = dealt.load(std::memory_order_relaxed);
     for (int64_t w = 0; w < before; ++w) ranges[w].word.store(0, std::memory_order_seq_cst);  // closed
     fn.store(f, std::memory_order_relaxed);
@@ -202,6 +206,8 @@ struct Pool {
       ++mine;
     }
     wait_for(n - mine);
+    job_ns.fetch_add(std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - t0)
+                         .count(), std::memory_order_relaxed);
     busy.store(false, std::memory_order_release);
   }
 
@@ -210,8 +216,12 @@ struct Pool {
   void wait_for(int64_t theirs) {
     if (done.load(std::memory_order_acquire) == theirs) return;
     const auto t0 = std::chrono::steady_clock::now();
+    waits.fetch_add(1, std::memory_order_relaxed);
     for (int spins = 1;; ++spins) {
-      if (done.load(std::memory_order_acquire) == theirs) return;
+      if (done.load(std::memory_order_acquire) == theirs) {
+        waited(t0);
+        return;
+      }
       pause();
       if (spins % 64 == 0 && std::chrono::steady_clock::now() - t0 > kCallerSpin) break;
     }
@@ -224,11 +234,18 @@ struct Pool {
       futex(&finished, FUTEX_WAIT, seen, &limit);
     }
     caller_sleeps.store(0, std::memory_order_seq_cst);
-    const auto now = std::chrono::steady_clock::now();
+    const auto now = waited(t0);
     if (now - t0 > kStallLimit) {
       paused_until = now + kStallPause;
       stalls.fetch_add(1, std::memory_order_relaxed);
     }
+  }
+
+  std::chrono::steady_clock::time_point waited(std::chrono::steady_clock::time_point since) {
+    const auto now = std::chrono::steady_clock::now();
+    wait_ns.fetch_add(std::chrono::duration_cast<std::chrono::nanoseconds>(now - since).count(),
+                      std::memory_order_relaxed);
+    return now;
   }
 };
 
@@ -242,11 +259,12 @@ void run(int64_t chunks, baton_share::ChunkFn fn, void* context) { pool().run(ch
 const baton_share::Api kApi{baton_share::kVersion, &workers, &run};
 
 // Counters since the process started: jobs on the pool, their chunks, chunks run by helpers, times the caller slept
-// waiting for a helper, times a helper went to sleep, stalls (a wait past kStallLimit, then kStallPause alone).
+// waiting for a helper, times a helper went to sleep, stalls (a wait past kStallLimit, then kStallPause alone), the
+// caller's ns inside jobs, its ns waiting for helpers' chunks, and the jobs where it waited at all.
 std::vector<int64_t> stats() {
   const Pool& p = pool();
   return {p.jobs.load(), p.chunks_total.load(), p.helper_chunks.load(), p.caller_slept.load(), p.helper_slept.load(),
-          p.stalls.load()};
+          p.stalls.load(), p.job_ns.load(), p.wait_ns.load(), p.waits.load()};
 }
 int64_t api_address() { return static_cast<int64_t>(reinterpret_cast<intptr_t>(&kApi)); }
 

@@ -255,6 +255,9 @@ class FakeAsyncEngine:
             "prefix_cache_hit_tokens_total": 0.0,  # no prefix cache
             "prefix_cache_query_tokens_total": 0.0,
             "prefix_cache_bytes": 0.0,
+            "share_job_seconds_total": 0.0,  # no kernels, no work-sharing pool
+            "share_wait_seconds_total": 0.0,
+            "share_stalls_total": 0.0,
         }
 
     # -- the loop --------------------------------------------------------------------------------------

@@ -32,7 +32,8 @@ def pool() -> None:
 
 
 def _counts() -> list[int]:
-    """jobs, chunks, chunks run by helpers, caller sleeps, helper sleeps, stalls (cumulative)."""
+    """jobs, chunks, chunks run by helpers, caller sleeps, helper sleeps, stalls, ns in jobs, ns waiting for helpers,
+    jobs that waited (cumulative; cpu_kernel.SHARE_STATS)."""
     return list(torch.ops.baton_share.stats())
 
 
@@ -79,6 +80,73 @@ def test_linears_through_the_pool_are_bit_identical_and_helpers_take_part(pool) 
             break
         time.sleep(0.05)
     assert helpers > 0, f"the helper took no chunk in {passes} passes"
+
+
+def _helper_tids() -> list[int]:
+    import os
+
+    tids = []
+    for name in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{name}/comm") as f:
+                if f.read().strip() == "baton-share":
+                    tids.append(int(name))
+        except OSError:  # the thread has ended
+            pass
+    return tids
+
+
+def test_the_callers_wait_for_a_preempted_helper_is_counted(pool) -> None:
+    """The caller on one CPU, its SCHED_IDLE helper on another kept busy by a spinning process: the helper runs only
+    in the slivers Linux gives idle tasks, so a chunk it takes is often left half-done, and the caller must wait for
+    it. `wait_ns` (what /stats reports as share_wait_seconds_total) must count that time; the results stay exact; the
+    counters stay consistent (the time waiting within the time in jobs, within the wall time; no more waiting jobs
+    than jobs). Fails if the wait or the job time were not counted, or counted outside the job."""
+    import os
+    import subprocess
+    import sys
+
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        pytest.skip("needs two CPUs")
+    if cpu_kernel.skinny_linear_avx512() is None and cpu_kernel.skinny_linear() is None:
+        pytest.skip("no compiled linear kernel here")
+    op = (torch.ops.baton_avx512 if cpu_kernel.skinny_linear_avx512() is not None else torch.ops.baton).skinny_linear
+    torch.manual_seed(5)
+    x, w = torch.randn(16, 576), torch.randn(1536, 576)
+    expected = op(x, w)
+    cpu_kernel.set_share_workers(2)
+    op(x, w)  # the helper exists before the pinning
+    helpers = _helper_tids()
+    assert helpers, "no helper thread named baton-share"
+    mine, theirs = {cpus[0]}, {cpus[1]}
+    saved = {tid: os.sched_getaffinity(tid) for tid in [threading.get_native_id(), *helpers]}
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        os.sched_setaffinity(busy.pid, theirs)
+        os.sched_setaffinity(threading.get_native_id(), mine)
+        for tid in helpers:
+            os.sched_setaffinity(tid, theirs)
+        before, t0 = _counts(), time.perf_counter()
+        while time.perf_counter() - t0 < 30 and _counts()[8] == before[8]:
+            for _ in range(50):
+                assert torch.equal(op(x, w), expected)
+        wall_ns = (time.perf_counter() - t0) * 1e9
+        after = _counts()
+    finally:
+        busy.kill()
+        busy.wait()
+        for tid, mask in saved.items():
+            try:
+                os.sched_setaffinity(tid, mask)
+            except OSError:
+                pass
+    jobs, job_ns, wait_ns, waits = (after[i] - before[i] for i in (0, 6, 7, 8))
+    assert jobs > 0 and 0 < job_ns <= wall_ns, (jobs, job_ns, wall_ns)
+    assert waits > 0, "in 30 s the busy helper never held a chunk the caller had to wait for"
+    assert 0 < wait_ns <= job_ns and waits <= jobs, (wait_ns, job_ns, waits, jobs)
+    share = cpu_kernel.share_stats()
+    assert share["wait_ns"] >= after[7] and share["jobs"] >= after[0]  # the named view reads the same counters
 
 
 def test_attention_through_the_pool_is_bit_identical(pool) -> None:
