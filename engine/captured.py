@@ -35,7 +35,7 @@ import torch
 
 from engine import cpu_kernel
 from engine.kv_cache import BatchKVCache, RowKV
-from engine.narrow_linear import NO_ROW_LIMIT
+from engine.narrow_linear import NO_ROW_LIMIT, lanes_weight
 
 log = logging.getLogger(__name__)
 
@@ -67,28 +67,31 @@ class CapturedLlama:
     fused_lanes: int = 0
 
     @staticmethod
-    def build(model: Any, linear_kernel: str, max_rows: int, prompt_kernel: PromptKernel | None = None
-              ) -> CapturedLlama | str:
+    def build(model: Any, linear_kernel: str, max_rows: int, prompt_kernel: PromptKernel | None = None,
+              decode_lanes: bool = False) -> CapturedLlama | str:
         """The captured step for `model`, or why it does not apply (a sentence); its decode step's small operations
-        as fused loops where they reproduce ATen's calls here (`fused_lanes`)."""
+        as fused loops where they reproduce ATen's calls here (`fused_lanes`). `decode_lanes`: the decode step's
+        linears take the weights' `narrow_linear.lanes_weight` copies, as `narrow_linear.lanes_decode_kernel` does."""
         reason = why_not(model)
         if reason is not None:
             return reason
         if cpu_kernel.captured_llama() is None:
             return f"the operator did not build: {cpu_kernel.why_not_captured()}"
         config, inner = model.config, model.model
-        layers: list[torch.Tensor] = []
-        for layer in inner.layers:
-            for name in _PER_LAYER:
-                layers.append(layer.get_submodule(name).weight.detach())
-        if linear_kernel and not all(w.is_contiguous() for w in [*layers, model.lm_head.weight]):
+        def weight(module: Any, linear: bool = True) -> torch.Tensor:
+            return lanes_weight(module.weight) if decode_lanes and linear else module.weight.detach()
+
+        layers = [weight(layer.get_submodule(name), not name.endswith("layernorm"))
+                  for layer in inner.layers for name in _PER_LAYER]
+        lm_head = weight(model.lm_head)
+        if linear_kernel and not all(w.is_contiguous() for w in [*layers, lm_head]):
             return "a linear weight is not contiguous (the row kernel would not take it)"
         heads = config.num_attention_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
         built = CapturedLlama(
             layer_weights=tuple(layers), embed=inner.embed_tokens.weight.detach(),
             inv_freq=inner.rotary_emb.inv_freq, final_norm=inner.norm.weight.detach(),
-            lm_head=model.lm_head.weight.detach(), eps=float(inner.norm.variance_epsilon),
+            lm_head=lm_head, eps=float(inner.norm.variance_epsilon),
             scale=float(inner.layers[0].self_attn.scaling), rope_scaling=float(inner.rotary_emb.attention_scaling),
             heads=heads, kv_heads=config.num_key_value_heads, head_dim=head_dim, linear_kernel=linear_kernel,
             max_rows=max_rows, prompt_kernel=prompt_kernel or PromptKernel(),

@@ -33,10 +33,12 @@ from engine.narrow_linear import (
     AMX_PACKED_OP,
     AVX512_OP,
     MAX_ROWS_BF16,
+    NO_ROW_LIMIT,
     KernelName,
     NarrowLinear,
     RowKernel,
     amx_linear,
+    lanes_decode_kernel,
     lanes_op,
     lanes_packs,
     lanes_prompt_kernel,
@@ -183,10 +185,16 @@ class ModelRunner:
                 self._prompt_kernel = lanes_prompt_kernel(dtype)
         self.packs = self._prompt_kernel is not None and self.attention is not None
         packed = pack_layer_weights(model) if amx else 0
+        # The decode batch through the prompts' lanes copies where they are the AVX-512 kernel's: faster there on
+        # the few-rows shapes too, and a row's bits the same in a step as in a prompt (narrow_linear.lanes_decode_kernel).
+        decode_lanes = lanes_decode_kernel(dtype) if self.packs and not amx else None
+        if decode_lanes is not None:
+            self._row_kernel = decode_lanes
         if self.packs and not amx:  # the prompts' weight copies, now, not on the first prompt
             lanes = sum(lanes_weight(m.weight).nbytes for m in model.modules()
                         if type(m) is torch.nn.Linear and lanes_packs(m.weight))
-            log.info("prompts: %.0f MiB of weights packed for 16 outputs per vector", lanes / 2**20)
+            log.info("prompts%s: %.0f MiB of weights packed for 16 outputs per vector",
+                     " and decode steps" * (decode_lanes is not None), lanes / 2**20)
         log.info("prefill: %s", "one prompt per forward" if not self.packs else
                  f"prompts packed into one forward (AMX; {packed / 2**20:.0f} MiB of weights packed into tiles)" if amx
                  else f"prompts packed into one forward ({str(dtype).removeprefix('torch.')} through the "
@@ -195,7 +203,7 @@ class ModelRunner:
         # eager forward's with these kernels (engine/captured.py).
         self.captured: CapturedLlama | None = None
         if captured_forward and self.attention_kernel:
-            op = row_kernel_op(self.narrow_kernel, dtype)
+            op = row_kernel_op(self.narrow_kernel, dtype) if decode_lanes is None else (AVX512_OP, NO_ROW_LIMIT)
             prompt = PromptKernel()
             if self.packs and amx:  # the prompts' linears as amx_linear computes them
                 prompt = PromptKernel(MAX_ROWS_BF16, AVX512_OP, AMX_PACKED_OP,
@@ -204,7 +212,8 @@ class ModelRunner:
                 # lanes copies where they pack
                 prompt = PromptKernel(0, "", lanes_op(), tuple(lanes_weight(w) for w in layer_linears(model)),
                                       lanes_weight(model.lm_head.weight))
-            built = CapturedLlama.build(model, *op, prompt_kernel=prompt) if op is not None \
+            built = CapturedLlama.build(model, *op, prompt_kernel=prompt, decode_lanes=decode_lanes is not None) \
+                if op is not None \
                 else "the transposed row kernel"
             self.captured = built if isinstance(built, CapturedLlama) else None
             log.info("decode steps and prompts: %s", f"captured (decode up to {self.captured.max_rows} rows, "

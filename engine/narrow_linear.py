@@ -11,7 +11,9 @@ measures on (one thread for one row; slower still for 2-16 rows). Two kernels do
   skinny_linear_avx512.cpp takes float32 (1-16 rows, 4 x 4 blocks of 16 lanes) and bfloat16: on CPUs with
   AMX 1-32 rows through AMX tiles, elsewhere any number of rows through vdpbf16ps lanes, each with a fixed order
   per element. (Without the AVX-512 kernel bfloat16 keeps F.linear, whose bfloat16 GEMM is row-invariant on
-  some CPUs and not on others.)
+  some CPUs and not on others.) Where prompts run through that kernel's copies of the weights laid out for 16
+  outputs per vector (`lanes_prompt_kernel`), the decode batch takes them too, any number of rows
+  (`lanes_decode_kernel`).
 * `transposed`: `(W @ x.T).T`, the same product in the orientation MKL runs fast for 2-16 rows; no build
   needed, the fallback where the compiled kernel cannot run (no AVX2, no compiler).
 
@@ -175,6 +177,19 @@ def lanes_prompt_kernel(dtype: torch.dtype) -> RowKernel | None:
     return None
 
 
+def lanes_decode_kernel(dtype: torch.dtype) -> RowKernel | None:
+    """The decode batch's linears through the AVX-512 kernel with the same `lanes_weight` copies as prompts, any
+    number of rows, where prompts take them (`lanes_prompt_kernel` through that kernel): on the 2-core AMD EPYC Zen 4
+    the copies run the decode batch's linears 1.2-2.1x faster at 8-16 rows and the output embedding 1.4-1.9x faster
+    at any row count (no horizontal sum per output; benchmarks/NOTES.md, session 18). A row then gets the same bits in
+    a decode step as in a prompt, and float32 decode rows stay row-invariant past MAX_ROWS. None elsewhere (the AVX2
+    kernel, AMX, or prompts on F.linear): the decode batch keeps `resolve_kernel`'s kernel."""
+    wide = cpu_kernel.skinny_linear_avx512()
+    if wide is None or lanes_prompt_kernel(dtype) is None:
+        return None
+    return functools.partial(compiled_linear, wide, max_rows=NO_ROW_LIMIT, dtype=dtype, lanes=True)
+
+
 def lanes_op() -> str:
     """The operator prompt rows run through with `lanes_weight` copies (for compiled callers: engine/captured.py): the
     AVX-512 kernel's where it runs here, else the AVX2 kernel's (float32)."""
@@ -198,8 +213,8 @@ def lanes_weight(weight: torch.Tensor) -> torch.Tensor:
     """What the AVX-512 kernel takes for `weight` on prompt rows (`lanes_prompt_kernel`, and the captured prefill): its
     copy packed for 16 outputs per vector (`pack_lanes`: each output's chain of products in its own lane, no
     horizontal sum), packed on first use and kept on the weight, where `lanes_packs`; else the weight. Prompt rows are
-    compute-bound, where the copy runs faster (bfloat16: 1.3-1.55x on the layers at 40-136 rows); decode rows keep
-    the weight as it is (memory-bound: no gain there)."""
+    compute-bound, where the copy runs faster (bfloat16: 1.3-1.55x on the layers at 40-136 rows); decode rows take
+    the same copy through `lanes_decode_kernel` where it is the AVX-512 kernel's."""
     packed = getattr(weight, _LANES, None)  # a weight that packed skips the checks from then on
     if packed is not None:
         return packed

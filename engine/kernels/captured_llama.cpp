@@ -89,7 +89,7 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const Linear2* kerne
   TORCH_CHECK(rows <= few_max || wide, "no packed weight for many rows");
   auto flat = x.reshape({rows, x.size(-1)}).contiguous();
   auto out = wide ? many->call(flat, *packed) : kernel->call(flat, w);
-  return out.view({x.size(0), x.size(1), w.size(0)});
+  return out.view({x.size(0), x.size(1), out.size(1)});  // (w may be a packed copy: its size(0) is not `out`)
 }
 
 // LlamaRotaryEmbedding.forward for positions [B, T]: cos and sin [B, 1, T, D] in `dtype`, unsqueezed for the heads.
@@ -302,7 +302,8 @@ at::Tensor fused_decode(at::Tensor hidden, const at::Tensor& cos_table, const at
     auto down = lin(gated, 6);
     norm(&down, layer + 1 < n_layers ? layers[9 * (layer + 1)] : final_norm);
   }
-  return rows_linear(normed, lm_head, kernel).view({rows, 1, lm_head.size(0)});
+  auto logits = rows_linear(normed, lm_head, kernel);
+  return logits.view({rows, 1, logits.size(1)});
 }
 
 at::Tensor llama_decode(const at::Tensor& input_ids, const at::Tensor& positions, const at::Tensor& mask,

@@ -16,8 +16,10 @@
 // * packed (bfloat16 or float32, `out` a multiple of 16, bfloat16 `in` even; the weight given as `pack_lanes`' copy,
 //   below): 16 outputs per vector, each lane one output's chain of products over k in order, x's pair (or value)
 //   broadcast: no horizontal sum. For prompts (many rows, compute-bound) bfloat16 runs 1.3x the vdpbf16ps path at
-//   40 rows and 1.55x at 136 on the default model's layers; a decode batch (memory-bound) gains nothing, so it keeps
-//   the weight as it is (benchmarks/NOTES.md, session 15).
+//   40 rows and 1.55x at 136 on the default model's layers. On the Zen 5 a decode batch gained nothing from it
+//   (session 15); on the Zen 4 (double-pumped 512-bit units, where the per-output horizontal sums of the path above
+//   cost more) the decode step ran 1.08-1.45x faster through it, so the engine gives the decode batch the same copies
+//   where prompts take them (narrow_linear.lanes_decode_kernel; benchmarks/NOTES.md, session 18).
 // Every way, every output element y[r, o] is one dot product of x[r, :] and w[o, :] in a fixed order, rounded
 // once to bfloat16 (float32: stored as summed). Nothing in that order depends on n, on the other rows or on the thread split, so a row gets
 // the same bits alone or beside any others: the decode batch's linears stay batch-invariant.

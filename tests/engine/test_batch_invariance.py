@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from engine import cpu_kernel, kv_cache, model_runner
 from engine.kv_cache import BatchKVCache, attention_width
-from engine.narrow_linear import MAX_ROWS, resolve_kernel
+from engine.narrow_linear import MAX_ROWS, lanes_decode_kernel, resolve_kernel
 from tests.helpers import (
     SIXTEEN_LENGTHS,
     make_engine,
@@ -36,9 +36,15 @@ def model(request, default_model, default_model_bf16):
     return default_model if request.param == "float32" else default_model_bf16
 
 
+@pytest.mark.parametrize("lanes", [False, True], ids=["as-is", "lanes-copies"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_decode_linears_give_a_row_the_same_bits_in_any_batch(dtype: torch.dtype) -> None:
-    _, kernel = resolve_kernel("auto")
+def test_decode_linears_give_a_row_the_same_bits_in_any_batch(dtype: torch.dtype, lanes: bool) -> None:
+    """The row kernel `resolve_kernel` gives (up to 16 rows), and where prompts take the AVX-512 kernel's lanes copies
+    the decode kernel over those copies (`lanes_decode_kernel`, up to 40 rows here: it has no row limit)."""
+    kernel = lanes_decode_kernel(dtype) if lanes else resolve_kernel("auto")[1]
+    if kernel is None:
+        pytest.skip("the decode batch does not take the lanes copies here")
+    most = 40 if lanes else MAX_ROWS
 
     def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:  # what NarrowLinear runs in a decode step
         out = kernel(x, w, None)
@@ -47,9 +53,9 @@ def test_decode_linears_give_a_row_the_same_bits_in_any_batch(dtype: torch.dtype
     gen = torch.Generator().manual_seed(0)
     for out_f, in_f in SHAPES:
         w = (torch.randn(out_f, in_f, generator=gen) * in_f**-0.5).to(dtype)
-        x = torch.randn(MAX_ROWS, in_f, generator=gen).to(dtype)
-        alone = torch.cat([linear(x[r : r + 1], w) for r in range(MAX_ROWS)])
-        for rows in range(2, MAX_ROWS + 1):
+        x = torch.randn(most, in_f, generator=gen).to(dtype)
+        alone = torch.cat([linear(x[r : r + 1], w) for r in range(most)])
+        for rows in (*range(2, 17), 24, 33, 40) if lanes else range(2, MAX_ROWS + 1):
             assert torch.equal(linear(x[:rows], w), alone[:rows]), (dtype, (out_f, in_f), rows)
 
 

@@ -60,6 +60,26 @@ def test_a_captured_step_is_the_eager_forward_bit_for_bit(model) -> None:
     assert not torch.equal(_step(captured, a, 7, shift=1), _step(eager, b, 7))
 
 
+def test_decode_steps_take_the_prompts_lanes_copies_where_prompts_do(model) -> None:
+    """Where prompts go through the AVX-512 kernel's lanes copies, the decode step's seven linears a layer and the
+    output embedding take those same copies (the faster layout there, narrow_linear.lanes_decode_kernel), in the
+    captured step and in the eager one, so the bit-for-bit comparison above covers them; elsewhere the weights as
+    they are."""
+    from engine.narrow_linear import lanes_decode_kernel, lanes_weight
+
+    runner = model_runner.ModelRunner(model.model, model.device)
+    assert runner.captured is not None
+    lanes = runner.packs and not cpu_kernel.amx_in_use() and lanes_decode_kernel(model.dtype) is not None
+    step = runner.captured
+    linears = [w for i, w in enumerate(step.layer_weights) if i % 9 not in (0, 5)]
+    if lanes:
+        assert all(w.dim() == 4 for w in linears) and step.lm_head.dim() == 4
+        assert step.lm_head is lanes_weight(model.model.lm_head.weight)  # the prompts' copy, not a second one
+        assert step.max_rows >= 1 << 30
+    else:
+        assert all(w.dim() == 2 for w in linears) and step.lm_head.dim() == 2
+
+
 def test_it_stands_aside_where_it_does_not_apply(model, tiny_model) -> None:
     """Prompts joining inside the batch forward (two new columns), more rows than the row kernel takes, a model it
     does not know, and `captured_forward: false` all run the eager forward."""
