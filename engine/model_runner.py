@@ -33,7 +33,6 @@ from engine.narrow_linear import (
     AMX_PACKED_OP,
     AVX512_OP,
     MAX_ROWS_BF16,
-    NO_ROW_LIMIT,
     KernelName,
     NarrowLinear,
     RowKernel,
@@ -203,7 +202,7 @@ class ModelRunner:
         # eager forward's with these kernels (engine/captured.py).
         self.captured: CapturedLlama | None = None
         if captured_forward and self.attention_kernel:
-            op = row_kernel_op(self.narrow_kernel, dtype) if decode_lanes is None else (AVX512_OP, NO_ROW_LIMIT)
+            op = row_kernel_op(self.narrow_kernel, dtype, lanes=decode_lanes is not None)
             prompt = PromptKernel()
             if self.packs and amx:  # the prompts' linears as amx_linear computes them
                 prompt = PromptKernel(MAX_ROWS_BF16, AVX512_OP, AMX_PACKED_OP,

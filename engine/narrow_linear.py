@@ -137,11 +137,14 @@ AVX2_OP = "baton::skinny_linear"
 AMX_PACKED_OP = "baton_avx512::skinny_linear_packed"
 
 
-def row_kernel_op(name: str, dtype: torch.dtype) -> tuple[str, int] | None:
+def row_kernel_op(name: str, dtype: torch.dtype, lanes: bool = False) -> tuple[str, int] | None:
     """What the engine's row kernel `name` (as `resolve_kernel` resolved it; "off" without one) computes for rows of
     `dtype`, as compiled code can call it: the torch operator ("namespace::name", taking x [rows, in] and the weight;
-    "" for F.linear) and up to how many rows that holds, as `_compiled` decides. None where it is neither (the
+    "" for F.linear) and up to how many rows that holds, as `_compiled` decides, or with `lanes` as
+    `lanes_decode_kernel` does (the caller passes the `lanes_weight` copies). None where it is neither (the
     transposed kernel)."""
+    if lanes:
+        return AVX512_OP, NO_ROW_LIMIT
     if name == "off":
         return "", NO_ROW_LIMIT
     if name != "compiled" or dtype not in (torch.float32, torch.bfloat16):
